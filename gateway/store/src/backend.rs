@@ -1,0 +1,345 @@
+//! The object-store location a vault lives in, chosen by URL.
+//!
+//! - a plain path or `file:///path`: a local directory (created at `init`);
+//! - `s3://bucket[/prefix]`: S3 or an S3-compatible store; options from `AWS_*` environment
+//!   variables or `--repo-option` pairs (`endpoint`, `region`, `allow_http`, …);
+//! - `az://container[/prefix]`: Azure Blob Storage; options from `AZURE_*` environment
+//!   variables or `--repo-option` pairs (`account_name`, `endpoint`, `allow_http`, …);
+//! - `memory://`: in-process, for unit tests only.
+//!
+//! [`Backend`] wraps the store with the few operations the vault needs, each mapping errors to
+//! [`StoreError`] naming the object, and uploads that are create-only: a single `PUT` with
+//! `If-None-Match: *` semantics for ordinary objects, and for large packs a multipart upload to
+//! a staging name followed by a create-only copy (`copy_if_not_exists`).
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::error::{Result, StoreError};
+
+/// Where staged multipart uploads go before their create-only copy.
+pub const STAGING_PREFIX: &str = "staging";
+
+/// Tuning of uploads.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadTuning {
+    /// Objects larger than this are uploaded in parts.
+    pub multipart_threshold: usize,
+    /// Size of each part (S3 requires at least 5 MiB for all but the last).
+    pub part_size: usize,
+}
+
+impl Default for UploadTuning {
+    fn default() -> Self {
+        Self {
+            multipart_threshold: 32 << 20,
+            part_size: 8 << 20,
+        }
+    }
+}
+
+/// An opened vault location.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    store: Arc<dyn ObjectStore>,
+    url: String,
+    tuning: UploadTuning,
+    /// Root directory of a local vault: `barrier` syncs its file system.
+    local_root: Option<std::path::PathBuf>,
+}
+
+/// Options for opening a location: `key=value` pairs handed to the object_store builder, on
+/// top of what the environment provides.
+pub type BackendOptions = Vec<(String, String)>;
+
+impl Backend {
+    /// Wraps an existing store (tests, fault injection).
+    pub fn from_store(store: Arc<dyn ObjectStore>, url: impl Into<String>) -> Self {
+        Self {
+            store,
+            url: url.into(),
+            tuning: UploadTuning::default(),
+            local_root: None,
+        }
+    }
+
+    /// Opens the location named by `url`. `create_dir` makes a missing local directory.
+    pub fn open(url: &str, options: &BackendOptions, create_dir: bool) -> Result<Self> {
+        let cfg_err = |reason: String| StoreError::BackendConfig {
+            url: url.to_string(),
+            reason,
+        };
+        let mut local_root = None;
+        let store: Arc<dyn ObjectStore> = if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = split_bucket(rest);
+            let mut b = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_copy_if_not_exists(object_store::aws::S3CopyIfNotExists::Multipart);
+            for (k, v) in options {
+                let key: object_store::aws::AmazonS3ConfigKey =
+                    k.parse().map_err(|_| cfg_err(format!("unknown S3 option `{k}`")))?;
+                b = b.with_config(key, v);
+            }
+            let s = b.build().map_err(|e| cfg_err(e.to_string()))?;
+            with_prefix(Arc::new(s), prefix)
+        } else if let Some(rest) = url.strip_prefix("az://") {
+            let (container, prefix) = split_bucket(rest);
+            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_container_name(container);
+            for (k, v) in options {
+                let key: object_store::azure::AzureConfigKey = k
+                    .parse()
+                    .map_err(|_| cfg_err(format!("unknown Azure option `{k}`")))?;
+                b = b.with_config(key, v);
+            }
+            let s = b.build().map_err(|e| cfg_err(e.to_string()))?;
+            with_prefix(Arc::new(s), prefix)
+        } else if url == "memory://" {
+            Arc::new(object_store::memory::InMemory::new())
+        } else {
+            let path = match url.strip_prefix("file://") {
+                Some(p) => p,
+                None if url.contains("://") => {
+                    return Err(cfg_err(
+                        "unsupported scheme (use a path, file://, s3:// or az://)".into(),
+                    ));
+                }
+                None => url,
+            };
+            if !options.is_empty() {
+                return Err(cfg_err("a local directory takes no --repo-option".into()));
+            }
+            if create_dir {
+                std::fs::create_dir_all(path).map_err(|e| cfg_err(e.to_string()))?;
+            }
+            let abs = std::fs::canonicalize(path).map_err(|e| {
+                cfg_err(format!("{e} (a local vault directory must exist; `init` creates it)"))
+            })?;
+            let s = object_store::local::LocalFileSystem::new_with_prefix(&abs)
+                .map_err(|e| cfg_err(e.to_string()))?
+                .with_automatic_cleanup(true);
+            local_root = Some(abs);
+            Arc::new(s)
+        };
+        Ok(Self {
+            store,
+            url: url.to_string(),
+            tuning: UploadTuning::default(),
+            local_root,
+        })
+    }
+
+    /// Changes upload tuning (tests use small values to exercise multipart).
+    pub fn set_tuning(&mut self, t: UploadTuning) {
+        self.tuning = t;
+    }
+
+    /// The URL this backend was opened from.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Whole object.
+    pub async fn get(&self, name: &str) -> Result<Bytes> {
+        let p = Path::from(name);
+        let r = self
+            .store
+            .get(&p)
+            .await
+            .map_err(|e| StoreError::backend(name, e))?;
+        r.bytes().await.map_err(|e| StoreError::backend(name, e))
+    }
+
+    /// Whole object, or `None` if absent.
+    pub async fn get_opt(&self, name: &str) -> Result<Option<Bytes>> {
+        match self.get(name).await {
+            Ok(b) => Ok(Some(b)),
+            Err(StoreError::MissingObject(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A byte range of an object; a short read is reported as corruption (truncated object).
+    pub async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
+        let want = range.end - range.start;
+        let b = self
+            .store
+            .get_range(&Path::from(name), range.clone())
+            .await
+            .map_err(|e| match e {
+                object_store::Error::NotFound { .. } => StoreError::MissingObject(name.into()),
+                e => StoreError::corrupt(
+                    name,
+                    format!("cannot read bytes {}..{}: {e}", range.start, range.end),
+                ),
+            })?;
+        if b.len() as u64 != want {
+            return Err(StoreError::corrupt(
+                name,
+                format!(
+                    "short read: bytes {}..{} gave {} bytes (truncated?)",
+                    range.start,
+                    range.end,
+                    b.len()
+                ),
+            ));
+        }
+        Ok(b)
+    }
+
+    /// Size and metadata of one object.
+    pub async fn head(&self, name: &str) -> Result<ObjectMeta> {
+        self.store
+            .head(&Path::from(name))
+            .await
+            .map_err(|e| StoreError::backend(name, e))
+    }
+
+    /// Every object under `prefix` (recursive).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let p = Path::from(prefix);
+        self.store
+            .list(Some(&p))
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend(prefix, e))
+    }
+
+    /// Creates `name`; fails with `AlreadyInitialized`-style `Backend` error if it exists.
+    /// Returns `Ok(false)` if the object already existed.
+    pub async fn put_create(&self, name: &str, data: Bytes) -> Result<bool> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&Path::from(name), PutPayload::from_bytes(data), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(StoreError::backend(name, e)),
+        }
+    }
+
+    /// Creates `name` from possibly large data: one create-only `PUT` up to the multipart
+    /// threshold; above it, a multipart upload to a staging name and a create-only copy.
+    /// Returns `Ok(false)` if `name` already existed.
+    pub async fn put_create_large(&self, name: &str, data: Bytes) -> Result<bool> {
+        if data.len() <= self.tuning.multipart_threshold {
+            return self.put_create(name, data).await;
+        }
+        let staging = format!(
+            "{STAGING_PREFIX}/{}-{}",
+            name.replace('/', "_"),
+            hex::encode(crate::crypto::random_bytes::<8>())
+        );
+        let sp = Path::from(staging.as_str());
+        let mut up = self
+            .store
+            .put_multipart(&sp)
+            .await
+            .map_err(|e| StoreError::backend(&staging, e))?;
+        let part = self.tuning.part_size.max(1);
+        let mut parts = Vec::new();
+        let mut off = 0;
+        while off < data.len() {
+            let end = (off + part).min(data.len());
+            parts.push(up.put_part(PutPayload::from_bytes(data.slice(off..end))));
+            off = end;
+        }
+        let res: Result<()> = async {
+            // Parts go up concurrently, a bounded number at a time.
+            futures::stream::iter(parts)
+                .buffer_unordered(4)
+                .try_collect::<Vec<()>>()
+                .await
+                .map_err(|e| StoreError::backend(&staging, e))?;
+            up.complete()
+                .await
+                .map_err(|e| StoreError::backend(&staging, e))?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = res {
+            let _ = up.abort().await;
+            return Err(e);
+        }
+        let copied = match self
+            .store
+            .copy_if_not_exists(&sp, &Path::from(name))
+            .await
+        {
+            Ok(()) => true,
+            Err(object_store::Error::AlreadyExists { .. }) => false,
+            Err(e) => {
+                let _ = self.store.delete(&sp).await;
+                return Err(StoreError::backend(name, e));
+            }
+        };
+        self.store
+            .delete(&sp)
+            .await
+            .map_err(|e| StoreError::backend(&staging, e))?;
+        Ok(copied)
+    }
+
+    /// Makes every write so far durable before the next one. Cloud stores acknowledge a
+    /// `PUT` only once it is durable; a local directory needs its file system synced
+    /// (object_store's local backend does not fsync).
+    pub async fn barrier(&self) -> Result<()> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            let dir = std::fs::File::open(&root)?;
+            rustix::fs::syncfs(&dir)?;
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .map_err(|e| StoreError::Pipeline(e.to_string()))?
+        .map_err(|e| StoreError::Backend {
+            object: self.url.clone(),
+            source: object_store::Error::Generic {
+                store: "local",
+                source: Box::new(e),
+            },
+        })
+    }
+
+    /// Deletes one object (a missing object is fine).
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        match self.store.delete(&Path::from(name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(StoreError::backend(name, e)),
+        }
+    }
+}
+
+use futures::StreamExt as _;
+
+fn split_bucket(rest: &str) -> (&str, &str) {
+    match rest.split_once('/') {
+        Some((b, p)) => (b, p.trim_matches('/')),
+        None => (rest, ""),
+    }
+}
+
+fn with_prefix(s: Arc<dyn ObjectStore>, prefix: &str) -> Arc<dyn ObjectStore> {
+    if prefix.is_empty() {
+        s
+    } else {
+        Arc::new(object_store::prefix::PrefixStore::new(s, prefix))
+    }
+}

@@ -1,0 +1,409 @@
+//! An open vault: its location, its unwrapped keys, its local index cache.
+//!
+//! Opening a vault reads `config`, unwraps the keys with the caller's secret and brings the
+//! local index cache up to date with the bucket (loading index segments it has not seen). A
+//! new machine given only the bucket and the secret therefore restores everything; nothing is
+//! written to the bucket by opening.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::backend::Backend;
+use crate::config::{CONFIG_OBJECT, VaultConfig};
+use crate::crypto::{Argon2Params, MasterKeys, Secret};
+use crate::error::{Result, StoreError};
+use crate::index::{INDEX_PREFIX, LocalIndex, Location, PackInfo, decode_segment};
+use crate::pack::{BlobError, open_blob, pack_key_label};
+use crate::point::{POINTS_PREFIX, PointRecord, point_object};
+use crate::sealed::{POINT_MAGIC, SEGMENT_MAGIC};
+use crate::tree::PageStore;
+use crate::{ChunkId, DEFAULT_CHUNK_SIZE, check_name};
+
+/// Performance knobs; every buffer the data paths hold is bounded by these.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// Target size of a pack, bytes (16–64 MiB recommended for cloud stores).
+    pub pack_target: usize,
+    /// Hash/compress/encrypt workers (default: all cores).
+    pub workers: usize,
+    /// Packs uploading at once.
+    pub uploads: usize,
+    /// Packs listed per index segment.
+    pub packs_per_segment: usize,
+    /// zstd level of data chunks.
+    pub zstd_level: i32,
+    /// Largest coalesced ranged read on restore, bytes.
+    pub read_window: usize,
+    /// Ranged reads in flight on restore.
+    pub fetch_concurrency: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            pack_target: 16 << 20,
+            workers: std::thread::available_parallelism().map_or(2, usize::from),
+            uploads: 2,
+            packs_per_segment: 64,
+            zstd_level: 1,
+            read_window: 8 << 20,
+            fetch_concurrency: 4,
+        }
+    }
+}
+
+impl Tuning {
+    /// Upper bound of the memory the ingest pipeline holds in buffers, for a chunk size.
+    pub fn ingest_memory_bound(&self, chunk_size: u32) -> usize {
+        let chunk = chunk_size as usize;
+        // Open packs (one per worker and one for pages), packs queued or uploading, chunks
+        // queued between stages.
+        (self.workers + 1) * (self.pack_target + chunk)
+            + (self.uploads + 1) * self.pack_target
+            + 4 * self.workers * chunk
+    }
+}
+
+/// How to open a vault.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Directory of the local index cache (one redb file per vault id below it).
+    pub cache_dir: PathBuf,
+    /// Data-path tuning.
+    pub tuning: Tuning,
+}
+
+impl OpenOptions {
+    /// Options with the given cache dir and default tuning.
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            cache_dir: cache_dir.into(),
+            tuning: Tuning::default(),
+        }
+    }
+}
+
+/// How to create a vault.
+#[derive(Debug, Clone, Copy)]
+pub struct InitOptions {
+    /// Default chunk size of new disks.
+    pub chunk_size: u32,
+    /// Argon2id parameters (passphrase vaults).
+    pub argon: Argon2Params,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        Self {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            argon: Argon2Params::default(),
+        }
+    }
+}
+
+/// Which point of an item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PointSelector {
+    /// The newest.
+    Latest,
+    /// By id.
+    Id(String),
+}
+
+impl PointSelector {
+    /// `latest` or an id.
+    pub fn parse(s: &str) -> Self {
+        if s == "latest" {
+            PointSelector::Latest
+        } else {
+            PointSelector::Id(s.to_string())
+        }
+    }
+}
+
+/// An open vault.
+#[derive(Debug, Clone)]
+pub struct Vault {
+    pub(crate) backend: Backend,
+    pub(crate) keys: Arc<MasterKeys>,
+    pub(crate) config: VaultConfig,
+    pub(crate) index: Arc<LocalIndex>,
+    pub(crate) tuning: Tuning,
+    index_path: PathBuf,
+}
+
+impl Vault {
+    /// Creates a new vault at `backend` protected by `secret`. Fails if one exists.
+    pub async fn init(
+        backend: Backend,
+        secret: &Secret,
+        init: InitOptions,
+        open: OpenOptions,
+    ) -> Result<Self> {
+        crate::check_chunk_size(init.chunk_size).map_err(StoreError::InvalidArgument)?;
+        if backend.get_opt(CONFIG_OBJECT).await?.is_some() {
+            return Err(StoreError::AlreadyInitialized(backend.url().to_string()));
+        }
+        let keys = MasterKeys::generate();
+        let created = crate::point::rfc3339(crate::point::now_ms());
+        let s = secret.clone();
+        let config = tokio::task::spawn_blocking(move || {
+            VaultConfig::create(&keys, &s, init.argon, init.chunk_size, created)
+                .map(|c| (c, keys))
+        })
+        .await
+        .map_err(|e| StoreError::Pipeline(e.to_string()))??;
+        let (config, keys) = config;
+        if !backend
+            .put_create(CONFIG_OBJECT, Bytes::from(config.to_bytes()))
+            .await?
+        {
+            return Err(StoreError::AlreadyInitialized(backend.url().to_string()));
+        }
+        Self::finish_open(backend, keys, config, open).await
+    }
+
+    /// Opens the vault at `backend` with `secret` and syncs the local index cache.
+    pub async fn open(backend: Backend, secret: &Secret, open: OpenOptions) -> Result<Self> {
+        let Some(raw) = backend.get_opt(CONFIG_OBJECT).await? else {
+            return Err(StoreError::NotAVault(backend.url().to_string()));
+        };
+        let config = VaultConfig::parse(&raw)?;
+        let s = secret.clone();
+        let c = config.clone();
+        let keys = tokio::task::spawn_blocking(move || c.unwrap_keys(&s))
+            .await
+            .map_err(|e| StoreError::Pipeline(e.to_string()))??;
+        Self::finish_open(backend, keys, config, open).await
+    }
+
+    async fn finish_open(
+        backend: Backend,
+        keys: MasterKeys,
+        config: VaultConfig,
+        open: OpenOptions,
+    ) -> Result<Self> {
+        let index_path = open
+            .cache_dir
+            .join(&config.vault_id)
+            .join("index.redb");
+        let p = index_path.clone();
+        let id = config.vault_id.clone();
+        let index = tokio::task::spawn_blocking(move || LocalIndex::open(&p, &id))
+            .await
+            .map_err(|e| StoreError::Pipeline(e.to_string()))??;
+        let v = Self {
+            backend,
+            keys: Arc::new(keys),
+            config,
+            index: Arc::new(index),
+            tuning: open.tuning,
+            index_path,
+        };
+        v.sync_index().await?;
+        Ok(v)
+    }
+
+    /// The vault id.
+    pub fn id(&self) -> &str {
+        &self.config.vault_id
+    }
+
+    /// The vault config.
+    pub fn config(&self) -> &VaultConfig {
+        &self.config
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// The local index file.
+    pub fn index_path(&self) -> &std::path::Path {
+        &self.index_path
+    }
+
+    /// Data-path tuning.
+    pub fn tuning(&self) -> Tuning {
+        self.tuning
+    }
+
+    /// Loads index segments the local cache has not seen. Returns how many were loaded.
+    pub async fn sync_index(&self) -> Result<usize> {
+        let mut names: Vec<String> = self
+            .backend
+            .list(INDEX_PREFIX)
+            .await?
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .collect();
+        names.sort();
+        let mut todo = Vec::new();
+        for n in names {
+            if !self.index.has_segment(&n)? {
+                todo.push(n);
+            }
+        }
+        let loaded = todo.len();
+        let mut fetched = futures::stream::iter(todo.into_iter().map(|n| async move {
+            let b = self.backend.get(&n).await?;
+            Ok::<_, StoreError>((n, b))
+        }))
+        .buffer_unordered(8);
+        while let Some(r) = fetched.next().await {
+            let (name, bytes) = r?;
+            let body = crate::sealed::open(&self.keys, SEGMENT_MAGIC, &name, &bytes)?;
+            let packs =
+                decode_segment(&body).map_err(|e| StoreError::corrupt(&name, e.to_string()))?;
+            self.index.insert(Some(&name), &packs)?;
+        }
+        Ok(loaded)
+    }
+
+    /// Object names of every point record (of `item`, if given), sorted.
+    pub async fn point_names(&self, item: Option<&str>) -> Result<Vec<String>> {
+        let prefix = match item {
+            Some(i) => {
+                check_name("item name", i)?;
+                format!("{POINTS_PREFIX}{i}/")
+            }
+            None => POINTS_PREFIX.to_string(),
+        };
+        let mut names: Vec<String> = self
+            .backend
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .collect();
+        // Sort by (item, id); ids sort by time.
+        names.sort();
+        Ok(names)
+    }
+
+    /// Loads and authenticates one point record.
+    pub async fn load_point(&self, object: &str) -> Result<PointRecord> {
+        let b = self.backend.get(object).await?;
+        let body = crate::sealed::open(&self.keys, POINT_MAGIC, object, &b)?;
+        PointRecord::decode(object, &body)
+    }
+
+    /// Every point (of `item`, if given), oldest first within each item.
+    pub async fn points(&self, item: Option<&str>) -> Result<Vec<PointRecord>> {
+        let names = self.point_names(item).await?;
+        let mut out = Vec::with_capacity(names.len());
+        let mut s =
+            futures::stream::iter(names.iter().map(|n| self.load_point(n))).buffered(8);
+        while let Some(p) = s.next().await {
+            out.push(p?);
+        }
+        Ok(out)
+    }
+
+    /// One point of `item`.
+    pub async fn point(&self, item: &str, sel: &PointSelector) -> Result<PointRecord> {
+        check_name("item name", item)?;
+        match sel {
+            PointSelector::Id(id) => {
+                if crate::check_name("point id", id).is_err() {
+                    return Err(StoreError::NoSuchPoint {
+                        what: format!("`{id}` for item `{item}`"),
+                    });
+                }
+                match self.load_point(&point_object(item, id)).await {
+                    Err(StoreError::MissingObject(_)) => Err(StoreError::NoSuchPoint {
+                        what: format!("`{id}` for item `{item}`"),
+                    }),
+                    r => r,
+                }
+            }
+            PointSelector::Latest => {
+                let names = self.point_names(Some(item)).await?;
+                match names.last() {
+                    Some(n) => self.load_point(n).await,
+                    None => Err(StoreError::NoSuchPoint {
+                        what: format!("for item `{item}` (it has none)"),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Where a blob is, and its pack's info.
+    pub(crate) fn locate(&self, id: &ChunkId) -> Result<Option<(Location, PackInfo)>> {
+        let r = self.index.reader()?;
+        let Some(loc) = r.lookup(id)? else {
+            return Ok(None);
+        };
+        let info = r.pack(&loc.pack)?.ok_or_else(|| {
+            StoreError::local_index(&self.index_path, format!("pack {} of a chunk is unknown", loc.pack))
+        })?;
+        Ok(Some((loc, info)))
+    }
+
+    /// Fetches, authenticates and returns one blob.
+    pub async fn read_blob(&self, id: &ChunkId, context: &str) -> Result<Vec<u8>> {
+        let (loc, info) = self.locate(id)?.ok_or_else(|| StoreError::MissingChunk {
+            id: id.to_string(),
+            context: context.to_string(),
+        })?;
+        let name = loc.pack.object_name(loc.kind);
+        let start = loc.entry.offset;
+        let bytes = self
+            .backend
+            .get_range(&name, start..start + u64::from(loc.entry.stored_len))
+            .await?;
+        let mut ct = bytes.to_vec();
+        self.open_located(&loc, &info, &mut ct)
+    }
+
+    /// Authenticates and decodes a blob already fetched.
+    pub(crate) fn open_located(
+        &self,
+        loc: &Location,
+        info: &PackInfo,
+        ct: &mut [u8],
+    ) -> Result<Vec<u8>> {
+        let cipher = self
+            .keys
+            .derive_cipher(&info.salt, &pack_key_label(&loc.pack));
+        open_blob(&self.keys, &cipher, &loc.pack, loc.kind, &loc.entry, ct).map_err(|e| {
+            let object = loc.pack.object_name(loc.kind);
+            let what = format!("blob {} at offset {}", loc.entry.id, loc.entry.offset);
+            match e {
+                BlobError::Auth => StoreError::Tampered { object, what },
+                other => StoreError::corrupt(object, format!("{what}: {other}")),
+            }
+        })
+    }
+
+    /// A page store for reading trees from a blocking thread.
+    pub(crate) fn read_pages(&self, handle: tokio::runtime::Handle) -> ReadPages<'_> {
+        ReadPages {
+            vault: self,
+            handle,
+        }
+    }
+}
+
+/// Reads tree pages from the vault (blocking; used from worker threads).
+#[derive(Debug)]
+pub(crate) struct ReadPages<'a> {
+    vault: &'a Vault,
+    handle: tokio::runtime::Handle,
+}
+
+impl PageStore for ReadPages<'_> {
+    fn load(&mut self, id: &ChunkId) -> Result<Vec<u8>> {
+        self.handle
+            .block_on(self.vault.read_blob(id, "a disk tree"))
+    }
+
+    fn store(&mut self, _page: Vec<u8>) -> Result<ChunkId> {
+        Err(StoreError::Pipeline("read-only page store asked to store".into()))
+    }
+}

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Installs the external tools Ferry's tests and benchmark use.
+#
+#   apt:  restic borgbackup debootstrap e2fsprogs zstd time openssl
+#   npm:  azurite        (global; provides `azurite-blob`, the Azure Blob emulator)
+#   pip:  moto[server]   (provides `moto_server`, the S3 emulator)
+#
+# Idempotent and quiet: each tool is probed first (command -v, or the file for
+# GNU time), `apt-get update` runs at most once and only if an apt package is
+# missing, and one line is printed per thing actually installed. When
+# everything is present it prints nothing and takes well under a second.
+# Exits non-zero with a message naming what failed.
+set -euo pipefail
+
+# debootstrap and mkfs.ext4 live in sbin; a non-login root shell may lack it.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+export DEBIAN_FRONTEND=noninteractive
+
+log="$(mktemp -t ferry-install-tools.XXXXXX)"
+trap 'rm -f "$log"' EXIT
+
+failed=()
+
+fail_with_log() { # what
+    echo "install-test-tools: FAILED to install $1; last output:" >&2
+    tail -n 20 "$log" | sed 's/^/  | /' >&2
+    failed+=("$1")
+}
+
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# --- apt ------------------------------------------------------------------
+# package -> the file or command that proves it is installed.
+# (`command -v time` finds the shell keyword, so GNU time is probed by path.)
+apt_missing=()
+probe_apt() { # package probe
+    local pkg=$1 probe=$2
+    if [[ $probe == /* ]]; then
+        [[ -x $probe ]] || apt_missing+=("$pkg")
+    else
+        have "$probe" || apt_missing+=("$pkg")
+    fi
+}
+probe_apt restic restic
+probe_apt borgbackup borg
+probe_apt debootstrap debootstrap
+probe_apt e2fsprogs mkfs.ext4
+probe_apt e2fsprogs e2fsck
+probe_apt zstd zstd
+probe_apt time /usr/bin/time
+probe_apt openssl openssl
+
+if ((${#apt_missing[@]})); then
+    # de-duplicate (e2fsprogs can be listed twice)
+    mapfile -t apt_missing < <(printf '%s\n' "${apt_missing[@]}" | sort -u)
+    if [[ $(id -u) -ne 0 ]]; then
+        if have sudo; then apt_get=(sudo -E apt-get); else
+            echo "install-test-tools: FAILED: apt packages missing (${apt_missing[*]}) and not root (no sudo)" >&2
+            exit 1
+        fi
+    else
+        apt_get=(apt-get)
+    fi
+    if ! "${apt_get[@]}" update -qq >"$log" 2>&1; then
+        fail_with_log "apt-get update (needed for: ${apt_missing[*]})"
+    elif ! "${apt_get[@]}" install -y -qq --no-install-recommends "${apt_missing[@]}" >"$log" 2>&1; then
+        fail_with_log "apt packages: ${apt_missing[*]}"
+    else
+        for p in "${apt_missing[@]}"; do echo "installed apt package $p"; done
+    fi
+fi
+
+# --- npm: azurite ---------------------------------------------------------
+if ! have azurite-blob; then
+    if ! have npm; then
+        echo "install-test-tools: FAILED to install azurite: npm not found (install Node.js with npm first)" >&2
+        failed+=(azurite)
+    elif ! npm install -g --silent --no-fund --no-audit azurite >"$log" 2>&1; then
+        fail_with_log "azurite (npm install -g azurite)"
+    else
+        npm_bin="$(npm prefix -g 2>/dev/null)/bin"
+        if have azurite-blob; then
+            echo "installed npm package azurite (azurite-blob)"
+        elif [[ -x $npm_bin/azurite-blob ]]; then
+            echo "installed npm package azurite at $npm_bin/azurite-blob (NOTE: $npm_bin is not on PATH)"
+        else
+            echo "install-test-tools: FAILED: npm installed azurite but azurite-blob is not found" >&2
+            failed+=(azurite)
+        fi
+    fi
+fi
+
+# --- pip: moto[server] ----------------------------------------------------
+if ! have moto_server; then
+    py=""
+    for c in python3 python; do have "$c" && { py=$c; break; }; done
+    if [[ -z $py ]]; then
+        echo "install-test-tools: FAILED to install moto[server]: no python3 found" >&2
+        failed+=("moto[server]")
+    else
+        if ! "$py" -m pip --version >/dev/null 2>&1; then
+            # Debian's system python ships without pip.
+            if ! { apt-get update -qq && apt-get install -y -qq python3-pip; } >"$log" 2>&1; then
+                fail_with_log "python3-pip (needed for moto[server])"
+            fi
+        fi
+        # PIP_BREAK_SYSTEM_PACKAGES: allow installing into Debian's
+        # externally-managed system python (a no-op for pyenv/venv pythons).
+        if "$py" -m pip --version >/dev/null 2>&1; then
+            if ! PIP_BREAK_SYSTEM_PACKAGES=1 "$py" -m pip install -q --disable-pip-version-check \
+                    --root-user-action=ignore 'moto[server]' >"$log" 2>&1; then
+                fail_with_log "moto[server] (pip install 'moto[server]')"
+            else
+                have pyenv && pyenv rehash >/dev/null 2>&1 || true
+                hash -r
+                if have moto_server; then
+                    echo "installed pip package moto[server] (moto_server)"
+                else
+                    echo "install-test-tools: FAILED: pip installed moto[server] but moto_server is not on PATH" >&2
+                    failed+=("moto[server]")
+                fi
+            fi
+        fi
+    fi
+fi
+
+if ((${#failed[@]})); then
+    echo "install-test-tools: FAILED: ${failed[*]}" >&2
+    exit 1
+fi
