@@ -260,12 +260,16 @@ class Ferry(Tool):
         try:
             return json.loads(text)
         except ValueError:
-            for line in reversed(text.splitlines()):
-                line = line.strip()
-                if line.startswith("{"):
+            # progress lines before the JSON: try each line that opens an object,
+            # last first, parsing from there to the end (handles pretty-printed JSON)
+            starts = [m.start() for m in re.finditer(r"(?m)^\s*\{", text)]
+            for pos in reversed(starts):
+                try:
+                    return json.loads(text[pos:])
+                except ValueError:
                     try:
-                        return json.loads(line)
-                    except ValueError:
+                        return json.loads(text[pos:].splitlines()[0])
+                    except (ValueError, IndexError):
                         pass
         return None
 
@@ -782,7 +786,8 @@ def main():
     if "borg" in tools:
         vers.append(version_of(["borg", "--version"]))
     if ferry_bin:
-        vers.append("ferry " + version_of([ferry_bin, "--version"]))
+        v = version_of([ferry_bin, "--version"])
+        vers.append(v if v.startswith("ferry") else f"ferry {v}")
     ctx["versions"] = "; ".join(vers)
 
     try:

@@ -111,7 +111,7 @@ if ! have moto_server; then
                     --root-user-action=ignore 'moto[server]' >"$log" 2>&1; then
                 fail_with_log "moto[server] (pip install 'moto[server]')"
             else
-                have pyenv && pyenv rehash >/dev/null 2>&1 || true
+                if have pyenv; then pyenv rehash >/dev/null 2>&1 || true; fi
                 hash -r
                 if have moto_server; then
                     echo "installed pip package moto[server] (moto_server)"

@@ -1,1 +1,347 @@
-//! Support code for the end-to-end tests lives in `tests/`; this library is empty on purpose.
+//! Support for Ferry's end-to-end tests: real emulators, real disk images, the real binary.
+//!
+//! - [`Emulator`] starts Azurite (`azurite-blob`) or moto (`moto_server`) on a free loopback
+//!   port and stops it when dropped. The tools are installed by `scripts/install-test-tools.sh`
+//!   (which the README's test command runs); a missing tool fails the test with that hint.
+//! - [`TestRepo`] is one fresh vault location on a backend: a local directory, an Azurite
+//!   container or a moto bucket, with the options and environment to reach it.
+//! - [`make_ext4`] builds a real ext4 image with `scripts/make-ext4-image.sh`.
+//! - [`ferry_bin`] finds the `ferry` binary built next to the test executable.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::{Digest, Sha256};
+
+/// Azurite's documented development account (public, not a secret).
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+/// Azurite's documented development key (public, not a secret).
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+fn require_tool(name: &str) {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()));
+    assert!(
+        found,
+        "`{name}` is not installed: run scripts/install-test-tools.sh (the README's test command does)"
+    );
+}
+
+/// Which backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A local directory.
+    Local,
+    /// Azure Blob through Azurite.
+    Azurite,
+    /// S3 through moto.
+    Moto,
+}
+
+/// A running emulator, stopped on drop.
+#[derive(Debug)]
+pub struct Emulator {
+    /// Which one.
+    pub kind: Kind,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Emulator {
+    /// Starts the emulator for `kind` (`Local` needs none and panics).
+    pub fn start(kind: Kind) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("emulator.log");
+        let port = free_port();
+        let mut cmd = match kind {
+            Kind::Azurite => {
+                require_tool("azurite-blob");
+                let mut c = Command::new("azurite-blob");
+                c.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+                    .arg("--location")
+                    .arg(dir.path().join("data"))
+                    .args(["--disableTelemetry", "--skipApiVersionCheck", "--silent"]);
+                c
+            }
+            Kind::Moto => {
+                require_tool("moto_server");
+                let mut c = Command::new("moto_server");
+                c.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+                c
+            }
+            Kind::Local => panic!("a local directory needs no emulator"),
+        };
+        let logf = std::fs::File::create(&log).expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("dup log"))
+            .stderr(logf)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the {kind:?} emulator: {e}"));
+        let mut emu = Self {
+            kind,
+            port,
+            child,
+            _dir: dir,
+            log,
+        };
+        emu.wait_ready();
+        emu
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{:?} emulator exited ({status}): {}",
+                    self.kind,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{:?} emulator did not listen on port {} within 60 s: {}",
+                self.kind,
+                self.port,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The emulator's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One fresh vault location on a backend.
+#[derive(Debug)]
+pub struct TestRepo {
+    /// Backend kind.
+    pub kind: Kind,
+    /// Vault URL.
+    pub url: String,
+    /// Options for `Backend::open` (also usable as `--repo-option`).
+    pub options: Vec<(String, String)>,
+    /// Environment for the `ferry` binary (credentials).
+    pub env: Vec<(String, String)>,
+    /// Scratch directory (holds the local vault and anything else the test wants).
+    pub dir: tempfile::TempDir,
+}
+
+impl TestRepo {
+    /// A new, empty location named `name` (lowercase letters, digits and dashes).
+    pub fn new(kind: Kind, emu: Option<&Emulator>, name: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (url, options, env) = match kind {
+            Kind::Local => (
+                dir.path().join("vault").display().to_string(),
+                vec![],
+                vec![],
+            ),
+            Kind::Moto => {
+                let port = emu.expect("moto emulator").port;
+                http_request(
+                    port,
+                    &format!(
+                        "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    ),
+                );
+                let endpoint = format!("http://127.0.0.1:{port}");
+                (
+                    format!("s3://{name}"),
+                    vec![
+                        ("endpoint".into(), endpoint.clone()),
+                        ("allow_http".into(), "true".into()),
+                        ("region".into(), "us-east-1".into()),
+                        ("access_key_id".into(), "testing".into()),
+                        ("secret_access_key".into(), "testing".into()),
+                    ],
+                    vec![
+                        ("AWS_ENDPOINT".into(), endpoint),
+                        ("AWS_ALLOW_HTTP".into(), "true".into()),
+                        ("AWS_REGION".into(), "us-east-1".into()),
+                        ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
+                        ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
+                    ],
+                )
+            }
+            Kind::Azurite => {
+                let port = emu.expect("azurite emulator").port;
+                azurite_create_container(port, name);
+                let endpoint = format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}");
+                (
+                    format!("az://{name}"),
+                    vec![
+                        ("account_name".into(), AZURITE_ACCOUNT.into()),
+                        ("access_key".into(), AZURITE_KEY.into()),
+                        ("endpoint".into(), endpoint.clone()),
+                        ("allow_http".into(), "true".into()),
+                    ],
+                    vec![
+                        ("AZURE_STORAGE_ACCOUNT_NAME".into(), AZURITE_ACCOUNT.into()),
+                        ("AZURE_STORAGE_ACCOUNT_KEY".into(), AZURITE_KEY.into()),
+                        ("AZURE_STORAGE_ENDPOINT".into(), endpoint),
+                        ("AZURE_ALLOW_HTTP".into(), "true".into()),
+                    ],
+                )
+            }
+        };
+        Self {
+            kind,
+            url,
+            options,
+            env,
+            dir,
+        }
+    }
+
+    /// Opens the location with `ferry_store`.
+    pub fn backend(&self) -> ferry_store::Backend {
+        ferry_store::Backend::open(&self.url, &self.options, true).expect("open test backend")
+    }
+}
+
+/// Sends one HTTP/1.1 request to 127.0.0.1:`port`; panics unless the status is 2xx.
+fn http_request(port: u16, req: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to emulator");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    s.write_all(req.as_bytes()).expect("send request");
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let status = resp.split_whitespace().nth(1).unwrap_or("");
+    assert!(
+        status.starts_with('2'),
+        "emulator refused `{}`: {resp}",
+        req.lines().next().unwrap_or("")
+    );
+    resp
+}
+
+/// Creates a container in Azurite with a SharedKey-signed request (object_store cannot).
+pub fn azurite_create_container(port: u16, name: &str) {
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let version = "2021-08-06";
+    let to_sign = format!(
+        "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{name}\nrestype:container"
+    );
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(AZURITE_KEY)
+        .expect("key is base64");
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key).expect("hmac key");
+    mac.update(to_sign.as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    http_request(
+        port,
+        &format!(
+            "PUT /{AZURITE_ACCOUNT}/{name}?restype=container HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+             x-ms-date: {date}\r\nx-ms-version: {version}\r\n\
+             Authorization: SharedKey {AZURITE_ACCOUNT}:{sig}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    );
+}
+
+/// Builds a real ext4 image of `size` (e.g. "256M") at `out` with `scripts/make-ext4-image.sh`
+/// (a debootstrap minbase root when a mirror answers, real files from /usr otherwise).
+pub fn make_ext4(out: &Path, size: &str) {
+    let script = repo_root().join("scripts/make-ext4-image.sh");
+    let o = Command::new("bash")
+        .arg(&script)
+        .arg(out)
+        .arg(size)
+        .output()
+        .expect("run make-ext4-image.sh");
+    assert!(
+        o.status.success(),
+        "make-ext4-image.sh failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(p: &Path) -> String {
+    let mut f = std::fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Writes `len` bytes of `pattern`-seeded pseudo-random data at `offset` of `file` (in place).
+pub fn scribble(file: &Path, offset: u64, len: usize, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(file)
+        .expect("open for write");
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect();
+    f.write_all_at(&data, offset).expect("write");
+}
+
+/// The `ferry` binary of this build (built by `cargo build` before the tests run).
+pub fn ferry_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/ferry
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = dir.join("ferry");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (`cargo build -p ferry-cli`; the README's test command does)",
+        bin.display()
+    );
+    bin
+}

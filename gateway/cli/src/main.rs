@@ -1,1 +1,632 @@
-fn main() {}
+//! `ferry`: the command-line tool. For now it holds `ferry vault`, which works directly on a
+//! vault with no daemon (offline seeding, export, verification); the admin client of the
+//! gateway's API joins it later.
+//!
+//! Exit status: 0 on success, 1 on failure with one line on stderr naming what failed, 2 on a
+//! usage error. `verify` exits 1 when it finds problems.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use ferry_store::{
+    Backend, Consistency, ExportOptions, ImportOptions, InitOptions, OpenOptions, PointSelector,
+    Progress, Secret, UploadTuning, Vault,
+};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry disaster recovery: command-line tool"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Work directly on a vault (no daemon needed).
+    Vault {
+        #[command(subcommand)]
+        cmd: VaultCmd,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct RepoArgs {
+    /// Vault location: a directory, file:///dir, s3://bucket/prefix or az://container/prefix.
+    #[arg(long, env = "FERRY_REPO")]
+    repo: String,
+    /// Backend option KEY=VALUE (e.g. endpoint=http://127.0.0.1:9000, allow_http=true);
+    /// credentials belong in the environment (AWS_*, AZURE_*), not here.
+    #[arg(long = "repo-option", value_name = "KEY=VALUE")]
+    repo_options: Vec<String>,
+    /// File holding the vault passphrase (or set FERRY_PASSPHRASE).
+    #[arg(long, value_name = "FILE", conflicts_with = "key_file")]
+    passphrase_file: Option<PathBuf>,
+    /// Key file protecting the vault (at least 32 random bytes).
+    #[arg(long, value_name = "FILE", env = "FERRY_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Directory of the local index cache [default: $XDG_CACHE_HOME/ferry or ~/.cache/ferry].
+    #[arg(long, env = "FERRY_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Pack target size (e.g. 16M).
+    #[arg(long, value_parser = parse_size, hide = true)]
+    pack_size: Option<u64>,
+    /// Upload objects larger than this in parts (e.g. 32M).
+    #[arg(long, value_parser = parse_size, hide = true, env = "FERRY_MULTIPART_THRESHOLD")]
+    multipart_threshold: Option<u64>,
+    /// Part size of multipart uploads (at least 5M for S3).
+    #[arg(long, value_parser = parse_size, hide = true, env = "FERRY_PART_SIZE")]
+    part_size: Option<u64>,
+    /// Hash/compress/encrypt worker threads [default: all cores].
+    #[arg(long, hide = true)]
+    workers: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+enum VaultCmd {
+    /// Create a new vault.
+    Init {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Default chunk size of new disks: a power of two from 64K to 4M.
+        #[arg(long, value_parser = parse_size)]
+        chunk_size: Option<u64>,
+    },
+    /// Create a recovery point from a raw disk image or block device.
+    Import {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Protected item (machine) name.
+        #[arg(long)]
+        item: String,
+        /// Raw disk image or block device.
+        #[arg(long)]
+        disk: PathBuf,
+        /// Name of the disk within the item.
+        #[arg(long, default_value = "disk0")]
+        disk_name: String,
+        /// Changed areas since the item's latest point (vSphere DiskChangeInfo JSON): only
+        /// these are read; the rest comes from the previous point.
+        #[arg(long, value_name = "FILE")]
+        changes: Option<PathBuf>,
+        /// Chunk size for a disk new to the vault: a power of two from 64K to 4M.
+        #[arg(long, value_parser = parse_size)]
+        chunk_size: Option<u64>,
+        /// Mark the point application-consistent.
+        #[arg(long)]
+        app_consistent: bool,
+        /// Tag KEY=VALUE recorded with the point.
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+    },
+    /// List recovery points.
+    Points {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Only this item.
+        #[arg(long)]
+        item: Option<String>,
+    },
+    /// Write a recovery point's disk out as a raw (sparse) image.
+    Export {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Item.
+        #[arg(long)]
+        item: String,
+        /// Point id, or `latest`.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Disk name (needed when the point has several disks).
+        #[arg(long)]
+        disk: Option<String>,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check the vault; --read-data also decrypts every blob.
+    Verify {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Download and authenticate every blob, recomputing every id.
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Recreate the local index cache from the bucket alone.
+    RebuildIndex {
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            eprintln!("ferry: error: {}", msg.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses `65536`, `64K`, `64KiB`, `1M`, `4MiB`, `2G`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size"))?;
+    let mul = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("`{s}`: unknown unit (use K, M or G)")),
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+fn secret(repo: &RepoArgs) -> Result<Secret> {
+    if let Some(p) = &repo.key_file {
+        let b =
+            std::fs::read(p).with_context(|| format!("cannot read key file `{}`", p.display()))?;
+        return Ok(Secret::KeyFile(b));
+    }
+    if let Some(p) = &repo.passphrase_file {
+        let mut b = std::fs::read(p)
+            .with_context(|| format!("cannot read passphrase file `{}`", p.display()))?;
+        if b.last() == Some(&b'\n') {
+            b.pop();
+            if b.last() == Some(&b'\r') {
+                b.pop();
+            }
+        }
+        if b.is_empty() {
+            bail!("passphrase file `{}` is empty", p.display());
+        }
+        return Ok(Secret::Passphrase(b));
+    }
+    match std::env::var_os("FERRY_PASSPHRASE") {
+        Some(v) if !v.is_empty() => Ok(Secret::Passphrase(v.into_encoded_bytes())),
+        _ => bail!(
+            "no vault secret: set FERRY_PASSPHRASE, or pass --passphrase-file FILE or --key-file FILE"
+        ),
+    }
+}
+
+fn cache_dir(repo: &RepoArgs) -> Result<PathBuf> {
+    if let Some(d) = &repo.cache_dir {
+        return Ok(d.clone());
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(x).join("ferry"));
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(h) => Ok(PathBuf::from(h).join(".cache").join("ferry")),
+        None => bail!("no cache directory: pass --cache-dir or set FERRY_CACHE_DIR"),
+    }
+}
+
+fn backend(repo: &RepoArgs, create: bool) -> Result<Backend> {
+    let mut opts = Vec::new();
+    for kv in &repo.repo_options {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--repo-option `{kv}` is not KEY=VALUE"))?;
+        opts.push((k.to_string(), v.to_string()));
+    }
+    let mut b = Backend::open(&repo.repo, &opts, create)?;
+    let mut t = UploadTuning::default();
+    if let Some(x) = repo.multipart_threshold {
+        t.multipart_threshold = usize::try_from(x)?;
+    }
+    if let Some(x) = repo.part_size {
+        t.part_size = usize::try_from(x)?;
+    }
+    b.set_tuning(t);
+    Ok(b)
+}
+
+fn open_options(repo: &RepoArgs) -> Result<OpenOptions> {
+    let mut o = OpenOptions::new(cache_dir(repo)?);
+    if let Some(p) = repo.pack_size {
+        o.tuning.pack_target = usize::try_from(p)?;
+    }
+    if let Some(w) = repo.workers {
+        o.tuning.workers = w.max(1);
+    }
+    Ok(o)
+}
+
+async fn open(repo: &RepoArgs) -> Result<Vault> {
+    let s = secret(repo)?;
+    let b = backend(repo, false)?;
+    Ok(Vault::open(b, &s, open_options(repo)?).await?)
+}
+
+fn chunk_size_arg(v: Option<u64>) -> Result<Option<u32>> {
+    v.map(|v| {
+        let v = u32::try_from(v).map_err(|_| anyhow!("chunk size {v} is too large"))?;
+        ferry_store::check_chunk_size(v).map_err(|e| anyhow!(e))?;
+        Ok(v)
+    })
+    .transpose()
+}
+
+fn kv(list: &[String], what: &str) -> Result<Vec<(String, String)>> {
+    list.iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow!("{what} `{s}` is not KEY=VALUE"))
+        })
+        .collect()
+}
+
+fn out(v: &serde_json::Value) {
+    line(&serde_json::to_string_pretty(v).expect("JSON serialises"));
+}
+
+/// Prints one line on stdout; a closed pipe (`ferry … | head`) ends the process quietly.
+fn line(s: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if writeln!(o, "{s}").is_err() {
+        std::process::exit(0);
+    }
+}
+
+fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// Shows a progress bar on a terminal while `fut` runs.
+async fn with_progress<T>(
+    json: bool,
+    label: &str,
+    progress: Arc<Progress>,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    if json || !std::io::stderr().is_terminal() {
+        return fut.await;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(label.to_string());
+    let p = progress.clone();
+    let b = bar.clone();
+    let ticker = tokio::spawn(async move {
+        loop {
+            b.set_length(p.total.load(Ordering::Relaxed));
+            b.set_position(p.done.load(Ordering::Relaxed));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let r = fut.await;
+    ticker.abort();
+    bar.finish_and_clear();
+    r
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let Cmd::Vault { cmd } = cli.cmd;
+    match cmd {
+        VaultCmd::Init { repo, chunk_size } => {
+            let s = secret(&repo)?;
+            let b = backend(&repo, true)?;
+            let mut init = InitOptions::default();
+            if let Some(cs) = chunk_size_arg(chunk_size)? {
+                init.chunk_size = cs;
+            }
+            let v = Vault::init(b, &s, init, open_options(&repo)?).await?;
+            if repo.json {
+                out(
+                    &json!({"vault_id": v.id(), "repo": repo.repo, "chunk_size": v.config().chunk_size}),
+                );
+            } else {
+                line(&format!(
+                    "created vault {} at {} (chunk size {})",
+                    v.id(),
+                    repo.repo,
+                    human(u64::from(v.config().chunk_size))
+                ));
+            }
+        }
+        VaultCmd::Import {
+            repo,
+            item,
+            disk,
+            disk_name,
+            changes,
+            chunk_size,
+            app_consistent,
+            tags,
+        } => {
+            let v = open(&repo).await?;
+            let changes = match &changes {
+                Some(f) => {
+                    let size = ferry_store::source::SourceDisk::open(&disk)?.size();
+                    Some(ferry_store::changes::load_changes(f, size)?)
+                }
+                None => None,
+            };
+            let mut o = ImportOptions::full(item, disk);
+            o.disk_name = disk_name;
+            o.changes = changes;
+            o.chunk_size = chunk_size_arg(chunk_size)?;
+            o.consistency = if app_consistent {
+                Consistency::App
+            } else {
+                Consistency::Crash
+            };
+            o.tags = kv(&tags, "--tag")?;
+            let progress = Arc::new(Progress::default());
+            let t0 = Instant::now();
+            let r =
+                with_progress(repo.json, "import", progress.clone(), v.import(o, progress)).await?;
+            let secs = t0.elapsed().as_secs_f64();
+            if repo.json {
+                out(&json!({
+                    "point": r.point.id,
+                    "item": r.point.item,
+                    "parent": r.point.parent,
+                    "bytes_read": r.bytes_read,
+                    "bytes_stored": r.bytes_stored,
+                    "chunks": r.chunks,
+                    "chunks_zero": r.chunks_zero,
+                    "chunks_new": r.chunks_new,
+                    "pages_written": r.pages_written,
+                    "packs": r.packs,
+                    "seconds": secs,
+                }));
+            } else {
+                line(&r.point.id);
+                #[allow(clippy::cast_precision_loss)] // display only
+                let rate = r.bytes_read as f64 / secs.max(1e-9);
+                eprintln!(
+                    "read {} in {secs:.1}s ({}/s), stored {} new ({} of {} chunks new, {} zero)",
+                    human(r.bytes_read),
+                    human(rate as u64),
+                    human(r.bytes_stored),
+                    r.chunks_new,
+                    r.chunks,
+                    r.chunks_zero
+                );
+            }
+        }
+        VaultCmd::Points { repo, item } => {
+            let v = open(&repo).await?;
+            let points = v.points(item.as_deref()).await?;
+            if repo.json {
+                let arr: Vec<_> = points
+                    .iter()
+                    .map(|p| {
+                        json!({
+                            "item": p.item,
+                            "point": p.id,
+                            "created": ferry_store::point::rfc3339(p.created_ms),
+                            "consistency": p.consistency.as_str(),
+                            "parent": p.parent,
+                            "source": p.source,
+                            "disks": p.disks.iter().map(|d| json!({
+                                "name": d.name, "size": d.size, "chunk_size": d.chunk_size,
+                                "bytes_read": d.bytes_read, "bytes_stored": d.bytes_stored,
+                            })).collect::<Vec<_>>(),
+                            "tags": p.tags.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                        })
+                    })
+                    .collect();
+                out(&serde_json::Value::Array(arr));
+            } else {
+                line(&format!(
+                    "{:<20} {:<30} {:<24} {:<6} {:>10} {:>10}",
+                    "ITEM", "POINT", "CREATED", "KIND", "SIZE", "STORED"
+                ));
+                for p in &points {
+                    let size: u64 = p.disks.iter().map(|d| d.size).sum();
+                    let stored: u64 = p.disks.iter().map(|d| d.bytes_stored).sum();
+                    line(&format!(
+                        "{:<20} {:<30} {:<24} {:<6} {:>10} {:>10}",
+                        p.item,
+                        p.id,
+                        ferry_store::point::rfc3339(p.created_ms),
+                        p.consistency.as_str(),
+                        human(size),
+                        human(stored)
+                    ));
+                }
+            }
+        }
+        VaultCmd::Export {
+            repo,
+            item,
+            point,
+            disk,
+            out: path,
+            force,
+        } => {
+            let v = open(&repo).await?;
+            let progress = Arc::new(Progress::default());
+            let o = ExportOptions {
+                item,
+                point: PointSelector::parse(&point),
+                disk,
+                out: path.clone(),
+                overwrite: force,
+            };
+            let t0 = Instant::now();
+            let r =
+                with_progress(repo.json, "export", progress.clone(), v.export(o, progress)).await?;
+            if repo.json {
+                out(&json!({
+                    "point": r.point.id,
+                    "disk": r.disk.name,
+                    "size": r.disk.size,
+                    "out": path,
+                    "chunks_written": r.chunks_written,
+                    "reads": r.reads,
+                    "seconds": t0.elapsed().as_secs_f64(),
+                }));
+            } else {
+                line(&format!(
+                    "exported {} disk {} ({}) to {}",
+                    r.point.id,
+                    r.disk.name,
+                    human(r.disk.size),
+                    path.display()
+                ));
+            }
+        }
+        VaultCmd::Verify { repo, read_data } => {
+            let v = open(&repo).await?;
+            let r = v.verify(read_data).await?;
+            if repo.json {
+                out(&json!({
+                    "ok": r.is_ok(),
+                    "points": r.points,
+                    "pages": r.pages,
+                    "chunk_refs": r.chunk_refs,
+                    "packs": r.packs,
+                    "blobs_read": r.blobs_read,
+                    "unindexed_packs": r.unindexed_packs,
+                    "problems": r.problems.iter().map(|p| json!({
+                        "object": p.object, "problem": p.problem, "affected": p.affected,
+                    })).collect::<Vec<_>>(),
+                }));
+            } else {
+                line(&format!(
+                    "checked {} points, {} pages, {} chunk references, {} packs{}",
+                    r.points,
+                    r.pages,
+                    r.chunk_refs,
+                    r.packs,
+                    if read_data {
+                        format!(", {} blobs decrypted", r.blobs_read)
+                    } else {
+                        String::new()
+                    }
+                ));
+                if r.unindexed_packs > 0 {
+                    line(&format!(
+                        "{} packs are not indexed (left by interrupted imports; harmless)",
+                        r.unindexed_packs
+                    ));
+                }
+                for p in &r.problems {
+                    let affected = if p.affected.is_empty() {
+                        "no recovery point".to_string()
+                    } else {
+                        p.affected.iter().cloned().collect::<Vec<_>>().join(", ")
+                    };
+                    line(&format!(
+                        "PROBLEM {}: {} — affects {affected}",
+                        p.object, p.problem
+                    ));
+                }
+            }
+            if !r.is_ok() {
+                let points: std::collections::BTreeSet<&String> =
+                    r.problems.iter().flat_map(|p| p.affected.iter()).collect();
+                eprintln!(
+                    "ferry: error: verify found {} problems affecting {} recovery points",
+                    r.problems.len(),
+                    points.len()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        VaultCmd::RebuildIndex { repo } => {
+            let v = open(&repo).await?;
+            let r = v.rebuild_index().await?;
+            if repo.json {
+                out(&json!({
+                    "packs": r.packs, "blobs": r.blobs, "segments": r.segments,
+                    "repaired": r.repaired,
+                    "unreadable": r.unreadable.iter().map(|(o, e)| json!({"object": o, "error": e})).collect::<Vec<_>>(),
+                }));
+            } else {
+                line(&format!(
+                    "rebuilt index: {} packs, {} blobs, {} segments{}",
+                    r.packs,
+                    r.blobs,
+                    r.segments,
+                    if r.repaired > 0 {
+                        format!(", {} packs were in no segment (now listed)", r.repaired)
+                    } else {
+                        String::new()
+                    }
+                ));
+                for (o, e) in &r.unreadable {
+                    eprintln!("unreadable: {o}: {e}");
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("1T").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -81,8 +81,9 @@ impl Backend {
                 .with_bucket_name(bucket)
                 .with_copy_if_not_exists(object_store::aws::S3CopyIfNotExists::Multipart);
             for (k, v) in options {
-                let key: object_store::aws::AmazonS3ConfigKey =
-                    k.parse().map_err(|_| cfg_err(format!("unknown S3 option `{k}`")))?;
+                let key: object_store::aws::AmazonS3ConfigKey = k
+                    .parse()
+                    .map_err(|_| cfg_err(format!("unknown S3 option `{k}`")))?;
                 b = b.with_config(key, v);
             }
             let s = b.build().map_err(|e| cfg_err(e.to_string()))?;
@@ -118,7 +119,9 @@ impl Backend {
                 std::fs::create_dir_all(path).map_err(|e| cfg_err(e.to_string()))?;
             }
             let abs = std::fs::canonicalize(path).map_err(|e| {
-                cfg_err(format!("{e} (a local vault directory must exist; `init` creates it)"))
+                cfg_err(format!(
+                    "{e} (a local vault directory must exist; `init` creates it)"
+                ))
             })?;
             let s = object_store::local::LocalFileSystem::new_with_prefix(&abs)
                 .map_err(|e| cfg_err(e.to_string()))?
@@ -276,11 +279,7 @@ impl Backend {
             let _ = up.abort().await;
             return Err(e);
         }
-        let copied = match self
-            .store
-            .copy_if_not_exists(&sp, &Path::from(name))
-            .await
-        {
+        let copied = match self.store.copy_if_not_exists(&sp, &Path::from(name)).await {
             Ok(()) => true,
             Err(object_store::Error::AlreadyExists { .. }) => false,
             Err(e) => {

@@ -53,8 +53,8 @@ pub fn load_changes(path: &Path, disk_size: u64) -> Result<Vec<Range<u64>>> {
 
 /// Parses a `DiskChangeInfo` document; returns the changed byte ranges.
 pub fn parse_changes(bytes: &[u8], disk_size: u64) -> std::result::Result<Vec<Range<u64>>, String> {
-    let doc: DiskChangeInfo = serde_json::from_slice(bytes)
-        .map_err(|e| format!("not a DiskChangeInfo document: {e}"))?;
+    let doc: DiskChangeInfo =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a DiskChangeInfo document: {e}"))?;
     let end = doc
         .start_offset
         .checked_add(doc.length)
@@ -96,12 +96,26 @@ mod tests {
     #[test]
     fn refuses_areas_past_the_disk_and_malformed_documents() {
         let d = br#"{"startOffset":0,"length":2097152,"changedArea":[]}"#;
-        assert!(parse_changes(d, 1 << 20).unwrap_err().contains("past the end"));
+        assert!(
+            parse_changes(d, 1 << 20)
+                .unwrap_err()
+                .contains("past the end")
+        );
         let d = br#"{"startOffset":0,"length":1048576,"changedArea":[{"start":1048000,"length":4096}]}"#;
-        assert!(parse_changes(d, 1 << 20).unwrap_err().contains("changedArea[0]"));
+        assert!(
+            parse_changes(d, 1 << 20)
+                .unwrap_err()
+                .contains("changedArea[0]")
+        );
         let d = br#"{"startOffset":0,"length":18446744073709551615,"changedArea":[{"start":18446744073709551615,"length":2}]}"#;
         assert!(parse_changes(d, u64::MAX).is_err());
         assert!(parse_changes(b"[1,2]", 10).is_err());
-        assert!(parse_changes(br#"{"startOffset":0,"length":1,"changedArea":[],"x":1}"#, 10).is_err());
+        assert!(
+            parse_changes(
+                br#"{"startOffset":0,"length":1,"changedArea":[],"x":1}"#,
+                10
+            )
+            .is_err()
+        );
     }
 }

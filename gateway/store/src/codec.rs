@@ -228,7 +228,11 @@ mod tests {
     #[test]
     fn roundtrip_all_field_kinds() {
         let mut w = Writer::new();
-        w.u8(7).u16(0x1234).u32(0xdead_beef).u64(u64::MAX).str("héllo");
+        w.u8(7)
+            .u16(0x1234)
+            .u32(0xdead_beef)
+            .u64(u64::MAX)
+            .str("héllo");
         w.id(&ChunkId([9; 32]));
         let bytes = w.into_inner();
         let mut r = Reader::new(&bytes);

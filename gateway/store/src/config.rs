@@ -265,7 +265,16 @@ mod tests {
             c.unwrap_keys(&Secret::KeyFile(vec![8; 64])),
             Err(StoreError::WrongSecret { .. })
         ));
-        assert!(VaultConfig::create(&keys, &Secret::KeyFile(vec![1; 8]), weak(), 1 << 16, "t".into()).is_err());
+        assert!(
+            VaultConfig::create(
+                &keys,
+                &Secret::KeyFile(vec![1; 8]),
+                weak(),
+                1 << 16,
+                "t".into()
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -169,7 +169,9 @@ impl LocalIndex {
             .create(path)
             .map_err(|e| StoreError::local_index(path, e))?;
         let ok = {
-            let r = db.begin_read().map_err(|e| StoreError::local_index(path, e))?;
+            let r = db
+                .begin_read()
+                .map_err(|e| StoreError::local_index(path, e))?;
             match r.open_table(META) {
                 Ok(t) => {
                     let id = t.get("vault_id").ok().flatten().map(|v| v.value().to_vec());

@@ -142,7 +142,11 @@ struct Done {
 
 impl Vault {
     /// Imports a disk as a new recovery point of `opts.item`.
-    pub async fn import(&self, opts: ImportOptions, progress: Arc<Progress>) -> Result<ImportReport> {
+    pub async fn import(
+        &self,
+        opts: ImportOptions,
+        progress: Arc<Progress>,
+    ) -> Result<ImportReport> {
         check_name("item name", &opts.item)?;
         check_name("disk name", &opts.disk_name)?;
         for (k, v) in &opts.tags {
@@ -236,7 +240,9 @@ impl Vault {
         let sh = shared.clone();
         let chunks = size.div_ceil(u64::from(chunk_size));
         let built = tokio::task::spawn_blocking(move || {
-            run_pipeline(&sh, handle, disk, extents, plan, chunk_size, chunks, base, pack_tx)
+            run_pipeline(
+                &sh, handle, disk, extents, plan, chunk_size, chunks, base, pack_tx,
+            )
         })
         .await
         .map_err(|e| StoreError::Pipeline(format!("pipeline panicked: {e}")));
@@ -354,7 +360,9 @@ fn run_pipeline(
                     if !overlaps(extents, off, off + u64::from(chunk_size)) {
                         // A hole: zero without reading.
                         sh.chunks_zero.fetch_add(1, Ordering::Relaxed);
-                        sh.progress.done.fetch_add(u64::from(chunk_size), Ordering::Relaxed);
+                        sh.progress
+                            .done
+                            .fetch_add(u64::from(chunk_size), Ordering::Relaxed);
                         if reader_done
                             .send(Ok(Done {
                                 seq,
@@ -371,7 +379,8 @@ fn run_pipeline(
                             sh.abort.store(true, Ordering::Relaxed);
                             return Err(e);
                         }
-                        sh.bytes_read.fetch_add(u64::from(chunk_size), Ordering::Relaxed);
+                        sh.bytes_read
+                            .fetch_add(u64::from(chunk_size), Ordering::Relaxed);
                         if job_tx.send(Job::Data { seq, index, buf }).is_err() {
                             return Ok(());
                         }
@@ -408,7 +417,9 @@ fn run_pipeline(
                             });
                             let n = p.add(id, &buf, &mut comp);
                             sh.bytes_stored.fetch_add(u64::from(n), Ordering::Relaxed);
-                            sh.progress.stored.fetch_add(u64::from(n), Ordering::Relaxed);
+                            sh.progress
+                                .stored
+                                .fetch_add(u64::from(n), Ordering::Relaxed);
                             sh.chunks_new.fetch_add(1, Ordering::Relaxed);
                             if p.len() >= tuning.pack_target {
                                 let full = pack.take().expect("pack is open").finish();
@@ -420,7 +431,9 @@ fn run_pipeline(
                         }
                         id
                     };
-                    sh.progress.done.fetch_add(u64::from(chunk_size), Ordering::Relaxed);
+                    sh.progress
+                        .done
+                        .fetch_add(u64::from(chunk_size), Ordering::Relaxed);
                     let _ = pool_tx.try_send(buf);
                     if done_tx.send(Ok(Done { seq, index, id })).is_err() {
                         return Ok(());
@@ -538,8 +551,11 @@ impl WritePages {
 
 impl PageStore for WritePages {
     fn load(&mut self, id: &ChunkId) -> Result<Vec<u8>> {
-        self.handle
-            .block_on(self.shared.vault.read_blob(id, "the previous point's disk tree"))
+        self.handle.block_on(
+            self.shared
+                .vault
+                .read_blob(id, "the previous point's disk tree"),
+        )
     }
 
     fn store(&mut self, page: Vec<u8>) -> Result<ChunkId> {
@@ -552,7 +568,9 @@ impl PageStore for WritePages {
                 .get_or_insert_with(|| PackBuilder::new(keys, BlobKind::Meta, target.min(4 << 20)));
             let n = p.add(id, &page, &mut self.comp);
             self.written += 1;
-            self.shared.bytes_stored.fetch_add(u64::from(n), Ordering::Relaxed);
+            self.shared
+                .bytes_stored
+                .fetch_add(u64::from(n), Ordering::Relaxed);
             if p.len() >= target {
                 let full = self.pack.take().expect("pack is open").finish();
                 if self.pack_tx.blocking_send(full).is_err() {
@@ -579,7 +597,9 @@ async fn upload_packs(shared: Arc<Shared>, mut rx: mpsc::Receiver<FinishedPack>)
             let name = p.id.object_name(p.kind);
             let size = p.bytes.len() as u64;
             if !backend.put_create_large(&name, p.bytes).await? {
-                return Err(StoreError::Pipeline(format!("pack `{name}` already exists")));
+                return Err(StoreError::Pipeline(format!(
+                    "pack `{name}` already exists"
+                )));
             }
             Ok::<_, StoreError>(SegmentPack {
                 id: p.id,
@@ -647,7 +667,9 @@ impl Vault {
         let sealed = crate::sealed::seal(&self.keys, SEGMENT_MAGIC, &name, &body);
         self.backend.barrier().await?;
         if !self.backend.put_create(&name, Bytes::from(sealed)).await? {
-            return Err(StoreError::Pipeline(format!("segment `{name}` already exists")));
+            return Err(StoreError::Pipeline(format!(
+                "segment `{name}` already exists"
+            )));
         }
         self.backend.barrier().await?;
         let index = self.index.clone();

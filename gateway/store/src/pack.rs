@@ -387,7 +387,10 @@ pub struct Footer {
 /// Parses the last [`FOOTER_LEN`] bytes of a pack.
 pub fn parse_footer(b: &[u8]) -> Result<Footer, String> {
     if b.len() != FOOTER_LEN {
-        return Err(format!("footer is {} bytes, expected {FOOTER_LEN}", b.len()));
+        return Err(format!(
+            "footer is {} bytes, expected {FOOTER_LEN}",
+            b.len()
+        ));
     }
     let mut r = Reader::new(b);
     let salt = r.array::<32>("salt").map_err(|e| e.to_string())?;
@@ -506,7 +509,9 @@ mod tests {
         let mut comp = Compressor::new(3);
         let mut p = PackBuilder::new(&keys, BlobKind::Data, 1 << 20);
         let a = vec![7u8; 65536];
-        let b: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let b: Vec<u8> = (0..65536u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
         let ia = keys.chunk_id(&a);
         let ib = keys.chunk_id(&b);
         p.add(ia, &a, &mut comp);

@@ -147,7 +147,9 @@ impl PointRecord {
         };
         let parent = Some(r.str("parent").map_err(bad)?).filter(|p| !p.is_empty());
         let source = r.str("source").map_err(bad)?;
-        let n = r.count("disk count", 4096, 2 + 8 + 4 + 1 + 32 + 16).map_err(bad)?;
+        let n = r
+            .count("disk count", 4096, 2 + 8 + 4 + 1 + 32 + 16)
+            .map_err(bad)?;
         let mut disks = Vec::with_capacity(n);
         for _ in 0..n {
             let d = DiskRecord {
@@ -161,14 +163,20 @@ impl PointRecord {
             };
             crate::check_chunk_size(d.chunk_size).map_err(|e| StoreError::corrupt(object, e))?;
             if d.levels != crate::tree::levels_for(d.chunks()) {
-                return Err(StoreError::corrupt(object, "tree levels do not fit the disk size"));
+                return Err(StoreError::corrupt(
+                    object,
+                    "tree levels do not fit the disk size",
+                ));
             }
             disks.push(d);
         }
         let n = r.count("tag count", 4096, 4).map_err(bad)?;
         let mut tags = Vec::with_capacity(n);
         for _ in 0..n {
-            tags.push((r.str("tag key").map_err(bad)?, r.str("tag value").map_err(bad)?));
+            tags.push((
+                r.str("tag key").map_err(bad)?,
+                r.str("tag value").map_err(bad)?,
+            ));
         }
         r.finish().map_err(bad)?;
         let rec = Self {
@@ -182,7 +190,10 @@ impl PointRecord {
             tags,
         };
         if rec.object_name() != object {
-            return Err(StoreError::corrupt(object, "record names another item or point"));
+            return Err(StoreError::corrupt(
+                object,
+                "record names another item or point",
+            ));
         }
         Ok(rec)
     }

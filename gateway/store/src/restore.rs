@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
 
+use crate::ChunkId;
 use crate::error::{Result, StoreError};
 use crate::index::{Location, PackInfo};
 use crate::ingest::Progress;
@@ -24,7 +25,6 @@ use crate::pack::PackId;
 use crate::point::{DiskRecord, PointRecord};
 use crate::tree::walk_leaves;
 use crate::vault::{PointSelector, Vault};
-use crate::ChunkId;
 
 /// Largest gap between two blobs of a pack read in one request.
 const COALESCE_GAP: u64 = 256 << 10;
@@ -66,7 +66,11 @@ struct Want {
 
 impl Vault {
     /// Exports one disk of a point as a raw (sparse) image.
-    pub async fn export(&self, opts: ExportOptions, progress: Arc<Progress>) -> Result<ExportReport> {
+    pub async fn export(
+        &self,
+        opts: ExportOptions,
+        progress: Arc<Progress>,
+    ) -> Result<ExportReport> {
         let point = self.point(&opts.item, &opts.point).await?;
         let disk = point.disk(opts.disk.as_deref())?.clone();
         let out = opts.out.clone();
@@ -97,10 +101,11 @@ impl Vault {
                 path: partial.clone(),
                 source,
             })?;
-        file.set_len(disk.size).map_err(|source| StoreError::OutputIo {
-            path: partial.clone(),
-            source,
-        })?;
+        file.set_len(disk.size)
+            .map_err(|source| StoreError::OutputIo {
+                path: partial.clone(),
+                source,
+            })?;
         progress.total.store(disk.size, Ordering::Relaxed);
         let file = Arc::new(file);
         let handle = tokio::runtime::Handle::current();
@@ -167,7 +172,8 @@ impl Vault {
                     }
                 }
                 if batch.len() >= batch_chunks {
-                    let (w, r) = self.write_batch(&handle, disk, file, path, &context, &mut batch, progress)?;
+                    let (w, r) = self
+                        .write_batch(&handle, disk, file, path, &context, &mut batch, progress)?;
                     written += w;
                     reads += r;
                 }
@@ -199,14 +205,18 @@ impl Vault {
                 w.indexes.push(index);
                 continue;
             }
-            let loc = reader.lookup(&id)?.ok_or_else(|| StoreError::MissingChunk {
-                id: id.to_string(),
-                context: format!("{context} chunk {index}"),
-            })?;
-            let info = reader.pack(&loc.pack)?.ok_or_else(|| StoreError::MissingChunk {
-                id: id.to_string(),
-                context: format!("{context} chunk {index} (pack {} unknown)", loc.pack),
-            })?;
+            let loc = reader
+                .lookup(&id)?
+                .ok_or_else(|| StoreError::MissingChunk {
+                    id: id.to_string(),
+                    context: format!("{context} chunk {index}"),
+                })?;
+            let info = reader
+                .pack(&loc.pack)?
+                .ok_or_else(|| StoreError::MissingChunk {
+                    id: id.to_string(),
+                    context: format!("{context} chunk {index} (pack {} unknown)", loc.pack),
+                })?;
             by_id.insert(
                 id,
                 Want {
@@ -260,7 +270,8 @@ impl Vault {
                 tokio::task::spawn_blocking(move || -> Result<u64> {
                     let mut n = 0u64;
                     for w in &wants {
-                        let a = usize::try_from(w.loc.entry.offset - start).expect("window fits memory");
+                        let a = usize::try_from(w.loc.entry.offset - start)
+                            .expect("window fits memory");
                         let b = a + w.loc.entry.stored_len as usize;
                         let mut ct = bytes[a..b].to_vec();
                         let plain = me.open_located(&w.loc, &w.info, &mut ct)?;

@@ -10,10 +10,10 @@
 //! magic, the version and the object's path, so a record copied to another path (another item,
 //! another point) fails authentication.
 
+use crate::FORMAT_VERSION;
 use crate::codec::{Reader, Writer};
 use crate::crypto::{MasterKeys, random_bytes};
 use crate::error::{Result, StoreError};
-use crate::FORMAT_VERSION;
 
 /// Magic of an index segment.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"FERRYSEG";
@@ -53,8 +53,12 @@ pub fn seal(keys: &MasterKeys, magic: &[u8; 8], path: &str, body: &[u8]) -> Vec<
             out.extend_from_slice(body);
         }
     }
-    keys.derive_cipher(&salt, &label(magic))
-        .seal_tail(&[0; 12], &aad(magic, path), &mut out, start);
+    keys.derive_cipher(&salt, &label(magic)).seal_tail(
+        &[0; 12],
+        &aad(magic, path),
+        &mut out,
+        start,
+    );
     out
 }
 
@@ -65,7 +69,10 @@ pub fn open(keys: &MasterKeys, magic: &[u8; 8], path: &str, data: &[u8]) -> Resu
         .bytes(8, "magic")
         .map_err(|e| StoreError::corrupt(path, e.to_string()))?;
     if m != magic {
-        return Err(StoreError::corrupt(path, "wrong magic for this kind of object"));
+        return Err(StoreError::corrupt(
+            path,
+            "wrong magic for this kind of object",
+        ));
     }
     let version = r
         .u16("version")
@@ -98,7 +105,10 @@ pub fn open(keys: &MasterKeys, magic: &[u8; 8], path: &str, data: &[u8]) -> Resu
         0 => Ok(body.to_vec()),
         1 => zstd::bulk::decompress(body, MAX_SEALED_BODY)
             .map_err(|e| StoreError::corrupt(path, format!("cannot decompress: {e}"))),
-        c => Err(StoreError::corrupt(path, format!("unknown compression {c}"))),
+        c => Err(StoreError::corrupt(
+            path,
+            format!("unknown compression {c}"),
+        )),
     }
 }
 

@@ -168,7 +168,11 @@ mod tests {
 
     #[test]
     fn chunk_ranges_merge_and_clip() {
-        let r = chunk_ranges(&[10..20, 65536..65537, 0..1, 200_000..300_000], 65536, 250_000);
+        let r = chunk_ranges(
+            &[10..20, 65536..65537, 0..1, 200_000..300_000],
+            65536,
+            250_000,
+        );
         assert_eq!(r, vec![0..2, 3..4]);
     }
 }

@@ -273,7 +273,10 @@ mod tests {
         }
         fn store(&mut self, page: Vec<u8>) -> Result<ChunkId> {
             self.stores += 1;
-            let id = self.keys.get_or_insert_with(MasterKeys::generate).page_id(&page);
+            let id = self
+                .keys
+                .get_or_insert_with(MasterKeys::generate)
+                .page_id(&page);
             self.pages.insert(id, page);
             Ok(id)
         }
@@ -329,7 +332,11 @@ mod tests {
         s.stores = 0;
         s.loads = 0;
         let mut b = TreeBuilder::new(n, root1);
-        for (i, id) in [(5u64, cid(999_999)), (40_002, ChunkId::ZERO), (69_999, cid(7))] {
+        for (i, id) in [
+            (5u64, cid(999_999)),
+            (40_002, ChunkId::ZERO),
+            (69_999, cid(7)),
+        ] {
             b.set(&mut s, i, id).unwrap();
             want[i as usize] = id;
         }

@@ -151,8 +151,7 @@ impl Vault {
         let created = crate::point::rfc3339(crate::point::now_ms());
         let s = secret.clone();
         let config = tokio::task::spawn_blocking(move || {
-            VaultConfig::create(&keys, &s, init.argon, init.chunk_size, created)
-                .map(|c| (c, keys))
+            VaultConfig::create(&keys, &s, init.argon, init.chunk_size, created).map(|c| (c, keys))
         })
         .await
         .map_err(|e| StoreError::Pipeline(e.to_string()))??;
@@ -186,10 +185,7 @@ impl Vault {
         config: VaultConfig,
         open: OpenOptions,
     ) -> Result<Self> {
-        let index_path = open
-            .cache_dir
-            .join(&config.vault_id)
-            .join("index.redb");
+        let index_path = open.cache_dir.join(&config.vault_id).join("index.redb");
         let p = index_path.clone();
         let id = config.vault_id.clone();
         let index = tokio::task::spawn_blocking(move || LocalIndex::open(&p, &id))
@@ -296,8 +292,7 @@ impl Vault {
     pub async fn points(&self, item: Option<&str>) -> Result<Vec<PointRecord>> {
         let names = self.point_names(item).await?;
         let mut out = Vec::with_capacity(names.len());
-        let mut s =
-            futures::stream::iter(names.iter().map(|n| self.load_point(n))).buffered(8);
+        let mut s = futures::stream::iter(names.iter().map(|n| self.load_point(n))).buffered(8);
         while let Some(p) = s.next().await {
             out.push(p?);
         }
@@ -340,7 +335,10 @@ impl Vault {
             return Ok(None);
         };
         let info = r.pack(&loc.pack)?.ok_or_else(|| {
-            StoreError::local_index(&self.index_path, format!("pack {} of a chunk is unknown", loc.pack))
+            StoreError::local_index(
+                &self.index_path,
+                format!("pack {} of a chunk is unknown", loc.pack),
+            )
         })?;
         Ok(Some((loc, info)))
     }
@@ -404,6 +402,8 @@ impl PageStore for ReadPages<'_> {
     }
 
     fn store(&mut self, _page: Vec<u8>) -> Result<ChunkId> {
-        Err(StoreError::Pipeline("read-only page store asked to store".into()))
+        Err(StoreError::Pipeline(
+            "read-only page store asked to store".into(),
+        ))
     }
 }

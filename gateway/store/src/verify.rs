@@ -14,13 +14,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use futures::StreamExt;
 
+use crate::ChunkId;
 use crate::error::{Result, StoreError};
 use crate::index::{INDEX_PREFIX, PackInfo, SegmentPack, decode_segment};
 use crate::pack::{FOOTER_LEN, PackId, open_blob, open_trailer, pack_key_label, parse_footer};
 use crate::sealed::SEGMENT_MAGIC;
 use crate::tree::decode_page;
 use crate::vault::Vault;
-use crate::ChunkId;
 
 /// One problem found by `verify`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,14 +128,18 @@ impl Vault {
                     bad_packs.insert(*id, name.clone());
                     problems.add(
                         &name,
-                        format!("pack is {size} bytes, the index says {} (truncated?)", info.size),
+                        format!(
+                            "pack is {size} bytes, the index says {} (truncated?)",
+                            info.size
+                        ),
                         None,
                     );
                 }
                 Some(_) => {}
             }
         }
-        report.unindexed_packs = listed.keys().filter(|id| !indexed_ids.contains(id)).count() as u64;
+        report.unindexed_packs =
+            listed.keys().filter(|id| !indexed_ids.contains(id)).count() as u64;
 
         // With read_data: authenticate every blob of every indexed pack.
         let mut bad_blobs: HashMap<ChunkId, String> = HashMap::new();
@@ -224,7 +228,9 @@ impl Vault {
                         None => problems.push("trailer length exceeds the pack".into()),
                         Some(t_start) => {
                             let mut t = bytes[t_start..t_end].to_vec();
-                            if let Err(e) = open_trailer(&self.keys, &id, &f, t_start as u64, &mut t) {
+                            if let Err(e) =
+                                open_trailer(&self.keys, &id, &f, t_start as u64, &mut t)
+                            {
                                 problems.push(format!("trailer: {e}"));
                             }
                         }
@@ -266,7 +272,9 @@ impl Vault {
         let mut chunk_refs = 0u64;
         let reader = self.index.reader()?;
         for name in names {
-            let label = name.strip_prefix(crate::point::POINTS_PREFIX).unwrap_or(name);
+            let label = name
+                .strip_prefix(crate::point::POINTS_PREFIX)
+                .unwrap_or(name);
             let rec = match handle.block_on(self.load_point(name)) {
                 Ok(r) => r,
                 Err(e) => {
@@ -372,9 +380,11 @@ impl Vault {
             .collect();
         for name in seg_names {
             let opened = match self.backend.get(&name).await {
-                Ok(b) => crate::sealed::open(&self.keys, SEGMENT_MAGIC, &name, &b).and_then(|body| {
-                    decode_segment(&body).map_err(|e| StoreError::corrupt(&name, e.to_string()))
-                }),
+                Ok(b) => {
+                    crate::sealed::open(&self.keys, SEGMENT_MAGIC, &name, &b).and_then(|body| {
+                        decode_segment(&body).map_err(|e| StoreError::corrupt(&name, e.to_string()))
+                    })
+                }
                 Err(e) => Err(e),
             };
             match opened {
@@ -440,9 +450,15 @@ impl Vault {
         size: u64,
     ) -> Result<([u8; 32], Vec<crate::pack::PackEntry>)> {
         if size < (crate::pack::HEADER_LEN + FOOTER_LEN) as u64 {
-            return Err(StoreError::corrupt(name, "shorter than a pack header and footer"));
+            return Err(StoreError::corrupt(
+                name,
+                "shorter than a pack header and footer",
+            ));
         }
-        let f = self.backend.get_range(name, size - FOOTER_LEN as u64..size).await?;
+        let f = self
+            .backend
+            .get_range(name, size - FOOTER_LEN as u64..size)
+            .await?;
         let footer = parse_footer(&f).map_err(|e| StoreError::corrupt(name, e))?;
         let t_end = size - FOOTER_LEN as u64;
         let t_start = t_end
@@ -454,4 +470,3 @@ impl Vault {
         Ok((footer.salt, entries))
     }
 }
-
