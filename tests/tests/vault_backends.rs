@@ -515,7 +515,7 @@ async fn bad_input(c: &Ctx) {
     // Changes past the end of the disk.
     let size = std::fs::metadata(&img).unwrap().len();
     let mut o = ImportOptions::full("srv", &img);
-    o.changes = Some(vec![size - 10..size + 10]);
+    o.changes = Some(std::iter::once(size - 10..size + 10).collect());
     let e = v
         .import(o, Arc::new(Progress::default()))
         .await
@@ -523,7 +523,7 @@ async fn bad_input(c: &Ctx) {
     assert!(e.to_string().contains("past the end"), "{e}");
     // Incremental without a previous point.
     let mut o = ImportOptions::full("nobody", &img);
-    o.changes = Some(vec![0..10]);
+    o.changes = Some(std::iter::once(0..10).collect());
     let e = v
         .import(o, Arc::new(Progress::default()))
         .await

@@ -426,12 +426,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }));
             } else {
                 line(&r.point.id);
-                #[allow(clippy::cast_precision_loss)] // display only
-                let rate = r.bytes_read as f64 / secs.max(1e-9);
+                #[allow(
+                    clippy::cast_precision_loss,
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss
+                )] // display only
+                let rate = (r.bytes_read as f64 / secs.max(1e-9)) as u64;
                 eprintln!(
                     "read {} in {secs:.1}s ({}/s), stored {} new ({} of {} chunks new, {} zero)",
                     human(r.bytes_read),
-                    human(rate as u64),
+                    human(rate),
                     human(r.bytes_stored),
                     r.chunks_new,
                     r.chunks,

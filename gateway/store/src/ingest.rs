@@ -185,13 +185,13 @@ impl Vault {
                         prev.as_ref().map_or("", |p| p.id.as_str())
                     )));
                 }
-                if let Some(cs) = opts.chunk_size {
-                    if cs != d.chunk_size {
-                        return Err(StoreError::InvalidArgument(format!(
-                            "--chunk-size {cs} differs from the disk's {} in the previous point",
-                            d.chunk_size
-                        )));
-                    }
+                if let Some(cs) = opts.chunk_size
+                    && cs != d.chunk_size
+                {
+                    return Err(StoreError::InvalidArgument(format!(
+                        "--chunk-size {cs} differs from the disk's {} in the previous point",
+                        d.chunk_size
+                    )));
                 }
                 (d.chunk_size, d.root)
             }
@@ -439,10 +439,11 @@ fn run_pipeline(
                         return Ok(());
                     }
                 }
-                if let Some(p) = pack.take() {
-                    if !p.is_empty() && pack_tx.blocking_send(p.finish()).is_err() {
-                        return Err(StoreError::Pipeline("uploader stopped".into()));
-                    }
+                if let Some(p) = pack.take()
+                    && !p.is_empty()
+                    && pack_tx.blocking_send(p.finish()).is_err()
+                {
+                    return Err(StoreError::Pipeline("uploader stopped".into()));
                 }
                 Ok(())
             }));
@@ -536,10 +537,11 @@ struct WritePages {
 
 impl WritePages {
     fn flush(&mut self) -> Result<()> {
-        if let Some(p) = self.pack.take() {
-            if !p.is_empty() && self.pack_tx.blocking_send(p.finish()).is_err() {
-                return Err(StoreError::Pipeline("uploader stopped".into()));
-            }
+        if let Some(p) = self.pack.take()
+            && !p.is_empty()
+            && self.pack_tx.blocking_send(p.finish()).is_err()
+        {
+            return Err(StoreError::Pipeline("uploader stopped".into()));
         }
         Ok(())
     }

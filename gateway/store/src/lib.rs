@@ -15,6 +15,8 @@
 //! - [`ingest`], [`restore`], [`verify`]: the data paths;
 //! - [`source`], [`changes`]: reading disks and change lists.
 
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))] // tests build small fixtures
+
 pub mod backend;
 pub mod changes;
 pub mod codec;

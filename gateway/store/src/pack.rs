@@ -319,7 +319,8 @@ impl PackBuilder {
             Some(n) => (Compression::Zstd, &comp.scratch[..n]),
             None => (Compression::None, plain),
         };
-        let offset = self.buf.len() as u64;
+        let start = self.buf.len();
+        let offset = start as u64;
         #[allow(clippy::cast_possible_truncation)] // blobs are at most MAX_BLOB (+ zstd bound)
         let entry = PackEntry {
             id,
@@ -331,7 +332,7 @@ impl PackBuilder {
         self.buf.extend_from_slice(body);
         let aad = blob_aad(&self.id, self.kind, &entry);
         self.cipher
-            .seal_tail(&offset_nonce(offset), &aad, &mut self.buf, offset as usize);
+            .seal_tail(&offset_nonce(offset), &aad, &mut self.buf, start);
         self.entries.push(entry);
         entry.stored_len
     }

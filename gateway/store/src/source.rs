@@ -61,6 +61,7 @@ impl SourceDisk {
                 Ok(s) => s,
                 Err(rustix::io::Errno::NXIO) => break,
                 Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOTSUP) if pos == 0 => {
+                    #[allow(clippy::single_range_in_vec_init)] // one extent: the whole disk
                     return Ok(vec![0..self.size]);
                 }
                 Err(e) => {

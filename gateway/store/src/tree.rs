@@ -39,6 +39,11 @@ pub fn levels_for(chunks: u64) -> u8 {
     levels
 }
 
+/// Position of page or chunk `n` within its parent page.
+fn slot(n: u64) -> usize {
+    usize::try_from(n % FANOUT as u64).expect("below FANOUT")
+}
+
 fn span(level: u8) -> u64 {
     (FANOUT as u64).pow(u32::from(level) + 1)
 }
@@ -144,7 +149,7 @@ impl TreeBuilder {
                 let parent = self.open[l as usize + 1]
                     .as_ref()
                     .expect("parent level is open");
-                parent.entries[(number % FANOUT as u64) as usize]
+                parent.entries[slot(number)]
             };
             let entries = if base.is_zero() {
                 vec![ChunkId::ZERO; FANOUT]
@@ -158,7 +163,7 @@ impl TreeBuilder {
             });
         }
         let leaf = self.open[0].as_mut().expect("leaf is open");
-        let slot = (index % FANOUT as u64) as usize;
+        let slot = slot(index);
         if leaf.entries[slot] != id {
             leaf.entries[slot] = id;
             leaf.dirty = true;
@@ -185,7 +190,7 @@ impl TreeBuilder {
             let parent = self.open[l as usize + 1]
                 .as_mut()
                 .expect("parent level is open while a child is");
-            let slot = (page.number % FANOUT as u64) as usize;
+            let slot = slot(page.number);
             if parent.entries[slot] != id {
                 parent.entries[slot] = id;
                 parent.dirty = true;
