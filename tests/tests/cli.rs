@@ -215,7 +215,10 @@ async fn roundtrip(kind: Kind, emu: Option<&Emulator>) {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(line.contains(&expected[3].0), "the last point is affected: {line}");
+    assert!(
+        line.contains(&expected[3].0),
+        "the last point is affected: {line}"
+    );
     fails_with(&o, &victim);
     assert!(!out.exists());
     // The first point never referenced it.
@@ -278,9 +281,21 @@ async fn cli_bad_input_fails_with_one_line_and_changes_nothing() {
         "/nonexistent/sdz",
     );
     let bad = dir.join("bad.json");
-    std::fs::write(&bad, "{\"startOffset\": 0, \"length\": 12, \"changedArea\": [").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"startOffset\": 0, \"length\": 12, \"changedArea\": [",
+    )
+    .unwrap();
     fails_with(
-        &c.run(&["import", "--item", "a", "--disk", img_s, "--changes", bad.to_str().unwrap()]),
+        &c.run(&[
+            "import",
+            "--item",
+            "a",
+            "--disk",
+            img_s,
+            "--changes",
+            bad.to_str().unwrap(),
+        ]),
         "bad.json",
     );
     let size = std::fs::metadata(&img).unwrap().len();
@@ -290,19 +305,34 @@ async fn cli_bad_input_fails_with_one_line_and_changes_nothing() {
     )
     .unwrap();
     fails_with(
-        &c.run(&["import", "--item", "a", "--disk", img_s, "--changes", bad.to_str().unwrap()]),
+        &c.run(&[
+            "import",
+            "--item",
+            "a",
+            "--disk",
+            img_s,
+            "--changes",
+            bad.to_str().unwrap(),
+        ]),
         "changedArea[0]",
     );
+    fails_with(&c.run(&["import", "--item", "a/b", "--disk", img_s]), "a/b");
     fails_with(
-        &c.run(&["import", "--item", "a/b", "--disk", img_s]),
-        "a/b",
-    );
-    fails_with(
-        &c.run(&["import", "--item", "a", "--disk", img_s, "--chunk-size", "100K"]),
+        &c.run(&[
+            "import",
+            "--item",
+            "a",
+            "--disk",
+            img_s,
+            "--chunk-size",
+            "100K",
+        ]),
         "chunk size",
     );
     fails_with(
-        &c.run(&["export", "--item", "a", "--point", "nope", "--out", "/tmp/x"]),
+        &c.run(&[
+            "export", "--item", "a", "--point", "nope", "--out", "/tmp/x",
+        ]),
         "nope",
     );
     let exists = dir.join("exists.img");

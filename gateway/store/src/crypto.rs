@@ -103,7 +103,8 @@ impl MasterKeys {
         out
     }
 
-    pub(crate) fn from_plain(b: &[u8]) -> Option<Self> {
+    /// Keys from the 64 bytes `data key || id key` (as stored wrapped in the config).
+    pub fn from_plain(b: &[u8]) -> Option<Self> {
         if b.len() != 64 {
             return None;
         }

@@ -23,6 +23,7 @@ pub mod codec;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod fuzzing;
 pub mod index;
 pub mod ingest;
 pub mod pack;
