@@ -574,6 +574,27 @@ async fn bad_input(c: &Ctx) {
         .await
         .unwrap();
 
+    // A junk index segment does not lock anyone out: a fresh machine opens the vault,
+    // verify names the object, rebuild-index reports it and restores work.
+    b.put_create("index/junk", Bytes::from_static(b"not a segment"))
+        .await
+        .unwrap();
+    let fresh = c.open_with_cache("junk").await;
+    assert_eq!(fresh.unreadable_segments().len(), 1);
+    let rep = fresh.verify(false).await.unwrap();
+    assert!(
+        rep.problems.iter().any(|p| p.object == "index/junk"),
+        "{:?}",
+        rep.problems
+    );
+    let r = fresh.rebuild_index().await.unwrap();
+    assert!(r.unreadable.iter().any(|(o, _)| o == "index/junk"), "{r:?}");
+    export(&fresh, "srv", &good, &c.work.join("o.img"))
+        .await
+        .unwrap();
+    assert_eq!(sha256_file(&c.work.join("o.img")), sha256_file(&img));
+    b.delete("index/junk").await.unwrap();
+
     // A missing pack: verify names it and the point; export fails naming it.
     let pack = before
         .iter()

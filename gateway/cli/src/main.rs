@@ -269,7 +269,14 @@ fn open_options(repo: &RepoArgs) -> Result<OpenOptions> {
 async fn open(repo: &RepoArgs) -> Result<Vault> {
     let s = secret(repo)?;
     let b = backend(repo, false)?;
-    Ok(Vault::open(b, &s, open_options(repo)?).await?)
+    let v = Vault::open(b, &s, open_options(repo)?).await?;
+    for (name, why) in v.unreadable_segments() {
+        eprintln!(
+            "ferry: warning: index segment `{name}` is unreadable ({why}); \
+             run `ferry vault rebuild-index`"
+        );
+    }
+    Ok(v)
 }
 
 fn chunk_size_arg(v: Option<u64>) -> Result<Option<u32>> {

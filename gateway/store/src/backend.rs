@@ -218,8 +218,7 @@ impl Backend {
             .map_err(|e| StoreError::backend(prefix, e))
     }
 
-    /// Creates `name`; fails with `AlreadyInitialized`-style `Backend` error if it exists.
-    /// Returns `Ok(false)` if the object already existed.
+    /// Creates `name` only if it does not exist. Returns `Ok(false)` if it already existed.
     pub async fn put_create(&self, name: &str, data: Bytes) -> Result<bool> {
         let opts = PutOptions {
             mode: PutMode::Create,
@@ -287,10 +286,8 @@ impl Backend {
                 return Err(StoreError::backend(name, e));
             }
         };
-        self.store
-            .delete(&sp)
-            .await
-            .map_err(|e| StoreError::backend(&staging, e))?;
+        // The pack is in place; a staging copy left behind is garbage, not a failure.
+        let _ = self.store.delete(&sp).await;
         Ok(copied)
     }
 

@@ -52,7 +52,7 @@ pub enum StoreError {
     #[error("vault config is invalid: {0}")]
     InvalidConfig(String),
     /// The vault was written by a newer format version.
-    #[error("`{object}` has format version {found}, this build reads up to {supported}")]
+    #[error("`{object}` has format version {found}; this build reads version {supported}")]
     UnsupportedVersion {
         /// Object path.
         object: String,

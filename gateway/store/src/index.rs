@@ -4,8 +4,10 @@
 //! listing a batch of packs and their blobs) and the trailers of the packs themselves. The
 //! local redb file is only a cache of the segments: it is filled from the bucket when a vault is
 //! opened (segments not seen yet are loaded) and `rebuild-index` recreates it from pack
-//! trailers alone. Nothing is inserted into redb before the segment that lists it is durable in
-//! the bucket, so the cache never points at data that a fresh gateway could not find.
+//! trailers alone. During ingest nothing is inserted into redb before the segment that lists it
+//! is durable in the bucket, so the cache never points at data that a fresh gateway could not
+//! find. (`rebuild-index` inserts packs found only through their trailers, then writes a
+//! segment listing them.)
 
 use std::path::{Path, PathBuf};
 
@@ -286,16 +288,6 @@ impl LocalIndex {
                 let mut s = w.open_table(SEGMENTS).map_err(|e| self.err(e))?;
                 s.insert(name, n).map_err(|e| self.err(e))?;
             }
-        }
-        w.commit().map_err(|e| self.err(e))
-    }
-
-    /// Marks segment `name` as loaded without (re)inserting its entries.
-    pub fn mark_segment(&self, name: &str, entries: u64) -> Result<()> {
-        let w = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut s = w.open_table(SEGMENTS).map_err(|e| self.err(e))?;
-            s.insert(name, entries).map_err(|e| self.err(e))?;
         }
         w.commit().map_err(|e| self.err(e))
     }

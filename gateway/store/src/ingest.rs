@@ -119,10 +119,36 @@ struct Shared {
     progress: Arc<Progress>,
 }
 
+/// A read snapshot of the local index that follows new segments: claims are released once
+/// their segment is in the index, so lookups must see what was inserted since.
+struct FreshReader {
+    reader: crate::index::IndexReader,
+    generation: u64,
+}
+
+impl FreshReader {
+    fn new(vault: &Vault) -> Result<Self> {
+        let generation = vault.index_generation.load(Ordering::Acquire);
+        Ok(Self {
+            reader: vault.index.reader()?,
+            generation,
+        })
+    }
+
+    fn get(&mut self, vault: &Vault) -> Result<&crate::index::IndexReader> {
+        let g = vault.index_generation.load(Ordering::Acquire);
+        if g != self.generation {
+            self.reader = vault.index.reader()?;
+            self.generation = g;
+        }
+        Ok(&self.reader)
+    }
+}
+
 impl Shared {
     /// Claims `id` for this import: true if it is new and the caller must store it.
-    fn claim(&self, reader: &crate::index::IndexReader, id: &ChunkId) -> Result<bool> {
-        if reader.lookup(id)?.is_some() {
+    fn claim(&self, fresh: &mut FreshReader, id: &ChunkId) -> Result<bool> {
+        if fresh.get(&self.vault)?.lookup(id)?.is_some() {
             return Ok(false);
         }
         let mut c = self.claimed.lock().expect("claim set lock");
@@ -401,7 +427,7 @@ fn run_pipeline(
             let sh = shared.clone();
             worker_handles.push(scope.spawn(move || -> Result<()> {
                 let keys = sh.vault.keys.clone();
-                let reader = sh.vault.index.reader()?;
+                let mut reader = FreshReader::new(&sh.vault)?;
                 let mut comp = Compressor::new(tuning.zstd_level);
                 let mut pack: Option<PackBuilder> = None;
                 for job in job_rx.iter() {
@@ -411,7 +437,7 @@ fn run_pipeline(
                         ChunkId::ZERO
                     } else {
                         let id = keys.chunk_id(&buf);
-                        if sh.claim(&reader, &id)? {
+                        if sh.claim(&mut reader, &id)? {
                             let p = pack.get_or_insert_with(|| {
                                 PackBuilder::new(&keys, BlobKind::Data, tuning.pack_target)
                             });
@@ -459,7 +485,7 @@ fn run_pipeline(
             pack: None,
             comp: Compressor::new(3),
             pack_tx: pack_tx.clone(),
-            reader: shared.vault.index.reader()?,
+            reader: FreshReader::new(&shared.vault)?,
             written: 0,
         };
         let mut tree = TreeBuilder::new(chunks, base);
@@ -531,7 +557,7 @@ struct WritePages {
     pack: Option<PackBuilder>,
     comp: Compressor,
     pack_tx: mpsc::Sender<FinishedPack>,
-    reader: crate::index::IndexReader,
+    reader: FreshReader,
     written: u64,
 }
 
@@ -563,7 +589,7 @@ impl PageStore for WritePages {
     fn store(&mut self, page: Vec<u8>) -> Result<ChunkId> {
         let keys = &self.shared.vault.keys;
         let id = keys.page_id(&page);
-        if self.shared.claim(&self.reader, &id)? {
+        if self.shared.claim(&mut self.reader, &id)? {
             let target = self.shared.vault.tuning.pack_target;
             let p = self
                 .pack
@@ -675,8 +701,11 @@ impl Vault {
         }
         self.backend.barrier().await?;
         let index = self.index.clone();
-        tokio::task::spawn_blocking(move || index.insert(Some(&name), &packs).map(|()| packs))
-            .await
-            .map_err(|e| StoreError::Pipeline(e.to_string()))?
+        let packs =
+            tokio::task::spawn_blocking(move || index.insert(Some(&name), &packs).map(|()| packs))
+                .await
+                .map_err(|e| StoreError::Pipeline(e.to_string()))??;
+        self.index_generation.fetch_add(1, Ordering::Release);
+        Ok(packs)
     }
 }

@@ -7,8 +7,10 @@
 //!
 //! ```text
 //! header   32 B  "FERRYPAK" | version u16 | kind u8 | 0u8 | 0u32 | pack id [16]
-//! blobs          AES-256-GCM(ciphertext || tag), nonce = blob offset in the pack
-//! trailer        AES-256-GCM(entries)     || tag, nonce = trailer offset
+//! blobs          ciphertext of the (maybe zstd-compressed) plaintext || tag,
+//!                nonce = blob offset in the pack
+//! trailer        ciphertext of (pack id [16] | kind u8 | count u32 | entries) || tag,
+//!                nonce = trailer offset
 //! footer   52 B  salt [32] | trailer len u32 | blob count u32 | version u16 | kind u8 | 0u8 |
 //!                "FERRYEND"
 //! ```

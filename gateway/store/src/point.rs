@@ -55,7 +55,8 @@ pub struct DiskRecord {
     pub root: ChunkId,
     /// Bytes read from the source for this point.
     pub bytes_read: u64,
-    /// Bytes newly stored in the vault for this point (after dedup and compression).
+    /// Bytes newly stored in the vault for this point: new data and page blobs after dedup
+    /// and compression, including their GCM tags.
     pub bytes_stored: u64,
 }
 

@@ -133,6 +133,10 @@ pub struct Vault {
     pub(crate) index: Arc<LocalIndex>,
     pub(crate) tuning: Tuning,
     index_path: PathBuf,
+    /// Index segments that could not be read when the vault was opened, with the reason.
+    unreadable_segments: Arc<Vec<(String, String)>>,
+    /// Bumped each time entries are added to the local index (readers refresh on change).
+    pub(crate) index_generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Vault {
@@ -162,6 +166,7 @@ impl Vault {
         {
             return Err(StoreError::AlreadyInitialized(backend.url().to_string()));
         }
+        backend.barrier().await?;
         Self::finish_open(backend, keys, config, open).await
     }
 
@@ -191,15 +196,18 @@ impl Vault {
         let index = tokio::task::spawn_blocking(move || LocalIndex::open(&p, &id))
             .await
             .map_err(|e| StoreError::Pipeline(e.to_string()))??;
-        let v = Self {
+        let mut v = Self {
             backend,
             keys: Arc::new(keys),
             config,
             index: Arc::new(index),
             tuning: open.tuning,
             index_path,
+            unreadable_segments: Arc::new(Vec::new()),
+            index_generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
-        v.sync_index().await?;
+        let unreadable = v.sync_index().await?;
+        v.unreadable_segments = Arc::new(unreadable);
         Ok(v)
     }
 
@@ -228,8 +236,16 @@ impl Vault {
         self.tuning
     }
 
-    /// Loads index segments the local cache has not seen. Returns how many were loaded.
-    pub async fn sync_index(&self) -> Result<usize> {
+    /// Index segments that could not be read when the vault was opened (name, reason). The
+    /// chunks they list are unknown until `rebuild-index` finds them through pack trailers.
+    pub fn unreadable_segments(&self) -> &[(String, String)] {
+        &self.unreadable_segments
+    }
+
+    /// Loads index segments the local cache has not seen. A segment that cannot be read or
+    /// authenticated is skipped and returned with the reason, so one damaged object does not
+    /// lock the operator out of the vault.
+    pub async fn sync_index(&self) -> Result<Vec<(String, String)>> {
         let mut names: Vec<String> = self
             .backend
             .list(INDEX_PREFIX)
@@ -244,7 +260,7 @@ impl Vault {
                 todo.push(n);
             }
         }
-        let loaded = todo.len();
+        let mut unreadable = Vec::new();
         let mut fetched = futures::stream::iter(todo.into_iter().map(|n| async move {
             let b = self.backend.get(&n).await?;
             Ok::<_, StoreError>((n, b))
@@ -252,12 +268,18 @@ impl Vault {
         .buffer_unordered(8);
         while let Some(r) = fetched.next().await {
             let (name, bytes) = r?;
-            let body = crate::sealed::open(&self.keys, SEGMENT_MAGIC, &name, &bytes)?;
             let packs =
-                decode_segment(&body).map_err(|e| StoreError::corrupt(&name, e.to_string()))?;
-            self.index.insert(Some(&name), &packs)?;
+                crate::sealed::open(&self.keys, SEGMENT_MAGIC, &name, &bytes).and_then(|body| {
+                    decode_segment(&body).map_err(|e| StoreError::corrupt(&name, e.to_string()))
+                });
+            match packs {
+                Ok(packs) => self.index.insert(Some(&name), &packs)?,
+                Err(e) => unreadable.push((name, e.to_string())),
+            }
         }
-        Ok(loaded)
+        self.index_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        Ok(unreadable)
     }
 
     /// Object names of every point record (of `item`, if given), sorted.

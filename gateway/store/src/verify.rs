@@ -91,11 +91,89 @@ impl Problems {
     }
 }
 
+/// The state of one verification walk over every point's trees.
+struct Walk<'a> {
+    vault: &'a Vault,
+    handle: tokio::runtime::Handle,
+    reader: crate::index::IndexReader,
+    bad_packs: &'a HashMap<PackId, String>,
+    bad_blobs: &'a HashMap<ChunkId, String>,
+    /// Page id → problem objects found in its subtree.
+    memo: HashMap<ChunkId, Vec<String>>,
+    chunk_refs: u64,
+}
+
+impl Walk<'_> {
+    /// Checks one reference; returns the object at fault, if any.
+    fn check(&self, id: &ChunkId, what: &str, problems: &mut Problems) -> Result<Option<String>> {
+        if let Some(obj) = self.bad_blobs.get(id) {
+            return Ok(Some(obj.clone()));
+        }
+        match self.reader.lookup(id)? {
+            None => {
+                let key = format!("{what} {id}");
+                problems.add(&key, format!("{what} is in no indexed pack"), None);
+                Ok(Some(key))
+            }
+            Some(l) => Ok(self.bad_packs.get(&l.pack).cloned()),
+        }
+    }
+
+    /// Problem objects in the subtree of page `id` at `level`.
+    fn page(&mut self, id: &ChunkId, level: u8, problems: &mut Problems) -> Result<Vec<String>> {
+        if let Some(k) = self.memo.get(id) {
+            return Ok(k.clone());
+        }
+        let mut keys = Vec::new();
+        if let Some(k) = self.check(id, "page", problems)? {
+            keys.push(k);
+        } else {
+            match self
+                .handle
+                .block_on(self.vault.read_blob(id, "a disk tree"))
+                .and_then(|page| decode_page(id, level, &page))
+            {
+                Err(e) => {
+                    let obj = match &e {
+                        StoreError::Tampered { object, .. }
+                        | StoreError::Corrupt { object, .. } => object.clone(),
+                        StoreError::MissingObject(o) => o.clone(),
+                        _ => return Err(e),
+                    };
+                    problems.add(&obj, e.to_string(), None);
+                    keys.push(obj);
+                }
+                Ok(entries) => {
+                    for c in entries.iter().filter(|c| !c.is_zero()) {
+                        if level == 0 {
+                            self.chunk_refs += 1;
+                            keys.extend(self.check(c, "chunk", problems)?);
+                        } else {
+                            keys.extend(self.page(c, level - 1, problems)?);
+                        }
+                    }
+                }
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        self.memo.insert(*id, keys.clone());
+        Ok(keys)
+    }
+}
+
 impl Vault {
     /// Checks the vault; see the module doc.
     pub async fn verify(&self, read_data: bool) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
         let mut problems = Problems::default();
+        for (name, why) in self.unreadable_segments() {
+            problems.add(
+                name,
+                format!("index segment unreadable ({why}); run `ferry vault rebuild-index`"),
+                None,
+            );
+        }
         // Packs in the bucket.
         let mut listed: HashMap<PackId, (String, u64)> = HashMap::new();
         for m in self.backend.list("packs/").await? {
@@ -215,7 +293,7 @@ impl Vault {
     ) -> (String, u64, Vec<String>, Vec<(ChunkId, String)>) {
         let name = id.object_name(info.kind);
         let mut problems = Vec::new();
-        // Trailer: must open and agree with the index.
+        // Trailer: must open, and the footer salt must equal the indexed one.
         if bytes.len() < FOOTER_LEN {
             problems.push("pack is shorter than its footer".to_string());
         } else {
@@ -267,15 +345,21 @@ impl Vault {
         bad_blobs: &HashMap<ChunkId, String>,
         mut problems: Problems,
     ) -> Result<((u64, u64, u64), Problems)> {
-        let mut seen_pages: HashSet<ChunkId> = HashSet::new();
+        let mut w = Walk {
+            vault: self,
+            handle,
+            reader: self.index.reader()?,
+            bad_packs,
+            bad_blobs,
+            memo: HashMap::new(),
+            chunk_refs: 0,
+        };
         let mut points = 0u64;
-        let mut chunk_refs = 0u64;
-        let reader = self.index.reader()?;
         for name in names {
             let label = name
                 .strip_prefix(crate::point::POINTS_PREFIX)
                 .unwrap_or(name);
-            let rec = match handle.block_on(self.load_point(name)) {
+            let rec = match w.handle.block_on(self.load_point(name)) {
                 Ok(r) => r,
                 Err(e) => {
                     problems.add(name, e.to_string(), Some(label));
@@ -284,81 +368,18 @@ impl Vault {
             };
             points += 1;
             for disk in &rec.disks {
-                // Checks one reference; returns false if the point is affected.
-                let check = |id: &ChunkId, what: &str, problems: &mut Problems| -> Result<bool> {
-                    if let Some(obj) = bad_blobs.get(id) {
-                        problems.add(obj, format!("{what} {id} is damaged"), Some(label));
-                        return Ok(false);
-                    }
-                    match reader.lookup(id)? {
-                        None => {
-                            problems.add(
-                                &format!("{name} disk {}", disk.name),
-                                format!("{what} {id} is in no indexed pack"),
-                                Some(label),
-                            );
-                            Ok(false)
-                        }
-                        Some(l) => match bad_packs.get(&l.pack) {
-                            Some(obj) => {
-                                problems.add(obj, "pack is missing or truncated", Some(label));
-                                Ok(false)
-                            }
-                            None => Ok(true),
-                        },
-                    }
-                };
-                // Walk pages breadth-first, checking each reference.
-                let mut level_ids = vec![disk.root];
-                let mut level = disk.levels;
-                while level > 0 && !level_ids.is_empty() {
-                    level -= 1;
-                    let mut next = Vec::new();
-                    for id in level_ids.drain(..) {
-                        if id.is_zero() {
-                            continue;
-                        }
-                        if !check(&id, "page", &mut problems)? {
-                            continue;
-                        }
-                        let fresh = seen_pages.insert(id);
-                        let page = match handle.block_on(self.read_blob(&id, "a disk tree")) {
-                            Ok(p) => p,
-                            Err(e) => {
-                                let obj = match &e {
-                                    StoreError::Tampered { object, .. }
-                                    | StoreError::Corrupt { object, .. } => object.clone(),
-                                    StoreError::MissingObject(o) => o.clone(),
-                                    _ => return Err(e),
-                                };
-                                problems.add(&obj, e.to_string(), Some(label));
-                                continue;
-                            }
-                        };
-                        let entries = match decode_page(&id, level, &page) {
-                            Ok(e) => e,
-                            Err(e) => {
-                                problems.add(&format!("page {id}"), e.to_string(), Some(label));
-                                continue;
-                            }
-                        };
-                        if level == 0 {
-                            for c in entries.iter().filter(|c| !c.is_zero()) {
-                                chunk_refs += 1;
-                                check(c, "chunk", &mut problems)?;
-                            }
-                        } else if fresh || !bad_blobs.is_empty() || !bad_packs.is_empty() {
-                            next.extend(entries);
-                        } else {
-                            // Unchanged subtree seen through another point: already checked.
-                            next.extend(entries.into_iter().filter(|c| !seen_pages.contains(c)));
-                        }
-                    }
-                    level_ids = next;
+                if disk.root.is_zero() {
+                    continue;
+                }
+                // Every problem under this tree (memoised per page, so a subtree shared by
+                // many points is read once and still charged to each of them).
+                for key in w.page(&disk.root, disk.levels - 1, &mut problems)? {
+                    problems.add(&key, "", Some(label));
                 }
             }
         }
-        Ok(((points, seen_pages.len() as u64, chunk_refs), problems))
+        let pages = w.memo.len() as u64;
+        Ok(((points, pages, w.chunk_refs), problems))
     }
 
     /// Recreates the local index from the bucket alone; see the module doc.
@@ -436,6 +457,8 @@ impl Vault {
         tokio::task::spawn_blocking(move || idx.insert(None, &found))
             .await
             .map_err(|e| StoreError::Pipeline(e.to_string()))??;
+        self.index_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         if !uncovered.is_empty() {
             report.repaired = uncovered.len() as u64;
             self.write_segment(uncovered).await?;
