@@ -64,6 +64,7 @@ async fn vault_v1_fixture_restores_bit_exact() {
                 disk: None,
                 out: out.clone(),
                 overwrite: false,
+                sync: false,
             },
             Arc::new(Progress::default()),
         )

@@ -121,6 +121,7 @@ async fn export(v: &Vault, item: &str, point: &str, out: &Path) -> Result<(), St
             disk: None,
             out: out.to_path_buf(),
             overwrite: true,
+            sync: true,
         },
         Arc::new(Progress::default()),
     )

@@ -229,10 +229,32 @@ impl Backend {
             .put_opts(&Path::from(name), PutPayload::from_bytes(data), opts)
             .await
         {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                self.sync_local(name).await?;
+                Ok(true)
+            }
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(StoreError::backend(name, e)),
         }
+    }
+
+    /// On a local directory, flushes one object's data now, so that the disk writes overlap
+    /// with the work that follows and the next `barrier` finds little left to flush.
+    async fn sync_local(&self, name: &str) -> Result<()> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let path = root.join(name);
+        tokio::task::spawn_blocking(move || std::fs::File::open(&path)?.sync_data())
+            .await
+            .map_err(|e| StoreError::Pipeline(e.to_string()))?
+            .map_err(|e| StoreError::Backend {
+                object: name.to_string(),
+                source: object_store::Error::Generic {
+                    store: "local",
+                    source: Box::new(e),
+                },
+            })
     }
 
     /// Creates `name` from possibly large data: one create-only `PUT` up to the multipart

@@ -3,15 +3,15 @@
 //! ```text
 //!  reader ──jobs──▶ workers ×N ──results──▶ collector (tree builder) ──▶ record
 //!  (pread,          (zero check, HMAC id,    (reorders, applies CoW
-//!   SEEK_DATA)       dedup, zstd, AES-GCM,    updates, writes pages)
-//!                    own open pack)                 │
+//!   SEEK_DATA)       dedup, zstd; AES-GCM     updates, writes pages
+//!                    into the shared pack)    into the meta pack)
 //!                          └──────full packs──▶ uploader ──▶ index segments ──▶ redb
 //! ```
 //!
 //! Every queue is bounded: at most `window` chunks are between the reader and the collector,
-//! each worker fills one pack, and at most `uploads` packs wait for or are in upload, so memory
-//! is bounded by [`Tuning::ingest_memory_bound`](crate::Tuning::ingest_memory_bound), never by
-//! the disk size.
+//! one data and one page pack are open, one full pack waits and at most `uploads` are being
+//! uploaded, so memory is bounded by
+//! [`Tuning::ingest_memory_bound`](crate::Tuning::ingest_memory_bound), never by the disk size.
 //!
 //! Commit order: packs, then the index segment listing them, then the point record
 //! (create-only). A crash anywhere before the record leaves no visible point; packs without a
@@ -108,8 +108,13 @@ pub struct ImportReport {
     pub packs: u64,
 }
 
+/// Read-ahead granularity of the reader.
+const PREFETCH_STEP: u64 = 4 << 20;
+
 struct Shared {
     vault: Vault,
+    /// The one open data pack, shared by the workers.
+    data_pack: Mutex<Option<PackBuilder>>,
     claimed: Mutex<HashSet<ChunkId>>,
     abort: AtomicBool,
     bytes_read: AtomicU64,
@@ -251,6 +256,7 @@ impl Vault {
 
         let shared = Arc::new(Shared {
             vault: self.clone(),
+            data_pack: Mutex::new(None),
             claimed: Mutex::new(HashSet::new()),
             abort: AtomicBool::new(false),
             bytes_read: AtomicU64::new(0),
@@ -259,7 +265,7 @@ impl Vault {
             chunks_zero: AtomicU64::new(0),
             progress: progress.clone(),
         });
-        let (pack_tx, pack_rx) = mpsc::channel::<FinishedPack>(self.tuning.uploads.max(1));
+        let (pack_tx, pack_rx) = mpsc::channel::<FinishedPack>(1);
         let uploader = tokio::spawn(upload_packs(shared.clone(), pack_rx));
 
         let handle = tokio::runtime::Handle::current();
@@ -358,7 +364,10 @@ fn run_pipeline(
 ) -> Result<(ChunkId, u8, u64)> {
     let tuning = shared.vault.tuning;
     let workers = tuning.workers.max(1);
-    let window = 4 * workers;
+    // Chunks between the reader and the collector: about 16 MiB, and at least 4 per worker,
+    // so one slow chunk does not idle the other workers.
+    let cs = chunk_size as usize;
+    let window = ((16 << 20) / cs).clamp(4 * workers, 1024);
     let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(2 * workers);
     let (done_tx, done_rx) = crossbeam_channel::bounded::<Result<Done>>(window);
     let (token_tx, token_rx) = crossbeam_channel::bounded::<()>(window);
@@ -366,7 +375,6 @@ fn run_pipeline(
     for _ in 0..window {
         token_tx.send(()).expect("fresh channel has room");
     }
-    let cs = chunk_size as usize;
 
     std::thread::scope(|scope| -> Result<(ChunkId, u8, u64)> {
         // Reader.
@@ -400,6 +408,11 @@ fn run_pipeline(
                             return Ok(());
                         }
                     } else {
+                        // Keep the disk busy ahead of the readers: every 4 MiB, ask for the
+                        // next 16 MiB.
+                        if off % PREFETCH_STEP < u64::from(chunk_size) {
+                            disk.prefetch(off + PREFETCH_STEP, 4 * PREFETCH_STEP);
+                        }
                         let mut buf = pool_rx.try_recv().unwrap_or_else(|_| vec![0u8; cs]);
                         if let Err(e) = disk.read_at(&mut buf, off) {
                             sh.abort.store(true, Ordering::Relaxed);
@@ -429,30 +442,32 @@ fn run_pipeline(
                 let keys = sh.vault.keys.clone();
                 let mut reader = FreshReader::new(&sh.vault)?;
                 let mut comp = Compressor::new(tuning.zstd_level);
-                let mut pack: Option<PackBuilder> = None;
                 for job in job_rx.iter() {
                     let Job::Data { seq, index, buf } = job;
+                    let mut full = None;
                     let id = if is_all_zero(&buf) {
                         sh.chunks_zero.fetch_add(1, Ordering::Relaxed);
                         ChunkId::ZERO
                     } else {
                         let id = keys.chunk_id(&buf);
                         if sh.claim(&mut reader, &id)? {
-                            let p = pack.get_or_insert_with(|| {
-                                PackBuilder::new(&keys, BlobKind::Data, tuning.pack_target)
+                            // Compress outside the lock; encrypt and append under it (AES-GCM
+                            // is an order of magnitude faster than zstd, so the lock is short).
+                            let (compression, body) = comp.compress(&buf);
+                            #[allow(clippy::cast_possible_truncation)] // chunk ≤ 4 MiB
+                            let plain_len = buf.len() as u32;
+                            let mut open = sh.data_pack.lock().expect("data pack lock");
+                            let p = open.get_or_insert_with(|| {
+                                PackBuilder::new(&keys, BlobKind::Data, tuning.pack_target + cs)
                             });
-                            let n = p.add(id, &buf, &mut comp);
+                            let n = p.append(id, plain_len, compression, body);
                             sh.bytes_stored.fetch_add(u64::from(n), Ordering::Relaxed);
                             sh.progress
                                 .stored
                                 .fetch_add(u64::from(n), Ordering::Relaxed);
                             sh.chunks_new.fetch_add(1, Ordering::Relaxed);
                             if p.len() >= tuning.pack_target {
-                                let full = pack.take().expect("pack is open").finish();
-                                if pack_tx.blocking_send(full).is_err() {
-                                    sh.abort.store(true, Ordering::Relaxed);
-                                    return Err(StoreError::Pipeline("uploader stopped".into()));
-                                }
+                                full = open.take();
                             }
                         }
                         id
@@ -461,15 +476,17 @@ fn run_pipeline(
                         .done
                         .fetch_add(u64::from(chunk_size), Ordering::Relaxed);
                     let _ = pool_tx.try_send(buf);
+                    // Hand the result on before possibly waiting for the uploader, so the
+                    // collector and the other workers keep going meanwhile.
                     if done_tx.send(Ok(Done { seq, index, id })).is_err() {
                         return Ok(());
                     }
-                }
-                if let Some(p) = pack.take()
-                    && !p.is_empty()
-                    && pack_tx.blocking_send(p.finish()).is_err()
-                {
-                    return Err(StoreError::Pipeline("uploader stopped".into()));
+                    if let Some(full) = full
+                        && pack_tx.blocking_send(full.finish()).is_err()
+                    {
+                        sh.abort.store(true, Ordering::Relaxed);
+                        return Err(StoreError::Pipeline("uploader stopped".into()));
+                    }
                 }
                 Ok(())
             }));
@@ -542,6 +559,13 @@ fn run_pipeline(
             return Err(StoreError::Pipeline(format!(
                 "pipeline stopped after {next} of {expected} chunks"
             )));
+        }
+        let last = shared.data_pack.lock().expect("data pack lock").take();
+        if let Some(p) = last
+            && !p.is_empty()
+            && pack_tx.blocking_send(p.finish()).is_err()
+        {
+            return Err(StoreError::Pipeline("uploader stopped".into()));
         }
         let root = tree.finish(&mut pages)?;
         pages.flush()?;

@@ -263,6 +263,22 @@ impl std::fmt::Debug for Compressor {
 }
 
 impl Compressor {
+    /// Compresses `plain` when that saves at least 1/64 of it; returns how it is stored and
+    /// the bytes to store (borrowed from the scratch buffer or from `plain`).
+    pub fn compress<'a>(&'a mut self, plain: &'a [u8]) -> (Compression, &'a [u8]) {
+        let bound = zstd::zstd_safe::compress_bound(plain.len());
+        self.scratch.resize(bound, 0);
+        let compressed = self
+            .zstd
+            .compress_to_buffer(plain, &mut self.scratch[..])
+            .ok()
+            .filter(|&n| n < plain.len() - plain.len() / 64);
+        match compressed {
+            Some(n) => (Compression::Zstd, &self.scratch[..n]),
+            None => (Compression::None, plain),
+        }
+    }
+
     /// A compressor at zstd `level`.
     pub fn new(level: i32) -> Self {
         Self {
@@ -273,12 +289,13 @@ impl Compressor {
 }
 
 impl PackBuilder {
-    /// A new, empty pack with room for `capacity` bytes.
+    /// A new, empty pack with room for `capacity` bytes (plus room for the trailer, so a pack
+    /// closed at its target never reallocates).
     pub fn new(keys: &MasterKeys, kind: BlobKind, capacity: usize) -> Self {
         let id = PackId::random();
         let salt = random_bytes();
         let cipher = keys.derive_cipher(&salt, &pack_key_label(&id));
-        let mut buf = Vec::with_capacity(capacity + 4096);
+        let mut buf = Vec::with_capacity(capacity + (64 << 10));
         let mut w = Writer::with_capacity(HEADER_LEN);
         w.raw(PACK_MAGIC)
             .u16(FORMAT_VERSION)
@@ -309,18 +326,20 @@ impl PackBuilder {
 
     /// Compresses (when it helps) and encrypts `plain` as blob `id`. Returns the stored length.
     pub fn add(&mut self, id: ChunkId, plain: &[u8], comp: &mut Compressor) -> u32 {
-        let bound = zstd::zstd_safe::compress_bound(plain.len());
-        comp.scratch.resize(bound, 0);
-        let compressed = comp
-            .zstd
-            .compress_to_buffer(plain, &mut comp.scratch[..])
-            .ok()
-            // Keep zstd only when it saves at least 1/64 of the chunk.
-            .filter(|&n| n < plain.len() - plain.len() / 64);
-        let (compression, body) = match compressed {
-            Some(n) => (Compression::Zstd, &comp.scratch[..n]),
-            None => (Compression::None, plain),
-        };
+        let (compression, body) = comp.compress(plain);
+        #[allow(clippy::cast_possible_truncation)] // blobs are at most MAX_BLOB
+        self.append(id, plain.len() as u32, compression, body)
+    }
+
+    /// Encrypts and appends a blob already compressed by [`Compressor::compress`]. Returns the
+    /// stored length.
+    pub fn append(
+        &mut self,
+        id: ChunkId,
+        plain_len: u32,
+        compression: Compression,
+        body: &[u8],
+    ) -> u32 {
         let start = self.buf.len();
         let offset = start as u64;
         #[allow(clippy::cast_possible_truncation)] // blobs are at most MAX_BLOB (+ zstd bound)
@@ -328,7 +347,7 @@ impl PackBuilder {
             id,
             offset,
             stored_len: (body.len() + TAG_LEN) as u32,
-            plain_len: plain.len() as u32,
+            plain_len,
             compression,
         };
         self.buf.extend_from_slice(body);

@@ -6,7 +6,7 @@
 //! (`fetch_concurrency` at a time, decoding on the blocking pool so all cores decrypt and
 //! decompress). Zero chunks are never written: the output is a sparse file whose holes read as
 //! zero. Every blob is authenticated and its id recomputed before a byte of it is written; the
-//! output appears under its final name only when it is complete and synced.
+//! output appears under its final name only when it is complete (and, with `sync`, flushed).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions as FsOpen};
@@ -42,6 +42,9 @@ pub struct ExportOptions {
     pub out: PathBuf,
     /// Replace an existing file.
     pub overwrite: bool,
+    /// Flush the output to stable storage before it takes its final name (`fsync`). Off by
+    /// default, like `cp`, restic and borg; failover materialisation turns it on.
+    pub sync: bool,
 }
 
 /// What an export did.
@@ -126,10 +129,12 @@ impl Vault {
                 return Err(e);
             }
         };
-        file.sync_all().map_err(|source| StoreError::OutputIo {
-            path: partial.clone(),
-            source,
-        })?;
+        if opts.sync {
+            file.sync_all().map_err(|source| StoreError::OutputIo {
+                path: partial.clone(),
+                source,
+            })?;
+        }
         drop(file);
         std::fs::rename(&partial, &out).map_err(out_io)?;
         Ok(ExportReport {

@@ -92,6 +92,17 @@ impl SourceDisk {
         Ok(out)
     }
 
+    /// Asks the kernel to start reading `[offset, offset + len)` now (read-ahead for the
+    /// chunks the pipeline will want next). Advisory: errors are ignored.
+    pub fn prefetch(&self, offset: u64, len: u64) {
+        let _ = rustix::fs::fadvise(
+            &self.file,
+            offset,
+            std::num::NonZeroU64::new(len),
+            rustix::fs::Advice::WillNeed,
+        );
+    }
+
     /// Reads `buf.len()` bytes at `offset`; bytes past the end of the disk read as zero.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let avail = self.size.saturating_sub(offset);

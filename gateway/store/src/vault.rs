@@ -59,11 +59,11 @@ impl Tuning {
     /// Upper bound of the memory the ingest pipeline holds in buffers, for a chunk size.
     pub fn ingest_memory_bound(&self, chunk_size: u32) -> usize {
         let chunk = chunk_size as usize;
-        // Open packs (one per worker and one for pages), packs queued or uploading, chunks
-        // queued between stages.
-        (self.workers + 1) * (self.pack_target + chunk)
+        // Two open packs (data, pages), one pack queued and `uploads` uploading, chunks
+        // between stages (reorder window and buffer pool).
+        2 * (self.pack_target + chunk)
             + (self.uploads + 1) * self.pack_target
-            + 4 * self.workers * chunk
+            + 10 * self.workers * chunk
     }
 }
 
