@@ -111,17 +111,9 @@ impl Vault {
             })?;
         progress.total.store(disk.size, Ordering::Relaxed);
         let file = Arc::new(file);
-        let handle = tokio::runtime::Handle::current();
-        let me = self.clone();
-        let d = disk.clone();
-        let pid = point.id.clone();
-        let f = file.clone();
-        let p2 = partial.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            me.write_disk(handle, &pid, &d, &f, &p2, &progress)
-        })
-        .await
-        .map_err(|e| StoreError::Pipeline(format!("export panicked: {e}")))?;
+        let res = self
+            .write_disk(&point.id, &disk, &file, &partial, &progress)
+            .await;
         let (chunks_written, reads) = match res {
             Ok(x) => x,
             Err(e) => {
@@ -145,31 +137,86 @@ impl Vault {
         })
     }
 
-    fn write_disk(
+    /// Walks the tree on a blocking thread, planning coalesced reads batch by batch, while
+    /// this task fetches and decodes the planned windows `fetch_concurrency` at a time: the
+    /// walk, the reads and the decoding overlap, with no barrier between batches.
+    async fn write_disk(
         &self,
-        handle: tokio::runtime::Handle,
         point_id: &str,
         disk: &DiskRecord,
         file: &Arc<File>,
         path: &Path,
         progress: &Arc<Progress>,
     ) -> Result<(u64, u64)> {
+        let conc = self.tuning.fetch_concurrency.max(1);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Want>>(2 * conc);
+        let me = self.clone();
+        let d = disk.clone();
+        let context = format!("point {point_id} disk `{}`", disk.name);
+        let handle = tokio::runtime::Handle::current();
+        let walker = tokio::task::spawn_blocking(move || me.plan_reads(handle, &d, &context, &tx));
+        let windows = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let cs = u64::from(disk.chunk_size);
+        let mut decoded = windows
+            .map(|wants| self.fetch_window(wants, file.clone(), path, disk.size, cs, progress))
+            .buffer_unordered(conc);
+        let mut written = 0u64;
+        let mut failed = None;
+        while let Some(r) = decoded.next().await {
+            match r {
+                Ok(n) => written += n,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        // Dropping the stream closes the channel, which stops the walker.
+        drop(decoded);
+        let walked = walker
+            .await
+            .map_err(|e| StoreError::Pipeline(format!("tree walker panicked: {e}")))?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        Ok((written, walked?))
+    }
+
+    /// Walks the tree and sends coalesced read windows; returns the number of windows.
+    fn plan_reads(
+        &self,
+        handle: tokio::runtime::Handle,
+        disk: &DiskRecord,
+        context: &str,
+        tx: &tokio::sync::mpsc::Sender<Vec<Want>>,
+    ) -> Result<u64> {
         let cs = u64::from(disk.chunk_size);
         // Chunks per batch: enough to keep every fetch slot busy with full windows.
         let batch_chunks = ((self.tuning.read_window * self.tuning.fetch_concurrency * 2)
             / disk.chunk_size as usize)
             .max(64);
         let mut batch: Vec<(u64, ChunkId)> = Vec::with_capacity(batch_chunks);
-        let mut written = 0u64;
         let mut reads = 0u64;
-        let mut pages = self.read_pages(handle.clone());
-        let context = format!("point {point_id} disk `{}`", disk.name);
+        let mut pages = self.read_pages(handle);
+        let mut send = |batch: &mut Vec<(u64, ChunkId)>| -> Result<bool> {
+            for w in self.plan_batch(context, batch)? {
+                reads += 1;
+                if tx.blocking_send(w).is_err() {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        };
+        let mut open = true;
         walk_leaves(
             &mut pages,
             disk.root,
             disk.levels,
             &mut |_, _| Ok(()),
             &mut |first, entries| {
+                if !open {
+                    return Ok(());
+                }
                 for (i, id) in entries.iter().enumerate() {
                     let index = first + i as u64;
                     if !id.is_zero() && index * cs < disk.size {
@@ -177,32 +224,19 @@ impl Vault {
                     }
                 }
                 if batch.len() >= batch_chunks {
-                    let (w, r) = self
-                        .write_batch(&handle, disk, file, path, &context, &mut batch, progress)?;
-                    written += w;
-                    reads += r;
+                    open = send(&mut batch)?;
                 }
                 Ok(())
             },
         )?;
-        let (w, r) = self.write_batch(&handle, disk, file, path, &context, &mut batch, progress)?;
-        Ok((written + w, reads + r))
+        if open {
+            send(&mut batch)?;
+        }
+        Ok(reads)
     }
 
-    #[allow(clippy::too_many_arguments)] // private helper of write_disk
-    fn write_batch(
-        &self,
-        handle: &tokio::runtime::Handle,
-        disk: &DiskRecord,
-        file: &Arc<File>,
-        path: &Path,
-        context: &str,
-        batch: &mut Vec<(u64, ChunkId)>,
-        progress: &Arc<Progress>,
-    ) -> Result<(u64, u64)> {
-        if batch.is_empty() {
-            return Ok((0, 0));
-        }
+    /// Locates a batch of chunks and groups them into coalesced per-pack read windows.
+    fn plan_batch(&self, context: &str, batch: &mut Vec<(u64, ChunkId)>) -> Result<Vec<Vec<Want>>> {
         let reader = self.index.reader()?;
         let mut by_id: HashMap<ChunkId, Want> = HashMap::new();
         for (index, id) in batch.drain(..) {
@@ -231,8 +265,6 @@ impl Vault {
                 },
             );
         }
-        drop(reader);
-        // Group by pack, sort by offset, coalesce into windows.
         let mut by_pack: HashMap<PackId, Vec<Want>> = HashMap::new();
         for (_, w) in by_id {
             by_pack.entry(w.loc.pack).or_default().push(w);
@@ -257,59 +289,54 @@ impl Vault {
                 windows.push(cur);
             }
         }
-        let reads = windows.len() as u64;
-        let cs = u64::from(disk.chunk_size);
-        let fetches = windows.into_iter().map(|wants| {
-            let me = self.clone();
-            let file = file.clone();
-            let path = path.to_path_buf();
-            let size = disk.size;
-            let progress = progress.clone();
-            async move {
-                let first = &wants[0].loc;
-                let last = &wants[wants.len() - 1].loc;
-                let start = first.entry.offset;
-                let end = last.entry.offset + u64::from(last.entry.stored_len);
-                let name = first.pack.object_name(first.kind);
-                let bytes = me.backend.get_range(&name, start..end).await?;
-                tokio::task::spawn_blocking(move || -> Result<u64> {
-                    let mut n = 0u64;
-                    for w in &wants {
-                        let a = usize::try_from(w.loc.entry.offset - start)
-                            .expect("window fits memory");
-                        let b = a + w.loc.entry.stored_len as usize;
-                        let mut ct = bytes[a..b].to_vec();
-                        let plain = me.open_located(&w.loc, &w.info, &mut ct)?;
-                        for &index in &w.indexes {
-                            let off = index * cs;
-                            let len = usize::try_from((size - off).min(plain.len() as u64))
-                                .expect("chunk fits memory");
-                            file.write_all_at(&plain[..len], off).map_err(|source| {
-                                StoreError::OutputIo {
-                                    path: path.clone(),
-                                    source,
-                                }
-                            })?;
-                            progress.done.fetch_add(len as u64, Ordering::Relaxed);
-                            n += 1;
+        Ok(windows)
+    }
+
+    /// Fetches one window with a single ranged read, then authenticates, decodes and writes
+    /// its blobs on the blocking pool. Returns the chunks written.
+    async fn fetch_window(
+        &self,
+        wants: Vec<Want>,
+        file: Arc<File>,
+        path: &Path,
+        size: u64,
+        cs: u64,
+        progress: &Arc<Progress>,
+    ) -> Result<u64> {
+        let first = &wants[0].loc;
+        let last = &wants[wants.len() - 1].loc;
+        let start = first.entry.offset;
+        let end = last.entry.offset + u64::from(last.entry.stored_len);
+        let name = first.pack.object_name(first.kind);
+        let bytes = self.backend.get_range(&name, start..end).await?;
+        let me = self.clone();
+        let path = path.to_path_buf();
+        let progress = progress.clone();
+        tokio::task::spawn_blocking(move || -> Result<u64> {
+            let mut n = 0u64;
+            for w in &wants {
+                let a = usize::try_from(w.loc.entry.offset - start).expect("window fits memory");
+                let b = a + w.loc.entry.stored_len as usize;
+                let mut ct = bytes[a..b].to_vec();
+                let plain = me.open_located(&w.loc, &w.info, &mut ct)?;
+                for &index in &w.indexes {
+                    let off = index * cs;
+                    let len = usize::try_from((size - off).min(plain.len() as u64))
+                        .expect("chunk fits memory");
+                    file.write_all_at(&plain[..len], off).map_err(|source| {
+                        StoreError::OutputIo {
+                            path: path.clone(),
+                            source,
                         }
-                    }
-                    Ok(n)
-                })
-                .await
-                .map_err(|e| StoreError::Pipeline(format!("decoder panicked: {e}")))?
+                    })?;
+                    progress.done.fetch_add(len as u64, Ordering::Relaxed);
+                    n += 1;
+                }
             }
-        });
-        let conc = self.tuning.fetch_concurrency.max(1);
-        let written = handle.block_on(async {
-            let mut s = futures::stream::iter(fetches).buffer_unordered(conc);
-            let mut total = 0u64;
-            while let Some(r) = s.next().await {
-                total += r?;
-            }
-            Ok::<_, StoreError>(total)
-        })?;
-        Ok((written, reads))
+            Ok(n)
+        })
+        .await
+        .map_err(|e| StoreError::Pipeline(format!("decoder panicked: {e}")))?
     }
 }
 

@@ -49,7 +49,7 @@ impl Default for Tuning {
             uploads: 2,
             packs_per_segment: 64,
             zstd_level: 1,
-            read_window: 8 << 20,
+            read_window: 4 << 20,
             fetch_concurrency: 4,
         }
     }
