@@ -491,16 +491,50 @@ pub fn open_blob(
     e: &PackEntry,
     ciphertext: &mut [u8],
 ) -> Result<Vec<u8>, BlobError> {
+    let mut out = Vec::new();
+    open_blob_into(keys, cipher, pack, kind, e, ciphertext, &mut out)?;
+    Ok(out)
+}
+
+thread_local! {
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// [`open_blob`] into a caller's buffer (replaced), reusing this thread's zstd context, so a
+/// restore does not allocate and fault in fresh memory for every chunk. `ciphertext` is
+/// decrypted in place.
+pub fn open_blob_into(
+    keys: &MasterKeys,
+    cipher: &ObjectCipher,
+    pack: &PackId,
+    kind: BlobKind,
+    e: &PackEntry,
+    ciphertext: &mut [u8],
+    out: &mut Vec<u8>,
+) -> Result<(), BlobError> {
     let aad = blob_aad(pack, kind, e);
     let body = cipher
         .open_slice(&offset_nonce(e.offset), &aad, ciphertext)
         .map_err(|_| BlobError::Auth)?;
-    let plain = match e.compression {
-        Compression::None => body.to_vec(),
+    out.clear();
+    match e.compression {
+        Compression::None => out.extend_from_slice(body),
         Compression::Zstd => {
             let cap = (e.plain_len as usize).min(MAX_BLOB);
-            let out = zstd::bulk::decompress(body, cap)
-                .map_err(|err| BlobError::Decompress(err.to_string()))?;
+            out.reserve(cap);
+            DECOMPRESSOR.with(|d| {
+                let mut d = d.borrow_mut();
+                let d = match d.as_mut() {
+                    Some(d) => d,
+                    None => d.insert(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|err| BlobError::Decompress(err.to_string()))?,
+                    ),
+                };
+                d.decompress_to_buffer(body, out)
+                    .map_err(|err| BlobError::Decompress(err.to_string()))
+            })?;
             if out.len() != e.plain_len as usize {
                 return Err(BlobError::Decompress(format!(
                     "got {} bytes, expected {}",
@@ -508,17 +542,16 @@ pub fn open_blob(
                     e.plain_len
                 )));
             }
-            out
         }
-    };
+    }
     let id = match kind {
-        BlobKind::Data => keys.chunk_id(&plain),
-        BlobKind::Meta => keys.page_id(&plain),
+        BlobKind::Data => keys.chunk_id(out),
+        BlobKind::Meta => keys.page_id(out),
     };
     if id != e.id {
         return Err(BlobError::IdMismatch);
     }
-    Ok(plain)
+    Ok(())
 }
 
 #[cfg(test)]

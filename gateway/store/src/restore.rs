@@ -313,12 +313,16 @@ impl Vault {
         let path = path.to_path_buf();
         let progress = progress.clone();
         tokio::task::spawn_blocking(move || -> Result<u64> {
+            // Decrypt in place: no copy when the window's buffer is ours alone.
+            let mut window = bytes
+                .try_into_mut()
+                .unwrap_or_else(|b| bytes::BytesMut::from(&b[..]));
+            let mut plain = Vec::new();
             let mut n = 0u64;
             for w in &wants {
                 let a = usize::try_from(w.loc.entry.offset - start).expect("window fits memory");
                 let b = a + w.loc.entry.stored_len as usize;
-                let mut ct = bytes[a..b].to_vec();
-                let plain = me.open_located(&w.loc, &w.info, &mut ct)?;
+                me.open_located_into(&w.loc, &w.info, &mut window[a..b], &mut plain)?;
                 for &index in &w.indexes {
                     let off = index * cs;
                     let len = usize::try_from((size - off).min(plain.len() as u64))

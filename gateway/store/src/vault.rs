@@ -16,7 +16,7 @@ use crate::config::{CONFIG_OBJECT, VaultConfig};
 use crate::crypto::{Argon2Params, MasterKeys, Secret};
 use crate::error::{Result, StoreError};
 use crate::index::{INDEX_PREFIX, LocalIndex, Location, PackInfo, decode_segment};
-use crate::pack::{BlobError, open_blob, pack_key_label};
+use crate::pack::{BlobError, open_blob_into, pack_key_label};
 use crate::point::{POINTS_PREFIX, PointRecord, point_object};
 use crate::sealed::{POINT_MAGIC, SEGMENT_MAGIC};
 use crate::tree::PageStore;
@@ -388,10 +388,26 @@ impl Vault {
         info: &PackInfo,
         ct: &mut [u8],
     ) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.open_located_into(loc, info, ct, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Vault::open_located`] into a reused buffer; `ct` is decrypted in place.
+    pub(crate) fn open_located_into(
+        &self,
+        loc: &Location,
+        info: &PackInfo,
+        ct: &mut [u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         let cipher = self
             .keys
             .derive_cipher(&info.salt, &pack_key_label(&loc.pack));
-        open_blob(&self.keys, &cipher, &loc.pack, loc.kind, &loc.entry, ct).map_err(|e| {
+        open_blob_into(
+            &self.keys, &cipher, &loc.pack, loc.kind, &loc.entry, ct, out,
+        )
+        .map_err(|e| {
             let object = loc.pack.object_name(loc.kind);
             let what = format!("blob {} at offset {}", loc.entry.id, loc.entry.offset);
             match e {
