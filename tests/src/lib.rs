@@ -233,6 +233,17 @@ impl TestRepo {
         }
     }
 
+    /// Every object name in the location, sorted.
+    pub async fn objects(&self) -> std::collections::BTreeSet<String> {
+        self.backend()
+            .list("")
+            .await
+            .expect("list test backend")
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .collect()
+    }
+
     /// Opens the location with `ferry_store`.
     pub fn backend(&self) -> ferry_store::Backend {
         ferry_store::Backend::open(&self.url, &self.options, true).expect("open test backend")
@@ -327,6 +338,23 @@ pub fn scribble(file: &Path, offset: u64, len: usize, seed: u64) {
         })
         .collect();
     f.write_all_at(&data, offset).expect("write");
+}
+
+/// `n` writes of `len` seeded random bytes at seeded random 4 KiB-aligned offsets of `img`, in
+/// place; returns the written byte ranges (what a change-tracking source would report).
+pub fn random_writes(img: &Path, n: usize, len: usize, seed: u64) -> Vec<std::ops::Range<u64>> {
+    let size = std::fs::metadata(img).expect("image").len();
+    let mut x = seed | 1;
+    (0..n)
+        .map(|i| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let off = ((x >> 11) % ((size - len as u64) / 4096)) * 4096;
+            scribble(img, off, len, seed.wrapping_mul(1000) + i as u64);
+            off..off + len as u64
+        })
+        .collect()
 }
 
 /// The `ferry` binary of this build (built by `cargo build` before the tests run).

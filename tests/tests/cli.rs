@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use ferry_e2e::{Emulator, Kind, TestRepo, ferry_bin, make_ext4, scribble, sha256_file};
+use ferry_e2e::{Emulator, Kind, TestRepo, ferry_bin, make_ext4, random_writes, sha256_file};
 use object_store::ObjectStoreExt;
 
 struct Cli {
@@ -73,14 +73,7 @@ impl Cli {
     }
 
     async fn objects(&self) -> BTreeSet<String> {
-        self.repo
-            .backend()
-            .list("")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| m.location.to_string())
-            .collect()
+        self.repo.objects().await
     }
 }
 
@@ -92,19 +85,13 @@ fn fails_with(o: &Output, needle: &str) {
     assert!(err.contains(needle), "`{needle}` in: {err}");
 }
 
-/// 200-ish random 4 KiB-aligned writes; returns the DiskChangeInfo document.
+/// Random 4 KiB-aligned writes; returns them as a DiskChangeInfo document.
 fn mutate(img: &Path, n: usize, len: usize, seed: u64) -> String {
     let size = std::fs::metadata(img).unwrap().len();
-    let mut x = seed | 1;
-    let mut areas = Vec::new();
-    for i in 0..n {
-        x = x
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        let off = ((x >> 11) % ((size - len as u64) / 4096)) * 4096;
-        scribble(img, off, len, seed * 1000 + i as u64);
-        areas.push(serde_json::json!({"start": off, "length": len}));
-    }
+    let areas: Vec<_> = random_writes(img, n, len, seed)
+        .into_iter()
+        .map(|r| serde_json::json!({"start": r.start, "length": r.end - r.start}))
+        .collect();
     serde_json::json!({"startOffset": 0, "length": size, "changedArea": areas}).to_string()
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use ferry_e2e::{Emulator, Kind, TestRepo, make_ext4, scribble, sha256_file};
+use ferry_e2e::{Emulator, Kind, TestRepo, make_ext4, random_writes, sha256_file};
 use ferry_store::crypto::Argon2Params;
 use ferry_store::vault::Tuning;
 use ferry_store::{
@@ -89,14 +89,7 @@ impl Ctx {
     }
 
     async fn objects(&self) -> BTreeSet<String> {
-        self.repo
-            .backend()
-            .list("")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| m.location.to_string())
-            .collect()
+        self.repo.objects().await
     }
 }
 
@@ -131,18 +124,7 @@ async fn export(v: &Vault, item: &str, point: &str, out: &Path) -> Result<(), St
 
 /// Random 4 KiB-aligned writes; returns the changed ranges.
 fn mutate(img: &Path, n: usize, len: usize, seed: u64) -> Vec<Range<u64>> {
-    let size = std::fs::metadata(img).unwrap().len();
-    let mut x = seed | 1;
-    (0..n)
-        .map(|i| {
-            x = x
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            let off = ((x >> 11) % ((size - len as u64) / 4096)) * 4096;
-            scribble(img, off, len, seed + i as u64);
-            off..off + len as u64
-        })
-        .collect()
+    random_writes(img, n, len, seed)
 }
 
 /// Full point + three incrementals, every point exported and compared; then dedup.
