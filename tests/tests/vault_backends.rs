@@ -247,6 +247,32 @@ async fn tamper_detection(c: &Ctx) {
     assert!(!out.exists(), "no partial output under the final name");
     export(&v, "alpha", &pa, &out).await.unwrap();
     assert_eq!(sha256_file(&out), sha256_file(&a));
+
+    // A damaged trailer is reported on its pack, but the blobs (checked against the index)
+    // are intact: no point is affected and restores still work.
+    let alpha_pack = before
+        .iter()
+        .find(|o| o.starts_with("packs/data/"))
+        .unwrap()
+        .clone();
+    let mut bytes = backend.get(&alpha_pack).await.unwrap().to_vec();
+    let n = bytes.len();
+    bytes[n - ferry_store::pack::FOOTER_LEN - 3] ^= 0x01;
+    backend
+        .store()
+        .put(&OPath::from(alpha_pack.as_str()), PutPayload::from(bytes))
+        .await
+        .unwrap();
+    let rep = v.verify(true).await.unwrap();
+    let p = rep
+        .problems
+        .iter()
+        .find(|p| p.object == alpha_pack)
+        .expect("damaged trailer reported");
+    assert!(p.problem.contains("trailer"), "{p:?}");
+    assert!(p.affected.is_empty(), "{p:?}");
+    export(&v, "alpha", &pa, &out).await.unwrap();
+    assert_eq!(sha256_file(&out), sha256_file(&a));
 }
 
 /// An object store that fails every write under some prefixes: a crash at that moment.

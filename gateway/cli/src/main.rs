@@ -359,7 +359,9 @@ async fn with_progress<T>(
     if json || !std::io::stderr().is_terminal() {
         return fut.await;
     }
-    let bar = indicatif::ProgressBar::new(0);
+    // Hidden until the total is known, so nothing flashes "0 B/0 B".
+    let bar =
+        indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::hidden());
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
@@ -371,8 +373,14 @@ async fn with_progress<T>(
     let p = progress.clone();
     let b = bar.clone();
     let ticker = tokio::spawn(async move {
+        let mut shown = false;
         loop {
-            b.set_length(p.total.load(Ordering::Relaxed));
+            let total = p.total.load(Ordering::Relaxed);
+            if total > 0 && !shown {
+                b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                shown = true;
+            }
+            b.set_length(total);
             b.set_position(p.done.load(Ordering::Relaxed));
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

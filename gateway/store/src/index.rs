@@ -306,15 +306,18 @@ impl LocalIndex {
         Ok(out)
     }
 
-    /// Every blob of the index, grouped by nothing (verify walks this).
-    pub fn entries(&self) -> Result<Vec<Location>> {
+    /// The blobs the index places in `pack` (a scan of the whole index, streamed: used only
+    /// for a pack whose own trailer is unreadable).
+    pub fn entries_of_pack(&self, pack: &PackId) -> Result<Vec<PackEntry>> {
         let r = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = r.open_table(CHUNKS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for item in t.iter().map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            if let Some(l) = Location::decode(k.value(), v.value()) {
-                out.push(l);
+            if let Some(l) = Location::decode(k.value(), v.value())
+                && l.pack == *pack
+            {
+                out.push(l.entry);
             }
         }
         Ok(out)

@@ -222,27 +222,21 @@ impl Vault {
         // With read_data: authenticate every blob of every indexed pack.
         let mut bad_blobs: HashMap<ChunkId, String> = HashMap::new();
         if read_data {
-            let mut by_pack: HashMap<PackId, Vec<crate::index::Location>> = HashMap::new();
-            let idx = self.index.clone();
-            let entries = tokio::task::spawn_blocking(move || idx.entries())
-                .await
-                .map_err(|e| StoreError::Pipeline(e.to_string()))??;
-            for l in entries {
-                by_pack.entry(l.pack).or_default().push(l);
-            }
-            let infos: HashMap<PackId, PackInfo> = indexed.iter().copied().collect();
-            let jobs = by_pack
-                .into_iter()
+            // One pack at a time (two in flight): memory is bounded by the pack size, not by
+            // the size of the vault. Blobs are listed by the pack's own trailer; a pack whose
+            // trailer is damaged is checked against the index's entries for it.
+            let jobs = indexed
+                .iter()
+                .copied()
                 .filter(|(id, _)| !bad_packs.contains_key(id))
-                .map(|(id, locs)| {
-                    let info = infos[&id];
+                .map(|(id, info)| {
                     let me = self.clone();
                     async move {
                         let name = id.object_name(info.kind);
                         let bytes = me.backend.get(&name).await?;
-                        tokio::task::spawn_blocking(move || me.check_pack(id, info, &bytes, &locs))
+                        tokio::task::spawn_blocking(move || me.check_pack(id, info, &bytes))
                             .await
-                            .map_err(|e| StoreError::Pipeline(e.to_string()))
+                            .map_err(|e| StoreError::Pipeline(e.to_string()))?
                     }
                 });
             let mut s = futures::stream::iter(jobs).buffer_unordered(2);
@@ -289,16 +283,15 @@ impl Vault {
         id: PackId,
         info: PackInfo,
         bytes: &[u8],
-        locs: &[crate::index::Location],
-    ) -> (String, u64, Vec<String>, Vec<(ChunkId, String)>) {
+    ) -> Result<(String, u64, Vec<String>, Vec<(ChunkId, String)>)> {
         let name = id.object_name(info.kind);
         let mut problems = Vec::new();
-        // Trailer: must open, and the footer salt must equal the indexed one.
+        // The trailer must open, and the footer salt must equal the indexed one.
+        let mut entries = None;
         if bytes.len() < FOOTER_LEN {
             problems.push("pack is shorter than its footer".to_string());
         } else {
-            let footer = parse_footer(&bytes[bytes.len() - FOOTER_LEN..]);
-            match footer {
+            match parse_footer(&bytes[bytes.len() - FOOTER_LEN..]) {
                 Err(e) => problems.push(format!("footer: {e}")),
                 Ok(f) => {
                     let t_end = bytes.len() - FOOTER_LEN;
@@ -306,10 +299,9 @@ impl Vault {
                         None => problems.push("trailer length exceeds the pack".into()),
                         Some(t_start) => {
                             let mut t = bytes[t_start..t_end].to_vec();
-                            if let Err(e) =
-                                open_trailer(&self.keys, &id, &f, t_start as u64, &mut t)
-                            {
-                                problems.push(format!("trailer: {e}"));
+                            match open_trailer(&self.keys, &id, &f, t_start as u64, &mut t) {
+                                Ok(e) => entries = Some(e),
+                                Err(e) => problems.push(format!("trailer: {e}")),
                             }
                         }
                     }
@@ -319,22 +311,26 @@ impl Vault {
                 }
             }
         }
+        let entries = match entries {
+            Some(e) => e,
+            None => self.index.entries_of_pack(&id)?,
+        };
         let cipher = self.keys.derive_cipher(&info.salt, &pack_key_label(&id));
         let mut bad = Vec::new();
-        for l in locs {
-            let a = usize::try_from(l.entry.offset).unwrap_or(usize::MAX);
-            let b = a.saturating_add(l.entry.stored_len as usize);
-            let what = format!("blob {} at offset {}", l.entry.id, l.entry.offset);
+        for e in &entries {
+            let a = usize::try_from(e.offset).unwrap_or(usize::MAX);
+            let b = a.saturating_add(e.stored_len as usize);
+            let what = format!("blob {} at offset {}", e.id, e.offset);
             if b > bytes.len() {
-                bad.push((l.entry.id, format!("{what}: past the end of the pack")));
+                bad.push((e.id, format!("{what}: past the end of the pack")));
                 continue;
             }
             let mut ct = bytes[a..b].to_vec();
-            if let Err(e) = open_blob(&self.keys, &cipher, &id, l.kind, &l.entry, &mut ct) {
-                bad.push((l.entry.id, format!("{what}: {e}")));
+            if let Err(err) = open_blob(&self.keys, &cipher, &id, info.kind, e, &mut ct) {
+                bad.push((e.id, format!("{what}: {err}")));
             }
         }
-        (name, locs.len() as u64, problems, bad)
+        Ok((name, entries.len() as u64, problems, bad))
     }
 
     fn walk_points(
@@ -432,38 +428,57 @@ impl Vault {
                 (name, id, kind, m.size, r)
             })
         });
+        // Packs are recorded as they are read, in batches, so memory stays bounded by the
+        // batch sizes; packs no segment lists go into new segments of their own.
         let mut s = futures::stream::iter(jobs).buffer_unordered(8);
-        let mut found: Vec<SegmentPack> = Vec::new();
+        let mut batch: Vec<SegmentPack> = Vec::new();
+        let mut uncovered: Vec<SegmentPack> = Vec::new();
+        let per_segment = self.tuning.packs_per_segment.max(1);
         while let Some((name, id, kind, size, r)) = s.next().await {
             match r {
                 Ok((salt, entries)) => {
                     report.packs += 1;
                     report.blobs += entries.len() as u64;
-                    found.push(SegmentPack {
+                    let p = SegmentPack {
                         id,
                         info: PackInfo { salt, kind, size },
                         entries,
-                    });
+                    };
+                    if covered.contains(&id) {
+                        batch.push(p);
+                    } else {
+                        uncovered.push(p);
+                    }
                 }
                 Err(e) => report.unreadable.push((name, e.to_string())),
             }
+            if batch.len() >= 64 {
+                self.insert_packs(std::mem::take(&mut batch)).await?;
+            }
+            if uncovered.len() >= per_segment {
+                report.repaired += uncovered.len() as u64;
+                self.write_segment(std::mem::take(&mut uncovered)).await?;
+            }
         }
-        let uncovered: Vec<SegmentPack> = found
-            .iter()
-            .filter(|p| !covered.contains(&p.id))
-            .cloned()
-            .collect();
+        self.insert_packs(batch).await?;
+        if !uncovered.is_empty() {
+            report.repaired += uncovered.len() as u64;
+            self.write_segment(uncovered).await?;
+        }
+        Ok(report)
+    }
+
+    async fn insert_packs(&self, packs: Vec<SegmentPack>) -> Result<()> {
+        if packs.is_empty() {
+            return Ok(());
+        }
         let idx = self.index.clone();
-        tokio::task::spawn_blocking(move || idx.insert(None, &found))
+        tokio::task::spawn_blocking(move || idx.insert(None, &packs))
             .await
             .map_err(|e| StoreError::Pipeline(e.to_string()))??;
         self.index_generation
             .fetch_add(1, std::sync::atomic::Ordering::Release);
-        if !uncovered.is_empty() {
-            report.repaired = uncovered.len() as u64;
-            self.write_segment(uncovered).await?;
-        }
-        Ok(report)
+        Ok(())
     }
 
     async fn read_trailer(
