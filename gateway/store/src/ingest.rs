@@ -161,8 +161,11 @@ impl Shared {
     }
 }
 
-enum Job {
-    Data { seq: u64, index: u64, buf: Vec<u8> },
+/// A chunk read from the disk, on its way to a worker.
+struct Job {
+    seq: u64,
+    index: u64,
+    buf: Vec<u8>,
 }
 
 struct Done {
@@ -420,7 +423,7 @@ fn run_pipeline(
                         }
                         sh.bytes_read
                             .fetch_add(u64::from(chunk_size), Ordering::Relaxed);
-                        if job_tx.send(Job::Data { seq, index, buf }).is_err() {
+                        if job_tx.send(Job { seq, index, buf }).is_err() {
                             return Ok(());
                         }
                     }
@@ -443,7 +446,7 @@ fn run_pipeline(
                 let mut reader = FreshReader::new(&sh.vault)?;
                 let mut comp = Compressor::new(tuning.zstd_level);
                 for job in job_rx.iter() {
-                    let Job::Data { seq, index, buf } = job;
+                    let Job { seq, index, buf } = job;
                     let mut full = None;
                     let id = if is_all_zero(&buf) {
                         sh.chunks_zero.fetch_add(1, Ordering::Relaxed);

@@ -99,8 +99,6 @@ pub struct TreeBuilder {
     open: Vec<Option<OpenPage>>,
     next_min: u64,
     chunks: u64,
-    /// Pages written.
-    pub pages_written: u64,
 }
 
 impl TreeBuilder {
@@ -114,7 +112,6 @@ impl TreeBuilder {
             open: (0..levels).map(|_| None).collect(),
             next_min: 0,
             chunks,
-            pages_written: 0,
         }
     }
 
@@ -181,7 +178,6 @@ impl TreeBuilder {
         let id = if page.entries.iter().all(ChunkId::is_zero) {
             ChunkId::ZERO
         } else {
-            self.pages_written += 1;
             store.store(encode_page(l, &page.entries))?
         };
         if l + 1 == self.levels {
