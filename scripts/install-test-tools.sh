@@ -4,6 +4,7 @@
 #   apt:  restic borgbackup debootstrap e2fsprogs zstd time openssl
 #   npm:  azurite        (global; provides `azurite-blob`, the Azure Blob emulator)
 #   pip:  moto[server]   (provides `moto_server`, the S3 emulator)
+#   rustup targets: wasm32-unknown-unknown (plugins), wasm32-wasip2 (a sandbox test)
 #
 # Idempotent and quiet: each tool is probed first (command -v, or the file for
 # GNU time), `apt-get update` runs at most once and only if an apt package is
@@ -122,6 +123,23 @@ if ! have moto_server; then
             fi
         fi
     fi
+fi
+
+# --- rustup: wasm targets (also listed in rust-toolchain.toml) -------------
+if have rustup; then
+    installed_targets="$(rustup target list --installed 2>/dev/null || true)"
+    for t in wasm32-unknown-unknown wasm32-wasip2; do
+        if ! grep -qx "$t" <<<"$installed_targets"; then
+            if rustup target add "$t" >"$log" 2>&1; then
+                echo "installed rust target $t"
+            else
+                fail_with_log "rust target $t (rustup target add $t)"
+            fi
+        fi
+    done
+else
+    echo "install-test-tools: FAILED: rustup not found (needed for the wasm32 targets)" >&2
+    failed+=(rustup)
 fi
 
 if ((${#failed[@]})); then

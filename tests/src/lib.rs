@@ -373,3 +373,59 @@ pub fn ferry_bin() -> PathBuf {
     );
     bin
 }
+
+/// Which wasm target to build a plugin crate for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WasmTarget {
+    /// How Ferry plugins are built: std Rust, no WASI imports.
+    Unknown,
+    /// wasm32-wasip2 with std: the component imports WASI (which the host refuses).
+    WasiP2,
+}
+
+/// Build a plugin crate of this workspace for wasm (profile `plugin`, into
+/// `target/plugins-wasm`, shared with the built-in plugins' build script) and return the
+/// component's path. Concurrent callers are serialised by cargo's own lock.
+pub fn plugin_wasm(package: &str, target: WasmTarget) -> PathBuf {
+    let root = repo_root();
+    let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(t) => PathBuf::from(t),
+        None => root.join("target"),
+    }
+    .join("plugins-wasm");
+    let triple = match target {
+        WasmTarget::Unknown => "wasm32-unknown-unknown",
+        WasmTarget::WasiP2 => "wasm32-wasip2",
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(&root)
+        .args([
+            "build",
+            "--locked",
+            "--profile",
+            "plugin",
+            "--target",
+            triple,
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .args(["-p", package])
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CLIPPY_ARGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS")
+        .output()
+        .expect("running cargo to build a plugin");
+    assert!(
+        out.status.success(),
+        "building {package} for {triple} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = target_dir
+        .join(triple)
+        .join("plugin")
+        .join(format!("{}.wasm", package.replace('-', "_")));
+    assert!(path.is_file(), "{} was not produced", path.display());
+    path
+}

@@ -1,6 +1,7 @@
 //! `ferry`: the command-line tool. For now it holds `ferry vault`, which works directly on a
-//! vault with no daemon (offline seeding, export, verification); the admin client of the
-//! gateway's API joins it later.
+//! vault with no daemon (offline seeding, export, verification), and `ferry plugin`, which
+//! inspects and runs WebAssembly plugins standalone; the admin client of the gateway's API
+//! joins it later.
 //!
 //! Exit status: 0 on success, 1 on failure with one line on stderr naming what failed, 2 on a
 //! usage error. `verify` exits 1 when it finds problems.
@@ -20,6 +21,8 @@ use ferry_store::{
 };
 use serde_json::json;
 
+mod plugin;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ferry",
@@ -37,6 +40,11 @@ enum Cmd {
     Vault {
         #[command(subcommand)]
         cmd: VaultCmd,
+    },
+    /// Inspect and try out WebAssembly plugins (source adapters, failover hooks).
+    Plugin {
+        #[command(subcommand)]
+        cmd: plugin::PluginCmd,
     },
 }
 
@@ -392,7 +400,10 @@ async fn with_progress<T>(
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let Cmd::Vault { cmd } = cli.cmd;
+    let cmd = match cli.cmd {
+        Cmd::Vault { cmd } => cmd,
+        Cmd::Plugin { cmd } => return plugin::run(cmd).await,
+    };
     match cmd {
         VaultCmd::Init { repo, chunk_size } => {
             let s = secret(&repo)?;

@@ -1,0 +1,81 @@
+//! Native stand-ins for the host, for plugin unit tests.
+//!
+//! Outside a component the SDK's capability functions ([`crate::log`], [`crate::config`],
+//! [`crate::clock`], and `open_related`, `http`, `kv` with their features) use per-thread
+//! in-process state instead of host imports. This module sets that state up and inspects it:
+//!
+//! ```
+//! use ferry_plugin_sdk::{config, testing};
+//!
+//! testing::reset();
+//! testing::set_config("detect-zeros", "true");
+//! assert_eq!(config::get("detect-zeros").as_deref(), Some("true"));
+//! ```
+//!
+//! Each test thread has its own state; call [`reset`] at the start of a test that depends on it.
+//! Only available in native builds.
+
+use crate::log::Level;
+use crate::native::with;
+
+/// Forget all native state: config, logs, clock, related readers, key-value entries, the HTTP
+/// handler and the recorded requests.
+pub fn reset() {
+    with(|s| *s = crate::native::State::default());
+}
+
+/// Set a config value, as the `[config]` table of a manifest would.
+pub fn set_config(key: impl Into<String>, value: impl Into<String>) {
+    with(|s| s.config.insert(key.into(), value.into()));
+}
+
+/// Remove a config value.
+pub fn remove_config(key: &str) {
+    with(|s| s.config.remove(key));
+}
+
+/// The lines logged on this thread so far (the last 10,000).
+#[must_use]
+pub fn logs() -> Vec<(Level, String)> {
+    with(|s| s.logs.clone())
+}
+
+/// Fix what [`crate::clock::now_ms`] returns (by default natively: the system clock).
+pub fn set_now_ms(ms: u64) {
+    with(|s| s.now_ms = Some(ms));
+}
+
+/// Make `reader` available to `open_related(name)`.
+#[cfg(feature = "adapter")]
+pub fn add_related(name: impl Into<String>, reader: impl crate::io::ReadAt + 'static) {
+    let reader: std::rc::Rc<dyn crate::io::ReadAt> = std::rc::Rc::new(reader);
+    with(|s| s.related.insert(name.into(), reader));
+}
+
+/// What answers [`crate::http::send`] natively.
+#[cfg(feature = "hook")]
+pub type HttpHandler =
+    dyn FnMut(&crate::http::Request) -> Result<crate::http::Response, crate::io::IoError>;
+
+/// Answer HTTP requests with `handler` (without one, every request fails with `denied`).
+#[cfg(feature = "hook")]
+pub fn set_http_handler(
+    handler: impl FnMut(&crate::http::Request) -> Result<crate::http::Response, crate::io::IoError>
+    + 'static,
+) {
+    with(|s| s.http_handler = Some(Box::new(handler)));
+}
+
+/// The requests sent so far, in order.
+#[cfg(feature = "hook")]
+#[must_use]
+pub fn sent_requests() -> Vec<crate::http::Request> {
+    with(|s| s.sent.clone())
+}
+
+/// The key-value entries currently set.
+#[cfg(feature = "hook")]
+#[must_use]
+pub fn kv_entries() -> Vec<(String, Vec<u8>)> {
+    with(|s| s.kv.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
