@@ -6,6 +6,8 @@
 //! Everything runs in one test function, sequentially, so the memory measurement sees only
 //! this corpus (each test file is its own process).
 
+#![allow(clippy::cast_possible_truncation)] // test data is a few MiB
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -144,7 +146,8 @@ async fn hostile_plugins_are_refused_or_stopped_and_the_host_survives() {
     assert!(matches!(e, PluginError::Compile { .. }), "{e}");
 
     // --- stopped within their limits ---
-    let cases: &[(&str, fn(&PluginError) -> bool)] = &[
+    type Expect = fn(&PluginError) -> bool;
+    let cases: &[(&str, Expect)] = &[
         ("spin", |e| {
             matches!(
                 e,

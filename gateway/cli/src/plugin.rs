@@ -347,7 +347,7 @@ pub async fn run(cmd: PluginCmd) -> Result<ExitCode> {
                     .collect();
                 print(
                     &json!({"outcome": kind, "message": message, "vetoes": vetoes,
-                              "elapsed_ms": started.elapsed().as_millis() as u64, "kv": kv}),
+                              "elapsed_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "kv": kv}),
                 );
             } else {
                 say(&format!(
@@ -436,8 +436,9 @@ async fn run_adapter(
     };
 
     let (mut data_bytes, mut data_extents, mut skipped) = (0u64, 0u64, 0u64);
-    let piece = 1u64 << 20;
-    let zeros = vec![0u8; piece as usize];
+    const PIECE: usize = 1 << 20;
+    let piece = PIECE as u64;
+    let zeros = vec![0u8; PIECE];
     for e in &work {
         match e.kind {
             ExtentKind::Data => {

@@ -29,6 +29,8 @@ pub const MAX_DISK_READ: u32 = 4 << 20;
 pub const MAX_EXTENTS: usize = 65_536;
 /// Most extents a `changes` call may return.
 pub const MAX_CHANGE_EXTENTS: usize = 1 << 20;
+/// Extents asked of a change set per `next` call.
+const BATCH: u32 = 65_536;
 /// The probe header size.
 pub const PROBE_BYTES: usize = 64 << 10;
 /// Extra time past the plugin deadline before the host-side timeout fires (a guest waiting in
@@ -381,40 +383,63 @@ impl OpenDisk {
         Ok(data)
     }
 
-    /// Translate a change-tracking document into changed extents (ordered, within the disk).
+    /// Translate a change-tracking document into changed extents (ordered, within the
+    /// disk), draining the plugin's change set batch by batch, each batch under its own
+    /// deadline. At most [`MAX_CHANGE_EXTENTS`] extents in all.
     pub async fn changes(&mut self, document: &[u8]) -> Result<Vec<Extent>, PluginError> {
         let (b, h) = (&self.bindings, self.handle);
         let r = guarded!(&mut self.job, "changes", |store| b
             .ferry_plugin_adapter()
             .disk()
             .call_changes(store, h, document))?;
-        let list = r.map_err(|e| self.guest_err("changes", e))?;
-        if list.len() > MAX_CHANGE_EXTENTS {
-            return Err(self.bad(
-                "changes",
-                format!(
-                    "{} extents, more than the {MAX_CHANGE_EXTENTS} allowed",
-                    list.len()
-                ),
-            ));
+        let set = r.map_err(|e| self.guest_err("changes", e))?;
+        let result = self.drain_changes(set).await;
+        if !self.job.poisoned {
+            let _ = set.resource_drop_async(&mut self.job.store).await;
         }
+        result
+    }
+
+    async fn drain_changes(&mut self, set: ResourceAny) -> Result<Vec<Extent>, PluginError> {
         let size = self.info.virtual_size;
         let mut last_end = 0;
-        let mut out = Vec::with_capacity(list.len());
-        for e in list {
-            let e = extent_from(e);
-            if e.offset < last_end || e.offset.checked_add(e.length).is_none_or(|x| x > size) {
+        let mut out: Vec<Extent> = Vec::new();
+        loop {
+            let b = &self.bindings;
+            let r = guarded!(&mut self.job, "change-set.next", |store| b
+                .ferry_plugin_adapter()
+                .change_set()
+                .call_next(store, set, BATCH))?;
+            let Some(batch) = r.map_err(|e| self.guest_err("change-set.next", e))? else {
+                return Ok(out);
+            };
+            if batch.len() > MAX_EXTENTS || out.len() + batch.len() > MAX_CHANGE_EXTENTS {
                 return Err(self.bad(
-                    "changes",
+                    "change-set.next",
                     format!(
-                        "extent {}+{} is out of order or outside the {size}-byte disk",
-                        e.offset, e.length
+                        "more than {MAX_EXTENTS} extents in a batch or {MAX_CHANGE_EXTENTS} in all"
                     ),
                 ));
             }
-            last_end = e.end();
-            out.push(e);
+            for e in batch {
+                let e = extent_from(e);
+                if e.offset < last_end || e.offset.checked_add(e.length).is_none_or(|x| x > size) {
+                    return Err(self.bad(
+                        "change-set.next",
+                        format!(
+                            "extent {}+{} is out of order or outside the {size}-byte disk",
+                            e.offset, e.length
+                        ),
+                    ));
+                }
+                last_end = e.end();
+                match out.last_mut() {
+                    Some(prev) if prev.end() == e.offset && prev.kind == e.kind => {
+                        prev.length += e.length;
+                    }
+                    _ => out.push(e),
+                }
+            }
         }
-        Ok(out)
     }
 }

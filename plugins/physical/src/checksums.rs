@@ -41,7 +41,7 @@
 
 use std::fmt::Write as _;
 
-use ferry_plugin_sdk::adapter::Error;
+use ferry_plugin_sdk::adapter::{ChangeSet, Error};
 use ferry_plugin_sdk::io::{Extent, ReadAt, read_exact_at};
 use sha2::{Digest, Sha256};
 
@@ -207,33 +207,81 @@ pub fn checksum_list(r: &(impl ReadAt + ?Sized), block_size: u64) -> Result<Stri
     Ok(out)
 }
 
-/// The changed extents of the disk behind `r` (of `size` bytes) since `document` was made.
-pub(crate) fn changed_extents(
-    r: &(impl ReadAt + ?Sized),
+/// Bytes hashed per [`ChangeSet::next`] call at most: bounded work under each call's deadline.
+pub const HASH_BYTES_PER_CALL: u64 = 256 << 20;
+
+/// The changes of a disk since a checksum list was made, found a bounded number of blocks per
+/// [`ChangeSet::next`] call.
+#[derive(Debug)]
+pub struct ChecksumChanges<R> {
+    reader: R,
+    /// The disk's current size.
     size: u64,
-    document: &[u8],
-) -> Result<Vec<Extent>, Error> {
-    let list = parse_checksum_list(document)?;
-    if size < list.size {
-        return Err(Error::invalid(format!(
-            "checksum list line 3: the list is for a disk of {} bytes; this disk has shrunk to \
-             {size} bytes",
-            list.size
-        )));
-    }
-    let bs = list.block_size;
-    let mut out = ExtentList::new(usize::MAX);
-    hash_blocks(r, list.size, bs, |index, hash| {
-        // `index` is below `hashes.len()`: the list holds one hash per block.
-        let expected = list.hashes[usize::try_from(index).expect("a block of the list")];
-        if hash != expected {
-            let start = index * bs;
-            out.push(Extent::data(start, bs.min(list.size - start)));
+    list: ChecksumList,
+    /// The next block to hash.
+    next_block: u64,
+    /// Whether the grown tail (if any) was reported.
+    tail_done: bool,
+}
+
+impl<R: ReadAt> ChecksumChanges<R> {
+    /// Validate `document` against the disk behind `reader` (of `size` bytes).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a malformed list or a disk smaller than the list's size.
+    pub fn new(reader: R, size: u64, document: &[u8]) -> Result<Self, Error> {
+        let list = parse_checksum_list(document)?;
+        if size < list.size {
+            return Err(Error::invalid(format!(
+                "checksum list line 3: the list is for a disk of {} bytes; this disk has shrunk \
+                 to {size} bytes",
+                list.size
+            )));
         }
-        Ok(())
-    })?;
-    out.push(Extent::data(list.size, size - list.size));
-    Ok(out.into_vec())
+        Ok(Self {
+            reader,
+            size,
+            list,
+            next_block: 0,
+            tail_done: false,
+        })
+    }
+}
+
+impl<R: ReadAt + 'static> ChangeSet for ChecksumChanges<R> {
+    fn next(&mut self, max: usize) -> Result<Option<Vec<Extent>>, Error> {
+        let bs = self.list.block_size;
+        let blocks = self.list.hashes.len() as u64;
+        if self.next_block < blocks {
+            // Each changed block is at most one extent, so hashing at most `max` blocks keeps
+            // the batch within `max`.
+            let per_call = (HASH_BYTES_PER_CALL / bs).max(1).min(max.max(1) as u64);
+            let first = self.next_block;
+            let last = (first + per_call).min(blocks);
+            let list = &self.list;
+            let mut out = ExtentList::new(usize::MAX);
+            hash_block_range(&self.reader, list.size, bs, first, last, |index, hash| {
+                // `index` is below `hashes.len()`: the range is within the list.
+                if hash != list.hashes[to_usize(index)] {
+                    let start = index * bs;
+                    out.push(Extent::data(start, bs.min(list.size - start)));
+                }
+                Ok(())
+            })?;
+            self.next_block = last;
+            return Ok(Some(out.into_vec()));
+        }
+        if !self.tail_done {
+            self.tail_done = true;
+            if self.size > self.list.size {
+                return Ok(Some(vec![Extent::data(
+                    self.list.size,
+                    self.size - self.list.size,
+                )]));
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// Zeros fed to hashes for unallocated ranges. Small on purpose: an immutable static is a data
@@ -248,16 +296,30 @@ fn hash_blocks(
     block_size: u64,
     on_block: impl FnMut(u64, [u8; 32]) -> Result<(), Error>,
 ) -> Result<(), Error> {
+    hash_block_range(r, size, block_size, 0, size.div_ceil(block_size), on_block)
+}
+
+/// [`hash_blocks`] for blocks `[first, last)` only.
+fn hash_block_range(
+    r: &(impl ReadAt + ?Sized),
+    size: u64,
+    block_size: u64,
+    first: u64,
+    last: u64,
+    on_block: impl FnMut(u64, [u8; 32]) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let start = (first * block_size).min(size);
+    let end = (last * block_size).min(size);
     let mut hasher = BlockHasher {
         block_size,
         size,
-        index: 0,
+        index: first,
         filled: 0,
         sha: Sha256::new(),
         zero_block_hash: None,
         on_block,
     };
-    walk_allocation(r, 0, size, |segment| {
+    walk_allocation(r, start, end, |segment| {
         if segment.kind.needs_read() {
             let mut pos = segment.offset;
             while pos < segment.end() {
@@ -473,12 +535,36 @@ mod tests {
     }
 
     #[test]
+    fn change_sets_hand_out_bounded_batches() {
+        let old: Vec<u8> = (0..8 * BS).map(|i| (i % 251) as u8).collect();
+        let list = checksum_list(&old, BS).unwrap();
+        let mut new = old.clone();
+        for b in 0..8 {
+            new[(b * BS) as usize] ^= 1; // every block changed
+        }
+        let d = disk(new);
+        let mut set = d.changes(list.as_bytes()).unwrap();
+        let mut calls = 0;
+        let mut seen = 0;
+        while let Some(batch) = set.next(3).unwrap() {
+            assert!(batch.len() <= 3, "{batch:?}");
+            seen += batch.iter().map(|e| e.length).sum::<u64>();
+            calls += 1;
+        }
+        assert_eq!(seen, 8 * BS);
+        assert!(calls >= 3, "{calls} calls");
+        assert!(set.next(3).unwrap().is_none(), "stays finished");
+    }
+
+    #[test]
     fn changes_round_trip() {
         let old: Vec<u8> = (0..10 * BS + 123).map(|i| (i % 241) as u8).collect();
         let list = checksum_list(&old, BS).unwrap();
         assert!(
             disk(old.clone())
                 .changes(list.as_bytes())
+                .unwrap()
+                .drain()
                 .unwrap()
                 .is_empty()
         );
@@ -489,7 +575,11 @@ mod tests {
         new[(4 * BS + 7) as usize] ^= 1; // block 4: coalesces with 3
         new[(10 * BS + 100) as usize] ^= 1; // last, partial block
         new.extend_from_slice(&[1u8; 1000]); // the disk grew
-        let got = disk(new.clone()).changes(list.as_bytes()).unwrap();
+        let got = disk(new.clone())
+            .changes(list.as_bytes())
+            .unwrap()
+            .drain()
+            .unwrap();
         assert_eq!(
             got,
             vec![
@@ -517,7 +607,7 @@ mod tests {
         let mut new = old.clone();
         new.extend_from_slice(&[0u8; 10]);
         assert_eq!(
-            disk(new).changes(list.as_bytes()).unwrap(),
+            disk(new).changes(list.as_bytes()).unwrap().drain().unwrap(),
             vec![Extent::data(2 * BS, 10)]
         );
     }
@@ -527,12 +617,16 @@ mod tests {
         let list = checksum_list(&vec![1u8; 3 * BS as usize], BS).unwrap();
         let e = disk(vec![1u8; 2 * BS as usize])
             .changes(list.as_bytes())
+            .and_then(|mut c| c.drain())
             .unwrap_err();
         assert!(
             matches!(&e, Error::Invalid(m) if m.starts_with("checksum list line 3:") && m.contains("shrunk")),
             "{e}"
         );
-        let e = disk(vec![1u8; 10]).changes(b"nonsense").unwrap_err();
+        let e = disk(vec![1u8; 10])
+            .changes(b"nonsense")
+            .and_then(|mut c| c.drain())
+            .unwrap_err();
         assert!(matches!(e, Error::Invalid(_)));
     }
 }

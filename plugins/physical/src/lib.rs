@@ -25,12 +25,14 @@
 pub mod checksums;
 
 use ferry_plugin_sdk::adapter::{
-    Disk, DiskInfo, Error, MAX_EXTENTS, PluginInfo, Reader, SourceAdapter, check_range, check_read,
+    ChangeSet, Disk, DiskInfo, Error, MAX_EXTENTS, PluginInfo, Reader, SourceAdapter, check_range,
+    check_read,
 };
 use ferry_plugin_sdk::config;
 use ferry_plugin_sdk::io::{Extent, ExtentKind, HOST_READ_CAP, ReadAt, read_exact_at};
+use std::rc::Rc;
 
-pub use checksums::{ChecksumList, checksum_list, parse_checksum_list};
+pub use checksums::{ChecksumChanges, ChecksumList, checksum_list, parse_checksum_list};
 
 /// Size of the blocks zero detection classifies (64 KiB, aligned to the disk).
 pub const ZERO_BLOCK: u64 = 64 << 10;
@@ -92,7 +94,8 @@ impl Options {
 /// An opened raw disk.
 #[derive(Debug)]
 pub struct PhysicalDisk {
-    reader: Reader,
+    /// Shared with change sets, which outlive no disk but are separate resources.
+    reader: Rc<Reader>,
     size: u64,
     options: Options,
 }
@@ -102,7 +105,7 @@ impl PhysicalDisk {
     pub fn new(reader: Reader, options: Options) -> Self {
         let size = reader.size();
         Self {
-            reader,
+            reader: Rc::new(reader),
             size,
             options,
         }
@@ -141,8 +144,12 @@ impl Disk for PhysicalDisk {
         Ok(read_exact_at(&self.reader, offset, len as usize)?)
     }
 
-    fn changes(&self, document: &[u8]) -> Result<Vec<Extent>, Error> {
-        checksums::changed_extents(&self.reader, self.size, document)
+    fn changes(&self, document: &[u8]) -> Result<Box<dyn ChangeSet>, Error> {
+        Ok(Box::new(checksums::ChecksumChanges::new(
+            Rc::clone(&self.reader),
+            self.size,
+            document,
+        )?))
     }
 }
 

@@ -143,19 +143,84 @@ pub trait Disk: 'static {
     /// [`Error::OutOfRange`] for a bad range; others as the container fails.
     fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, Error>;
 
-    /// Translate a source's change-tracking document (its format is the adapter's to define)
-    /// into the changed extents of the virtual disk, in order.
+    /// Start translating a source's change-tracking document (its format is the adapter's to
+    /// define) into the changed extents of the virtual disk. Validate the document here; hand
+    /// the extents out from the returned [`ChangeSet`] ([`ChangeList`] when they are all known
+    /// at once).
     ///
     /// The default refuses: an adapter without change tracking forces full reads.
     ///
     /// # Errors
     /// [`Error::Invalid`] for a malformed document, [`Error::Unsupported`] when the adapter
     /// translates none.
-    fn changes(&self, document: &[u8]) -> Result<Vec<Extent>, Error> {
+    fn changes(&self, document: &[u8]) -> Result<Box<dyn ChangeSet>, Error> {
         let _ = document;
         Err(Error::unsupported(
             "this adapter translates no change-tracking document",
         ))
+    }
+}
+
+/// The changes found by [`Disk::changes`], handed out in batches. Each `next` call runs under
+/// its own deadline, so an adapter that must read the disk to find changes does a bounded
+/// amount of work per call.
+pub trait ChangeSet: 'static {
+    /// The next changed extents, in order and after those already returned, at most `max`.
+    /// `None` when there are no more; `Some` of an empty list when this call found none yet.
+    ///
+    /// # Errors
+    /// As the container or the host read fails.
+    fn next(&mut self, max: usize) -> Result<Option<Vec<Extent>>, Error>;
+
+    /// Every remaining extent, adjacent ones of the same kind merged as the host merges them
+    /// (natively, in tests).
+    ///
+    /// # Errors
+    /// The first error of [`ChangeSet::next`].
+    fn drain(&mut self) -> Result<Vec<Extent>, Error> {
+        let mut all: Vec<Extent> = Vec::new();
+        while let Some(batch) = self.next(MAX_EXTENTS)? {
+            for e in batch {
+                match all.last_mut() {
+                    Some(prev) if prev.offset + prev.length == e.offset && prev.kind == e.kind => {
+                        prev.length += e.length;
+                    }
+                    _ => all.push(e),
+                }
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// A change set whose extents are all known up front (a change-tracking document that lists
+/// them).
+#[derive(Debug, Clone, Default)]
+pub struct ChangeList {
+    extents: std::collections::VecDeque<Extent>,
+}
+
+impl ChangeList {
+    /// The extents, in order.
+    pub fn new(extents: Vec<Extent>) -> ChangeList {
+        ChangeList {
+            extents: extents.into(),
+        }
+    }
+
+    /// Boxed, as [`Disk::changes`] returns it.
+    pub fn boxed(extents: Vec<Extent>) -> Box<dyn ChangeSet> {
+        Box::new(ChangeList::new(extents))
+    }
+}
+
+impl ChangeSet for ChangeList {
+    fn next(&mut self, max: usize) -> Result<Option<Vec<Extent>>, Error> {
+        if self.extents.is_empty() {
+            return Ok(None);
+        }
+        let n = max.max(1).min(self.extents.len());
+        Ok(Some(self.extents.drain(..n).collect()))
     }
 }
 

@@ -17,7 +17,9 @@ mod adapter {
     use std::fmt;
     use std::marker::PhantomData;
 
-    use crate::adapter::{Disk, Reader, SourceAdapter};
+    use std::cell::RefCell;
+
+    use crate::adapter::{ChangeSet, Disk, Reader, SourceAdapter};
     use crate::bindings::adapter::exports::ferry::plugin::adapter as wit;
     use crate::bindings::adapter::ferry::plugin::types as wit_types;
 
@@ -39,8 +41,28 @@ mod adapter {
         }
     }
 
+    /// Implements the generated `GuestChangeSet` over a boxed [`ChangeSet`].
+    pub struct ChangeSetExport(RefCell<Box<dyn ChangeSet>>);
+
+    impl fmt::Debug for ChangeSetExport {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("ChangeSetExport")
+        }
+    }
+
+    impl wit::GuestChangeSet for ChangeSetExport {
+        fn next(&self, max: u32) -> Result<Option<Vec<wit_types::Extent>>, wit::Error> {
+            crate::panic::install_hook();
+            let mut set = self.0.borrow_mut();
+            set.next(max as usize)
+                .map(|batch| batch.map(extents_out))
+                .map_err(Into::into)
+        }
+    }
+
     impl<A: SourceAdapter> wit::Guest for AdapterExport<A> {
         type Disk = DiskExport<A>;
+        type ChangeSet = ChangeSetExport;
 
         fn info() -> wit::PluginInfo {
             crate::panic::install_hook();
@@ -84,11 +106,11 @@ mod adapter {
             self.0.read(offset, len).map_err(Into::into)
         }
 
-        fn changes(&self, document: Vec<u8>) -> Result<Vec<wit_types::Extent>, wit::Error> {
+        fn changes(&self, document: Vec<u8>) -> Result<wit::ChangeSet, wit::Error> {
             crate::panic::install_hook();
             self.0
                 .changes(&document)
-                .map(extents_out)
+                .map(|set| wit::ChangeSet::new(ChangeSetExport(RefCell::new(set))))
                 .map_err(Into::into)
         }
     }
