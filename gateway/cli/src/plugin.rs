@@ -439,6 +439,7 @@ async fn run_adapter(
     const PIECE: usize = 1 << 20;
     let piece = PIECE as u64;
     let zeros = vec![0u8; PIECE];
+    let mut buf = vec![0u8; PIECE];
     for e in &work {
         match e.kind {
             ExtentKind::Data => {
@@ -446,10 +447,10 @@ async fn run_adapter(
                 let mut pos = e.offset;
                 while pos < e.end() {
                     let n = (e.end() - pos).min(piece);
-                    let len = u32::try_from(n)?;
-                    let buf = d.read(pos, len).await?;
+                    let buf = &mut buf[..usize::try_from(n)?];
+                    d.read_into(pos, buf).await?;
                     if changes.is_some() || buf.iter().any(|&b| b != 0) {
-                        file.write_all_at(&buf, pos)?;
+                        file.write_all_at(buf, pos)?;
                     }
                     data_bytes += n;
                     pos += n;

@@ -58,6 +58,24 @@ impl Extent {
     }
 }
 
+/// Where the bytes of a virtual range are stored (the adapter's `locate` answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Location {
+    /// In the opened object at this offset, stored as is.
+    Source(u64),
+    Zero,
+    /// Only the adapter's `read` produces them.
+    Adapter,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Mapping {
+    pub offset: u64,
+    pub length: u64,
+    pub location: Location,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PluginInfo {
     pub name: String,
@@ -212,7 +230,7 @@ impl PluginHost {
         let reader = job
             .store
             .data_mut()
-            .push_root(object)
+            .push_root(object.clone())
             .map_err(|e| PluginError::Host(format!("registering the reader: {e}")))?;
         let opened = guarded!(&mut job, "open", |store| bindings
             .ferry_plugin_adapter()
@@ -242,6 +260,7 @@ impl PluginHost {
             job,
             bindings,
             handle,
+            object,
             info: DiskInfo {
                 format: info.format,
                 virtual_size: info.virtual_size,
@@ -259,6 +278,7 @@ pub struct OpenDisk {
     job: Job,
     bindings: Bindings,
     handle: ResourceAny,
+    object: Arc<dyn SourceObject>,
     info: DiskInfo,
 }
 
@@ -355,6 +375,110 @@ impl OpenDisk {
             out.push(e);
         }
         Ok(out)
+    }
+
+    /// Where the bytes of `[offset, offset + length)` are stored; may end early (ask again
+    /// from its end). Checked: the mappings tile the range from `offset`, and `source`
+    /// locations lie inside the opened object.
+    pub async fn locate(&mut self, offset: u64, length: u64) -> Result<Vec<Mapping>, PluginError> {
+        self.check_range(offset, length)?;
+        let (b, h) = (&self.bindings, self.handle);
+        let r = guarded!(&mut self.job, "locate", |store| b
+            .ferry_plugin_adapter()
+            .disk()
+            .call_locate(store, h, offset, length))?;
+        let list = r.map_err(|e| self.guest_err("locate", e))?;
+        if list.len() > MAX_EXTENTS || (list.is_empty() && length > 0) {
+            return Err(self.bad(
+                "locate",
+                format!(
+                    "{} mappings for a non-empty range (1..={MAX_EXTENTS} allowed)",
+                    list.len()
+                ),
+            ));
+        }
+        let object_size = self.object.size();
+        let end = offset + length;
+        let mut pos = offset;
+        let mut out = Vec::with_capacity(list.len());
+        for m in list {
+            let location = match m.location {
+                wit::Location::Source(o) => Location::Source(o),
+                wit::Location::Zero => Location::Zero,
+                wit::Location::Adapter => Location::Adapter,
+            };
+            let tiles = m.offset == pos
+                && m.length > 0
+                && m.offset.checked_add(m.length).is_some_and(|x| x <= end);
+            let inside = match location {
+                Location::Source(o) => o.checked_add(m.length).is_some_and(|x| x <= object_size),
+                _ => true,
+            };
+            if !tiles || !inside {
+                return Err(self.bad(
+                    "locate",
+                    format!(
+                        "mapping {}+{} -> {location:?} does not continue at {pos} within {offset}+{length} and the {object_size}-byte object",
+                        m.offset, m.length
+                    ),
+                ));
+            }
+            pos += m.length;
+            out.push(Mapping {
+                offset: m.offset,
+                length: m.length,
+                location,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Fill `buf` with the virtual disk's bytes at `offset`: the data path. The adapter says
+    /// where the bytes are (`locate`); the host reads `source` ranges itself, fills zeros, and
+    /// asks the adapter's `read` only for what only it can produce.
+    pub async fn read_into(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), PluginError> {
+        let len = buf.len() as u64;
+        self.check_range(offset, len)?;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            for m in self.locate(pos, end - pos).await? {
+                let lo = usize::try_from(m.offset - offset).unwrap_or(usize::MAX);
+                let hi = usize::try_from(m.offset + m.length - offset).unwrap_or(usize::MAX);
+                let dst = &mut buf[lo..hi];
+                match m.location {
+                    Location::Zero => dst.fill(0),
+                    Location::Source(at) => {
+                        let got = self.object.read_at(dst, at).map_err(|e| {
+                            PluginError::Host(format!(
+                                "reading {} at {at}: {e}",
+                                self.object.name()
+                            ))
+                        })?;
+                        if got != dst.len() {
+                            return Err(PluginError::Host(format!(
+                                "{} ended at {} while reading {} bytes at {at}",
+                                self.object.name(),
+                                at + got as u64,
+                                dst.len()
+                            )));
+                        }
+                    }
+                    Location::Adapter => {
+                        let mut done = 0;
+                        while done < dst.len() {
+                            let n = (dst.len() - done).min(MAX_DISK_READ as usize);
+                            let len = u32::try_from(n).unwrap_or(MAX_DISK_READ);
+                            let bytes = self.read(m.offset + done as u64, len).await?;
+                            dst[done..done + n].copy_from_slice(&bytes);
+                            done += n;
+                        }
+                    }
+                }
+                pos = m.offset + m.length;
+            }
+        }
+        Ok(())
     }
 
     /// Read exactly `len` bytes at `offset` (within the virtual size; `len` ≤ 4 MiB).

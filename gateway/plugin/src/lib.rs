@@ -26,7 +26,8 @@ mod source;
 mod state;
 
 pub use adapter::{
-    DiskInfo, Extent, ExtentKind, MAX_DISK_READ, MAX_EXTENTS, OpenDisk, PROBE_BYTES, PluginInfo,
+    DiskInfo, Extent, ExtentKind, Location, MAX_DISK_READ, MAX_EXTENTS, Mapping, OpenDisk,
+    PROBE_BYTES, PluginInfo,
 };
 pub use error::{GuestError, PluginError};
 pub use hook::{HookContext, HookItem, HookOutcome, Operation, Phase};

@@ -32,6 +32,13 @@ pub trait SourceObject: Send + Sync + std::fmt::Debug {
     fn size(&self) -> u64;
     /// Fill `buf` from `offset`; returns the bytes read (short only at the end).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Read up to `len` bytes at `offset` into a new buffer (short only at the end).
+    fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let n = self.read_at(&mut buf, offset)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
     /// Allocation map of `[offset, offset + length)`, in order, at most `max` entries.
     fn allocation(&self, offset: u64, length: u64, max: usize) -> io::Result<Vec<Allocation>>;
     /// Open a related object by plain file name (already checked by the caller).
@@ -101,6 +108,23 @@ impl SourceObject for FileSource {
             }
         }
         Ok(done)
+    }
+
+    /// Reads into uninitialised capacity: no zero-filling on the data path.
+    fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf: Vec<u8> = Vec::with_capacity(len);
+        while buf.len() < len {
+            let at = offset + buf.len() as u64;
+            // `spare_capacity` appends exactly what pread filled.
+            match rustix::io::pread(&self.file, rustix::buffer::spare_capacity(&mut buf), at) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        buf.truncate(len);
+        Ok(buf)
     }
 
     fn allocation(&self, offset: u64, length: u64, max: usize) -> io::Result<Vec<Allocation>> {

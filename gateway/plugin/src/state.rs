@@ -405,12 +405,7 @@ impl source::HostReader for State {
         let n = u64::from(len).min(size - offset);
         let n = usize::try_from(n).unwrap_or(0);
         let timeout = self.import_timeout();
-        let job = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; n];
-            let got = obj.read_at(&mut buf, offset)?;
-            buf.truncate(got);
-            Ok::<_, std::io::Error>(buf)
-        });
+        let job = tokio::task::spawn_blocking(move || obj.read_vec(offset, n));
         match tokio::time::timeout(timeout, job).await {
             Ok(Ok(Ok(buf))) => Ok(buf),
             Ok(Ok(Err(e))) => Err(io_err(types::IoErrorKind::Io, format!("read failed: {e}"))),

@@ -25,8 +25,8 @@
 pub mod checksums;
 
 use ferry_plugin_sdk::adapter::{
-    ChangeSet, Disk, DiskInfo, Error, MAX_EXTENTS, PluginInfo, Reader, SourceAdapter, check_range,
-    check_read,
+    ChangeSet, Disk, DiskInfo, Error, Location, MAX_EXTENTS, Mapping, PluginInfo, Reader,
+    SourceAdapter, check_range, check_read,
 };
 use ferry_plugin_sdk::config;
 use ferry_plugin_sdk::io::{Extent, ExtentKind, HOST_READ_CAP, ReadAt, read_exact_at};
@@ -136,6 +136,16 @@ impl Disk for PhysicalDisk {
             }
         })?;
         Ok(out.into_vec())
+    }
+
+    /// A raw disk is stored as is: the host reads every byte itself.
+    fn locate(&self, offset: u64, length: u64) -> Result<Vec<Mapping>, Error> {
+        check_range(self.size, offset, length)?;
+        Ok(vec![Mapping {
+            offset,
+            length,
+            location: Location::Source(offset),
+        }])
     }
 
     fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, Error> {

@@ -60,6 +60,28 @@ pub struct DiskInfo {
     pub parent: Option<String>,
 }
 
+/// Where the bytes of a range of the virtual disk are stored (see [`Disk::locate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    /// In the opened object at this byte offset, stored as is: the host reads them itself.
+    Source(u64),
+    /// Zeros: nothing to read.
+    Zero,
+    /// Only [`Disk::read`] can produce them.
+    Adapter,
+}
+
+/// One piece of a virtual range and where its bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    /// Start of the piece in the virtual disk.
+    pub offset: u64,
+    /// Its length in bytes.
+    pub length: u64,
+    /// Where its bytes are.
+    pub location: Location,
+}
+
 /// An error an adapter returns on purpose (as opposed to a panic, which traps).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -135,6 +157,24 @@ pub trait Disk: 'static {
     /// [`Error::OutOfRange`] for a range outside the virtual disk; others as the container
     /// fails.
     fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>, Error>;
+
+    /// Where the bytes of `[offset, offset + length)` are stored: mappings in order and
+    /// without gaps from `offset`, possibly stopping short (at most [`MAX_EXTENTS`]). The host
+    /// reads [`Location::Source`] ranges itself at native speed and calls [`Disk::read`] only
+    /// for [`Location::Adapter`] ones; this is the data path.
+    ///
+    /// The default maps everything to [`Location::Adapter`] (always correct, slowest).
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`] for a range outside the virtual disk.
+    fn locate(&self, offset: u64, length: u64) -> Result<Vec<Mapping>, Error> {
+        check_range(self.info().virtual_size, offset, length)?;
+        Ok(vec![Mapping {
+            offset,
+            length,
+            location: Location::Adapter,
+        }])
+    }
 
     /// Read `len` bytes (at most [`MAX_DISK_READ`]) at `offset`; the range lies within the
     /// virtual size ([`check_read`] checks both).

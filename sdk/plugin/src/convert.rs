@@ -69,7 +69,7 @@ macro_rules! shared_conversions {
 #[cfg(feature = "adapter")]
 mod adapter {
     use super::{IoError, IoErrorKind, Level};
-    use crate::adapter::{DiskInfo, Error, PluginInfo};
+    use crate::adapter::{DiskInfo, Error, Location, Mapping, PluginInfo};
     use crate::bindings::adapter::exports::ferry::plugin::adapter as wit;
     use crate::io::{Extent, ExtentKind};
 
@@ -118,6 +118,20 @@ mod adapter {
                 version: i.version,
                 formats: i.formats,
                 description: i.description,
+            }
+        }
+    }
+
+    impl From<Mapping> for wit::Mapping {
+        fn from(m: Mapping) -> Self {
+            Self {
+                offset: m.offset,
+                length: m.length,
+                location: match m.location {
+                    Location::Source(o) => wit::Location::Source(o),
+                    Location::Zero => wit::Location::Zero,
+                    Location::Adapter => wit::Location::Adapter,
+                },
             }
         }
     }

@@ -101,6 +101,14 @@ mod adapter {
                 .map_err(Into::into)
         }
 
+        fn locate(&self, offset: u64, length: u64) -> Result<Vec<wit::Mapping>, wit::Error> {
+            crate::panic::install_hook();
+            self.0
+                .locate(offset, length)
+                .map(|list| list.into_iter().map(Into::into).collect())
+                .map_err(Into::into)
+        }
+
         fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, wit::Error> {
             crate::panic::install_hook();
             self.0.read(offset, len).map_err(Into::into)

@@ -23,7 +23,8 @@
 use core::hint::black_box;
 
 use ferry_plugin_sdk::adapter::{
-    Disk, DiskInfo, Error, PluginInfo, Reader, SourceAdapter, check_range, check_read,
+    Disk, DiskInfo, Error, Location, Mapping, PluginInfo, Reader, SourceAdapter, check_range,
+    check_read,
 };
 use ferry_plugin_sdk::config;
 use ferry_plugin_sdk::io::{Extent, ReadAt, read_exact_at};
@@ -54,11 +55,13 @@ pub enum Mode {
     HugeLogLine,
     /// Return ten million extents from `extents`.
     HugeExtents,
+    /// Point `locate` past the end of the opened object (the host must not read there).
+    BadLocate,
 }
 
 impl Mode {
     /// Every mode, with its config name.
-    pub const ALL: [(&'static str, Mode); 10] = [
+    pub const ALL: [(&'static str, Mode); 11] = [
         ("good", Mode::Good),
         ("spin", Mode::Spin),
         ("memory", Mode::Memory),
@@ -69,6 +72,7 @@ impl Mode {
         ("trap", Mode::Trap),
         ("huge-log-line", Mode::HugeLogLine),
         ("huge-extents", Mode::HugeExtents),
+        ("bad-locate", Mode::BadLocate),
     ];
 
     /// The mode named `name`.
@@ -158,9 +162,22 @@ impl Disk for HostileDisk {
         })
     }
 
+    fn locate(&self, offset: u64, length: u64) -> Result<Vec<Mapping>, Error> {
+        let location = if self.mode == Mode::BadLocate {
+            Location::Source(u64::MAX - length)
+        } else {
+            Location::Adapter
+        };
+        Ok(vec![Mapping {
+            offset,
+            length,
+            location,
+        }])
+    }
+
     fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, Error> {
         match self.mode {
-            Mode::Good | Mode::HugeExtents => self.good_read(offset, len),
+            Mode::Good | Mode::HugeExtents | Mode::BadLocate => self.good_read(offset, len),
             Mode::Spin => spin(),
             Mode::Memory => exhaust_memory(),
             Mode::Recurse => Ok(vec![recurse_forever()]),
