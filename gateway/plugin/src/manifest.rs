@@ -531,6 +531,53 @@ url = "https://hooks.example.com/x"
         assert!(Grants::default().add_cli("fs").is_err());
     }
 
+    /// Deterministic mutations of `seed`, fed to `f` (a stable-Rust stand-in for the fuzz
+    /// target, run by every `cargo test`).
+    fn mutations(seed: &[u8], rounds: usize, mut f: impl FnMut(&[u8])) {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        f(seed);
+        for _ in 0..rounds {
+            let mut d = seed.to_vec();
+            for _ in 0..=next() % 4 {
+                let at = |n: u64, len: usize| usize::try_from(n).unwrap_or(0) % len.max(1);
+                match next() % 4 {
+                    0 if !d.is_empty() => {
+                        let i = at(next(), d.len());
+                        d[i] ^= 1 << (next() % 8);
+                    }
+                    1 if !d.is_empty() => {
+                        let i = at(next(), d.len());
+                        d.remove(i);
+                    }
+                    2 => {
+                        let i = at(next(), d.len() + 1);
+                        d.insert(i, (next() & 0xff) as u8);
+                    }
+                    _ => {
+                        let i = at(next(), d.len() + 1);
+                        d.truncate(i);
+                    }
+                }
+            }
+            f(&d);
+        }
+    }
+
+    #[test]
+    fn mutation_smoke() {
+        mutations(GOOD.as_bytes(), 3000, |d| {
+            if let Ok(text) = std::str::from_utf8(d) {
+                let _ = Manifest::parse(text, "smoke");
+            }
+        });
+    }
+
     #[test]
     fn wildcards() {
         assert!(name_matches("*-flat.vmdk", "disk-flat.vmdk"));

@@ -535,6 +535,19 @@ mod tests {
     }
 
     #[test]
+    fn mutation_smoke() {
+        let data: Vec<u8> = (0..5 * BS + 77).map(|i| (i % 253) as u8).collect();
+        let list = checksum_list(&data, BS).unwrap();
+        ferry_plugin_sdk::testing::mutations(list.as_bytes(), 3000, |d| {
+            if let Ok(l) = parse_checksum_list(d) {
+                assert_eq!(l.hashes.len() as u64, l.size.div_ceil(l.block_size));
+                // A parsed list always drives a change set to the end.
+                let _ = disk(data.clone()).changes(d).and_then(|mut c| c.drain());
+            }
+        });
+    }
+
+    #[test]
     fn change_sets_hand_out_bounded_batches() {
         let old: Vec<u8> = (0..8 * BS).map(|i| (i % 251) as u8).collect();
         let list = checksum_list(&old, BS).unwrap();

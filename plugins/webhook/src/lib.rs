@@ -353,6 +353,24 @@ mod tests {
     }
 
     #[test]
+    fn mutation_smoke() {
+        let seed = br#"{"outcome":"abort","message":"change freeze \u00e9"}"#;
+        ferry_plugin_sdk::testing::mutations(seed, 3000, |d| {
+            let r = Ok(Response {
+                status: 200,
+                headers: Vec::new(),
+                body: d.to_vec(),
+            });
+            // Whatever the body, an outcome comes back and never echoes the URL's query.
+            let url = display_url("https://h/x?token=secret");
+            let o = outcome_of(r, &url, OnFailure::Abort);
+            if let Outcome::Skip(m) | Outcome::Abort(m) = o {
+                assert!(!m.contains("secret"), "{m}");
+            }
+        });
+    }
+
+    #[test]
     fn answers_become_outcomes() {
         let u = "https://h/x";
         let abort = OnFailure::Abort;

@@ -79,3 +79,42 @@ pub fn sent_requests() -> Vec<crate::http::Request> {
 pub fn kv_entries() -> Vec<(String, Vec<u8>)> {
     with(|s| s.kv.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
 }
+
+/// Feed `seed` and `rounds` deterministic mutations of it (bit flips, deletions, insertions,
+/// truncations) to `f`: a stable-Rust smoke run of a fuzz target, cheap enough for every
+/// `cargo test`. Parsers must return errors, never panic.
+pub fn mutations(seed: &[u8], rounds: usize, mut f: impl FnMut(&[u8])) {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    f(seed);
+    for _ in 0..rounds {
+        let mut d = seed.to_vec();
+        for _ in 0..=next() % 4 {
+            let at = |n: u64, len: usize| usize::try_from(n).unwrap_or(0) % len.max(1);
+            match next() % 4 {
+                0 if !d.is_empty() => {
+                    let i = at(next(), d.len());
+                    d[i] ^= 1 << (next() % 8);
+                }
+                1 if !d.is_empty() => {
+                    let i = at(next(), d.len());
+                    d.remove(i);
+                }
+                2 => {
+                    let i = at(next(), d.len() + 1);
+                    d.insert(i, (next() & 0xff) as u8);
+                }
+                _ => {
+                    let i = at(next(), d.len() + 1);
+                    d.truncate(i);
+                }
+            }
+        }
+        f(&d);
+    }
+}

@@ -14,14 +14,16 @@
 //! What to change for a real format: [`probe`](TemplateAdapter::probe) (recognise the magic),
 //! [`open`](TemplateAdapter::open) (parse and validate the header, keep what later calls
 //! need), [`extents`](Disk::extents) (map the format's allocation), [`read`]
-//! (translate virtual offsets to container offsets), and [`changes`](Disk::changes) if the
+//! (translate virtual offsets to container offsets), [`locate`](Disk::locate) (where
+//! bytes are stored, so the host reads plain data itself), and [`changes`](Disk::changes) if the
 //! source has change tracking. All parsing goes through [`ReadAt`], so the unit tests below run
 //! natively over an in-memory image.
 //!
 //! [`read`]: TemplateDisk::read
 
 use ferry_plugin_sdk::adapter::{
-    Disk, DiskInfo, Error, PluginInfo, Reader, SourceAdapter, check_range, check_read,
+    Disk, DiskInfo, Error, Location, Mapping, PluginInfo, Reader, SourceAdapter, check_range,
+    check_read,
 };
 use ferry_plugin_sdk::io::{Extent, ReadAt, read_exact_at};
 
@@ -120,6 +122,18 @@ impl Disk for TemplateDisk {
         })
     }
 
+    /// The data path: the virtual bytes are stored as is after the header, so the host reads
+    /// them itself. A format with compressed or scattered data answers `Location::Adapter` for
+    /// what only `read` can produce, `Location::Zero` for holes.
+    fn locate(&self, offset: u64, length: u64) -> Result<Vec<Mapping>, Error> {
+        check_range(self.virtual_size, offset, length)?;
+        Ok(vec![Mapping {
+            offset,
+            length,
+            location: Location::Source(HEADER_LEN + offset),
+        }])
+    }
+
     fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, Error> {
         check_read(self.virtual_size, offset, len)?;
         // Virtual offset -> container offset; read_exact_at splits at the host's read cap.
@@ -156,6 +170,9 @@ mod tests {
         assert_eq!(d.extents(0, 10_000).unwrap(), vec![Extent::data(0, 10_000)]);
         assert!(matches!(d.read(9_990, 11), Err(Error::OutOfRange(_))));
         assert!(matches!(d.changes(b""), Err(Error::Unsupported(_))));
+        let m = d.locate(100, 50).unwrap();
+        assert_eq!(m[0].location, Location::Source(HEADER_LEN + 100));
+        assert!(d.locate(9_990, 11).is_err());
     }
 
     #[test]
