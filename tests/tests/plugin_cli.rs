@@ -1,7 +1,10 @@
 //! `ferry plugin` with the real binary: the built-in physical adapter reproduces a real ext4
 //! image bit-exact and skips its unallocated space; the same adapter as a `.wasm` file
 //! applies a checksum-list change document; `inspect` reports world, imports and grants;
-//! `run-hook` drives the webhook against a local HTTP server, and the allow-list holds.
+//! `run-hook` drives the webhook against a local HTTP server, and the allow-list holds; a plugin
+//! directory is checked manifest by manifest; the harness runs a built adapter on a fixture.
+
+#![allow(clippy::cast_possible_truncation)] // test data is a few MiB
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -392,4 +395,103 @@ fn webhook_posts_the_event_and_the_allow_list_holds() {
         err.contains("ferry:plugin/http@0.1.0") && err.contains("not granted"),
         "{err}"
     );
+}
+
+#[test]
+fn a_plugin_directory_is_checked_manifest_by_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir(&plugins).unwrap();
+    let wasm = ferry_builtin_plugins::WEBHOOK.wasm;
+    std::fs::write(plugins.join("notify.wasm"), wasm).unwrap();
+    let sha = sha256_file(&plugins.join("notify.wasm"));
+    let manifest = |name: &str, sha: &str| {
+        format!(
+            "name = \"{name}\"\nversion = \"1.2.0\"\nworld = \"failover-hook\"\n\
+             component = \"notify.wasm\"\nsha256 = \"{sha}\"\n\
+             [grants]\nlog = true\nconfig = true\nclock = true\nkv = true\n\
+             http = {{ allow = [\"hooks.example.com\"] }}\n[config]\nurl = \"https://hooks.example.com/x\"\n"
+        )
+    };
+    std::fs::write(plugins.join("a-notify.toml"), manifest("notify", &sha)).unwrap();
+    std::fs::write(
+        plugins.join("b-tampered.toml"),
+        manifest("tampered", &"ab".repeat(32)),
+    )
+    .unwrap();
+    std::fs::write(
+        plugins.join("c-ungranted.toml"),
+        manifest("ungranted", &sha).replace("kv = true\n", ""),
+    )
+    .unwrap();
+    std::fs::write(plugins.join("README.txt"), "not a manifest").unwrap();
+
+    let o = ferry(
+        &[
+            "plugin",
+            "list",
+            "--dir",
+            plugins.to_str().unwrap(),
+            "--json",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(1), "a refused plugin makes list fail");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let list = v.as_array().unwrap();
+    let by = |needle: &str| {
+        list.iter()
+            .find(|p| p["manifest"].as_str().is_some_and(|m| m.contains(needle)))
+            .unwrap_or_else(|| panic!("{needle} missing from {v}"))
+            .clone()
+    };
+    let ok = by("a-notify.toml");
+    assert_eq!(ok["ok"], true);
+    assert_eq!(ok["name"], "notify");
+    assert_eq!(ok["sha256"], sha.as_str());
+    let bad = by("b-tampered.toml");
+    assert_eq!(bad["ok"], false);
+    assert!(bad["error"].as_str().unwrap().contains("sha256"), "{bad}");
+    let ungranted = by("c-ungranted.toml");
+    assert!(
+        ungranted["error"]
+            .as_str()
+            .unwrap()
+            .contains("ferry:plugin/kv@0.1.0"),
+        "{ungranted}"
+    );
+    assert_eq!(list.len(), ferry_builtin_plugins::ALL.len() + 3);
+}
+
+/// The harness plugin authors use: the template adapter, built for wasm, over a fixture in its
+/// own container format, exposes exactly the raw disk inside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_harness_runs_a_built_adapter_against_a_fixture() {
+    use ferry_plugin_host::{HostConfig, Manifest, PluginHost, World, harness};
+    let dir = tempfile::tempdir().unwrap();
+    let raw: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
+        .collect();
+    let mut container = b"FERRYTPL".to_vec();
+    container.extend_from_slice(&(raw.len() as u64).to_le_bytes());
+    container.resize(512, 0);
+    container.extend_from_slice(&raw);
+    let fixture = dir.path().join("fixture.tpl");
+    std::fs::write(&fixture, &container).unwrap();
+    let expected = dir.path().join("expected.raw");
+    std::fs::write(&expected, &raw).unwrap();
+
+    let wasm = std::fs::read(plugin_wasm("ferry-plugin-template", WasmTarget::Unknown)).unwrap();
+    let host = PluginHost::new(HostConfig::default()).unwrap();
+    let mut m = Manifest::new("template", World::SourceAdapter);
+    m.grants = ferry_plugin_host::Grants::all_for(World::SourceAdapter);
+    let plugin = host.load(m, &wasm).unwrap();
+    let out = dir.path().join("out.raw");
+    let run = harness::run_adapter(&host, &plugin, &fixture, Some(&out))
+        .await
+        .unwrap();
+    assert_eq!(run.disk.format, "ferry-template");
+    assert_eq!(run.disk.virtual_size, raw.len() as u64);
+    assert_eq!(run.sha256, harness::sha256_file(&expected).unwrap());
+    assert_eq!(sha256_file(&out), sha256_file(&expected));
 }

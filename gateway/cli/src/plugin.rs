@@ -66,8 +66,11 @@ pub enum PluginCmd {
         #[arg(long, default_value = "1M", value_parser = crate::parse_size)]
         block_size: u64,
     },
-    /// List the plugins built into this binary.
+    /// List the plugins built into this binary, and those of a plugin directory (each
+    /// `*.toml` manifest there is checked and loaded as the gateway would).
     List {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -217,27 +220,57 @@ pub async fn run(cmd: PluginCmd) -> Result<ExitCode> {
                 .with_context(|| format!("cannot write --out `{}`", out.display()))?;
             Ok(ExitCode::SUCCESS)
         }
-        PluginCmd::List { json } => {
-            let list: Vec<_> = ferry_builtin_plugins::ALL
+        PluginCmd::List { dir, json } => {
+            let mut list: Vec<_> = ferry_builtin_plugins::ALL
                 .iter()
                 .map(|b| {
-                    json!({"name": b.name, "world": b.world.as_str(), "description": b.description,
-                           "size": b.wasm.len()})
+                    json!({"name": format!("builtin:{}", b.name), "world": b.world.as_str(),
+                           "description": b.description, "size": b.wasm.len(), "ok": true})
                 })
                 .collect();
+            let mut failed = false;
+            if let Some(dir) = dir {
+                let h = host(None, false)?;
+                for (path, loaded) in h.load_dir(&dir)? {
+                    list.push(match loaded {
+                        Ok(p) => json!({"name": p.name(), "world": p.manifest().world.as_str(),
+                                        "version": p.manifest().version, "sha256": p.sha256(),
+                                        "manifest": path, "ok": true}),
+                        Err(e) => {
+                            failed = true;
+                            json!({"manifest": path, "ok": false, "error": e.to_string()})
+                        }
+                    });
+                }
+            }
             if json {
                 print(&json!(list));
             } else {
-                for b in ferry_builtin_plugins::ALL {
-                    say(&format!(
-                        "builtin:{:<10} {:<15} {}",
-                        b.name,
-                        b.world.as_str(),
-                        b.description
-                    ));
+                for p in &list {
+                    if p["ok"] == true {
+                        say(&format!(
+                            "{:<20} {:<15} {}",
+                            p["name"].as_str().unwrap_or(""),
+                            p["world"].as_str().unwrap_or(""),
+                            p["description"]
+                                .as_str()
+                                .or(p["manifest"].as_str())
+                                .unwrap_or("")
+                        ));
+                    } else {
+                        say(&format!(
+                            "REFUSED {}: {}",
+                            p["manifest"].as_str().unwrap_or(""),
+                            p["error"].as_str().unwrap_or("")
+                        ));
+                    }
                 }
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         PluginCmd::Inspect { plugin, json } => {
             let (name, wasm) = component(&plugin)?;
@@ -365,19 +398,15 @@ pub async fn run(cmd: PluginCmd) -> Result<ExitCode> {
     }
 }
 
-fn open_out(out: &Path, existing: bool) -> Result<std::fs::File> {
+/// The previous copy an incremental run writes into.
+fn open_previous(out: &Path) -> Result<std::fs::File> {
     if let Ok(m) = std::fs::metadata(out)
         && !m.is_file()
     {
         bail!("--out `{}` exists and is not a regular file", out.display());
     }
     let mut o = std::fs::OpenOptions::new();
-    o.write(true);
-    if existing {
-        o.read(true);
-    } else {
-        o.create(true).truncate(true);
-    }
+    o.write(true).read(true);
     o.open(out)
         .with_context(|| format!("cannot open --out `{}`", out.display()))
 }
@@ -400,104 +429,93 @@ async fn run_adapter(
         )?,
         &wasm,
     )?;
-    let object = FileSource::open(disk)
-        .with_context(|| format!("cannot open --disk `{}`", disk.display()))?;
     let started = Instant::now();
-    let mut d = h.open_disk(&p, Arc::new(object)).await?;
-    let info = d.info().clone();
-    let size = info.virtual_size;
-
-    let (file, work) = match changes {
-        Some(doc) => {
-            let doc = std::fs::read(doc)
-                .with_context(|| format!("cannot read --changes `{}`", doc.display()))?;
-            let f = open_out(out, true)?;
-            let have = f.metadata()?.len();
-            if have != size {
-                bail!(
-                    "--out `{}` holds {have} bytes but the disk is {size} bytes: it is not the previous copy",
-                    out.display()
-                );
+    let Some(doc_path) = changes else {
+        let r = ferry_plugin_host::harness::run_adapter(&h, &p, disk, Some(out)).await?;
+        let secs = started.elapsed().as_secs_f64();
+        let data_extents = r
+            .extents
+            .iter()
+            .filter(|e| e.kind == ExtentKind::Data)
+            .count();
+        if common.json {
+            print(&json!({
+                "plugin": name, "disk": r.disk, "extents": r.extents.len(),
+                "data_extents": data_extents, "bytes_read": r.bytes_read,
+                "bytes_skipped": r.bytes_skipped, "sha256": r.sha256, "seconds": secs,
+                "dropped_log_lines": r.dropped_log_lines, "out": out,
+            }));
+        } else {
+            say(&format!(
+                "{name}: {} disk of {} bytes ({} extents, {data_extents} with data); read {} bytes, skipped {} unallocated/zero, in {secs:.2} s; wrote {} (sha256 {})",
+                r.disk.format,
+                r.disk.virtual_size,
+                r.extents.len(),
+                r.bytes_read,
+                r.bytes_skipped,
+                out.display(),
+                r.sha256
+            ));
+            if r.dropped_log_lines > 0 {
+                say(&format!(
+                    "({} plugin log lines were dropped by the rate limit)",
+                    r.dropped_log_lines
+                ));
             }
-            (f, d.changes(&doc).await?)
         }
-        None => {
-            let f = open_out(out, false)?;
-            f.set_len(size)?;
-            let mut all = Vec::new();
-            let mut pos = 0;
-            while pos < size {
-                let ext = d.extents(pos, size - pos).await?;
-                pos = ext.last().map_or(size, |e| e.end());
-                all.extend(ext);
-            }
-            (f, all)
-        }
+        return Ok(ExitCode::SUCCESS);
     };
 
-    let (mut data_bytes, mut data_extents, mut skipped) = (0u64, 0u64, 0u64);
+    // Incremental: only the extents the change document names are read, into the previous
+    // copy.
+    let object = FileSource::open(disk)
+        .with_context(|| format!("cannot open --disk `{}`", disk.display()))?;
+    let mut d = h.open_disk(&p, Arc::new(object)).await?;
+    let size = d.info().virtual_size;
+    let doc = std::fs::read(doc_path)
+        .with_context(|| format!("cannot read --changes `{}`", doc_path.display()))?;
+    let file = open_previous(out)?;
+    let have = file.metadata()?.len();
+    if have != size {
+        bail!(
+            "--out `{}` holds {have} bytes but the disk is {size} bytes: it is not the previous copy",
+            out.display()
+        );
+    }
+    let work = d.changes(&doc).await?;
     const PIECE: usize = 1 << 20;
-    let piece = PIECE as u64;
     let zeros = vec![0u8; PIECE];
     let mut buf = vec![0u8; PIECE];
+    let mut bytes = 0u64;
     for e in &work {
-        match e.kind {
-            ExtentKind::Data => {
-                data_extents += 1;
-                let mut pos = e.offset;
-                while pos < e.end() {
-                    let n = (e.end() - pos).min(piece);
-                    let buf = &mut buf[..usize::try_from(n)?];
-                    d.read_into(pos, buf).await?;
-                    if changes.is_some() || buf.iter().any(|&b| b != 0) {
-                        file.write_all_at(buf, pos)?;
-                    }
-                    data_bytes += n;
-                    pos += n;
-                }
+        let mut pos = e.offset;
+        while pos < e.end() {
+            let n = usize::try_from((e.end() - pos).min(PIECE as u64))?;
+            if e.kind == ExtentKind::Data {
+                d.read_into(pos, &mut buf[..n]).await?;
+                file.write_all_at(&buf[..n], pos)?;
+            } else {
+                // The previous copy may hold data there.
+                file.write_all_at(&zeros[..n], pos)?;
             }
-            ExtentKind::Zero | ExtentKind::Unallocated => {
-                if changes.is_some() {
-                    // The previous copy may hold data there: write zeros.
-                    let mut pos = e.offset;
-                    while pos < e.end() {
-                        let n = (e.end() - pos).min(piece);
-                        file.write_all_at(&zeros[..usize::try_from(n)?], pos)?;
-                        pos += n;
-                    }
-                } else {
-                    skipped += e.length;
-                }
-            }
+            bytes += n as u64;
+            pos += n as u64;
         }
     }
     file.sync_all()?;
     let secs = started.elapsed().as_secs_f64();
-    let dropped = d.dropped_log_lines();
     if common.json {
         print(&json!({
-            "plugin": name, "disk": info, "extents": work.len(), "data_extents": data_extents,
-            "bytes_read": data_bytes, "bytes_skipped": skipped, "seconds": secs,
-            "dropped_log_lines": dropped, "out": out,
+            "plugin": name, "disk": d.info(), "changed_extents": work.len(),
+            "bytes_read": bytes, "seconds": secs, "dropped_log_lines": d.dropped_log_lines(),
+            "out": out,
         }));
     } else {
         say(&format!(
-            "{}: {} disk of {} bytes ({} extents, {} with data); read {} bytes, skipped {} unallocated/zero, in {:.2} s; wrote {}",
-            name,
-            info.format,
-            size,
+            "{name}: {} changed extents, {bytes} bytes read and written into {} in {secs:.2} s",
             work.len(),
-            data_extents,
-            data_bytes,
-            skipped,
-            secs,
             out.display()
         ));
-        if dropped > 0 {
-            say(&format!(
-                "({dropped} plugin log lines were dropped by the rate limit)"
-            ));
-        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -85,6 +85,9 @@ impl Hasher for ShaHasher {
     }
 }
 
+/// One manifest of a plugin directory and what loading it gave.
+pub type DirEntryLoad = (PathBuf, Result<LoadedPlugin, PluginError>);
+
 /// A plugin that passed every check, ready to instantiate (one fresh store per job).
 #[derive(Debug, Clone)]
 pub struct LoadedPlugin {
@@ -356,6 +359,44 @@ impl PluginHost {
                 manifest,
             }),
         })
+    }
+
+    /// Load every plugin of a directory: each `*.toml` directly in `dir` is a manifest whose
+    /// `component` is relative to it. Results are per manifest, in file-name order, so one bad
+    /// plugin does not hide the others; files other than `*.toml` are ignored.
+    pub fn load_dir(
+        &self,
+        dir: &Path,
+    ) -> Result<Vec<DirEntryLoad>, PluginError> {
+        let io = |source| PluginError::Io {
+            what: "reading plugin directory",
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut manifests: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+            .collect();
+        manifests.sort();
+        let mut out = Vec::with_capacity(manifests.len());
+        let mut names = std::collections::HashSet::new();
+        for path in manifests {
+            let loaded = Manifest::load(&path).and_then(|(m, wasm)| {
+                if !names.insert(m.name.clone()) {
+                    return Err(PluginError::Manifest {
+                        origin: path.display().to_string(),
+                        message: format!(
+                            "a plugin named {} is already loaded from this directory",
+                            m.name
+                        ),
+                    });
+                }
+                self.load(m, &wasm)
+            });
+            out.push((path, loaded));
+        }
+        Ok(out)
     }
 
     /// Summarise a component without loading it as a plugin (for `ferry plugin inspect`).

@@ -13,11 +13,14 @@
 //!   .load(Manifest, &wasm) -> LoadedPlugin   sha256, world, version, grants, link
 //!   .adapter_info / .probe / .open_disk -> OpenDisk { extents, read, changes }
 //!   .run_hook(&plugin, &HookContext, &PlanKv) -> HookOutcome
+//!   .load_dir(dir)                        third-party plugins: *.toml manifests
+//! harness::run_adapter(&host, &plugin, disk, out)   what an adapter exposes, for tests
 //! ```
 
 mod adapter;
 mod bindings;
 mod error;
+pub mod harness;
 mod hook;
 mod host;
 mod inspect;
@@ -31,7 +34,7 @@ pub use adapter::{
 };
 pub use error::{GuestError, PluginError};
 pub use hook::{HookContext, HookItem, HookOutcome, Operation, Phase};
-pub use host::{HostConfig, LoadedPlugin, PluginHost};
+pub use host::{DirEntryLoad, HostConfig, LoadedPlugin, PluginHost};
 pub use inspect::{
     ACCEPTED_WIT_VERSIONS, HOST_WIT_VERSION, ImportInfo, Summary,
     version_ok as wit_version_accepted,
