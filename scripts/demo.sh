@@ -52,6 +52,10 @@ v export --item demo-vm --point latest --out "$demo/restored.img"
 cmp "$demo/disk.img" "$demo/restored.img" && echo "restored image is identical to the source"
 echo "== ferry vault verify --read-data"
 v verify --read-data
+echo "== ferry plugin: the built-in physical adapter (WebAssembly, sandboxed) exposes the same disk"
+"$ferry" plugin list
+"$ferry" plugin run builtin:physical --disk "$demo/disk.img" --out "$demo/via-plugin.img"
+cmp "$demo/disk.img" "$demo/via-plugin.img" && echo "the adapter's raw disk is identical to the source"
 
 cat <<MSG
 
@@ -61,5 +65,7 @@ Next:
   $ferry vault points  --repo $repo --passphrase-file $demo/passphrase --json
   $ferry vault export  --repo $repo --passphrase-file $demo/passphrase --item demo-vm --point <ID> --out /tmp/vm.img
   $ferry vault import  --repo s3://bucket/prefix ...   (S3: AWS_* variables; Azure: az://container with AZURE_*)
+  $ferry plugin inspect builtin:webhook     # what a plugin imports and needs granted
+  sdk/GUIDE.md          # write your own plugin
   bench/run.sh          # Ferry vs restic vs borg, side by side
 MSG
