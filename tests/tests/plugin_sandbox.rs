@@ -306,4 +306,91 @@ async fn hostile_plugins_are_refused_or_stopped_and_the_host_survives() {
     let mut buf = vec![0u8; 4 << 20];
     d.read_into(0, &mut buf).await.unwrap();
     assert_eq!(buf, data);
+    drop(d);
+
+    // Fuel, when the host meters it, stops a spinning plugin before its deadline.
+    let fueled = PluginHost::new(HostConfig {
+        fuel: true,
+        log: sink.clone(),
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let mut m = hostile_manifest("spin");
+    m.limits.deadline_ms = 60_000;
+    m.limits.fuel = Some(50_000_000);
+    let p = fueled.load(m, &hostile).unwrap();
+    let mut d = fueled
+        .open_disk(&p, Arc::new(FileSource::open(&path).unwrap()))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let e = d.read(0, 4096).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PluginError::Fuel {
+                budget: 50_000_000,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(30));
+}
+
+/// The compiled cache is used only in a directory nobody else can write into, and it survives
+/// a restart (a new host loads without compiling: the cache file is not rewritten).
+#[test]
+fn the_compiled_cache_is_private_and_reused() {
+    use std::os::unix::fs::PermissionsExt;
+    let wasm = ferry_builtin_plugins::PHYSICAL.wasm;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cfg = HostConfig {
+        cache_dir: Some(cache.clone()),
+        ..HostConfig::default()
+    };
+    let entries = || -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
+        let mut v = Vec::new();
+        for sub in std::fs::read_dir(&cache).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(sub.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                v.push((f.path(), f.metadata().unwrap().modified().unwrap()));
+            }
+        }
+        v
+    };
+    PluginHost::new(cfg.clone())
+        .unwrap()
+        .load(ferry_builtin_plugins::PHYSICAL.manifest(), wasm)
+        .unwrap();
+    let first = entries();
+    assert_eq!(first.len(), 1, "{first:?}");
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "cache dir mode {mode:o}");
+    PluginHost::new(cfg.clone())
+        .unwrap()
+        .load(ferry_builtin_plugins::PHYSICAL.manifest(), wasm)
+        .unwrap();
+    assert_eq!(
+        entries(),
+        first,
+        "a restart loads from the cache without rewriting it"
+    );
+
+    // A cache directory others can write into is not trusted: nothing is read or written.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    PluginHost::new(HostConfig {
+        cache_dir: Some(shared.clone()),
+        ..HostConfig::default()
+    })
+    .unwrap()
+    .load(ferry_builtin_plugins::PHYSICAL.manifest(), wasm)
+    .unwrap();
+    assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
 }

@@ -364,10 +364,7 @@ impl PluginHost {
     /// Load every plugin of a directory: each `*.toml` directly in `dir` is a manifest whose
     /// `component` is relative to it. Results are per manifest, in file-name order, so one bad
     /// plugin does not hide the others; files other than `*.toml` are ignored.
-    pub fn load_dir(
-        &self,
-        dir: &Path,
-    ) -> Result<Vec<DirEntryLoad>, PluginError> {
+    pub fn load_dir(&self, dir: &Path) -> Result<Vec<DirEntryLoad>, PluginError> {
         let io = |source| PluginError::Io {
             what: "reading plugin directory",
             path: dir.to_path_buf(),
