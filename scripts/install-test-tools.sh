@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the external tools Ferry's tests and benchmark use.
 #
-#   apt:  restic borgbackup debootstrap e2fsprogs zstd time openssl
+#   apt:  restic borgbackup debootstrap e2fsprogs zstd time openssl qemu-utils
 #   npm:  azurite        (global; provides `azurite-blob`, the Azure Blob emulator)
 #   pip:  moto[server]   (provides `moto_server`, the S3 emulator)
 #   rustup targets: wasm32-unknown-unknown (plugins), wasm32-wasip2 (a sandbox test)
@@ -50,6 +50,7 @@ probe_apt e2fsprogs e2fsck
 probe_apt zstd zstd
 probe_apt time /usr/bin/time
 probe_apt openssl openssl
+probe_apt qemu-utils qemu-img
 
 if ((${#apt_missing[@]})); then
     # de-duplicate (e2fsprogs can be listed twice)
