@@ -8,6 +8,8 @@ use std::process::Command;
 
 const PLUGINS: &[(&str, &str)] = &[
     ("ferry-plugin-physical", "ferry_plugin_physical"),
+    ("ferry-plugin-vmware", "ferry_plugin_vmware"),
+    ("ferry-plugin-hyperv", "ferry_plugin_hyperv"),
     ("ferry-plugin-webhook", "ferry_plugin_webhook"),
 ];
 
@@ -26,6 +28,8 @@ fn main() {
         "sdk/wit",
         "sdk/plugin",
         "plugins/physical",
+        "plugins/vmware",
+        "plugins/hyperv",
         "plugins/webhook",
         "Cargo.lock",
         ".cargo/config.toml",

@@ -30,7 +30,8 @@ pub enum PluginCmd {
     },
     /// Run a source adapter over a disk and write the raw virtual disk it exposes.
     Run {
-        /// Component file, or `builtin:NAME`.
+        /// Component file, `builtin:NAME`, or `auto` (the first built-in adapter whose probe
+        /// accepts the disk; a fixed VHD, whose footer is at its end, needs `builtin:hyperv`).
         plugin: String,
         /// The disk image or block device handed to the adapter.
         #[arg(long, value_name = "PATH")]
@@ -122,8 +123,11 @@ fn host(cache: Option<PathBuf>, fuel: bool) -> Result<PluginHost> {
     })?)
 }
 
+/// A component to run: its display name, bytes, and the built-in it is, if any.
+type Component = (String, Vec<u8>, Option<ferry_builtin_plugins::Builtin>);
+
 /// The component bytes and a display name for `FILE` or `builtin:NAME`.
-fn component(spec: &str) -> Result<(String, Vec<u8>)> {
+fn component(spec: &str) -> Result<Component> {
     if let Some(name) = spec.strip_prefix("builtin:") {
         let b = ferry_builtin_plugins::get(name).with_context(|| {
             let names: Vec<_> = ferry_builtin_plugins::ALL.iter().map(|b| b.name).collect();
@@ -132,7 +136,7 @@ fn component(spec: &str) -> Result<(String, Vec<u8>)> {
                 names.join(", ")
             )
         })?;
-        return Ok((b.name.to_string(), b.wasm.to_vec()));
+        return Ok((b.name.to_string(), b.wasm.to_vec(), Some(b)));
     }
     let path = Path::new(spec);
     let wasm = std::fs::read(path).with_context(|| format!("cannot read component `{spec}`"))?;
@@ -157,12 +161,45 @@ fn component(spec: &str) -> Result<(String, Vec<u8>)> {
             name
         },
         wasm,
+        None,
     ))
 }
 
-fn manifest(name: &str, world: World, common: &CommonArgs, implied: &[&str]) -> Result<Manifest> {
+/// `auto`: the first built-in source adapter whose `probe` accepts the disk's first 64 KiB
+/// (physical, which accepts anything, is tried last).
+async fn probe_builtin(h: &PluginHost, disk: &Path) -> Result<Component> {
+    use std::io::Read;
+    let mut header = Vec::with_capacity(ferry_plugin_host::PROBE_BYTES);
+    std::fs::File::open(disk)
+        .with_context(|| format!("cannot open --disk `{}`", disk.display()))?
+        .take(ferry_plugin_host::PROBE_BYTES as u64)
+        .read_to_end(&mut header)
+        .with_context(|| format!("cannot read --disk `{}`", disk.display()))?;
+    for b in ferry_builtin_plugins::ALL {
+        if b.world != World::SourceAdapter {
+            continue;
+        }
+        let p = h.load(b.manifest(), b.wasm)?;
+        if h.probe(&p, &header).await? {
+            return Ok((b.name.to_string(), b.wasm.to_vec(), Some(*b)));
+        }
+    }
+    bail!("no built-in adapter recognises `{}`", disk.display())
+}
+
+fn manifest(
+    name: &str,
+    world: World,
+    builtin: Option<ferry_builtin_plugins::Builtin>,
+    common: &CommonArgs,
+    implied: &[&str],
+) -> Result<Manifest> {
     let mut m = Manifest::new(name, world);
     let mut g = Grants::default();
+    // A built-in keeps the related-file patterns of its formats.
+    if let Some(b) = builtin.filter(|b| !b.related.is_empty()) {
+        g.add_cli(&format!("related={}", b.related.join(",")))?;
+    }
     for spec in implied
         .iter()
         .copied()
@@ -273,7 +310,7 @@ pub async fn run(cmd: PluginCmd) -> Result<ExitCode> {
             })
         }
         PluginCmd::Inspect { plugin, json } => {
-            let (name, wasm) = component(&plugin)?;
+            let (name, wasm, _) = component(&plugin)?;
             let h = host(None, false)?;
             let (s, sha) = h.inspect(&wasm)?;
             let accepted = s
@@ -352,12 +389,13 @@ pub async fn run(cmd: PluginCmd) -> Result<ExitCode> {
             };
             let ctx: HookContext =
                 serde_json::from_str(&text).context("--context is not a valid hook context")?;
-            let (name, wasm) = component(&plugin)?;
+            let (name, wasm, builtin) = component(&plugin)?;
             let h = host(common.plugin_cache.clone(), common.fuel.is_some())?;
             let p = h.load(
                 manifest(
                     &name,
                     World::FailoverHook,
+                    builtin,
                     &common,
                     &["log", "config", "clock", "kv"],
                 )?,
@@ -418,12 +456,17 @@ async fn run_adapter(
     changes: Option<&Path>,
     common: &CommonArgs,
 ) -> Result<ExitCode> {
-    let (name, wasm) = component(plugin)?;
     let h = host(common.plugin_cache.clone(), common.fuel.is_some())?;
+    let (name, wasm, builtin) = if plugin == "auto" {
+        probe_builtin(&h, disk).await?
+    } else {
+        component(plugin)?
+    };
     let p: LoadedPlugin = h.load(
         manifest(
             &name,
             World::SourceAdapter,
+            builtin,
             common,
             &["source", "log", "config", "clock"],
         )?,

@@ -2,8 +2,8 @@
 //! crate's build script from `plugins/*`) and their manifests.
 //!
 //! Built-in plugins are trusted to the same degree as third-party ones: they get the same
-//! sandbox and limits, and only the grants their world needs (no related files, no HTTP hosts
-//! until the operator allow-lists some).
+//! sandbox and limits, and only the grants their world needs (related files only by the
+//! patterns of their formats, no HTTP hosts until the operator allow-lists some).
 
 use ferry_plugin_host::{Grants, Manifest, World};
 
@@ -14,6 +14,8 @@ pub struct Builtin {
     pub world: World,
     pub description: &'static str,
     pub wasm: &'static [u8],
+    /// File-name patterns of related files it may open by default (multi-file formats).
+    pub related: &'static [&'static str],
 }
 
 pub const PHYSICAL: Builtin = Builtin {
@@ -21,6 +23,23 @@ pub const PHYSICAL: Builtin = Builtin {
     world: World::SourceAdapter,
     description: "raw block devices and raw disk images",
     wasm: include_bytes!(concat!(env!("OUT_DIR"), "/ferry_plugin_physical.wasm")),
+    related: &[],
+};
+
+pub const VMWARE: Builtin = Builtin {
+    name: "vmware",
+    world: World::SourceAdapter,
+    description: "VMware VMDK: monolithicSparse, streamOptimized, flat, twoGbMaxExtent*, ESXi; CBT",
+    wasm: include_bytes!(concat!(env!("OUT_DIR"), "/ferry_plugin_vmware.wasm")),
+    related: &["*.vmdk"],
+};
+
+pub const HYPERV: Builtin = Builtin {
+    name: "hyperv",
+    world: World::SourceAdapter,
+    description: "Hyper-V VHDX and VHD: fixed, dynamic, differencing; RCT",
+    wasm: include_bytes!(concat!(env!("OUT_DIR"), "/ferry_plugin_hyperv.wasm")),
+    related: &["*.vhdx", "*.avhdx", "*.vhd"],
 };
 
 pub const WEBHOOK: Builtin = Builtin {
@@ -28,9 +47,12 @@ pub const WEBHOOK: Builtin = Builtin {
     world: World::FailoverHook,
     description: "POSTs a JSON event to an allow-listed URL at a recovery plan step",
     wasm: include_bytes!(concat!(env!("OUT_DIR"), "/ferry_plugin_webhook.wasm")),
+    related: &[],
 };
 
-pub const ALL: &[Builtin] = &[PHYSICAL, WEBHOOK];
+/// Every built-in plugin; source adapters in the order `auto` probes them (physical, which
+/// accepts anything, last).
+pub const ALL: &[Builtin] = &[VMWARE, HYPERV, PHYSICAL, WEBHOOK];
 
 /// A built-in plugin by name.
 pub fn get(name: &str) -> Option<Builtin> {
@@ -38,11 +60,15 @@ pub fn get(name: &str) -> Option<Builtin> {
 }
 
 impl Builtin {
-    /// The default manifest: every capability of its world, nothing allow-listed.
+    /// The default manifest: every capability of its world, no HTTP hosts, and the related
+    /// files its formats need (VMDK extents, VHDX/VHD parents) next to the opened disk.
     pub fn manifest(&self) -> Manifest {
         let mut m = Manifest::new(self.name, self.world);
         m.version = env!("CARGO_PKG_VERSION").to_string();
         m.grants = Grants::all_for(self.world);
+        if let Some(source) = &mut m.grants.source {
+            source.related = self.related.iter().map(|p| (*p).to_string()).collect();
+        }
         m
     }
 }

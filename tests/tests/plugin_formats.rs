@@ -1,0 +1,139 @@
+//! The built-in VMware and Hyper-V adapters inside the real host (sandbox, limits, related
+//! files through `open-related`), through the real `ferry` binary: every format `qemu-img`
+//! writes from a real ext4 image is exposed byte for byte as `qemu-img convert -O raw` of the
+//! same file, with the adapter picked by `auto` probing where the format can be probed.
+
+use std::path::Path;
+use std::process::Command;
+
+use ferry_e2e::{ferry_bin, make_ext4, sha256_file};
+
+fn qemu_img(args: &[&str]) {
+    let o = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (installed by scripts/install-test-tools.sh)");
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn ferry_run(plugin: &str, disk: &Path, out: &Path, cache: &Path) -> serde_json::Value {
+    let o = Command::new(ferry_bin())
+        .args(["plugin", "run", plugin, "--disk"])
+        .arg(disk)
+        .arg("--out")
+        .arg(out)
+        .arg("--json")
+        .env("FERRY_PLUGIN_CACHE", cache)
+        .output()
+        .expect("run ferry");
+    assert!(
+        o.status.success(),
+        "ferry plugin run {plugin} {}: {}",
+        disk.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn vmdk_vhdx_and_vhd_from_qemu_img_are_exposed_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cache = d.join("cache");
+    let raw = d.join("disk.raw");
+    make_ext4(&raw, "96M");
+
+    // (file, qemu-img -O args, qemu-img input format for the oracle, ferry plugin to use)
+    let cases: &[(&str, &[&str], &str, &str)] = &[
+        (
+            "sparse.vmdk",
+            &["-O", "vmdk", "-o", "subformat=monolithicSparse"],
+            "vmdk",
+            "auto",
+        ),
+        (
+            "stream.vmdk",
+            &["-O", "vmdk", "-o", "subformat=streamOptimized"],
+            "vmdk",
+            "auto",
+        ),
+        (
+            "flat.vmdk",
+            &["-O", "vmdk", "-o", "subformat=monolithicFlat"],
+            "vmdk",
+            "auto",
+        ),
+        (
+            "split.vmdk",
+            &["-O", "vmdk", "-o", "subformat=twoGbMaxExtentSparse"],
+            "vmdk",
+            "auto",
+        ),
+        (
+            "splitflat.vmdk",
+            &["-O", "vmdk", "-o", "subformat=twoGbMaxExtentFlat"],
+            "vmdk",
+            "auto",
+        ),
+        ("dynamic.vhdx", &["-O", "vhdx"], "vhdx", "auto"),
+        (
+            "blocks1m.vhdx",
+            &["-O", "vhdx", "-o", "block_size=1M"],
+            "vhdx",
+            "auto",
+        ),
+        (
+            "dynamic.vhd",
+            &["-O", "vpc", "-o", "subformat=dynamic,force_size=on"],
+            "vpc",
+            "auto",
+        ),
+        // A fixed VHD's footer is at its end: probing the first 64 KiB cannot see it.
+        (
+            "fixed.vhd",
+            &["-O", "vpc", "-o", "subformat=fixed,force_size=on"],
+            "vpc",
+            "builtin:hyperv",
+        ),
+    ];
+    for (file, args, fmt, plugin) in cases {
+        let img = d.join(file);
+        let mut a: Vec<&str> = vec!["convert", "-f", "raw"];
+        a.extend_from_slice(args);
+        a.push(raw.to_str().unwrap());
+        a.push(img.to_str().unwrap());
+        qemu_img(&a);
+        let oracle = d.join(format!("{file}.oracle.raw"));
+        qemu_img(&[
+            "convert",
+            "-f",
+            fmt,
+            "-O",
+            "raw",
+            img.to_str().unwrap(),
+            oracle.to_str().unwrap(),
+        ]);
+
+        let out = d.join(format!("{file}.ferry.raw"));
+        let r = ferry_run(plugin, &img, &out, &cache);
+        assert_eq!(
+            sha256_file(&out),
+            sha256_file(&oracle),
+            "{file}: the adapter's disk differs from qemu-img's"
+        );
+        let expected_plugin = if file.ends_with(".vmdk") {
+            "vmware"
+        } else {
+            "hyperv"
+        };
+        assert_eq!(r["plugin"], expected_plugin, "{file}: {r}");
+        assert!(
+            r["bytes_read"].as_u64().unwrap() <= r["disk"]["virtual_size"].as_u64().unwrap(),
+            "{file}: {r}"
+        );
+    }
+}
