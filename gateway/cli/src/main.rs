@@ -21,6 +21,7 @@ use ferry_store::{
 };
 use serde_json::json;
 
+mod adapted;
 mod plugin;
 
 #[derive(Parser, Debug)]
@@ -103,14 +104,19 @@ enum VaultCmd {
         /// Protected item (machine) name.
         #[arg(long)]
         item: String,
-        /// Raw disk image or block device.
+        /// Disk image (raw, or the --format's container) or block device.
         #[arg(long)]
         disk: PathBuf,
+        /// Read the disk through a built-in source adapter: auto (probe), raw, vmdk, vhdx or
+        /// vhd. Without it the disk is a raw image read directly.
+        #[arg(long, value_name = "FORMAT")]
+        format: Option<String>,
         /// Name of the disk within the item.
         #[arg(long, default_value = "disk0")]
         disk_name: String,
-        /// Changed areas since the item's latest point (vSphere DiskChangeInfo JSON): only
-        /// these are read; the rest comes from the previous point.
+        /// Changed areas since the item's latest point: only these are read; the rest comes
+        /// from the previous point. vSphere CBT DiskChangeInfo JSON; with --format also
+        /// Hyper-V RCT ranges (vhdx/vhd) or a ferry-checksums list (raw).
         #[arg(long, value_name = "FILE")]
         changes: Option<PathBuf>,
         /// Chunk size for a disk new to the vault: a power of two from 64K to 4M.
@@ -430,6 +436,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             repo,
             item,
             disk,
+            format,
             disk_name,
             changes,
             chunk_size,
@@ -437,14 +444,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             tags,
         } => {
             let v = open(&repo).await?;
-            let changes = match &changes {
+            let (changes, adapted) = match &format {
                 Some(f) => {
-                    let size = ferry_store::source::SourceDisk::open(&disk)?.size();
-                    Some(ferry_store::changes::load_changes(f, size)?)
+                    let mut opened = adapted::open(f, &disk, changes.as_deref()).await?;
+                    (opened.changes.take(), Some(opened))
                 }
-                None => None,
+                None => match &changes {
+                    Some(f) => {
+                        let size = ferry_store::source::SourceDisk::open(&disk)?.size();
+                        (Some(ferry_store::changes::load_changes(f, size)?), None)
+                    }
+                    None => (None, None),
+                },
             };
             let mut o = ImportOptions::full(item, disk);
+            if let Some(a) = adapted {
+                o.source = format!("import {} via {}", o.disk_path.display(), a.adapter);
+                o.disk = Some(a.disk);
+            }
             o.disk_name = disk_name;
             o.changes = changes;
             o.chunk_size = chunk_size_arg(chunk_size)?;

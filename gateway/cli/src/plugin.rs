@@ -103,7 +103,7 @@ pub struct CommonArgs {
     json: bool,
 }
 
-fn default_cache() -> Option<PathBuf> {
+pub(crate) fn default_cache() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("FERRY_CACHE_DIR").filter(|v| !v.is_empty()) {
         return Some(PathBuf::from(d).join("plugins"));
     }

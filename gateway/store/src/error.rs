@@ -124,6 +124,14 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// Reading a disk from a non-file source (a source adapter) failed.
+    #[error("cannot read disk `{disk}`: {message}")]
+    SourceRead {
+        /// The disk, as its source names it.
+        disk: String,
+        /// What failed.
+        message: String,
+    },
     /// Writing an output file failed.
     #[error("cannot write `{path}`: {source}")]
     OutputIo {

@@ -33,7 +33,7 @@ use crate::index::{INDEX_PREFIX, PackInfo, SegmentPack, encode_segment};
 use crate::pack::{BlobKind, Compressor, FinishedPack, PackBuilder};
 use crate::point::{Consistency, DiskRecord, PointRecord, new_point_id, now_ms};
 use crate::sealed::{POINT_MAGIC, SEGMENT_MAGIC};
-use crate::source::{SourceDisk, chunk_ranges, overlaps};
+use crate::source::{DiskSource, SourceDisk, chunk_ranges, overlaps};
 use crate::tree::{PageStore, TreeBuilder};
 use crate::vault::{PointSelector, Vault};
 use crate::{ChunkId, check_name, is_all_zero};
@@ -47,6 +47,9 @@ pub struct ImportOptions {
     pub disk_name: String,
     /// Raw image or block device.
     pub disk_path: PathBuf,
+    /// Read the disk from this source instead of opening `disk_path` as a raw image (a source
+    /// adapter's virtual disk, bridged by the caller). `disk_path` is then only a label.
+    pub disk: Option<Arc<dyn DiskSource>>,
     /// Changed byte ranges since the item's latest point (`None`: full read).
     pub changes: Option<Vec<Range<u64>>>,
     /// Chunk size for a disk new to the vault (default: the vault's).
@@ -68,6 +71,7 @@ impl ImportOptions {
             disk_name: "disk0".into(),
             source: format!("import {}", disk_path.display()),
             disk_path,
+            disk: None,
             changes: None,
             chunk_size: None,
             consistency: Consistency::Crash,
@@ -191,7 +195,10 @@ impl Vault {
         if opts.source.len() > 1024 {
             return Err(StoreError::InvalidArgument("source text too long".into()));
         }
-        let disk = SourceDisk::open(&opts.disk_path)?;
+        let disk: Arc<dyn DiskSource> = match &opts.disk {
+            Some(d) => d.clone(),
+            None => Arc::new(SourceDisk::open(&opts.disk_path)?),
+        };
         let size = disk.size();
         let prev = match self.point(&opts.item, &PointSelector::Latest).await {
             Ok(p) => Some(p),
@@ -214,7 +221,7 @@ impl Vault {
                     return Err(StoreError::InvalidArgument(format!(
                         "disk `{}` is {size} bytes but was {} bytes in point {}: after a \
                          resize, import without --changes",
-                        disk.path().display(),
+                        disk.name(),
                         d.size,
                         prev.as_ref().map_or("", |p| p.id.as_str())
                     )));
@@ -245,7 +252,7 @@ impl Vault {
                         "changed range {}..{} is past the end of the {size}-byte disk `{}`",
                         bad.start,
                         bad.end,
-                        disk.path().display()
+                        disk.name()
                     )));
                 }
                 chunk_ranges(c, chunk_size, size)
@@ -357,7 +364,7 @@ impl Vault {
 fn run_pipeline(
     shared: &Arc<Shared>,
     handle: tokio::runtime::Handle,
-    disk: SourceDisk,
+    disk: Arc<dyn DiskSource>,
     extents: Vec<Range<u64>>,
     plan: Vec<Range<u64>>,
     chunk_size: u32,
@@ -383,7 +390,7 @@ fn run_pipeline(
         // Reader.
         let reader_done = done_tx.clone();
         let sh = shared.clone();
-        let disk = &disk;
+        let disk = &*disk;
         let extents = &extents;
         let plan = &plan;
         let reader = scope.spawn(move || -> Result<()> {

@@ -1,4 +1,6 @@
-//! Reading a source disk: a raw image file or a block device.
+//! Reading a source disk: a raw image file or a block device, or anything else that exposes
+//! a virtual disk through [`DiskSource`] (a source adapter reading VMDK or VHDX, bridged by the
+//! caller: the store knows nothing of plugins).
 //!
 //! Sparse files are read by allocated extents only (`SEEK_DATA`/`SEEK_HOLE`): a hole is known
 //! to be zero without reading it. Block devices and file systems without hole reporting are
@@ -11,6 +13,44 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, StoreError};
+
+/// What ingest reads a disk from. Reads come from one thread, in increasing offsets.
+pub trait DiskSource: Send + Sync + std::fmt::Debug {
+    /// The disk as messages name it (a path, or `adapter:file`).
+    fn name(&self) -> String;
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Extents that hold data, sorted and disjoint; everything else is zero and is not read.
+    fn data_extents(&self) -> Result<Vec<Range<u64>>>;
+    /// Reads `buf.len()` bytes at `offset`; bytes past the end of the disk read as zero.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Advisory read-ahead of `[offset, offset + len)`.
+    fn prefetch(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
+}
+
+impl DiskSource for SourceDisk {
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn size(&self) -> u64 {
+        SourceDisk::size(self)
+    }
+
+    fn data_extents(&self) -> Result<Vec<Range<u64>>> {
+        SourceDisk::data_extents(self)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        SourceDisk::read_at(self, buf, offset)
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        SourceDisk::prefetch(self, offset, len);
+    }
+}
 
 /// An open source disk.
 #[derive(Debug)]
