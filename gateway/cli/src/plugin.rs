@@ -96,6 +96,9 @@ pub struct CommonArgs {
     /// Fuel per call (turns fuel metering on).
     #[arg(long)]
     fuel: Option<u64>,
+    /// Also print the SHA-256 of the whole virtual disk (`run`).
+    #[arg(long)]
+    sha256: bool,
     /// Directory of compiled components [default: <cache dir>/plugins].
     #[arg(long, env = "FERRY_PLUGIN_CACHE", value_name = "DIR")]
     plugin_cache: Option<PathBuf>,
@@ -474,7 +477,16 @@ async fn run_adapter(
     )?;
     let started = Instant::now();
     let Some(doc_path) = changes else {
-        let r = ferry_plugin_host::harness::run_adapter(&h, &p, disk, Some(out)).await?;
+        let object = FileSource::open(disk)
+            .with_context(|| format!("cannot open --disk `{}`", disk.display()))?;
+        let r = ferry_plugin_host::harness::run_adapter_on(
+            &h,
+            &p,
+            Arc::new(object),
+            Some(out),
+            common.sha256,
+        )
+        .await?;
         let secs = started.elapsed().as_secs_f64();
         let data_extents = r
             .extents
@@ -490,7 +502,7 @@ async fn run_adapter(
             }));
         } else {
             say(&format!(
-                "{name}: {} disk of {} bytes ({} extents, {data_extents} with data); read {} bytes, skipped {} unallocated/zero, in {secs:.2} s; wrote {} (sha256 {})",
+                "{name}: {} disk of {} bytes ({} extents, {data_extents} with data); read {} bytes, skipped {} unallocated/zero, in {secs:.2} s; wrote {}{}",
                 r.disk.format,
                 r.disk.virtual_size,
                 r.extents.len(),
@@ -498,6 +510,9 @@ async fn run_adapter(
                 r.bytes_skipped,
                 out.display(),
                 r.sha256
+                    .as_deref()
+                    .map(|h| format!(" (sha256 {h})"))
+                    .unwrap_or_default()
             ));
             if r.dropped_log_lines > 0 {
                 say(&format!(

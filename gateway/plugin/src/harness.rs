@@ -25,8 +25,8 @@ pub struct AdapterRun {
     pub disk: DiskInfo,
     /// Extents of the whole virtual disk, as the adapter reported them.
     pub extents: Vec<Extent>,
-    /// SHA-256 (hex) of the whole virtual disk.
-    pub sha256: String,
+    /// SHA-256 (hex) of the whole virtual disk, when asked for.
+    pub sha256: Option<String>,
     /// Bytes of `data` extents read through the adapter.
     pub bytes_read: u64,
     /// Bytes of `zero` / `unallocated` extents (never read).
@@ -51,15 +51,16 @@ pub async fn run_adapter(
 ) -> Result<AdapterRun, PluginError> {
     let object: Arc<dyn SourceObject> =
         Arc::new(FileSource::open(disk).map_err(|e| host_io("opening", disk, e))?);
-    run_adapter_on(host, plugin, object, out).await
+    run_adapter_on(host, plugin, object, out, true).await
 }
 
-/// [`run_adapter`] over any source object.
+/// [`run_adapter`] over any source object; `hash` off skips the SHA-256 (for conversions).
 pub async fn run_adapter_on(
     host: &PluginHost,
     plugin: &LoadedPlugin,
     object: Arc<dyn SourceObject>,
     out: Option<&Path>,
+    hash: bool,
 ) -> Result<AdapterRun, PluginError> {
     let mut d = host.open_disk(plugin, object).await?;
     let info = d.info().clone();
@@ -96,7 +97,9 @@ pub async fn run_adapter_on(
             if e.kind == ExtentKind::Data {
                 let chunk = &mut buf[..n];
                 d.read_into(at, chunk).await?;
-                sha.update(&*chunk);
+                if hash {
+                    sha.update(&*chunk);
+                }
                 if let Some((f, p)) = &file
                     && chunk.iter().any(|&b| b != 0)
                 {
@@ -105,7 +108,9 @@ pub async fn run_adapter_on(
                 }
                 bytes_read += n as u64;
             } else {
-                sha.update(&zeros[..n]);
+                if hash {
+                    sha.update(&zeros[..n]);
+                }
                 bytes_skipped += n as u64;
             }
             at += n as u64;
@@ -117,7 +122,7 @@ pub async fn run_adapter_on(
     Ok(AdapterRun {
         disk: info,
         extents,
-        sha256: hex::encode(sha.finalize()),
+        sha256: hash.then(|| hex::encode(sha.finalize())),
         bytes_read,
         bytes_skipped,
         dropped_log_lines: d.dropped_log_lines(),
