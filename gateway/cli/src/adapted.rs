@@ -102,7 +102,9 @@ pub async fn open(format: &str, path: &Path, changes: Option<&Path>) -> Result<O
     })
 }
 
-async fn probe(host: &PluginHost, path: &Path) -> Result<ferry_builtin_plugins::Builtin> {
+/// `auto`: the first built-in source adapter whose `probe` accepts the disk's first 64 KiB
+/// (physical, which accepts anything, is tried last).
+pub async fn probe(host: &PluginHost, path: &Path) -> Result<ferry_builtin_plugins::Builtin> {
     use std::io::Read;
     let mut header = Vec::new();
     std::fs::File::open(path)

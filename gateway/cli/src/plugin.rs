@@ -168,28 +168,6 @@ fn component(spec: &str) -> Result<Component> {
     ))
 }
 
-/// `auto`: the first built-in source adapter whose `probe` accepts the disk's first 64 KiB
-/// (physical, which accepts anything, is tried last).
-async fn probe_builtin(h: &PluginHost, disk: &Path) -> Result<Component> {
-    use std::io::Read;
-    let mut header = Vec::with_capacity(ferry_plugin_host::PROBE_BYTES);
-    std::fs::File::open(disk)
-        .with_context(|| format!("cannot open --disk `{}`", disk.display()))?
-        .take(ferry_plugin_host::PROBE_BYTES as u64)
-        .read_to_end(&mut header)
-        .with_context(|| format!("cannot read --disk `{}`", disk.display()))?;
-    for b in ferry_builtin_plugins::ALL {
-        if b.world != World::SourceAdapter {
-            continue;
-        }
-        let p = h.load(b.manifest(), b.wasm)?;
-        if h.probe(&p, &header).await? {
-            return Ok((b.name.to_string(), b.wasm.to_vec(), Some(*b)));
-        }
-    }
-    bail!("no built-in adapter recognises `{}`", disk.display())
-}
-
 fn manifest(
     name: &str,
     world: World,
@@ -461,7 +439,8 @@ async fn run_adapter(
 ) -> Result<ExitCode> {
     let h = host(common.plugin_cache.clone(), common.fuel.is_some())?;
     let (name, wasm, builtin) = if plugin == "auto" {
-        probe_builtin(&h, disk).await?
+        let b = crate::adapted::probe(&h, disk).await?;
+        (b.name.to_string(), b.wasm.to_vec(), Some(b))
     } else {
         component(plugin)?
     };
