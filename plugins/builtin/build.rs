@@ -10,6 +10,7 @@ const PLUGINS: &[(&str, &str)] = &[
     ("ferry-plugin-physical", "ferry_plugin_physical"),
     ("ferry-plugin-vmware", "ferry_plugin_vmware"),
     ("ferry-plugin-hyperv", "ferry_plugin_hyperv"),
+    ("ferry-plugin-aws", "ferry_plugin_aws"),
     ("ferry-plugin-webhook", "ferry_plugin_webhook"),
 ];
 
@@ -30,6 +31,7 @@ fn main() {
         "plugins/physical",
         "plugins/vmware",
         "plugins/hyperv",
+        "plugins/aws",
         "plugins/webhook",
         "Cargo.lock",
         ".cargo/config.toml",

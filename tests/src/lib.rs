@@ -7,6 +7,9 @@
 //!   container or a moto bucket, with the options and environment to reach it.
 //! - [`make_ext4`] builds a real ext4 image with `scripts/make-ext4-image.sh`.
 //! - [`ferry_bin`] finds the `ferry` binary built next to the test executable.
+//! - [`ebs::EbsServer`] is a small EBS direct APIs server (moto's `ListChangedBlocks` is wrong).
+
+pub mod ebs;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

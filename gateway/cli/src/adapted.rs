@@ -1,4 +1,4 @@
-//! `ferry vault import --format …`: a disk read through a source adapter, handed to the store's
+//! `ferry vault import --format …` and `--source ebs`: a disk read through a source adapter, handed to the store's
 //! ingest as a [`DiskSource`].
 //!
 //! The store reads from one thread with blocking calls; a plugin instance lives in an async
@@ -12,7 +12,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use ferry_plugin_host::{ExtentKind, FileSource, HostConfig, OpenDisk, PluginHost, World};
+use ferry_plugin_host::{
+    ExtentKind, FileSource, HostConfig, HttpGrant, OpenDisk, PluginHost, SourceObject, World,
+};
 use ferry_store::StoreError;
 use ferry_store::source::DiskSource;
 use tokio::sync::{mpsc, oneshot};
@@ -46,26 +48,57 @@ pub struct Opened {
     pub adapter: String,
 }
 
-/// Open `path` with the adapter `format` names (probing with `auto`), translate `changes` (a
-/// CBT, RCT or checksum-list document) through it, and start serving reads.
-pub async fn open(format: &str, path: &Path, changes: Option<&Path>) -> Result<Opened> {
-    let Some((_, builtin)) = FORMATS.iter().find(|(f, _)| *f == format) else {
-        let names: Vec<_> = FORMATS.iter().map(|(f, _)| *f).collect();
-        bail!("--format `{format}` is not one of {}", names.join(", "));
-    };
+/// Where the disk comes from.
+#[derive(Debug)]
+pub enum Input<'a> {
+    /// A disk file in `format` (`auto` probes).
+    File { format: &'a str, path: &'a Path },
+    /// An EBS snapshot, read by the `aws` adapter through the EBS direct APIs.
+    Ebs(crate::ebs::EbsSource),
+}
+
+/// Open the disk `input` names through its built-in adapter, translate the change document
+/// (a CBT, RCT or checksum-list file for disks; `{"FirstSnapshotId"}` for EBS) through it,
+/// and start serving reads.
+pub async fn open(input: Input<'_>, changes: Option<Vec<u8>>) -> Result<Opened> {
     let host = PluginHost::new(HostConfig {
         cache_dir: crate::plugin::default_cache(),
         ..HostConfig::default()
     })?;
-    let b = match builtin {
-        Some(name) => ferry_builtin_plugins::get(name)
-            .with_context(|| format!("built-in adapter `{name}` is missing"))?,
-        None => probe(&host, path).await?,
+    let (b, plugin, object, label): (_, _, Arc<dyn SourceObject>, String) = match input {
+        Input::File { format, path } => {
+            let Some((_, builtin)) = FORMATS.iter().find(|(f, _)| *f == format) else {
+                let names: Vec<_> = FORMATS.iter().map(|(f, _)| *f).collect();
+                bail!("--format `{format}` is not one of {}", names.join(", "));
+            };
+            let b = match builtin {
+                Some(name) => ferry_builtin_plugins::get(name)
+                    .with_context(|| format!("built-in adapter `{name}` is missing"))?,
+                None => probe(&host, path).await?,
+            };
+            let plugin = host.load(b.manifest(), b.wasm)?;
+            let object = FileSource::open(path)
+                .with_context(|| format!("cannot open --disk `{}`", path.display()))?;
+            (b, plugin, Arc::new(object), path.display().to_string())
+        }
+        Input::Ebs(ebs) => {
+            let b =
+                ferry_builtin_plugins::get("aws").context("built-in adapter `aws` is missing")?;
+            let mut manifest = b.manifest();
+            manifest.grants.http = Some(HttpGrant {
+                allow: vec![ebs.allow_host()?],
+            });
+            manifest
+                .config
+                .insert("endpoint".into(), ebs.endpoint.clone());
+            let plugin = host
+                .load(manifest, b.wasm)?
+                .with_http_signer(ebs.signer.clone());
+            let label = format!("ebs:{}", ebs.snapshot);
+            (b, plugin, Arc::new(ebs.reference()), label)
+        }
     };
-    let plugin = host.load(b.manifest(), b.wasm)?;
-    let object = FileSource::open(path)
-        .with_context(|| format!("cannot open --disk `{}`", path.display()))?;
-    let mut disk = host.open_disk(&plugin, Arc::new(object)).await?;
+    let mut disk = host.open_disk(&plugin, object).await?;
     let size = disk.info().virtual_size;
     let mut data: Vec<Range<u64>> = Vec::new();
     let mut pos = 0;
@@ -81,9 +114,7 @@ pub async fn open(format: &str, path: &Path, changes: Option<&Path>) -> Result<O
     }
     let changes = match changes {
         Some(doc) => {
-            let bytes = std::fs::read(doc)
-                .with_context(|| format!("cannot read --changes `{}`", doc.display()))?;
-            let extents = disk.changes(&bytes).await?;
+            let extents = disk.changes(&doc).await?;
             Some(extents.iter().map(|e| e.offset..e.end()).collect())
         }
         None => None,
@@ -92,7 +123,7 @@ pub async fn open(format: &str, path: &Path, changes: Option<&Path>) -> Result<O
     tokio::spawn(serve(disk, rx, size));
     Ok(Opened {
         disk: Arc::new(AdaptedDisk {
-            name: format!("{}:{}", b.name, path.display()),
+            name: format!("{}:{label}", b.name),
             size,
             data,
             requests: tx,

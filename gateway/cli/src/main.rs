@@ -22,6 +22,7 @@ use ferry_store::{
 use serde_json::json;
 
 mod adapted;
+mod ebs;
 mod plugin;
 
 #[derive(Parser, Debug)]
@@ -36,6 +37,10 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing would only obscure the clap definitions"
+)]
 enum Cmd {
     /// Work directly on a vault (no daemon needed).
     Vault {
@@ -105,8 +110,38 @@ enum VaultCmd {
         #[arg(long)]
         item: String,
         /// Disk image (raw, or the --format's container) or block device.
-        #[arg(long)]
-        disk: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "snapshot",
+            conflicts_with = "snapshot"
+        )]
+        disk: Option<PathBuf>,
+        /// Where the disk comes from: `disk` (--disk) or `ebs` (--snapshot, read through the
+        /// EBS direct APIs by the built-in `aws` adapter; credentials from AWS_ACCESS_KEY_ID /
+        /// AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or the shared credentials file, signed by
+        /// the host: the adapter never sees them).
+        #[arg(long, default_value = "disk", value_parser = ["disk", "ebs"])]
+        source: String,
+        /// EBS snapshot id to import (with --source ebs).
+        #[arg(long, value_name = "ID")]
+        snapshot: Option<String>,
+        /// Incremental EBS import: only the blocks that changed since this snapshot
+        /// (ListChangedBlocks) are read; the rest comes from the item's latest point, which
+        /// must be that snapshot's import.
+        #[arg(
+            long,
+            value_name = "ID",
+            requires = "snapshot",
+            conflicts_with = "changes"
+        )]
+        base_snapshot: Option<String>,
+        /// EBS endpoint (default: AWS_ENDPOINT_URL_EBS, AWS_ENDPOINT_URL, or
+        /// https://ebs.REGION.amazonaws.com).
+        #[arg(long, value_name = "URL", requires = "snapshot")]
+        endpoint: Option<String>,
+        /// AWS region (default: AWS_REGION, AWS_DEFAULT_REGION).
+        #[arg(long, requires = "snapshot")]
+        region: Option<String>,
         /// Read the disk through a built-in source adapter: auto (probe), raw, vmdk, vhdx or
         /// vhd. Without it the disk is a raw image read directly.
         #[arg(long, value_name = "FORMAT")]
@@ -436,28 +471,94 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             repo,
             item,
             disk,
+            source,
+            snapshot,
+            base_snapshot,
+            endpoint,
+            region,
             format,
             disk_name,
             changes,
             chunk_size,
             app_consistent,
-            tags,
+            mut tags,
         } => {
             let v = open(&repo).await?;
-            let (changes, adapted) = match &format {
-                Some(f) => {
-                    let mut opened = adapted::open(f, &disk, changes.as_deref()).await?;
-                    (opened.changes.take(), Some(opened))
-                }
-                None => match &changes {
-                    Some(f) => {
-                        let size = ferry_store::source::SourceDisk::open(&disk)?.size();
-                        (Some(ferry_store::changes::load_changes(f, size)?), None)
-                    }
-                    None => (None, None),
-                },
+            let read_doc = |p: &std::path::Path| {
+                std::fs::read(p).with_context(|| format!("cannot read --changes `{}`", p.display()))
             };
-            let mut o = ImportOptions::full(item, disk);
+            let (changes, adapted, label) = match (source.as_str(), snapshot, disk) {
+                ("ebs", Some(snapshot), None) => {
+                    if format.is_some() {
+                        bail!("--format is for --disk; an EBS snapshot is read by the aws adapter");
+                    }
+                    if let Some(base) = &base_snapshot {
+                        // The unchanged blocks come from the latest point: it must be `base`.
+                        let latest = v.point(&item, &PointSelector::Latest).await.with_context(
+                            || {
+                                format!(
+                                    "--base-snapshot {base}: item `{item}` has no point to build on"
+                                )
+                            },
+                        )?;
+                        let imported = latest
+                            .tags
+                            .iter()
+                            .find(|(k, _)| k == "ebs-snapshot")
+                            .map(|(_, v)| v.as_str());
+                        if imported != Some(base.as_str()) {
+                            bail!(
+                                "--base-snapshot {base}: the latest point of `{item}` ({}) was imported from {}, so blocks unchanged since {base} cannot be taken from it",
+                                latest.id,
+                                imported.map_or("no EBS snapshot".to_string(), |s| format!(
+                                    "snapshot {s}"
+                                ))
+                            );
+                        }
+                    }
+                    let doc = base_snapshot.as_deref().map(ebs::changes_since);
+                    let ebs = ebs::EbsSource::resolve(ebs::EbsArgs {
+                        snapshot: snapshot.clone(),
+                        endpoint,
+                        region,
+                    })?;
+                    let mut opened = adapted::open(adapted::Input::Ebs(ebs), doc).await?;
+                    tags.push(format!("ebs-snapshot={snapshot}"));
+                    if let Some(base) = &base_snapshot {
+                        tags.push(format!("ebs-base-snapshot={base}"));
+                    }
+                    (
+                        opened.changes.take(),
+                        Some(opened),
+                        PathBuf::from(format!("ebs:{snapshot}")),
+                    )
+                }
+                ("disk", None, Some(disk)) => match &format {
+                    Some(f) => {
+                        let doc = changes.as_deref().map(read_doc).transpose()?;
+                        let input = adapted::Input::File {
+                            format: f,
+                            path: &disk,
+                        };
+                        let mut opened = adapted::open(input, doc).await?;
+                        (opened.changes.take(), Some(opened), disk)
+                    }
+                    None => match &changes {
+                        Some(f) => {
+                            let size = ferry_store::source::SourceDisk::open(&disk)?.size();
+                            (
+                                Some(ferry_store::changes::load_changes(f, size)?),
+                                None,
+                                disk,
+                            )
+                        }
+                        None => (None, None, disk),
+                    },
+                },
+                ("ebs", _, _) => bail!("--source ebs takes --snapshot ID, not --disk"),
+                _ => bail!("--snapshot needs --source ebs"),
+            };
+            let mut o = ImportOptions::full(item, label);
             if let Some(a) = adapted {
                 o.source = format!("import {} via {}", o.disk_path.display(), a.adapter);
                 o.disk = Some(a.disk);

@@ -99,6 +99,10 @@ pub struct CommonArgs {
     /// Also print the SHA-256 of the whole virtual disk (`run`).
     #[arg(long)]
     sha256: bool,
+    /// fsync the output file before exiting (`run`; like `qemu-img convert`, the default
+    /// leaves writeback to the kernel).
+    #[arg(long)]
+    sync: bool,
     /// Directory of compiled components [default: <cache dir>/plugins].
     #[arg(long, env = "FERRY_PLUGIN_CACHE", value_name = "DIR")]
     plugin_cache: Option<PathBuf>,
@@ -463,7 +467,10 @@ async fn run_adapter(
             &p,
             Arc::new(object),
             Some(out),
-            common.sha256,
+            ferry_plugin_host::harness::RunOptions {
+                hash: common.sha256,
+                sync: common.sync,
+            },
         )
         .await?;
         let secs = started.elapsed().as_secs_f64();

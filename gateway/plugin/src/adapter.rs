@@ -67,6 +67,11 @@ pub enum Location {
     Zero,
     /// Only the adapter's `read` produces them.
     Adapter,
+    /// In a related object the plugin holds open (its reader id), at this offset, as is.
+    Related {
+        reader: u32,
+        offset: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -406,19 +411,29 @@ impl OpenDisk {
                 wit::Location::Source(o) => Location::Source(o),
                 wit::Location::Zero => Location::Zero,
                 wit::Location::Adapter => Location::Adapter,
+                wit::Location::Related(r) => Location::Related {
+                    reader: r.reader,
+                    offset: r.offset,
+                },
             };
             let tiles = m.offset == pos
                 && m.length > 0
                 && m.offset.checked_add(m.length).is_some_and(|x| x <= end);
             let inside = match location {
                 Location::Source(o) => o.checked_add(m.length).is_some_and(|x| x <= object_size),
-                _ => true,
+                Location::Related { reader, offset } => self
+                    .job
+                    .store
+                    .data()
+                    .reader_object(reader)
+                    .is_some_and(|r| offset.checked_add(m.length).is_some_and(|x| x <= r.size())),
+                Location::Zero | Location::Adapter => true,
             };
             if !tiles || !inside {
                 return Err(self.bad(
                     "locate",
                     format!(
-                        "mapping {}+{} -> {location:?} does not continue at {pos} within {offset}+{length} and the {object_size}-byte object",
+                        "mapping {}+{} -> {location:?} does not continue at {pos} within {offset}+{length}, or is not inside the {object_size}-byte object or an open related reader",
                         m.offset, m.length
                     ),
                 ));
@@ -448,21 +463,14 @@ impl OpenDisk {
                 let dst = &mut buf[lo..hi];
                 match m.location {
                     Location::Zero => dst.fill(0),
-                    Location::Source(at) => {
-                        let got = self.object.read_at(dst, at).map_err(|e| {
-                            PluginError::Host(format!(
-                                "reading {} at {at}: {e}",
-                                self.object.name()
-                            ))
-                        })?;
-                        if got != dst.len() {
-                            return Err(PluginError::Host(format!(
-                                "{} ended at {} while reading {} bytes at {at}",
-                                self.object.name(),
-                                at + got as u64,
-                                dst.len()
-                            )));
-                        }
+                    Location::Source(at) => read_exact(&*self.object, dst, at)?,
+                    Location::Related { reader, offset } => {
+                        // Checked by `locate`; the plugin cannot drop it in between.
+                        let object =
+                            self.job.store.data().reader_object(reader).ok_or_else(|| {
+                                PluginError::Host(format!("related reader {reader} is gone"))
+                            })?;
+                        read_exact(&*object, dst, offset)?;
                     }
                     Location::Adapter => {
                         let mut done = 0;
@@ -566,4 +574,20 @@ impl OpenDisk {
             }
         }
     }
+}
+
+/// Fill `dst` from `object` at `at`; a short read is an error naming the object.
+fn read_exact(object: &dyn SourceObject, dst: &mut [u8], at: u64) -> Result<(), PluginError> {
+    let got = object
+        .read_at(dst, at)
+        .map_err(|e| PluginError::Host(format!("reading {} at {at}: {e}", object.name())))?;
+    if got != dst.len() {
+        return Err(PluginError::Host(format!(
+            "{} ended at {} while reading {} bytes at {at}",
+            object.name(),
+            at + got as u64,
+            dst.len()
+        )));
+    }
+    Ok(())
 }

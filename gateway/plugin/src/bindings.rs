@@ -2,7 +2,7 @@
 //!
 //! Every import and export is async so a call can yield at epoch ticks (the deadline) and host
 //! imports can wait on I/O with timeouts. The hook world reuses the adapter world's shared
-//! interfaces so the host implements `log`, `config` and `clock` once.
+//! interfaces so the host implements `log`, `config`, `clock` and `http` once.
 
 pub mod adapter {
     wasmtime::component::bindgen!({
@@ -27,6 +27,7 @@ pub mod hook {
             "ferry:plugin/log": crate::bindings::adapter::ferry::plugin::log,
             "ferry:plugin/config": crate::bindings::adapter::ferry::plugin::config,
             "ferry:plugin/clock": crate::bindings::adapter::ferry::plugin::clock,
+            "ferry:plugin/http": crate::bindings::adapter::ferry::plugin::http,
         },
     });
 }

@@ -41,6 +41,16 @@ fn host_io(what: &str, path: &Path, e: std::io::Error) -> PluginError {
     PluginError::Host(format!("{what} {}: {e}", path.display()))
 }
 
+/// What [`run_adapter_on`] does besides reading.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Hash the whole virtual disk (SHA-256).
+    pub hash: bool,
+    /// fsync the output before returning (like `qemu-img convert`, the default leaves the
+    /// writeback to the kernel).
+    pub sync: bool,
+}
+
 /// Open `disk` with `plugin`, read its whole virtual disk through the data path, hash it, and
 /// write it to `out` (a sparse raw file) when given.
 pub async fn run_adapter(
@@ -51,16 +61,31 @@ pub async fn run_adapter(
 ) -> Result<AdapterRun, PluginError> {
     let object: Arc<dyn SourceObject> =
         Arc::new(FileSource::open(disk).map_err(|e| host_io("opening", disk, e))?);
-    run_adapter_on(host, plugin, object, out, true).await
+    let opts = RunOptions {
+        hash: true,
+        sync: true,
+    };
+    run_adapter_on(host, plugin, object, out, opts).await
 }
 
-/// [`run_adapter`] over any source object; `hash` off skips the SHA-256 (for conversions).
+/// One piece for the writer thread: data to hash and write, or a run of zeros to hash.
+enum Piece {
+    Data(u64, Vec<u8>),
+    Zeros(usize),
+}
+
+/// Pieces in flight between the reading task and the writer thread (memory: this many MiB).
+const IN_FLIGHT: usize = 4;
+
+/// [`run_adapter`] over any source object. The adapter is driven on the calling task while a
+/// writer thread hashes and writes what it produced, so reading and writing overlap; at most
+/// [`IN_FLIGHT`] pieces of 1 MiB are in flight.
 pub async fn run_adapter_on(
     host: &PluginHost,
     plugin: &LoadedPlugin,
     object: Arc<dyn SourceObject>,
     out: Option<&Path>,
-    hash: bool,
+    opts: RunOptions,
 ) -> Result<AdapterRun, PluginError> {
     let mut d = host.open_disk(plugin, object).await?;
     let info = d.info().clone();
@@ -75,7 +100,7 @@ pub async fn run_adapter_on(
             }
             let f = File::create(p).map_err(|e| host_io("creating", p, e))?;
             f.set_len(size).map_err(|e| host_io("sizing", p, e))?;
-            Some((f, p))
+            Some((f, p.to_path_buf()))
         }
         None => None,
     };
@@ -86,43 +111,78 @@ pub async fn run_adapter_on(
         pos = batch.last().map_or(size, Extent::end);
         extents.extend(batch);
     }
-    let mut sha = Sha256::new();
-    let mut buf = vec![0u8; PIECE];
-    let zeros = vec![0u8; PIECE];
-    let (mut bytes_read, mut bytes_skipped) = (0u64, 0u64);
-    for e in &extents {
-        let mut at = e.offset;
-        while at < e.end() {
-            let n = usize::try_from((e.end() - at).min(PIECE as u64)).unwrap_or(PIECE);
-            if e.kind == ExtentKind::Data {
-                let chunk = &mut buf[..n];
-                d.read_into(at, chunk).await?;
-                if hash {
-                    sha.update(&*chunk);
+
+    let (to_writer, mut pieces) = tokio::sync::mpsc::channel::<Piece>(IN_FLIGHT);
+    let (recycle, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT + 1);
+    let hash = opts.hash;
+    let writer = std::thread::spawn(move || -> Result<Option<String>, PluginError> {
+        let mut sha = Sha256::new();
+        let zeros = vec![0u8; PIECE];
+        while let Some(piece) = pieces.blocking_recv() {
+            match piece {
+                Piece::Zeros(n) => {
+                    if hash {
+                        sha.update(&zeros[..n]);
+                    }
                 }
-                if let Some((f, p)) = &file
-                    && chunk.iter().any(|&b| b != 0)
-                {
-                    f.write_all_at(chunk, at)
-                        .map_err(|e| host_io("writing", p, e))?;
+                Piece::Data(at, chunk) => {
+                    if hash {
+                        sha.update(&chunk);
+                    }
+                    if let Some((f, p)) = &file
+                        && chunk.iter().any(|&b| b != 0)
+                    {
+                        f.write_all_at(&chunk, at)
+                            .map_err(|e| host_io("writing", p, e))?;
+                    }
+                    let _ = recycle.try_send(chunk);
                 }
-                bytes_read += n as u64;
-            } else {
-                if hash {
-                    sha.update(&zeros[..n]);
-                }
-                bytes_skipped += n as u64;
             }
-            at += n as u64;
         }
-    }
-    if let Some((f, p)) = &file {
-        f.sync_all().map_err(|e| host_io("syncing", p, e))?;
-    }
+        if let Some((f, p)) = &file
+            && opts.sync
+        {
+            f.sync_all().map_err(|e| host_io("syncing", p, e))?;
+        }
+        Ok(hash.then(|| hex::encode(sha.finalize())))
+    });
+
+    let (mut bytes_read, mut bytes_skipped) = (0u64, 0u64);
+    let read = async {
+        for e in &extents {
+            let mut at = e.offset;
+            while at < e.end() {
+                let n = usize::try_from((e.end() - at).min(PIECE as u64)).unwrap_or(PIECE);
+                let piece = if e.kind == ExtentKind::Data {
+                    let mut buf = spare.try_recv().unwrap_or_else(|_| vec![0u8; PIECE]);
+                    buf.resize(n, 0);
+                    d.read_into(at, &mut buf).await?;
+                    bytes_read += n as u64;
+                    Piece::Data(at, buf)
+                } else {
+                    bytes_skipped += n as u64;
+                    Piece::Zeros(n)
+                };
+                // A closed channel means the writer failed: its error is reported below.
+                if to_writer.send(piece).await.is_err() {
+                    return Ok(());
+                }
+                at += n as u64;
+            }
+        }
+        Ok::<(), PluginError>(())
+    };
+    let read_result = read.await;
+    drop(to_writer);
+    let written = writer
+        .join()
+        .map_err(|_| PluginError::Host("the output writer thread panicked".into()))?;
+    read_result?;
+    let sha256 = written?;
     Ok(AdapterRun {
         disk: info,
         extents,
-        sha256: hash.then(|| hex::encode(sha.finalize())),
+        sha256,
         bytes_read,
         bytes_skipped,
         dropped_log_lines: d.dropped_log_lines(),

@@ -24,6 +24,7 @@ use crate::bindings;
 use crate::error::PluginError;
 use crate::inspect::{self, Summary};
 use crate::manifest::{Capability, Manifest, World};
+use crate::sigv4::SigV4;
 use crate::state::{
     DeadlineHit, HttpAccess, LogSink, MemoryCapHit, PlanKv, State, StateInit, StderrLog, on_epoch,
 };
@@ -92,6 +93,18 @@ pub type DirEntryLoad = (PathBuf, Result<LoadedPlugin, PluginError>);
 #[derive(Debug, Clone)]
 pub struct LoadedPlugin {
     pub(crate) inner: Arc<LoadedInner>,
+    signer: Option<Arc<SigV4>>,
+}
+
+impl LoadedPlugin {
+    /// The host signs every HTTP request of this plugin with `signer` (AWS SigV4), so an
+    /// adapter reading an AWS API never holds the operator's credentials. The plugin may not
+    /// set the signed headers itself. Needs the `http` grant.
+    #[must_use]
+    pub fn with_http_signer(mut self, signer: SigV4) -> LoadedPlugin {
+        self.signer = Some(Arc::new(signer));
+        self
+    }
 }
 
 #[derive(Debug)]
@@ -326,7 +339,7 @@ impl PluginHost {
             a::source::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(link_err)?;
         }
         if g.has(Capability::Http) {
-            h::http::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(link_err)?;
+            a::http::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(link_err)?;
         }
         if g.has(Capability::Kv) {
             h::kv::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(link_err)?;
@@ -348,6 +361,7 @@ impl PluginHost {
             .unwrap_or_default()
             .into();
         Ok(LoadedPlugin {
+            signer: None,
             inner: Arc::new(LoadedInner {
                 name,
                 sha256: sha,
@@ -408,6 +422,7 @@ impl PluginHost {
         let http = p.manifest.grants.http.as_ref().map(|g| HttpAccess {
             allow: g.allow.clone(),
             client: self.http_client.clone(),
+            signer: plugin.signer.clone(),
         });
         let state = State::new(StateInit {
             plugin: p.name.clone(),

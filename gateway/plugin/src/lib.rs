@@ -11,6 +11,7 @@
 //! ```text
 //! PluginHost::new(HostConfig)            engine + epoch ticker + cache
 //!   .load(Manifest, &wasm) -> LoadedPlugin   sha256, world, version, grants, link
+//!     .with_http_signer(SigV4)            the host signs the plugin's HTTP requests
 //!   .adapter_info / .probe / .open_disk -> OpenDisk { extents, read, changes }
 //!   .run_hook(&plugin, &HookContext, &PlanKv) -> HookOutcome
 //!   .load_dir(dir)                        third-party plugins: *.toml manifests
@@ -25,6 +26,7 @@ mod hook;
 mod host;
 mod inspect;
 mod manifest;
+pub mod sigv4;
 mod source;
 mod state;
 
@@ -40,5 +42,6 @@ pub use inspect::{
     version_ok as wit_version_accepted,
 };
 pub use manifest::{Capability, Grants, HttpGrant, Limits, Manifest, SourceGrant, World};
-pub use source::{Allocation, FileSource, SourceObject};
+pub use sigv4::SigV4;
+pub use source::{Allocation, BytesSource, FileSource, SourceObject};
 pub use state::{Level, LogSink, PlanKv, StderrLog, level_name};

@@ -69,6 +69,7 @@ impl World {
                 Capability::Config,
                 Capability::Clock,
                 Capability::Source,
+                Capability::Http,
             ],
             World::FailoverHook => &[
                 Capability::Log,

@@ -45,6 +45,62 @@ pub trait SourceObject: Send + Sync + std::fmt::Debug {
     fn open_related(&self, name: &str) -> io::Result<Arc<dyn SourceObject>>;
 }
 
+/// A small object held in memory: what the host hands an adapter whose source is not a file
+/// (the snapshot reference of the EBS adapter). It has no related objects.
+#[derive(Debug, Clone)]
+pub struct BytesSource {
+    name: String,
+    bytes: Arc<[u8]>,
+}
+
+impl BytesSource {
+    pub fn new(name: impl Into<String>, bytes: impl Into<Arc<[u8]>>) -> BytesSource {
+        BytesSource {
+            name: name.into(),
+            bytes: bytes.into(),
+        }
+    }
+}
+
+impl SourceObject for BytesSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(self.bytes.len());
+        let n = buf.len().min(self.bytes.len() - start);
+        buf[..n].copy_from_slice(&self.bytes[start..start + n]);
+        Ok(n)
+    }
+
+    fn allocation(&self, offset: u64, length: u64, _max: usize) -> io::Result<Vec<Allocation>> {
+        let end = offset.saturating_add(length).min(self.size());
+        Ok(if offset < end {
+            vec![Allocation {
+                offset,
+                length: end - offset,
+                allocated: true,
+            }]
+        } else {
+            Vec::new()
+        })
+    }
+
+    fn open_related(&self, name: &str) -> io::Result<Arc<dyn SourceObject>> {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{} has no related objects (asked for {name:?})", self.name),
+        ))
+    }
+}
+
 /// A local file or block device.
 #[derive(Debug)]
 pub struct FileSource {
@@ -209,6 +265,8 @@ pub(crate) fn check_related_name(name: &str, patterns: &[String]) -> Result<(), 
 #[derive(Debug, Clone)]
 pub struct ReaderHandle {
     pub(crate) object: Arc<dyn SourceObject>,
+    /// The instance-unique number `reader.id` answers and `location.related` names.
+    pub(crate) id: u32,
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, StoreContextMut, UpdateDeadline};
 
-use crate::bindings::adapter::ferry::plugin::{clock, config, log, source, types};
-use crate::bindings::hook::ferry::plugin::{http, kv};
+use crate::bindings::adapter::ferry::plugin::{clock, config, http, log, source, types};
+use crate::bindings::hook::ferry::plugin::kv;
 use crate::manifest::Limits;
 use crate::source::{MAX_OPEN_READERS, ReaderHandle, SourceObject, check_related_name};
 
@@ -194,6 +194,8 @@ impl LogGate {
 pub struct HttpAccess {
     pub(crate) allow: Vec<String>,
     pub(crate) client: reqwest::Client,
+    /// Credentials the host signs this plugin's requests with (never shown to it).
+    pub(crate) signer: Option<Arc<crate::sigv4::SigV4>>,
 }
 
 /// Everything one instance may touch.
@@ -207,6 +209,9 @@ pub(crate) struct State {
     config: Arc<BTreeMap<String, String>>,
     related: Arc<[String]>,
     open_readers: usize,
+    /// Open readers by id (for `location.related`); ids are never reused in an instance.
+    readers: std::collections::HashMap<u32, Arc<dyn SourceObject>>,
+    next_reader: u32,
     root: Option<Arc<dyn SourceObject>>,
     http: Option<HttpAccess>,
     kv: Option<PlanKv>,
@@ -245,6 +250,8 @@ impl State {
             config: init.config,
             related: init.related,
             open_readers: 0,
+            readers: std::collections::HashMap::new(),
+            next_reader: 0,
             root: None,
             http: init.http,
             kv: init.kv,
@@ -259,8 +266,21 @@ impl State {
         object: Arc<dyn SourceObject>,
     ) -> wasmtime::Result<Resource<ReaderHandle>> {
         self.root = Some(object.clone());
+        let handle = self.new_reader(object);
+        Ok(self.table.push(handle)?)
+    }
+
+    fn new_reader(&mut self, object: Arc<dyn SourceObject>) -> ReaderHandle {
         self.open_readers += 1;
-        Ok(self.table.push(ReaderHandle { object })?)
+        let id = self.next_reader;
+        self.next_reader = self.next_reader.saturating_add(1);
+        self.readers.insert(id, object.clone());
+        ReaderHandle { object, id }
+    }
+
+    /// The object of an open reader, by the id the plugin was told.
+    pub fn reader_object(&self, id: u32) -> Option<Arc<dyn SourceObject>> {
+        self.readers.get(&id).cloned()
     }
 
     pub fn dropped_log_lines(&self) -> u64 {
@@ -372,6 +392,10 @@ impl source::HostReader for State {
             .unwrap_or_default()
     }
 
+    async fn id(&mut self, r: Resource<ReaderHandle>) -> u32 {
+        self.table.get(&r).map_or(u32::MAX, |h| h.id)
+    }
+
     async fn size(&mut self, r: Resource<ReaderHandle>) -> u64 {
         self.reader(&r).map(|o| o.size()).unwrap_or(0)
     }
@@ -467,7 +491,8 @@ impl source::HostReader for State {
     }
 
     async fn drop(&mut self, r: Resource<ReaderHandle>) -> wasmtime::Result<()> {
-        self.table.delete(r)?;
+        let handle = self.table.delete(r)?;
+        self.readers.remove(&handle.id);
         self.open_readers = self.open_readers.saturating_sub(1);
         Ok(())
     }
@@ -517,9 +542,9 @@ impl source::Host for State {
                 ));
             }
         };
-        self.open_readers += 1;
+        let handle = self.new_reader(object);
         self.table
-            .push(ReaderHandle { object })
+            .push(handle)
             .map_err(|e| io_err(types::IoErrorKind::Io, e.to_string()))
     }
 }
@@ -636,18 +661,34 @@ impl http::Host for State {
                 "too many or too large request headers",
             ));
         }
-        let mut builder = access.client.request(method, url.clone());
-        for (k, v) in &request.headers {
+        let mut builder = access.client.request(method.clone(), url.clone());
+        let mut headers = request.headers;
+        for (k, _) in &headers {
             let lower = k.to_ascii_lowercase();
-            if matches!(
-                lower.as_str(),
-                "host" | "content-length" | "transfer-encoding" | "connection" | "upgrade"
-            ) {
+            let signed =
+                access.signer.is_some() && crate::sigv4::SIGNED_BY_HOST.contains(&lower.as_str());
+            if signed
+                || matches!(
+                    lower.as_str(),
+                    "host" | "content-length" | "transfer-encoding" | "connection" | "upgrade"
+                )
+            {
                 return Err(io_err(
                     types::IoErrorKind::Denied,
                     format!("header {k:?} is set by the host"),
                 ));
             }
+        }
+        if let Some(signer) = &access.signer {
+            signer.sign(
+                method.as_str(),
+                &url,
+                &mut headers,
+                &request.body,
+                SystemTime::now(),
+            );
+        }
+        for (k, v) in &headers {
             builder = builder.header(k.as_str(), v.as_str());
         }
         let builder = builder.body(request.body);
@@ -764,6 +805,46 @@ mod tests {
         }
         assert!(kv.set("one-too-many".into(), vec![]).is_err());
         kv.set("a".into(), vec![2]).unwrap(); // replacing is fine at the cap
+    }
+
+    /// A plugin whose requests the host signs may not set the signed headers itself, and
+    /// the refusal happens before anything is sent.
+    #[test]
+    fn signed_plugins_cannot_set_signed_headers() {
+        let signer = crate::sigv4::SigV4::new("AKID", "s3cret", None, "us-east-1", "ebs").unwrap();
+        let mut state = State::new(StateInit {
+            plugin: "p".into(),
+            limits: Arc::new(Limits::default()),
+            sink: Arc::new(StderrLog),
+            config: Arc::default(),
+            related: Arc::new([]),
+            http: Some(HttpAccess {
+                allow: vec!["127.0.0.1:9".into()],
+                client: reqwest::Client::new(),
+                signer: Some(Arc::new(signer)),
+            }),
+            kv: None,
+        });
+        state.deadline = Instant::now() + Duration::from_secs(5);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for header in ["Authorization", "X-Amz-Date", "x-amz-security-token"] {
+            let e = rt
+                .block_on(http::Host::send(
+                    &mut state,
+                    http::Request {
+                        method: "GET".into(),
+                        url: "http://127.0.0.1:9/snapshots/s/blocks".into(),
+                        headers: vec![(header.into(), "forged".into())],
+                        body: vec![],
+                    },
+                ))
+                .unwrap_err();
+            assert_eq!(e.kind, types::IoErrorKind::Denied, "{header}");
+            assert!(e.message.contains("set by the host"), "{}", e.message);
+        }
     }
 
     #[test]

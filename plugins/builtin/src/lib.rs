@@ -3,7 +3,8 @@
 //!
 //! Built-in plugins are trusted to the same degree as third-party ones: they get the same
 //! sandbox and limits, and only the grants their world needs (related files only by the
-//! patterns of their formats, no HTTP hosts until the operator allow-lists some).
+//! patterns of their formats, no HTTP hosts until the operator allow-lists some: the `aws`
+//! adapter reaches only the EBS endpoint its caller grants, with requests the host signs).
 
 use ferry_plugin_host::{Grants, Manifest, World};
 
@@ -42,6 +43,14 @@ pub const HYPERV: Builtin = Builtin {
     related: &["*.vhdx", "*.avhdx", "*.vhd"],
 };
 
+pub const AWS: Builtin = Builtin {
+    name: "aws",
+    world: World::SourceAdapter,
+    description: "AWS EBS snapshots through the EBS direct APIs (host-signed); ListChangedBlocks",
+    wasm: include_bytes!(concat!(env!("OUT_DIR"), "/ferry_plugin_aws.wasm")),
+    related: &[],
+};
+
 pub const WEBHOOK: Builtin = Builtin {
     name: "webhook",
     world: World::FailoverHook,
@@ -52,7 +61,7 @@ pub const WEBHOOK: Builtin = Builtin {
 
 /// Every built-in plugin; source adapters in the order `auto` probes them (physical, which
 /// accepts anything, last).
-pub const ALL: &[Builtin] = &[VMWARE, HYPERV, PHYSICAL, WEBHOOK];
+pub const ALL: &[Builtin] = &[VMWARE, HYPERV, AWS, PHYSICAL, WEBHOOK];
 
 /// A built-in plugin by name.
 pub fn get(name: &str) -> Option<Builtin> {

@@ -69,6 +69,15 @@ pub enum Location {
     Zero,
     /// Only [`Disk::read`] can produce them.
     Adapter,
+    /// In a related object the adapter holds open ([`crate::io::ReadAt::host_id`] of its
+    /// reader), at `offset`, stored as is: the host reads them itself. Only host readers have
+    /// an id; answer [`Location::Adapter`] for others.
+    Related {
+        /// The reader's host id.
+        reader: u32,
+        /// Byte offset in that object.
+        offset: u64,
+    },
 }
 
 /// One piece of a virtual range and where its bytes are.
@@ -363,6 +372,13 @@ impl ReadAt for Reader {
                 .map(|extents| extents.into_iter().map(Into::into).collect())
                 .map_err(Into::into),
             Inner::Local(r) => r.allocation(offset, length),
+        }
+    }
+
+    fn host_id(&self) -> Option<u32> {
+        match &self.inner {
+            Inner::Host(r) => Some(r.id()),
+            Inner::Local(r) => r.host_id(),
         }
     }
 }

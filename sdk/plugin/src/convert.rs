@@ -131,6 +131,9 @@ mod adapter {
                     Location::Source(o) => wit::Location::Source(o),
                     Location::Zero => wit::Location::Zero,
                     Location::Adapter => wit::Location::Adapter,
+                    Location::Related { reader, offset } => {
+                        wit::Location::Related(wit::RelatedLocation { reader, offset })
+                    }
                 },
             }
         }
@@ -192,9 +195,7 @@ mod adapter {
 mod hook {
     use super::{IoError, IoErrorKind, Level};
     use crate::bindings::hook::exports::ferry::plugin::hook as wit;
-    use crate::bindings::hook::ferry::plugin::http as wit_http;
     use crate::hook::{Context, Item, Operation, Outcome, Phase};
-    use crate::http::{Request, Response};
 
     shared_conversions!(crate::bindings::hook::ferry::plugin::types);
 
@@ -248,27 +249,6 @@ mod hook {
                 Outcome::Proceed => Self::Proceed,
                 Outcome::Skip(m) => Self::Skip(m),
                 Outcome::Abort(m) => Self::Abort(m),
-            }
-        }
-    }
-
-    impl From<Request> for wit_http::Request {
-        fn from(r: Request) -> Self {
-            Self {
-                method: r.method,
-                url: r.url,
-                headers: r.headers,
-                body: r.body,
-            }
-        }
-    }
-
-    impl From<wit_http::Response> for Response {
-        fn from(r: wit_http::Response) -> Self {
-            Self {
-                status: r.status,
-                headers: r.headers,
-                body: r.body,
             }
         }
     }

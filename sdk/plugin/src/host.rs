@@ -38,13 +38,21 @@ mod imp {
             .map_err(Into::into)
     }
 
-    #[cfg(feature = "hook")]
     pub(crate) fn http_send(
         request: crate::http::Request,
     ) -> Result<crate::http::Response, crate::io::IoError> {
-        let request = request.into();
-        crate::bindings::hook::ferry::plugin::http::send(&request)
-            .map(Into::into)
+        let request = common::http::Request {
+            method: request.method,
+            url: request.url,
+            headers: request.headers,
+            body: request.body,
+        };
+        common::http::send(&request)
+            .map(|r| crate::http::Response {
+                status: r.status,
+                headers: r.headers,
+                body: r.body,
+            })
             .map_err(Into::into)
     }
 
@@ -66,11 +74,13 @@ mod imp {
 
 #[cfg(not(all(target_arch = "wasm32", any(feature = "adapter", feature = "hook"))))]
 mod imp {
+    #[cfg(any(feature = "adapter", feature = "hook"))]
+    pub(crate) use crate::native::http_send;
     #[cfg(feature = "adapter")]
     pub(crate) use crate::native::open_related;
     pub(crate) use crate::native::{config_get, config_keys, log, now_ms};
     #[cfg(feature = "hook")]
-    pub(crate) use crate::native::{http_send, kv_delete, kv_get, kv_set};
+    pub(crate) use crate::native::{kv_delete, kv_get, kv_set};
 }
 
 pub(crate) use imp::*;

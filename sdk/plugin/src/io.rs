@@ -187,6 +187,13 @@ pub trait ReadAt {
             vec![Extent::data(offset, length)]
         })
     }
+
+    /// The host's id of this object when it is a host reader (see
+    /// [`crate::adapter::Location::Related`]): `disk.locate` may then point the host straight
+    /// at its bytes. `None` for buffers, files and other native readers.
+    fn host_id(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// Checks that `[offset, offset + length)` lies within an object of `size` bytes.
@@ -312,6 +319,9 @@ impl<T: ReadAt + ?Sized> ReadAt for &T {
     fn allocation(&self, offset: u64, length: u64) -> Result<Vec<Extent>, IoError> {
         (**self).allocation(offset, length)
     }
+    fn host_id(&self) -> Option<u32> {
+        (**self).host_id()
+    }
 }
 
 macro_rules! forward_read_at {
@@ -328,6 +338,9 @@ macro_rules! forward_read_at {
             }
             fn allocation(&self, offset: u64, length: u64) -> Result<Vec<Extent>, IoError> {
                 (**self).allocation(offset, length)
+            }
+            fn host_id(&self) -> Option<u32> {
+                (**self).host_id()
             }
         }
     )*};
@@ -368,6 +381,9 @@ impl<R: ReadAt> ReadAt for Named<R> {
     }
     fn allocation(&self, offset: u64, length: u64) -> Result<Vec<Extent>, IoError> {
         self.inner.allocation(offset, length)
+    }
+    fn host_id(&self) -> Option<u32> {
+        self.inner.host_id()
     }
 }
 

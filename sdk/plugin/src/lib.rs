@@ -11,7 +11,7 @@
 //! | [`hook`] (feature `hook`) | [`hook::FailoverHook`]: a pre/post step of a recovery plan |
 //! | [`io`] | [`io::ReadAt`]: byte access that works over the host reader *and* natively over files and buffers, so parsers are unit-tested and fuzzed natively; extents and I/O errors |
 //! | [`log`], [`config`], [`clock`] | the capabilities every plugin may be granted |
-//! | [`http`], [`kv`] (feature `hook`) | the capabilities of failover hooks |
+//! | [`http`] (either feature), [`kv`] (feature `hook`) | hooks call webhooks; API-backed adapters (EBS) call their service, signed by the host |
 //! | [`testing`] (native only) | in-process stand-ins for the host, for unit tests |
 //! | [`panic`](mod@panic) | panic messages reach the operator's log before the trap |
 //!
@@ -41,7 +41,7 @@ pub mod clock;
 pub mod config;
 #[cfg(feature = "hook")]
 pub mod hook;
-#[cfg(feature = "hook")]
+#[cfg(any(feature = "adapter", feature = "hook"))]
 pub mod http;
 pub mod io;
 #[cfg(feature = "hook")]

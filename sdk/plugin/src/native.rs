@@ -19,9 +19,9 @@ pub(crate) struct State {
     pub(crate) related: BTreeMap<String, std::rc::Rc<dyn crate::io::ReadAt>>,
     #[cfg(feature = "hook")]
     pub(crate) kv: BTreeMap<String, Vec<u8>>,
-    #[cfg(feature = "hook")]
+    #[cfg(any(feature = "adapter", feature = "hook"))]
     pub(crate) http_handler: Option<Box<crate::testing::HttpHandler>>,
-    #[cfg(feature = "hook")]
+    #[cfg(any(feature = "adapter", feature = "hook"))]
     pub(crate) sent: Vec<crate::http::Request>,
 }
 
@@ -145,7 +145,7 @@ pub(crate) fn kv_delete(key: &str) {
     with(|s| s.kv.remove(key));
 }
 
-#[cfg(feature = "hook")]
+#[cfg(any(feature = "adapter", feature = "hook"))]
 pub(crate) fn http_send(
     request: crate::http::Request,
 ) -> Result<crate::http::Response, crate::io::IoError> {

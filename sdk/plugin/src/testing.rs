@@ -53,12 +53,12 @@ pub fn add_related(name: impl Into<String>, reader: impl crate::io::ReadAt + 'st
 }
 
 /// What answers [`crate::http::send`] natively.
-#[cfg(feature = "hook")]
+#[cfg(any(feature = "adapter", feature = "hook"))]
 pub type HttpHandler =
     dyn FnMut(&crate::http::Request) -> Result<crate::http::Response, crate::io::IoError>;
 
 /// Answer HTTP requests with `handler` (without one, every request fails with `denied`).
-#[cfg(feature = "hook")]
+#[cfg(any(feature = "adapter", feature = "hook"))]
 pub fn set_http_handler(
     handler: impl FnMut(&crate::http::Request) -> Result<crate::http::Response, crate::io::IoError>
     + 'static,
@@ -67,7 +67,7 @@ pub fn set_http_handler(
 }
 
 /// The requests sent so far, in order.
-#[cfg(feature = "hook")]
+#[cfg(any(feature = "adapter", feature = "hook"))]
 #[must_use]
 pub fn sent_requests() -> Vec<crate::http::Request> {
     with(|s| s.sent.clone())
