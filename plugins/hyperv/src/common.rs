@@ -3,7 +3,7 @@
 //! [`Layer`] trait through which the disk (in `lib.rs`) walks a parent chain without knowing
 //! which format each file is.
 
-use ferry_plugin_sdk::adapter::Error;
+use ferry_plugin_sdk::adapter::{Error, Reader};
 use ferry_plugin_sdk::io::{IoError, ReadAt, read_exact_at};
 
 /// What one file of a chain stores for a run of its virtual disk.
@@ -28,9 +28,13 @@ pub(crate) trait Layer {
     fn segment(&self, offset: u64, end: u64) -> Result<(Seg, u64), Error>;
     /// Read `len` bytes of the file at `offset` (a [`Seg::Data`] offset).
     fn read_file(&self, offset: u64, len: usize) -> Result<Vec<u8>, Error>;
-    /// Whether [`Seg::Data`] offsets may be handed to the host as `Location::Source` (false when
-    /// a replayed log overlays the file).
-    fn source_readable(&self) -> bool;
+    /// The file: its host id (for `Location::Related`) and its allocation map (holes).
+    fn reader(&self) -> &Reader;
+    /// Whether the bytes `read_file` returns from `offset` are the file's own bytes at that
+    /// offset (which the host may then read itself, and whose holes read as zeros), and for how
+    /// many bytes that stays so (at least 1, at most `len`, which is more than 0). False where a
+    /// replayed VHDX log overlays the file, or past its end.
+    fn as_is(&self, offset: u64, len: u64) -> (bool, u64);
 }
 
 /// Largest virtual disk either format may describe here (64 TiB, the VHDX limit).

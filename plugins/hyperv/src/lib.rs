@@ -8,7 +8,11 @@
 //!   locators); both present a file as a `Layer` (in `common`): which virtual runs the file
 //!   stores where, and which it leaves to its parent.
 //! - [`HypervDisk`] stacks the layers of a chain (child first) and answers `extents`, `locate`
-//!   and `read` by asking each layer in turn.
+//!   and `read` by asking each layer in turn. `locate` points the host at bytes stored as is:
+//!   `Location::Source` in the opened file, `Location::Related` in a parent the host opened
+//!   (`Location::Adapter` only for pages a replayed VHDX log overlays, and for parents without a
+//!   host id natively). `extents` reports the holes of the files under stored bytes as
+//!   `unallocated` (`holes`).
 //! - [`rct`] validates RCT documents for `changes`.
 //! - [`fuzzing`] holds the entry points a fuzzer (and the mutation smoke test) drives.
 //!
@@ -19,6 +23,7 @@
 //! to use this adapter explicitly.
 
 mod common;
+mod holes;
 pub mod rct;
 pub mod vhd;
 pub mod vhdx;
@@ -30,6 +35,7 @@ use ferry_plugin_sdk::adapter::{
 use ferry_plugin_sdk::io::{Extent, ExtentKind, IoError, ReadAt};
 
 use common::{Layer, Seg, guid_le, uuid_be};
+use holes::Holes;
 
 /// Deepest parent chain followed (the opened file and up to 15 ancestors).
 pub const MAX_CHAIN: usize = 16;
@@ -164,6 +170,11 @@ enum Res {
 pub struct HypervDisk {
     /// The opened file first, then its parent, grandparent...
     chain: Vec<Image>,
+    /// Per file of the chain: its host id (what a `Location::Related` names; the opened
+    /// file's is not used), asked once at open.
+    ids: Vec<Option<u32>>,
+    /// Per file of the chain: the last window of its allocation map.
+    holes: Vec<Holes>,
     virtual_size: u64,
 }
 
@@ -220,6 +231,10 @@ impl HypervDisk {
             chain.push(image);
         }
         Ok(HypervDisk {
+            ids: std::iter::once(None)
+                .chain(chain[1..].iter().map(|i| i.layer().reader().host_id()))
+                .collect(),
+            holes: chain.iter().map(|_| Holes::default()).collect(),
             chain,
             virtual_size,
         })
@@ -269,21 +284,50 @@ impl Disk for HypervDisk {
     fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>, Error> {
         let end = check_range(self.virtual_size, offset, length)?;
         let mut out: Vec<Extent> = Vec::new();
+        let mut queries = holes::MAX_QUERIES;
         let mut pos = offset;
-        while pos < end {
+        'walk: while pos < end {
             let (res, len) = self.resolve(pos, end)?;
-            let kind = match res {
-                Res::Data(..) => ExtentKind::Data,
-                Res::Zero => ExtentKind::Zero,
-                Res::Unallocated => ExtentKind::Unallocated,
+            let (i, fo) = match res {
+                Res::Data(i, fo) => (i, fo),
+                Res::Zero | Res::Unallocated => {
+                    let kind = if res == Res::Zero {
+                        ExtentKind::Zero
+                    } else {
+                        ExtentKind::Unallocated
+                    };
+                    if !push_extent(&mut out, pos, len, kind) {
+                        break;
+                    }
+                    pos += len;
+                    continue;
+                }
             };
-            let full = out.len() == MAX_EXTENTS;
-            match out.last_mut() {
-                Some(last) if last.kind == kind => last.length += len,
-                _ if full => break,
-                _ => out.push(Extent::new(pos, len, kind)),
+            // Stored in file `i` from `fo`: where it is the file's own bytes, the file's holes
+            // read as zeros.
+            let layer = self.chain[i].layer();
+            let (start, stop) = (pos, pos + len);
+            while pos < stop {
+                let at = fo + (pos - start);
+                let (as_is, n) = layer.as_is(at, stop - pos);
+                let (allocated, n) = if as_is {
+                    match self.holes[i].lookup(layer.reader(), at, n, &mut queries) {
+                        Some(hit) => hit,
+                        None => break 'walk,
+                    }
+                } else {
+                    (true, n)
+                };
+                let kind = if allocated {
+                    ExtentKind::Data
+                } else {
+                    ExtentKind::Unallocated
+                };
+                if !push_extent(&mut out, pos, n, kind) {
+                    break 'walk;
+                }
+                pos += n;
             }
-            pos += len;
         }
         Ok(out)
     }
@@ -293,30 +337,26 @@ impl Disk for HypervDisk {
         let mut out: Vec<Mapping> = Vec::new();
         let mut pos = offset;
         while pos < end {
-            let (res, len) = self.resolve(pos, end)?;
+            let (res, mut len) = self.resolve(pos, end)?;
             let location = match res {
-                Res::Data(0, fo) if self.chain[0].layer().source_readable() => Location::Source(fo),
-                Res::Data(..) => Location::Adapter,
                 Res::Zero | Res::Unallocated => Location::Zero,
-            };
-            let merged = match (out.last_mut(), location) {
-                (Some(last), Location::Source(fo)) => match last.location {
-                    Location::Source(prev) if prev + last.length == fo => {
-                        last.length += len;
-                        true
+                Res::Data(i, fo) => {
+                    let (as_is, n) = self.chain[i].layer().as_is(fo, len);
+                    len = n;
+                    match (as_is, i, self.ids[i]) {
+                        (true, 0, _) => Location::Source(fo),
+                        (true, _, Some(reader)) => Location::Related { reader, offset: fo },
+                        _ => Location::Adapter,
                     }
-                    _ => false,
-                },
-                (Some(last), loc) if last.location == loc => {
-                    last.length += len;
-                    true
                 }
-                _ => false,
             };
-            if !merged {
-                if out.len() == MAX_EXTENTS {
-                    break;
-                }
+            if let Some(last) = out.last_mut()
+                && continues(last, location)
+            {
+                last.length += len;
+            } else if out.len() == MAX_EXTENTS {
+                break;
+            } else {
                 out.push(Mapping {
                     offset: pos,
                     length: len,
@@ -350,6 +390,43 @@ impl Disk for HypervDisk {
 
     fn changes(&self, document: &[u8]) -> Result<Box<dyn ChangeSet>, Error> {
         Ok(ChangeList::boxed(rct::parse(document, self.virtual_size)?))
+    }
+}
+
+/// Append an extent, merged into the last one when it continues it; false when the answer is
+/// full.
+fn push_extent(out: &mut Vec<Extent>, start: u64, len: u64, kind: ExtentKind) -> bool {
+    if let Some(last) = out.last_mut()
+        && last.kind == kind
+        && last.end() == start
+    {
+        last.length += len;
+        return true;
+    }
+    if out.len() == MAX_EXTENTS {
+        return false;
+    }
+    out.push(Extent::new(start, len, kind));
+    true
+}
+
+/// Whether `next` (starting where `last` ends) is where `last`'s bytes go on: the same place
+/// for zeros and adapter reads, the next byte of the same object for stored bytes.
+fn continues(last: &Mapping, next: Location) -> bool {
+    match (last.location, next) {
+        (Location::Source(a), Location::Source(b)) => a.checked_add(last.length) == Some(b),
+        (
+            Location::Related {
+                reader: r,
+                offset: a,
+            },
+            Location::Related {
+                reader: r2,
+                offset: b,
+            },
+        ) => r == r2 && a.checked_add(last.length) == Some(b),
+        (Location::Zero, Location::Zero) | (Location::Adapter, Location::Adapter) => true,
+        _ => false,
     }
 }
 

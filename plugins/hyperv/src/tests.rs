@@ -8,9 +8,11 @@ use crate::common::{crc32c, crc32c_without};
 use crate::vhdx::*;
 use ferry_plugin_sdk::io::Named;
 use ferry_plugin_sdk::testing;
+use std::cell::Cell;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::rc::Rc;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -87,6 +89,16 @@ fn read_all(d: &HypervDisk) -> Vec<u8> {
 
 /// Check `locate` answers against the expected bytes: `Source` ranges read from `file`.
 fn check_locate(d: &HypervDisk, file: &[u8], expect: &[u8]) -> Vec<Mapping> {
+    check_locate_in(d, file, &[], expect)
+}
+
+/// [`check_locate`], `Related` ranges read from the `related` file of their reader id.
+fn check_locate_in(
+    d: &HypervDisk,
+    file: &[u8],
+    related: &[(u32, &[u8])],
+    expect: &[u8],
+) -> Vec<Mapping> {
     let size = d.info().virtual_size;
     let maps = d.locate(0, size).unwrap();
     let mut pos = 0;
@@ -97,6 +109,16 @@ fn check_locate(d: &HypervDisk, file: &[u8], expect: &[u8]) -> Vec<Mapping> {
             Location::Source(fo) => {
                 assert_eq!(&file[fo as usize..(fo + m.length) as usize], want, "{m:?}");
             }
+            Location::Related { reader, offset } => {
+                let (_, bytes) = related
+                    .iter()
+                    .find(|(id, _)| *id == reader)
+                    .unwrap_or_else(|| panic!("{m:?} names an unknown reader"));
+                assert!(
+                    bytes[offset as usize..(offset + m.length) as usize] == *want,
+                    "{m:?}"
+                );
+            }
             Location::Zero => assert!(want.iter().all(|&b| b == 0), "{m:?}"),
             Location::Adapter => {}
         }
@@ -106,11 +128,155 @@ fn check_locate(d: &HypervDisk, file: &[u8], expect: &[u8]) -> Vec<Mapping> {
     for w in maps.windows(2) {
         let coalescable = match (w[0].location, w[1].location) {
             (Location::Source(a), Location::Source(b)) => a + w[0].length == b,
+            (
+                Location::Related {
+                    reader: r,
+                    offset: a,
+                },
+                Location::Related {
+                    reader: r2,
+                    offset: b,
+                },
+            ) => r == r2 && a + w[0].length == b,
             (a, b) => a == b,
         };
         assert!(!coalescable, "not coalesced: {w:?}");
     }
     maps
+}
+
+/// A reader that looks like the host's: a host id and (`map: Some`) an allocation map of
+/// `(start, end, allocated)` runs. Counts allocation queries.
+struct HostLike<R> {
+    inner: R,
+    id: Option<u32>,
+    map: Option<Vec<(u64, u64, bool)>>,
+    queries: Rc<Cell<usize>>,
+}
+
+impl<R: ReadAt> HostLike<R> {
+    fn new(inner: R, id: Option<u32>) -> Self {
+        HostLike {
+            inner,
+            id,
+            map: None,
+            queries: Rc::new(Cell::new(0)),
+        }
+    }
+
+    /// With the allocation map of `path` as qemu-img sees it (`qemu-img map -f raw`, which
+    /// asks SEEK_DATA/SEEK_HOLE like the host; natively `File` reports no holes).
+    fn with_holes_of(mut self, path: &Path) -> Self {
+        let out = run(Command::new("qemu-img")
+            .args(["map", "--output=json", "-f", "raw"])
+            .arg(path));
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        self.map = Some(
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    let s = e["start"].as_u64().unwrap();
+                    (
+                        s,
+                        s + e["length"].as_u64().unwrap(),
+                        e["data"].as_bool().unwrap(),
+                    )
+                })
+                .collect(),
+        );
+        self
+    }
+}
+
+impl<R: ReadAt> ReadAt for HostLike<R> {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, offset: u64, len: u32) -> Result<Vec<u8>, ferry_plugin_sdk::io::IoError> {
+        self.inner.read_at(offset, len)
+    }
+    fn allocation(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<Extent>, ferry_plugin_sdk::io::IoError> {
+        self.queries.set(self.queries.get() + 1);
+        let Some(map) = &self.map else {
+            return self.inner.allocation(offset, length);
+        };
+        let end = offset + length;
+        Ok(map
+            .iter()
+            .filter(|&&(s, e, _)| e > offset && s < end)
+            .map(|&(s, e, data)| {
+                let (s, e) = (s.max(offset), e.min(end));
+                let kind = if data {
+                    ExtentKind::Data
+                } else {
+                    ExtentKind::Unallocated
+                };
+                Extent::new(s, e - s, kind)
+            })
+            .collect())
+    }
+    fn host_id(&self) -> Option<u32> {
+        self.id
+    }
+}
+
+/// Open `path` as the host would: a host id (1) and the file's holes.
+fn open_host_file(path: &Path) -> Result<HypervDisk, Error> {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    HyperV::open(Reader::new(
+        HostLike::new(Named::new(name, File::open(path).unwrap()), Some(1)).with_holes_of(path),
+    ))
+}
+
+/// Merged `[start, end)` ranges of the extents of `kind`.
+fn ranges_of(ext: &[Extent], kind: ExtentKind) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for e in ext.iter().filter(|e| e.kind == kind) {
+        match out.last_mut() {
+            Some(last) if last.1 == e.offset => last.1 = e.end(),
+            _ => out.push((e.offset, e.end())),
+        }
+    }
+    out
+}
+
+/// Merged ranges qemu-img's map of `path` says satisfy `pick(data, zero)`.
+fn qemu_ranges(fmt: &str, path: &Path, pick: impl Fn(bool, bool) -> bool) -> Vec<(u64, u64)> {
+    let out = run(Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", fmt])
+        .arg(path));
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for m in v.as_array().unwrap() {
+        if pick(m["data"].as_bool().unwrap(), m["zero"].as_bool().unwrap()) {
+            let s = m["start"].as_u64().unwrap();
+            let e = s + m["length"].as_u64().unwrap();
+            match ranges.last_mut() {
+                Some(last) if last.1 == s => last.1 = e,
+                _ => ranges.push((s, e)),
+            }
+        }
+    }
+    ranges
+}
+
+/// Whether every range of `inner` lies within some range of `outer` (both merged, sorted).
+fn within(inner: &[(u64, u64)], outer: &[(u64, u64)]) -> bool {
+    inner
+        .iter()
+        .all(|&(s, e)| outer.iter().any(|&(os, oe)| os <= s && e <= oe))
+}
+
+fn total(ranges: &[(u64, u64)]) -> u64 {
+    ranges.iter().map(|(s, e)| e - s).sum()
 }
 
 /// Check extents cover the disk in order, and that non-data extents read as zeros.
@@ -210,6 +376,35 @@ fn qemu_roundtrip(name: &str, fmt: &str, opts: &[&str], expect_format: &str) -> 
         );
         assert!(ours.iter().any(|o| !o), "{name}: no hole found");
     }
+
+    // As the host opens it: the file's holes (qemu-img leaves the unwritten parts of fixed
+    // disks and of allocated blocks as holes) are unallocated too, and still read as zeros.
+    let h = open_host_file(&img).unwrap();
+    assert!(read_all(&h) == oracle, "{name}: host-like reader");
+    let h_ext = check_extents(&h, &oracle);
+    let (plain_data, h_data) = (
+        ranges_of(&ext, ExtentKind::Data),
+        ranges_of(&h_ext, ExtentKind::Data),
+    );
+    assert!(
+        within(&h_data, &plain_data),
+        "{name}: data outside the plain data"
+    );
+    assert!(
+        total(&h_data) < total(&plain_data),
+        "{name}: no hole of the file found"
+    );
+    // qemu looks into a fixed VHD's file and calls its holes `zero` (with `data`): what must be
+    // read is exactly its `data` and not `zero`.
+    if expect_format == "vhd-fixed" {
+        assert_eq!(
+            h_data,
+            qemu_ranges(fmt, &img, |data, zero| data && !zero),
+            "{name}: data differs from qemu's data-and-not-zero"
+        );
+    }
+    // The opened file is `Source` whatever its id.
+    assert_eq!(h.locate(0, info.virtual_size).unwrap(), maps);
     let _ = std::fs::remove_dir_all(&dir);
     maps
 }
@@ -677,6 +872,270 @@ fn vhdx_differencing_over_a_qemu_parent() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The host ids `Related` mappings name.
+fn readers(maps: &[Mapping]) -> Vec<u32> {
+    let mut v: Vec<u32> = maps
+        .iter()
+        .filter_map(|m| match m.location {
+            Location::Related { reader, .. } => Some(reader),
+            _ => None,
+        })
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+#[test]
+fn parents_with_host_ids_are_related_locations() {
+    testing::reset();
+    let dir = tmpdir("related");
+    // VHDX: base (qemu) <- mid (block 1, half of block 5) <- top (block 2).
+    let raw = dir.join("base.raw");
+    let base_raw = make_raw(&raw, 8 * MIB, 7);
+    let base = dir.join("base.vhdx");
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "vhdx", "-o", "block_size=1M"])
+        .arg(&raw)
+        .arg(&base));
+    let base_bytes = std::fs::read(&base).unwrap();
+    testing::add_related(
+        "base.vhdx",
+        HostLike::new(Named::new("base.vhdx", base_bytes.clone()), Some(5)),
+    );
+    let mut mid = VhdxSpec::new(8 * MIB);
+    mid.parent = Some(vec![
+        ("parent_linkage", data_write_guid(&base_bytes)),
+        ("relative_path", "base.vhdx".to_owned()),
+    ]);
+    let (b1, b5) = (pattern(MIB, 41), pattern(MIB, 45));
+    mid.blocks = vec![
+        (1, PAYLOAD_FULLY_PRESENT, Some(b1.clone())),
+        (5, PAYLOAD_PARTIALLY_PRESENT, Some(b5.clone())),
+    ];
+    let sectors = (MIB / 512) as usize;
+    let mut bits = vec![false; sectors];
+    bits[..sectors / 2].fill(true);
+    mid.partial = vec![(5, bits)];
+    let mid_bytes = build_vhdx(&mid);
+    testing::add_related(
+        "mid.vhdx",
+        HostLike::new(Named::new("mid.vhdx", mid_bytes.clone()), Some(6)),
+    );
+    let mut top = VhdxSpec::new(8 * MIB);
+    top.disk_id = [0x44; 16];
+    top.dwg = [0x55; 16];
+    top.parent = Some(vec![
+        ("parent_linkage", common::guid_le(&[0x22; 16])),
+        ("relative_path", "mid.vhdx".to_owned()),
+    ]);
+    let b2 = pattern(MIB, 42);
+    top.blocks = vec![(2, PAYLOAD_FULLY_PRESENT, Some(b2.clone()))];
+    let top_bytes = build_vhdx(&top);
+    let d = open_bytes("top.vhdx", top_bytes.clone()).unwrap();
+    let mut expect = base_raw;
+    let m = MIB as usize;
+    expect[m..2 * m].copy_from_slice(&b1);
+    expect[2 * m..3 * m].copy_from_slice(&b2);
+    expect[5 * m..5 * m + m / 2].copy_from_slice(&b5[..m / 2]);
+    assert!(read_all(&d) == expect);
+    let maps = check_locate_in(
+        &d,
+        &top_bytes,
+        &[(5, &base_bytes), (6, &mid_bytes)],
+        &expect,
+    );
+    // Nothing goes through `read`: the top file is `Source`, its parents `Related`.
+    assert!(
+        maps.iter().all(|m| m.location != Location::Adapter),
+        "{maps:?}"
+    );
+    assert_eq!(readers(&maps), vec![5, 6]);
+    for want in [
+        Mapping {
+            offset: MIB,
+            length: MIB,
+            location: Location::Related {
+                reader: 6,
+                offset: 4 * MIB,
+            },
+        },
+        Mapping {
+            offset: 2 * MIB,
+            length: MIB,
+            location: Location::Source(4 * MIB),
+        },
+        Mapping {
+            offset: 5 * MIB,
+            length: MIB / 2,
+            location: Location::Related {
+                reader: 6,
+                offset: 5 * MIB,
+            },
+        },
+    ] {
+        assert!(maps.contains(&want), "{want:?} not in {maps:?}");
+    }
+    // The second half of block 5 comes from the base.
+    let tail = d.locate(5 * MIB + MIB / 2, 4096).unwrap();
+    assert!(
+        matches!(
+            tail[..],
+            [Mapping {
+                location: Location::Related { reader: 5, .. },
+                ..
+            }]
+        ),
+        "{tail:?}"
+    );
+    // A sub-range inside a parent's run starts at the right offset.
+    assert_eq!(
+        d.locate(MIB + 1000, 5000).unwrap(),
+        vec![Mapping {
+            offset: MIB + 1000,
+            length: 5000,
+            location: Location::Related {
+                reader: 6,
+                offset: 4 * MIB + 1000,
+            },
+        }]
+    );
+
+    // VHD: a differencing child (sectors 0..8 and 100 of block 1) over a qemu dynamic parent.
+    testing::reset();
+    let base = dir.join("base.vhd");
+    run(Command::new("qemu-img")
+        .args([
+            "convert",
+            "-O",
+            "vpc",
+            "-o",
+            "subformat=dynamic,force_size=on",
+        ])
+        .arg(&raw)
+        .arg(&base));
+    let base_bytes = std::fs::read(&base).unwrap();
+    let puid: [u8; 16] = base_bytes[base_bytes.len() - 512 + 68..base_bytes.len() - 512 + 84]
+        .try_into()
+        .unwrap();
+    testing::add_related(
+        "base.vhd",
+        HostLike::new(Named::new("base.vhd", File::open(&base).unwrap()), Some(8)),
+    );
+    let bs = 2 * MIB;
+    let d1 = pattern(bs, 31);
+    let mut bm = vec![0u8; 512];
+    bm[0] = 0xff;
+    bm[100 / 8] |= 0x80 >> (100 % 8);
+    let child = build_vhd(
+        8 * MIB,
+        bs,
+        [0x66; 16],
+        Some((puid, vec![(vhd::W2RU, utf16le("base.vhd"))])),
+        &[(1, bm, d1.clone())],
+    );
+    let d = open_bytes("child.vhd", child.clone()).unwrap();
+    let mut expect = read_all(&open_file(&base).unwrap());
+    for s in (0..8).chain([100]) {
+        let at = (bs + s * 512) as usize;
+        expect[at..at + 512].copy_from_slice(&d1[s as usize * 512..(s as usize + 1) * 512]);
+    }
+    assert!(read_all(&d) == expect);
+    let maps = check_locate_in(&d, &child, &[(8, &base_bytes)], &expect);
+    assert!(
+        maps.iter().all(|m| m.location != Location::Adapter),
+        "{maps:?}"
+    );
+    assert_eq!(readers(&maps), vec![8]);
+    // Sector runs of block 1 alternate between the child and the parent.
+    let run = d.locate(bs, 101 * 512).unwrap();
+    let kinds: Vec<(u64, bool)> = run
+        .iter()
+        .map(|m| (m.length / 512, matches!(m.location, Location::Source(_))))
+        .collect();
+    assert_eq!(kinds, vec![(8, true), (92, false), (1, true)], "{run:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn fixed_vhd_holes_are_unallocated() {
+    // A 16 MiB fixed VHD written as a sparse file: data at 1 MiB (8 KiB) and 9 MiB + 4 KiB
+    // (4 KiB), everything else a hole.
+    let dir = tmpdir("fixed-holes");
+    let path = dir.join("sparse.vhd");
+    let size = 16 * MIB;
+    let (d1, d2) = (pattern(8 * KIB, 51), pattern(4 * KIB, 52));
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = File::create(&path).unwrap();
+        f.set_len(size + 512).unwrap();
+        for (at, data) in [(MIB, &d1[..]), (9 * MIB + 4 * KIB, &d2[..])] {
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(data).unwrap();
+        }
+        f.seek(SeekFrom::Start(size)).unwrap();
+        f.write_all(&vhd_footer(vhd::TYPE_FIXED, size, [7; 16], u64::MAX))
+            .unwrap();
+        f.sync_all().unwrap();
+    }
+    let reader = HostLike::new(
+        Named::new("sparse.vhd", File::open(&path).unwrap()),
+        Some(1),
+    )
+    .with_holes_of(&path);
+    let queries = Rc::clone(&reader.queries);
+    let d = HyperV::open(Reader::new(reader)).unwrap();
+    assert_eq!(d.info().format, "vhd-fixed");
+    let mut expect = vec![0u8; size as usize];
+    expect[MIB as usize..(MIB + 8 * KIB) as usize].copy_from_slice(&d1);
+    let at = (9 * MIB + 4 * KIB) as usize;
+    expect[at..at + 4096].copy_from_slice(&d2);
+    assert!(read_all(&d) == expect);
+    let ext = check_extents(&d, &expect);
+    // One allocation query for the whole disk.
+    assert_eq!(queries.get(), 1);
+    // The written ranges (on a filesystem with holes: exactly them, at 4 KiB blocks).
+    let data = ranges_of(&ext, ExtentKind::Data);
+    assert!(
+        within(
+            &[(MIB, MIB + 8 * KIB), (9 * MIB + 4 * KIB, 9 * MIB + 8 * KIB)],
+            &data
+        ),
+        "{data:?}"
+    );
+    assert!(total(&data) <= 2 * MIB, "{data:?}");
+    assert!(ext.iter().all(|e| e.kind != ExtentKind::Zero));
+    assert_eq!(
+        ext[0],
+        Extent::new(0, data[0].0, ExtentKind::Unallocated),
+        "{ext:?}"
+    );
+    // A sub-range in a hole, and one across a hole's edge.
+    assert_eq!(
+        d.extents(4 * MIB, MIB).unwrap(),
+        vec![Extent::new(4 * MIB, MIB, ExtentKind::Unallocated)]
+    );
+    assert_eq!(
+        d.extents(MIB + 4 * KIB, 8 * KIB).unwrap(),
+        vec![
+            Extent::data(MIB + 4 * KIB, 4 * KIB),
+            Extent::new(MIB + 8 * KIB, 4 * KIB, ExtentKind::Unallocated)
+        ]
+    );
+    // qemu agrees: what must be read is its `data` and not `zero`.
+    assert_eq!(data, qemu_ranges("vpc", &path, |data, zero| data && !zero));
+    // `locate` is one `Source` mapping (holes read as zeros there too).
+    assert_eq!(
+        d.locate(0, size).unwrap(),
+        vec![Mapping {
+            offset: 0,
+            length: size,
+            location: Location::Source(0)
+        }]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn vhdx_4k_sectors_and_partial_bitmaps() {
     testing::reset();
@@ -826,11 +1285,66 @@ fn vhdx_log_is_replayed() {
     expect[..8192].fill(0);
     expect[(MIB + 8192) as usize..(MIB + 12288) as usize].copy_from_slice(&page);
     assert!(read_all(&d) == expect);
-    // Overlaid files are read through the adapter only.
-    let maps = d.locate(0, 4 * MIB).unwrap();
-    assert!(maps.iter().all(|m| m.location != Location::Source(0)));
-    assert!(maps.iter().any(|m| m.location == Location::Adapter));
+    // Only the pages the log overlays go through the adapter; the rest of the payload is the
+    // file's own bytes (checked against the file).
+    let maps = check_locate(&d, &file, &expect);
+    let at = |offset, length, location| Mapping {
+        offset,
+        length,
+        location,
+    };
+    assert_eq!(
+        maps,
+        vec![
+            at(0, 8192, Location::Adapter),
+            at(8192, MIB, Location::Source(4 * MIB + 8192)),
+            at(MIB + 8192, 4096, Location::Adapter),
+            at(MIB + 12288, MIB - 12288, Location::Source(5 * MIB + 12288)),
+            at(2 * MIB, 2 * MIB, Location::Zero),
+        ]
+    );
     assert_eq!(d.extents(0, 4 * MIB).unwrap()[0], Extent::data(0, 2 * MIB));
+    // A parent with a replayed log: the same pages stay `Adapter`, the rest is `Related`.
+    testing::reset();
+    testing::add_related(
+        "logged.vhdx",
+        HostLike::new(Named::new("logged.vhdx", file.clone()), Some(4)),
+    );
+    let mut child = VhdxSpec::new(4 * MIB);
+    child.disk_id = [0x66; 16];
+    child.dwg = [0x67; 16];
+    child.parent = Some(vec![
+        ("parent_linkage", common::guid_le(&spec.dwg)),
+        ("relative_path", "logged.vhdx".to_owned()),
+    ]);
+    let child_bytes = build_vhdx(&child);
+    let c = open_bytes("child.vhdx", child_bytes.clone()).unwrap();
+    assert!(read_all(&c) == expect);
+    let maps = check_locate_in(&c, &child_bytes, &[(4, &file)], &expect);
+    assert_eq!(
+        maps[..4],
+        [
+            at(0, 8192, Location::Adapter),
+            at(
+                8192,
+                MIB,
+                Location::Related {
+                    reader: 4,
+                    offset: 4 * MIB + 8192
+                }
+            ),
+            at(MIB + 8192, 4096, Location::Adapter),
+            at(
+                MIB + 12288,
+                MIB - 12288,
+                Location::Related {
+                    reader: 4,
+                    offset: 5 * MIB + 12288
+                }
+            ),
+        ]
+    );
+    testing::reset();
 
     // Without the log GUID the log is ignored.
     let mut plain = spec.clone();

@@ -338,7 +338,13 @@ impl Layer for Vhd {
         read_checked(&self.reader, offset, len as u64, "data block")
     }
 
-    fn source_readable(&self) -> bool {
-        true
+    fn reader(&self) -> &Reader {
+        &self.reader
+    }
+
+    fn as_is(&self, _offset: u64, len: u64) -> (bool, u64) {
+        // No overlay: every stored byte (a fixed disk, the data sectors of a block; never its
+        // sector bitmap) is the file's own.
+        (true, len)
     }
 }

@@ -180,6 +180,8 @@ impl Overlay {
 struct Source {
     reader: Reader,
     name: String,
+    /// Size of the file itself (without the overlay).
+    file_size: u64,
     overlay: Option<Overlay>,
 }
 
@@ -282,6 +284,7 @@ impl Vhdx {
         let mut src = Source {
             reader,
             name: name.clone(),
+            file_size: size,
             overlay: None,
         };
         if header.log_guid != [0; 16] {
@@ -682,8 +685,39 @@ impl Layer for Vhdx {
         self.src.read(offset, len as u64, "payload block")
     }
 
-    fn source_readable(&self) -> bool {
-        self.src.overlay.is_none()
+    fn reader(&self) -> &Reader {
+        &self.src.reader
+    }
+
+    fn as_is(&self, offset: u64, len: u64) -> (bool, u64) {
+        let Some(overlay) = &self.src.overlay else {
+            return (true, len);
+        };
+        let end = offset.saturating_add(len);
+        if offset >= self.src.file_size {
+            // Zeros or log pages past the end of the file.
+            return (false, len);
+        }
+        // Pages are 4 KiB aligned (the log's file offsets are checked to be).
+        let page = offset / 4096 * 4096;
+        let mut next = overlay.pages.range(page..end).map(|(&p, _)| p);
+        match next.next() {
+            Some(p) if p == page => {
+                // A run of overlaid pages.
+                let mut run_end = page + 4096;
+                for p in next {
+                    if p != run_end {
+                        break;
+                    }
+                    run_end = p + 4096;
+                }
+                (false, run_end.min(end) - offset)
+            }
+            first => {
+                let until = first.unwrap_or(end).min(self.src.file_size).min(end);
+                (true, until - offset)
+            }
+        }
     }
 }
 

@@ -11,15 +11,19 @@
 //!
 //! The disk is a list of *parts* (one per extent line, or one for a sparse file), and every
 //! [`Disk`] method walks the same segments: unallocated, zero, stored as is in some file, or in
-//! a compressed grain. `locate` answers [`Location::Source`] only for bytes stored as is in the
-//! opened file (uncompressed grains of a monolithicSparse file); everything in a related file
-//! or compressed is [`Location::Adapter`].
+//! a compressed grain. `locate` answers [`Location::Source`] for bytes stored as is in the
+//! opened file (uncompressed grains of a monolithicSparse file), [`Location::Related`] for bytes
+//! stored as is in an extent file the host opened (flat extents, uncompressed grains of a
+//! twoGbMaxExtentSparse set), so the host reads both itself; only compressed grains (and
+//! extent files without a host id, natively) are [`Location::Adapter`]. `extents` reports the
+//! holes of the files under stored bytes as `unallocated` ([`holes`]).
 //!
 //! Differencing disks (a parent) are refused with [`Error::Unsupported`]. `changes` translates a
 //! VMware CBT `DiskChangeInfo` document ([`cbt`]).
 
 pub mod cbt;
 pub mod descriptor;
+pub mod holes;
 pub mod sparse;
 pub mod stream;
 
@@ -34,6 +38,7 @@ use ferry_plugin_sdk::adapter::{
 use ferry_plugin_sdk::io::{Extent, ExtentKind, ReadAt, read_exact_at};
 
 use descriptor::{Descriptor, ExtentType};
+use holes::Holes;
 use sparse::{SECTOR, Slot, SparseExtent};
 
 /// Most segments one `extents` or `locate` call visits before it returns a short answer (the
@@ -134,6 +139,10 @@ type InflatedGrain = (usize, u64, Rc<Vec<u8>>);
 pub struct VmdkDisk {
     /// Index 0 is the opened object; the others are related files.
     files: Vec<Rc<Reader>>,
+    /// Per file: its host id (what a [`Location::Related`] names), asked once at open.
+    ids: Vec<Option<u32>>,
+    /// Per file: the last window of its allocation map.
+    holes: Vec<Holes>,
     parts: Vec<Part>,
     size: u64,
     format: String,
@@ -199,6 +208,8 @@ impl VmdkDisk {
             "vmdk-monolithic-sparse"
         };
         Ok(Self {
+            ids: vec![None],
+            holes: vec![Holes::default()],
             files: vec![reader],
             parts: vec![Part {
                 start: 0,
@@ -286,6 +297,11 @@ impl VmdkDisk {
             _ => "vmdk",
         };
         Ok(Self {
+            // The opened file is `Source`: its id is never used.
+            ids: std::iter::once(None)
+                .chain(files[1..].iter().map(|f| f.host_id()))
+                .collect(),
+            holes: files.iter().map(|_| Holes::default()).collect(),
             files,
             parts,
             size: start,
@@ -380,6 +396,43 @@ impl VmdkDisk {
     }
 }
 
+/// Append an extent, merged into the last one when it continues it; false when the answer is
+/// full.
+fn push_extent(out: &mut Vec<Extent>, start: u64, len: u64, kind: ExtentKind) -> bool {
+    if let Some(last) = out.last_mut()
+        && last.kind == kind
+        && last.end() == start
+    {
+        last.length += len;
+        return true;
+    }
+    if out.len() == MAX_EXTENTS {
+        return false;
+    }
+    out.push(Extent::new(start, len, kind));
+    true
+}
+
+/// Whether `next` (starting where `last` ends) is where `last`'s bytes go on: the same place
+/// for zeros and adapter reads, the next byte of the same object for stored bytes.
+fn continues(last: &Mapping, next: Location) -> bool {
+    match (last.location, next) {
+        (Location::Source(a), Location::Source(b)) => a.checked_add(last.length) == Some(b),
+        (
+            Location::Related {
+                reader: r,
+                offset: a,
+            },
+            Location::Related {
+                reader: r2,
+                offset: b,
+            },
+        ) => r == r2 && a.checked_add(last.length) == Some(b),
+        (Location::Zero, Location::Zero) | (Location::Adapter, Location::Adapter) => true,
+        _ => false,
+    }
+}
+
 fn to_index(v: u64) -> usize {
     // Only called on offsets within one read of at most MAX_DISK_READ bytes.
     usize::try_from(v).unwrap_or(usize::MAX)
@@ -400,19 +453,32 @@ impl Disk for VmdkDisk {
     fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>, Error> {
         let end = check_range(self.size, offset, length)?;
         let mut out: Vec<Extent> = Vec::new();
+        let mut queries = holes::MAX_QUERIES;
         self.walk(offset, end, WALK_BUDGET, &mut |start, len, seg| {
-            let kind = seg.kind();
-            if let Some(last) = out.last_mut()
-                && last.kind == kind
-                && last.end() == start
-            {
-                last.length += len;
-                return Ok(true);
+            let Seg::Stored { file, offset: at } = seg else {
+                return Ok(push_extent(&mut out, start, len, seg.kind()));
+            };
+            // Stored as is: the file's holes read as zeros.
+            let mut done = 0;
+            while done < len {
+                let Some((allocated, n)) = self.holes[file].lookup(
+                    &*self.files[file],
+                    at + done,
+                    len - done,
+                    &mut queries,
+                ) else {
+                    return Ok(false);
+                };
+                let kind = if allocated {
+                    ExtentKind::Data
+                } else {
+                    ExtentKind::Unallocated
+                };
+                if !push_extent(&mut out, start + done, n, kind) {
+                    return Ok(false);
+                }
+                done += n;
             }
-            if out.len() == MAX_EXTENTS {
-                return Ok(false);
-            }
-            out.push(Extent::new(start, len, kind));
             Ok(true)
         })?;
         Ok(out)
@@ -425,19 +491,18 @@ impl Disk for VmdkDisk {
             let location = match seg {
                 Seg::Unallocated | Seg::Zero => Location::Zero,
                 Seg::Stored { file: 0, offset } => Location::Source(offset),
-                Seg::Stored { .. } | Seg::Compressed { .. } => Location::Adapter,
+                Seg::Stored { file, offset } => match self.ids[file] {
+                    Some(reader) => Location::Related { reader, offset },
+                    None => Location::Adapter,
+                },
+                Seg::Compressed { .. } => Location::Adapter,
             };
             if let Some(last) = out.last_mut()
                 && last.offset + last.length == start
+                && continues(last, location)
             {
-                let merge = match (last.location, location) {
-                    (Location::Source(a), Location::Source(b)) => a + last.length == b,
-                    (a, b) => a == b,
-                };
-                if merge {
-                    last.length += len;
-                    return Ok(true);
-                }
+                last.length += len;
+                return Ok(true);
             }
             if out.len() == MAX_EXTENTS {
                 return Ok(false);

@@ -2,7 +2,8 @@
 #![allow(clippy::cast_possible_truncation)] // test images are a few KiB
 
 use super::*;
-use ferry_plugin_sdk::io::Named;
+use ferry_plugin_sdk::io::{IoError, Named};
+use std::cell::Cell;
 
 const GRAIN_SECTORS: u64 = 8;
 const GRAIN: usize = 4096;
@@ -391,6 +392,321 @@ fn descriptor_with_flat_zero_and_sparse_extents() {
         matches!(&e, Error::Invalid(m) if m.contains("line 2")),
         "{e}"
     );
+    ferry_plugin_sdk::testing::reset();
+}
+
+/// A reader that looks like the host's: it has a host id, and (`data: Some`) an allocation map
+/// whose only allocated bytes are the `data` ranges. Counts allocation queries.
+struct HostLike<R> {
+    inner: R,
+    id: Option<u32>,
+    data: Option<Vec<(u64, u64)>>,
+    /// Most extents per allocation answer.
+    cap: usize,
+    queries: Rc<Cell<usize>>,
+}
+
+impl<R: ReadAt> HostLike<R> {
+    fn new(inner: R, id: Option<u32>, data: Option<Vec<(u64, u64)>>) -> Self {
+        HostLike {
+            inner,
+            id,
+            data,
+            cap: usize::MAX,
+            queries: Rc::new(Cell::new(0)),
+        }
+    }
+}
+
+impl<R: ReadAt> ReadAt for HostLike<R> {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, offset: u64, len: u32) -> Result<Vec<u8>, IoError> {
+        self.inner.read_at(offset, len)
+    }
+    fn allocation(&self, offset: u64, length: u64) -> Result<Vec<Extent>, IoError> {
+        self.queries.set(self.queries.get() + 1);
+        let Some(data) = &self.data else {
+            return self.inner.allocation(offset, length);
+        };
+        let end = offset + length;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        for &(s, e) in data {
+            let (s, e) = (s.max(pos), e.min(end));
+            if s >= e {
+                continue;
+            }
+            if s > pos {
+                out.push(Extent::new(pos, s - pos, ExtentKind::Unallocated));
+            }
+            out.push(Extent::data(s, e - s));
+            pos = e;
+        }
+        if pos < end {
+            out.push(Extent::new(pos, end - pos, ExtentKind::Unallocated));
+        }
+        out.truncate(self.cap);
+        Ok(out)
+    }
+    fn host_id(&self) -> Option<u32> {
+        self.id
+    }
+}
+
+/// Check every `Related` mapping against the bytes of the reader it names, and `Zero` ones.
+fn check_related(d: &VmdkDisk, maps: &[Mapping], files: &[(u32, &[u8])]) {
+    for m in maps {
+        let want = d.read(m.offset, m.length as u32).unwrap();
+        match m.location {
+            Location::Related { reader, offset } => {
+                let (_, bytes) = files.iter().find(|(id, _)| *id == reader).unwrap();
+                assert_eq!(
+                    bytes[offset as usize..(offset + m.length) as usize],
+                    want[..],
+                    "{m:?}"
+                );
+            }
+            Location::Zero => assert!(want.iter().all(|&b| b == 0), "{m:?}"),
+            Location::Source(_) | Location::Adapter => {}
+        }
+    }
+}
+
+#[test]
+fn extent_files_with_host_ids_are_related_locations() {
+    ferry_plugin_sdk::testing::reset();
+    let flat: Vec<u8> = (0..16 * 512).map(|i| (i % 253) as u8).collect();
+    let sparse = sample(false);
+    ferry_plugin_sdk::testing::add_related(
+        "a-flat.vmdk",
+        HostLike::new(Named::new("a-flat.vmdk", flat.clone()), Some(7), None),
+    );
+    ferry_plugin_sdk::testing::add_related(
+        "b.vmdk",
+        HostLike::new(Named::new("b.vmdk", sparse.clone()), Some(9), None),
+    );
+    // Two lines contiguous in a-flat.vmdk (sectors 4..12 and 12..16), zeros, the sparse
+    // extent, then a-flat.vmdk again from sector 0.
+    let text = "# Disk DescriptorFile\ncreateType=\"custom\"\nRW 8 FLAT \"a-flat.vmdk\" 4\n\
+                RW 4 FLAT \"a-flat.vmdk\" 12\nRW 8 ZERO\nRW 64 SPARSE \"b.vmdk\"\n\
+                RW 4 FLAT \"a-flat.vmdk\"\n";
+    let d = open(text.as_bytes().to_vec()).unwrap();
+    let size = d.info().virtual_size;
+    assert_eq!(size, (12 + 8 + 64 + 4) * 512);
+    let maps = d.locate(0, size).unwrap();
+    let PartKind::Sparse { extent, .. } = &d.parts[3].kind else {
+        unreachable!()
+    };
+    let grain = |g: u64| match extent.at(g * GRAIN as u64).unwrap().0 {
+        Slot::Stored(o) => o,
+        s => panic!("grain {g}: {s:?}"),
+    };
+    let g = GRAIN as u64;
+    let z = 20 * 512;
+    let related = |reader, offset| Location::Related { reader, offset };
+    assert_eq!(
+        maps,
+        vec![
+            Mapping {
+                offset: 0,
+                length: 12 * 512,
+                location: related(7, 4 * 512)
+            },
+            // The ZERO line and the sparse extent's unallocated grain 0.
+            Mapping {
+                offset: 12 * 512,
+                length: 8 * 512 + g,
+                location: Location::Zero
+            },
+            Mapping {
+                offset: z + g,
+                length: 2 * g,
+                location: related(9, grain(1))
+            },
+            Mapping {
+                offset: z + 3 * g,
+                length: 3 * g,
+                location: Location::Zero
+            },
+            Mapping {
+                offset: z + 6 * g,
+                length: g,
+                location: related(9, grain(6))
+            },
+            Mapping {
+                offset: z + 7 * g,
+                length: g,
+                location: Location::Zero
+            },
+            Mapping {
+                offset: z + 8 * g,
+                length: 4 * 512,
+                location: related(7, 0)
+            },
+        ]
+    );
+    check_related(&d, &maps, &[(7, &flat), (9, &sparse)]);
+    // A sub-range starts inside a mapping.
+    assert_eq!(
+        d.locate(100, 1000).unwrap(),
+        vec![Mapping {
+            offset: 100,
+            length: 1000,
+            location: related(7, 4 * 512 + 100)
+        }]
+    );
+    // Compressed grains of an extent file stay `Adapter` even with a host id.
+    ferry_plugin_sdk::testing::add_related(
+        "c.vmdk",
+        HostLike::new(Named::new("c.vmdk", sample(true)), Some(11), None),
+    );
+    let text = "# Disk DescriptorFile\nRW 64 SPARSE \"c.vmdk\"\n";
+    let d = open(text.as_bytes().to_vec()).unwrap();
+    let maps = d.locate(0, 64 * 512).unwrap();
+    assert_eq!(maps[1].location, Location::Adapter);
+    assert!(
+        maps.iter()
+            .all(|m| !matches!(m.location, Location::Related { .. } | Location::Source(_)))
+    );
+    ferry_plugin_sdk::testing::reset();
+}
+
+#[test]
+fn holes_of_extent_files_are_unallocated() {
+    ferry_plugin_sdk::testing::reset();
+    const K: u64 = 1024;
+    // A 1 MiB flat file allocated at [0, 4K) and [300K, 308K) only.
+    let mut flat = vec![0u8; 1 << 20];
+    flat[..4096].fill(1);
+    flat[300 * 1024..308 * 1024].fill(2);
+    let flat_file = HostLike::new(
+        Named::new("f-flat.vmdk", flat),
+        Some(3),
+        Some(vec![(0, 4 * K), (300 * K, 308 * K)]),
+    );
+    let queries = Rc::clone(&flat_file.queries);
+    ferry_plugin_sdk::testing::add_related("f-flat.vmdk", flat_file);
+    // The sparse extent holds grains 1, 2 and 6; the second half of grain 6 is a hole.
+    let sparse = sample(false);
+    let probe = open(sparse.clone()).unwrap();
+    let PartKind::Sparse { extent, .. } = &probe.parts[0].kind else {
+        unreachable!()
+    };
+    let Slot::Stored(g6) = extent.at(6 * GRAIN as u64).unwrap().0 else {
+        unreachable!()
+    };
+    let n = sparse.len() as u64;
+    // A hole reads as zeros.
+    let mut sparse = sparse;
+    sparse[(g6 + 2048) as usize..(g6 + 4096) as usize].fill(0);
+    ferry_plugin_sdk::testing::add_related(
+        "s.vmdk",
+        HostLike::new(
+            Named::new("s.vmdk", sparse),
+            None,
+            Some(vec![(0, g6 + 2048), (g6 + 4096, n)]),
+        ),
+    );
+    // Flat from byte 256 KiB of the file (512 KiB), then the sparse extent.
+    let text = "# Disk DescriptorFile\ncreateType=\"monolithicFlat\"\n\
+                RW 1024 FLAT \"f-flat.vmdk\" 512\nRW 64 SPARSE \"s.vmdk\"\n";
+    let d = open(text.as_bytes().to_vec()).unwrap();
+    let g = GRAIN as u64;
+    let s0 = 512 * K;
+    let want = vec![
+        Extent::new(0, 44 * K, ExtentKind::Unallocated),
+        Extent::data(44 * K, 8 * K),
+        // The flat file's hole, then the sparse extent's unallocated grain 0.
+        Extent::new(52 * K, s0 - 52 * K + g, ExtentKind::Unallocated),
+        Extent::data(s0 + g, 2 * g),
+        Extent::new(s0 + 3 * g, g, ExtentKind::Unallocated),
+        Extent::new(s0 + 4 * g, g, ExtentKind::Zero),
+        Extent::new(s0 + 5 * g, g, ExtentKind::Unallocated),
+        Extent::data(s0 + 6 * g, 2048),
+        Extent::new(s0 + 6 * g + 2048, 2048 + g, ExtentKind::Unallocated),
+    ];
+    let size = d.info().virtual_size;
+    assert_eq!(d.extents(0, size).unwrap(), want);
+    // One query for the flat file (it is smaller than a window).
+    assert_eq!(queries.get(), 1);
+    // Holes read as zeros; extents of a sub-range agree.
+    let bytes = d.read(0, size as u32).unwrap();
+    for e in &want {
+        if e.kind != ExtentKind::Data {
+            assert!(
+                bytes[e.offset as usize..e.end() as usize]
+                    .iter()
+                    .all(|&b| b == 0)
+            );
+        }
+    }
+    assert_eq!(
+        d.extents(40 * K, 8 * K).unwrap(),
+        vec![
+            Extent::new(40 * K, 4 * K, ExtentKind::Unallocated),
+            Extent::data(44 * K, 4 * K)
+        ]
+    );
+    // `locate` still points into the files (holes there read as zeros too).
+    let maps = d.locate(0, 100 * K).unwrap();
+    assert_eq!(
+        maps,
+        vec![Mapping {
+            offset: 0,
+            length: 100 * K,
+            location: Location::Related {
+                reader: 3,
+                offset: 256 * K
+            }
+        }]
+    );
+    ferry_plugin_sdk::testing::reset();
+}
+
+#[test]
+fn extents_stop_short_when_the_query_budget_is_spent() {
+    ferry_plugin_sdk::testing::reset();
+    // 1 MiB allocated every other 4 KiB, one extent per allocation answer: one query per run.
+    let data: Vec<(u64, u64)> = (0..128).map(|i| (i * 8192, i * 8192 + 4096)).collect();
+    let mut file = HostLike::new(
+        Named::new("x-flat.vmdk", vec![0u8; 1 << 20]),
+        None,
+        Some(data),
+    );
+    file.cap = 1;
+    let queries = Rc::clone(&file.queries);
+    ferry_plugin_sdk::testing::add_related("x-flat.vmdk", file);
+    let d = open(b"# Disk DescriptorFile\nRW 2048 FLAT \"x-flat.vmdk\" 0\n".to_vec()).unwrap();
+    let first = d.extents(0, 1 << 20).unwrap();
+    assert_eq!(queries.get(), holes::MAX_QUERIES);
+    assert_eq!(first.len(), holes::MAX_QUERIES);
+    // The caller asks again from the end of the last extent until the disk is covered.
+    let mut all = first;
+    let mut calls = 1;
+    while let Some(last) = all.last().filter(|e| e.end() < 1 << 20) {
+        let before = queries.get();
+        let pos = last.end();
+        all.extend(d.extents(pos, (1 << 20) - pos).unwrap());
+        assert!(queries.get() - before <= holes::MAX_QUERIES);
+        calls += 1;
+    }
+    assert_eq!(calls, 4);
+    let want: Vec<Extent> = (0..256)
+        .map(|i| {
+            let kind = if i % 2 == 0 {
+                ExtentKind::Data
+            } else {
+                ExtentKind::Unallocated
+            };
+            Extent::new(i * 4096, 4096, kind)
+        })
+        .collect();
+    assert_eq!(all, want);
     ferry_plugin_sdk::testing::reset();
 }
 

@@ -1,14 +1,21 @@
 //! Fixtures made by qemu-img at test time, read back through the SDK traits and compared with
 //! qemu-img's own raw conversion (byte for byte) and map (data coverage).
+//!
+//! The files are opened as the host opens them ([`HostFile`]): with a host id, and with the
+//! allocation map of the file (its holes). Natively `File` has no allocation map (one `data`
+//! extent), so the map is qemu-img's view of the file (`qemu-img map -f raw`, which asks
+//! SEEK_DATA/SEEK_HOLE like the host does).
 #![allow(clippy::cast_possible_truncation)] // test fixtures are small
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ferry_plugin_sdk::adapter::{Disk, Error, Location, Reader, SourceAdapter};
-use ferry_plugin_sdk::io::{ExtentKind, Named};
+use ferry_plugin_sdk::adapter::{Disk, Error, Location, Mapping, Reader, SourceAdapter};
+use ferry_plugin_sdk::io::{Extent, ExtentKind, IoError, Named, ReadAt};
 use ferry_plugin_sdk::testing;
 use ferry_plugin_vmware::{VmdkDisk, Vmware};
 
@@ -88,24 +95,200 @@ const BIG_WRITES: &[(u64, u64)] = &[
     (BIG - 70_000, 70_000),
 ];
 
-/// Register every file of `dir` except `except` as a related file (its own name).
-fn register_related(dir: &Dir, except: &str) {
-    testing::reset();
-    for e in std::fs::read_dir(&dir.0).unwrap() {
-        let name = e.unwrap().file_name().into_string().unwrap();
-        if name != except {
-            let f = File::open(dir.path(&name)).unwrap();
-            testing::add_related(name.clone(), Named::new(name, f));
+/// A file as the host hands it over: a name, a host id and the file's allocation map.
+struct HostFile {
+    name: String,
+    file: File,
+    id: u32,
+    /// `(start, end, allocated)`, tiling the file.
+    map: Vec<(u64, u64, bool)>,
+}
+
+impl HostFile {
+    fn open(path: &Path, id: u32) -> Self {
+        let map: serde_json::Value = serde_json::from_str(&qemu(&[
+            "map",
+            "--output=json",
+            "-f",
+            "raw",
+            path.to_str().unwrap(),
+        ]))
+        .unwrap();
+        let map = map
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let s = e["start"].as_u64().unwrap();
+                (
+                    s,
+                    s + e["length"].as_u64().unwrap(),
+                    e["data"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        HostFile {
+            name: path.file_name().unwrap().to_string_lossy().into_owned(),
+            file: File::open(path).unwrap(),
+            id,
+            map,
         }
     }
 }
 
+impl ReadAt for HostFile {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn size(&self) -> u64 {
+        self.file.size()
+    }
+    fn read_at(&self, offset: u64, len: u32) -> Result<Vec<u8>, IoError> {
+        ReadAt::read_at(&self.file, offset, len)
+    }
+    fn allocation(&self, offset: u64, length: u64) -> Result<Vec<Extent>, IoError> {
+        let end = offset + length;
+        Ok(self
+            .map
+            .iter()
+            .filter(|&&(s, e, _)| e > offset && s < end)
+            .map(|&(s, e, data)| {
+                let (s, e) = (s.max(offset), e.min(end));
+                let kind = if data {
+                    ExtentKind::Data
+                } else {
+                    ExtentKind::Unallocated
+                };
+                Extent::new(s, e - s, kind)
+            })
+            .collect())
+    }
+    fn host_id(&self) -> Option<u32> {
+        Some(self.id)
+    }
+}
+
+/// Register every file of `dir` except `except` as a related file (its own name); with
+/// `host`, as host readers (ids from 100, in name order). Returns the ids.
+fn register_related(dir: &Dir, except: &str, host: bool) -> BTreeMap<String, u32> {
+    testing::reset();
+    let mut names: Vec<String> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != except)
+        .collect();
+    names.sort();
+    let mut ids = BTreeMap::new();
+    for (id, name) in (100..).zip(names) {
+        let path = dir.path(&name);
+        if host {
+            testing::add_related(name.clone(), HostFile::open(&path, id));
+            ids.insert(name, id);
+        } else {
+            testing::add_related(name.clone(), Named::new(name, File::open(path).unwrap()));
+        }
+    }
+    ids
+}
+
+/// Open `name` of `dir` as the host would (host readers with ids and allocation maps); also
+/// returns the related files' ids.
+fn open_host(dir: &Dir, name: &str) -> Result<(VmdkDisk, BTreeMap<String, u32>), Error> {
+    let ids = register_related(dir, name, true);
+    Ok((
+        Vmware::open(Reader::new(HostFile::open(&dir.path(name), 1)))?,
+        ids,
+    ))
+}
+
 fn open(dir: &Dir, name: &str) -> Result<VmdkDisk, Error> {
-    register_related(dir, name);
+    open_host(dir, name).map(|(d, _)| d)
+}
+
+/// Open `name` of `dir` over plain native files (no ids, no holes).
+fn open_plain(dir: &Dir, name: &str) -> Result<VmdkDisk, Error> {
+    register_related(dir, name, false);
     Vmware::open(Reader::new(Named::new(
         name,
         File::open(dir.path(name)).unwrap(),
     )))
+}
+
+/// Check `locate` over the whole disk: the mappings tile it, `Source` and `Related` ranges hold
+/// the disk's bytes in the file they name (the first and last 64 KiB of each are compared),
+/// `Zero` ranges read as zeros. Returns the mappings.
+fn check_locate(
+    disk: &VmdkDisk,
+    dir: &Dir,
+    opened: &str,
+    ids: &BTreeMap<String, u32>,
+) -> Vec<Mapping> {
+    let size = disk.info().virtual_size;
+    let mut maps = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let batch = disk.locate(pos, size - pos).unwrap();
+        assert!(!batch.is_empty());
+        for m in batch {
+            assert_eq!(m.offset, pos, "mappings tile the disk");
+            pos += m.length;
+            maps.push(m);
+        }
+    }
+    let file = |name: &str| File::open(dir.path(name)).unwrap();
+    for m in &maps {
+        let piece = m.length.min(64 << 10);
+        for at in [0, m.length - piece] {
+            let want = disk.read(m.offset + at, piece as u32).unwrap();
+            let (f, off) = match m.location {
+                Location::Zero => {
+                    assert!(want.iter().all(|&b| b == 0), "{m:?}");
+                    continue;
+                }
+                Location::Adapter => continue,
+                Location::Source(o) => (file(opened), o),
+                Location::Related { reader, offset } => {
+                    let (name, _) = ids.iter().find(|(_, id)| **id == reader).unwrap();
+                    (file(name), offset)
+                }
+            };
+            let mut got = vec![0u8; piece as usize];
+            f.read_exact_at(&mut got, off + at).unwrap();
+            assert!(got == want, "{m:?}: bytes differ at +{at}");
+        }
+    }
+    for w in maps.windows(2) {
+        let merged = match (w[0].location, w[1].location) {
+            (Location::Source(a), Location::Source(b)) => a + w[0].length == b,
+            (
+                Location::Related {
+                    reader: r,
+                    offset: a,
+                },
+                Location::Related {
+                    reader: r2,
+                    offset: b,
+                },
+            ) => r == r2 && a + w[0].length == b,
+            (a, b) => a == b,
+        };
+        assert!(!merged, "not coalesced: {w:?}");
+    }
+    maps
+}
+
+/// The host ids named by `Related` mappings.
+fn readers(maps: &[Mapping]) -> Vec<u32> {
+    let mut v: Vec<u32> = maps
+        .iter()
+        .filter_map(|m| match m.location {
+            Location::Related { reader, .. } => Some(reader),
+            _ => None,
+        })
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 /// The whole virtual disk equals `raw`, read in 4 MiB pieces at an odd alignment.
@@ -157,6 +340,10 @@ fn our_data(disk: &VmdkDisk) -> Vec<(u64, u64)> {
     merge(data)
 }
 
+/// What qemu says must be read: `data` and not `zero`. For sparse extents that is its `data`
+/// (unallocated and zeroed grains are `zero` and not `data`); for flat extents qemu looks into
+/// the extent file and reports its holes as `zero` (with `data`, as it does for raw files'
+/// holes seen through a format layer): they are what we report `unallocated`.
 fn qemu_data(image: &Path) -> Vec<(u64, u64)> {
     let map: serde_json::Value =
         serde_json::from_str(&qemu(&["map", "--output=json", image.to_str().unwrap()])).unwrap();
@@ -164,7 +351,7 @@ fn qemu_data(image: &Path) -> Vec<(u64, u64)> {
         map.as_array()
             .unwrap()
             .iter()
-            .filter(|e| e["data"].as_bool().unwrap())
+            .filter(|e| e["data"].as_bool().unwrap() && !e["zero"].as_bool().unwrap())
             .map(|e| {
                 let s = e["start"].as_u64().unwrap();
                 (s, s + e["length"].as_u64().unwrap())
@@ -174,8 +361,13 @@ fn qemu_data(image: &Path) -> Vec<(u64, u64)> {
 }
 
 /// Convert `raw` to `subformat`, read it back, compare bytes with qemu's raw output and the
-/// data map with qemu's map. Returns the disk.
-fn roundtrip(dir: &Dir, raw: &str, subformat: &str, format: &str, compare_map: bool) -> VmdkDisk {
+/// data map with qemu's map. Returns the disk, its mappings and the related files' ids.
+fn roundtrip(
+    dir: &Dir,
+    raw: &str,
+    subformat: &str,
+    format: &str,
+) -> (VmdkDisk, Vec<Mapping>, BTreeMap<String, u32>) {
     let name = format!("{subformat}.vmdk");
     let image = dir.path(&name);
     qemu(&[
@@ -203,65 +395,55 @@ fn roundtrip(dir: &Dir, raw: &str, subformat: &str, format: &str, compare_map: b
         std::process::id()
     ));
     std::fs::rename(&oracle, &oracle_keep).unwrap();
-    let disk = open(dir, &name).unwrap();
+    let (disk, ids) = open_host(dir, &name).unwrap();
     assert_eq!(disk.info().format, format);
     assert_same_bytes(&disk, &oracle_keep);
     let _ = std::fs::remove_file(&oracle_keep);
-    if compare_map {
-        assert_eq!(
-            our_data(&disk),
-            qemu_data(&image),
-            "{subformat}: data coverage"
-        );
-    }
-    disk
+    assert_eq!(
+        our_data(&disk),
+        qemu_data(&image),
+        "{subformat}: data coverage"
+    );
+    let maps = check_locate(&disk, dir, &name, &ids);
+    (disk, maps, ids)
+}
+
+/// Bytes of `ranges` in all.
+fn total(ranges: &[(u64, u64)]) -> u64 {
+    ranges.iter().map(|(s, e)| e - s).sum()
 }
 
 #[test]
 fn monolithic_sparse_matches_qemu() {
     let dir = Dir::new("sparse");
     make_raw(&dir.path("disk.raw"), SMALL, SMALL_WRITES);
-    let disk = roundtrip(
+    let (_, maps, _) = roundtrip(
         &dir,
         "disk.raw",
         "monolithicSparse",
         "vmdk-monolithic-sparse",
-        true,
     );
-    // Uncompressed grains of the opened file are `Source` and hold the right bytes.
-    let image = std::fs::read(dir.path("monolithicSparse.vmdk")).unwrap();
-    let maps = disk.locate(0, SMALL).unwrap();
-    let mut sources = 0;
-    let mut pos = 0;
-    for m in maps {
-        assert_eq!(m.offset, pos);
-        pos += m.length;
-        if let Location::Source(o) = m.location {
-            sources += 1;
-            let want = disk.read(m.offset, m.length.min(4 * MIB) as u32).unwrap();
-            assert_eq!(image[o as usize..o as usize + want.len()], want[..]);
-        }
-        assert_ne!(m.location, Location::Adapter);
-    }
-    assert_eq!(pos, SMALL);
+    // Uncompressed grains of the opened file are `Source` (checked against the file by
+    // `check_locate`), never `Related` or `Adapter`.
+    let sources = maps
+        .iter()
+        .filter(|m| matches!(m.location, Location::Source(_)))
+        .count();
     assert!(sources >= 5, "{sources} source mappings");
+    assert!(
+        maps.iter()
+            .all(|m| matches!(m.location, Location::Source(_) | Location::Zero))
+    );
 }
 
 #[test]
 fn stream_optimized_matches_qemu() {
     let dir = Dir::new("stream");
     make_raw(&dir.path("disk.raw"), SMALL, SMALL_WRITES);
-    let disk = roundtrip(
-        &dir,
-        "disk.raw",
-        "streamOptimized",
-        "vmdk-stream-optimized",
-        true,
-    );
-    let maps = disk.locate(0, SMALL).unwrap();
+    let (_, maps, _) = roundtrip(&dir, "disk.raw", "streamOptimized", "vmdk-stream-optimized");
     assert!(
         maps.iter()
-            .all(|m| !matches!(m.location, Location::Source(_)))
+            .all(|m| matches!(m.location, Location::Adapter | Location::Zero))
     );
     assert!(maps.iter().any(|m| m.location == Location::Adapter));
 }
@@ -270,13 +452,27 @@ fn stream_optimized_matches_qemu() {
 fn monolithic_flat_matches_qemu() {
     let dir = Dir::new("flat");
     make_raw(&dir.path("disk.raw"), SMALL, SMALL_WRITES);
-    let disk = roundtrip(
-        &dir,
-        "disk.raw",
-        "monolithicFlat",
-        "vmdk-monolithic-flat",
-        false,
+    let (disk, maps, ids) = roundtrip(&dir, "disk.raw", "monolithicFlat", "vmdk-monolithic-flat");
+    // The flat file's holes are unallocated: only the written ranges (rounded to the
+    // filesystem's blocks) are data.
+    let data = our_data(&disk);
+    let written: u64 = SMALL_WRITES.iter().map(|w| w.1).sum();
+    assert!(
+        (written..written + 64 * MIB / 16).contains(&total(&data)),
+        "{data:?}"
     );
+    // Everything is read by the host from the flat file, in one mapping.
+    assert_eq!(readers(&maps), vec![ids["monolithicFlat-flat.vmdk"]]);
+    assert_eq!(maps.len(), 1, "{maps:?}");
+    assert_eq!(
+        maps[0].location,
+        Location::Related {
+            reader: ids["monolithicFlat-flat.vmdk"],
+            offset: 0
+        }
+    );
+    // Without host ids (native files): `Adapter`, and no holes known.
+    let disk = open_plain(&dir, "monolithicFlat.vmdk").unwrap();
     assert_eq!(our_data(&disk), vec![(0, SMALL)]);
     assert!(
         disk.locate(0, SMALL)
@@ -290,31 +486,60 @@ fn monolithic_flat_matches_qemu() {
 fn two_gb_sparse_matches_qemu() {
     let dir = Dir::new("2gbsparse");
     make_raw(&dir.path("disk.raw"), BIG, BIG_WRITES);
-    let disk = roundtrip(
-        &dir,
-        "disk.raw",
-        "twoGbMaxExtentSparse",
-        "vmdk-2gb-sparse",
-        true,
-    );
+    let (disk, maps, ids) = roundtrip(&dir, "disk.raw", "twoGbMaxExtentSparse", "vmdk-2gb-sparse");
     assert!(disk.info().virtual_size > 2048 * MIB);
-    // Two extent files.
-    assert!(dir.path("twoGbMaxExtentSparse-s002.vmdk").exists());
+    // Two extent files, both read by the host (grains are uncompressed).
+    assert_eq!(
+        readers(&maps),
+        vec![
+            ids["twoGbMaxExtentSparse-s001.vmdk"],
+            ids["twoGbMaxExtentSparse-s002.vmdk"]
+        ]
+    );
+    assert!(
+        maps.iter()
+            .all(|m| matches!(m.location, Location::Related { .. } | Location::Zero))
+    );
 }
 
 #[test]
 fn two_gb_flat_matches_qemu() {
     let dir = Dir::new("2gbflat");
     make_raw(&dir.path("disk.raw"), BIG, BIG_WRITES);
-    let disk = roundtrip(
-        &dir,
-        "disk.raw",
-        "twoGbMaxExtentFlat",
-        "vmdk-2gb-flat",
-        false,
+    let (disk, maps, ids) = roundtrip(&dir, "disk.raw", "twoGbMaxExtentFlat", "vmdk-2gb-flat");
+    let written: u64 = BIG_WRITES.iter().map(|w| w.1).sum();
+    assert!(total(&our_data(&disk)) < written + 4 * MIB);
+    // One mapping per extent file, switching files at the extent boundary.
+    let (f1, f2) = (
+        ids["twoGbMaxExtentFlat-f001.vmdk"],
+        ids["twoGbMaxExtentFlat-f002.vmdk"],
     );
-    assert_eq!(our_data(&disk), vec![(0, BIG)]);
-    assert!(dir.path("twoGbMaxExtentFlat-f002.vmdk").exists());
+    let boundary = File::open(dir.path("twoGbMaxExtentFlat-f001.vmdk"))
+        .unwrap()
+        .metadata()
+        .unwrap()
+        .len();
+    assert_eq!(
+        maps,
+        vec![
+            Mapping {
+                offset: 0,
+                length: boundary,
+                location: Location::Related {
+                    reader: f1,
+                    offset: 0
+                }
+            },
+            Mapping {
+                offset: boundary,
+                length: BIG - boundary,
+                location: Location::Related {
+                    reader: f2,
+                    offset: 0
+                }
+            },
+        ]
+    );
 }
 
 #[test]
@@ -333,10 +558,15 @@ fn esxi_vmfs_layout_reads_the_flat_file() {
         ),
     )
     .unwrap();
-    let disk = open(&dir, "vm.vmdk").unwrap();
+    let (disk, ids) = open_host(&dir, "vm.vmdk").unwrap();
     assert_eq!(disk.info().format, "vmdk-vmfs");
     assert_eq!(disk.info().disk_id.as_deref(), Some("6000C29a-1b2c-3d4e"));
     assert_same_bytes(&disk, &dir.path("vm-flat.vmdk"));
+    // The flat file's holes are unallocated, as qemu sees them; the host reads the rest.
+    assert_eq!(our_data(&disk), qemu_data(&dir.path("vm.vmdk")));
+    assert!(total(&our_data(&disk)) < SMALL / 4);
+    let maps = check_locate(&disk, &dir, "vm.vmdk", &ids);
+    assert_eq!(readers(&maps), vec![ids["vm-flat.vmdk"]]);
     // qemu agrees.
     let oracle = dir.path("vm.oracle");
     qemu(&[
