@@ -351,12 +351,13 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(s.get(i + 1..i + 3).unwrap_or("zz"), 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(s.get(i + 1..i + 3).unwrap_or("zz"), 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(if b[i] == b'+' { b' ' } else { b[i] });
         i += 1;
@@ -582,7 +583,7 @@ fn handle(req: &Request, state: &Mutex<State>, block_reads: &AtomicU64) -> Respo
                     break;
                 }
                 blocks.push(V::Object(vec![
-                    ("BlockIndex".into(), V::Num(i as f64)),
+                    ("BlockIndex".into(), V::Int(i)),
                     ("BlockToken".into(), V::Str(block_token(id, i))),
                 ]));
             }
@@ -590,10 +591,10 @@ fn handle(req: &Request, state: &Mutex<State>, block_reads: &AtomicU64) -> Respo
                 next = Some(1);
             }
             let mut fields = vec![
-                ("BlockSize".into(), V::Num(BLOCK as f64)),
+                ("BlockSize".into(), V::Int(BLOCK as u64)),
                 ("Blocks".into(), V::Array(blocks)),
                 ("ExpiryTime".into(), V::Num(expiry())),
-                ("VolumeSize".into(), V::Num(snap.volume_gib as f64)),
+                ("VolumeSize".into(), V::Int(snap.volume_gib)),
             ];
             if let Some(n) = next {
                 fields.push(("NextToken".into(), V::Str(page_token(n))));
@@ -637,7 +638,7 @@ fn handle(req: &Request, state: &Mutex<State>, block_reads: &AtomicU64) -> Respo
                     next = Some(i);
                     break;
                 }
-                let mut f = vec![("BlockIndex".into(), V::Num(i as f64))];
+                let mut f = vec![("BlockIndex".into(), V::Int(i))];
                 if first_id.is_some() && first.blocks.contains_key(&i) {
                     f.push((
                         "FirstBlockToken".into(),
@@ -650,10 +651,10 @@ fn handle(req: &Request, state: &Mutex<State>, block_reads: &AtomicU64) -> Respo
                 out.push(V::Object(f));
             }
             let mut fields = vec![
-                ("BlockSize".into(), V::Num(BLOCK as f64)),
+                ("BlockSize".into(), V::Int(BLOCK as u64)),
                 ("ChangedBlocks".into(), V::Array(out)),
                 ("ExpiryTime".into(), V::Num(expiry())),
-                ("VolumeSize".into(), V::Num(second.volume_gib as f64)),
+                ("VolumeSize".into(), V::Int(second.volume_gib)),
             ];
             if let Some(n) = next {
                 fields.push(("NextToken".into(), V::Str(page_token(n))));
@@ -714,6 +715,7 @@ mod serde_json_lite {
 
     pub enum Value {
         Num(f64),
+        Int(u64),
         Str(String),
         Array(Vec<Value>),
         Object(Vec<(String, Value)>),
@@ -722,7 +724,7 @@ mod serde_json_lite {
     impl fmt::Display for Value {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             match self {
-                Value::Num(n) if n.fract() == 0.0 && n.abs() < 9e15 => write!(f, "{}", *n as i64),
+                Value::Int(n) => write!(f, "{n}"),
                 Value::Num(n) => write!(f, "{n}"),
                 Value::Str(s) => {
                     f.write_str("\"")?;

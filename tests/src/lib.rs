@@ -377,6 +377,23 @@ pub fn ferry_bin() -> PathBuf {
     bin
 }
 
+/// The `ferryd` binary next to the test binaries (built by `cargo build -p ferry-daemon`).
+pub fn ferryd_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/ferryd
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = dir.join("ferryd");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (`cargo build -p ferry-daemon`; the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
 /// Which wasm target to build a plugin crate for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WasmTarget {

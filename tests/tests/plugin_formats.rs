@@ -99,6 +99,8 @@ fn vmdk_vhdx_and_vhd_from_qemu_img_are_exposed_byte_for_byte() {
             "vpc",
             "builtin:hyperv",
         ),
+        // A raw image is no container: every other adapter's probe declines it.
+        ("copy.img", &["-O", "raw"], "raw", "auto"),
     ];
     for (file, args, fmt, plugin) in cases {
         let img = d.join(file);
@@ -127,6 +129,8 @@ fn vmdk_vhdx_and_vhd_from_qemu_img_are_exposed_byte_for_byte() {
         );
         let expected_plugin = if file.ends_with(".vmdk") {
             "vmware"
+        } else if file.ends_with(".img") {
+            "physical"
         } else {
             "hyperv"
         };

@@ -470,6 +470,7 @@ async fn run_adapter(
             ferry_plugin_host::harness::RunOptions {
                 hash: common.sha256,
                 sync: common.sync,
+                ..ferry_plugin_host::harness::RunOptions::default()
             },
         )
         .await?;

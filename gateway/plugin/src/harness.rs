@@ -42,13 +42,26 @@ fn host_io(what: &str, path: &Path, e: std::io::Error) -> PluginError {
 }
 
 /// What [`run_adapter_on`] does besides reading.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct RunOptions {
     /// Hash the whole virtual disk (SHA-256).
     pub hash: bool,
     /// fsync the output before returning (like `qemu-img convert`, the default leaves the
     /// writeback to the kernel).
     pub sync: bool,
+    /// Plugin instances reading in parallel (each its own store, memory cap and deadline),
+    /// at least 1.
+    pub workers: usize,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            hash: false,
+            sync: false,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+        }
+    }
 }
 
 /// Open `disk` with `plugin`, read its whole virtual disk through the data path, hash it, and
@@ -64,22 +77,28 @@ pub async fn run_adapter(
     let opts = RunOptions {
         hash: true,
         sync: true,
+        ..RunOptions::default()
     };
     run_adapter_on(host, plugin, object, out, opts).await
 }
 
-/// One piece for the writer thread: data to hash and write, or a run of zeros to hash.
-enum Piece {
-    Data(u64, Vec<u8>),
-    Zeros(usize),
+/// Pieces each worker may have read ahead of the writer (memory: workers × this × 1 MiB).
+const AHEAD: usize = 4;
+/// Consecutive data pieces one worker takes in turn (locality for the adapter's metadata).
+const SEGMENT: usize = 8;
+
+/// One 1 MiB (or shorter) piece of the virtual disk, in disk order.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    at: u64,
+    len: usize,
+    data: bool,
 }
 
-/// Pieces in flight between the reading task and the writer thread (memory: this many MiB).
-const IN_FLIGHT: usize = 4;
-
-/// [`run_adapter`] over any source object. The adapter is driven on the calling task while a
-/// writer thread hashes and writes what it produced, so reading and writing overlap; at most
-/// [`IN_FLIGHT`] pieces of 1 MiB are in flight.
+/// [`run_adapter`] over any source object. `workers` instances of the adapter read the data
+/// pieces (runs of [`SEGMENT`] pieces, dealt round-robin), each at most [`AHEAD`] pieces ahead
+/// of a writer thread that hashes them in disk order and writes the non-zero ones, so reading,
+/// decoding and writing overlap and memory stays bounded.
 pub async fn run_adapter_on(
     host: &PluginHost,
     plugin: &LoadedPlugin,
@@ -87,8 +106,8 @@ pub async fn run_adapter_on(
     out: Option<&Path>,
     opts: RunOptions,
 ) -> Result<AdapterRun, PluginError> {
-    let mut d = host.open_disk(plugin, object).await?;
-    let info = d.info().clone();
+    let mut first = host.open_disk(plugin, object.clone()).await?;
+    let info = first.info().clone();
     let size = info.virtual_size;
     let file = match out {
         Some(p) => {
@@ -107,37 +126,92 @@ pub async fn run_adapter_on(
     let mut extents = Vec::new();
     let mut pos = 0;
     while pos < size {
-        let batch = d.extents(pos, size - pos).await?;
+        let batch = first.extents(pos, size - pos).await?;
         pos = batch.last().map_or(size, Extent::end);
         extents.extend(batch);
     }
+    let mut spans = Vec::new();
+    let (mut bytes_read, mut bytes_skipped) = (0u64, 0u64);
+    for e in &extents {
+        let mut at = e.offset;
+        while at < e.end() {
+            let len = usize::try_from((e.end() - at).min(PIECE as u64)).unwrap_or(PIECE);
+            let data = e.kind == ExtentKind::Data;
+            if data {
+                bytes_read += len as u64;
+            } else {
+                bytes_skipped += len as u64;
+            }
+            spans.push(Span { at, len, data });
+            at += len as u64;
+        }
+    }
+    // Data piece k (counting data pieces only) belongs to worker (k / SEGMENT) % workers.
+    let data_pieces = spans.iter().filter(|s| s.data).count();
+    let workers = opts
+        .workers
+        .max(1)
+        .min(data_pieces.div_ceil(SEGMENT).max(1));
+    let owner = move |k: usize| (k / SEGMENT) % workers;
+    let mut disks = vec![first];
+    for _ in 1..workers {
+        disks.push(host.open_disk(plugin, object.clone()).await?);
+    }
+    let spans = Arc::new(spans);
 
-    let (to_writer, mut pieces) = tokio::sync::mpsc::channel::<Piece>(IN_FLIGHT);
-    let (recycle, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT + 1);
-    let hash = opts.hash;
-    let writer = std::thread::spawn(move || -> Result<Option<String>, PluginError> {
-        let mut sha = Sha256::new();
-        let zeros = vec![0u8; PIECE];
-        while let Some(piece) = pieces.blocking_recv() {
-            match piece {
-                Piece::Zeros(n) => {
-                    if hash {
-                        sha.update(&zeros[..n]);
-                    }
+    let mut receivers = Vec::with_capacity(workers);
+    let mut tasks = Vec::with_capacity(workers);
+    for (w, mut disk) in disks.into_iter().enumerate() {
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<(Vec<u8>, tokio::sync::mpsc::Sender<Vec<u8>>)>(AHEAD);
+        receivers.push(rx);
+        let spans = spans.clone();
+        tasks.push(tokio::spawn(async move {
+            let (give_back, mut spare) = tokio::sync::mpsc::channel::<Vec<u8>>(AHEAD + 1);
+            for (k, s) in spans.iter().filter(|s| s.data).enumerate() {
+                if owner(k) != w {
+                    continue;
                 }
-                Piece::Data(at, chunk) => {
-                    if hash {
-                        sha.update(&chunk);
-                    }
-                    if let Some((f, p)) = &file
-                        && chunk.iter().any(|&b| b != 0)
-                    {
-                        f.write_all_at(&chunk, at)
-                            .map_err(|e| host_io("writing", p, e))?;
-                    }
-                    let _ = recycle.try_send(chunk);
+                let mut buf = spare.try_recv().unwrap_or_default();
+                buf.resize(s.len, 0);
+                disk.read_into(s.at, &mut buf).await?;
+                // A closed channel means the writer stopped on an error: it reports it.
+                if tx.send((buf, give_back.clone())).await.is_err() {
+                    break;
                 }
             }
+            Ok::<u64, PluginError>(disk.dropped_log_lines())
+        }));
+    }
+
+    let hash = opts.hash;
+    let writer_spans = spans.clone();
+    let writer = tokio::task::spawn_blocking(move || -> Result<Option<String>, PluginError> {
+        let mut sha = Sha256::new();
+        let zeros = vec![0u8; PIECE];
+        let mut k = 0;
+        for s in writer_spans.iter() {
+            if !s.data {
+                if hash {
+                    sha.update(&zeros[..s.len]);
+                }
+                continue;
+            }
+            let Some((chunk, give_back)) = receivers[owner(k)].blocking_recv() else {
+                // The worker failed; its error is reported by the caller.
+                return Ok(None);
+            };
+            k += 1;
+            if hash {
+                sha.update(&chunk);
+            }
+            if let Some((f, p)) = &file
+                && chunk.iter().any(|&b| b != 0)
+            {
+                f.write_all_at(&chunk, s.at)
+                    .map_err(|e| host_io("writing", p, e))?;
+            }
+            let _ = give_back.try_send(chunk);
         }
         if let Some((f, p)) = &file
             && opts.sync
@@ -146,46 +220,32 @@ pub async fn run_adapter_on(
         }
         Ok(hash.then(|| hex::encode(sha.finalize())))
     });
-
-    let (mut bytes_read, mut bytes_skipped) = (0u64, 0u64);
-    let read = async {
-        for e in &extents {
-            let mut at = e.offset;
-            while at < e.end() {
-                let n = usize::try_from((e.end() - at).min(PIECE as u64)).unwrap_or(PIECE);
-                let piece = if e.kind == ExtentKind::Data {
-                    let mut buf = spare.try_recv().unwrap_or_else(|_| vec![0u8; PIECE]);
-                    buf.resize(n, 0);
-                    d.read_into(at, &mut buf).await?;
-                    bytes_read += n as u64;
-                    Piece::Data(at, buf)
-                } else {
-                    bytes_skipped += n as u64;
-                    Piece::Zeros(n)
-                };
-                // A closed channel means the writer failed: its error is reported below.
-                if to_writer.send(piece).await.is_err() {
-                    return Ok(());
-                }
-                at += n as u64;
+    let written = writer.await;
+    let mut dropped_log_lines = 0;
+    let mut first_error = None;
+    for t in tasks {
+        match t.await {
+            Ok(Ok(d)) => dropped_log_lines += d,
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(PluginError::Host(format!("a reader task failed: {e}")));
             }
         }
-        Ok::<(), PluginError>(())
-    };
-    let read_result = read.await;
-    drop(to_writer);
-    let written = writer
-        .join()
-        .map_err(|_| PluginError::Host("the output writer thread panicked".into()))?;
-    read_result?;
-    let sha256 = written?;
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let sha256 =
+        written.map_err(|e| PluginError::Host(format!("the output writer failed: {e}")))??;
     Ok(AdapterRun {
         disk: info,
         extents,
         sha256,
         bytes_read,
         bytes_skipped,
-        dropped_log_lines: d.dropped_log_lines(),
+        dropped_log_lines,
     })
 }
 

@@ -17,6 +17,9 @@ pub struct Builtin {
     pub wasm: &'static [u8],
     /// File-name patterns of related files it may open by default (multi-file formats).
     pub related: &'static [&'static str],
+    /// It imports `http`: granted with an empty allow-list (nothing reachable) until a caller
+    /// allow-lists its endpoint.
+    pub http: bool,
 }
 
 pub const PHYSICAL: Builtin = Builtin {
@@ -25,6 +28,7 @@ pub const PHYSICAL: Builtin = Builtin {
     description: "raw block devices and raw disk images",
     wasm: include_bytes!(concat!(env!("OUT_DIR"), "/ferry_plugin_physical.wasm")),
     related: &[],
+    http: false,
 };
 
 pub const VMWARE: Builtin = Builtin {
@@ -33,6 +37,7 @@ pub const VMWARE: Builtin = Builtin {
     description: "VMware VMDK: monolithicSparse, streamOptimized, flat, twoGbMaxExtent*, ESXi; CBT",
     wasm: include_bytes!(concat!(env!("OUT_DIR"), "/ferry_plugin_vmware.wasm")),
     related: &["*.vmdk"],
+    http: false,
 };
 
 pub const HYPERV: Builtin = Builtin {
@@ -41,6 +46,7 @@ pub const HYPERV: Builtin = Builtin {
     description: "Hyper-V VHDX and VHD: fixed, dynamic, differencing; RCT",
     wasm: include_bytes!(concat!(env!("OUT_DIR"), "/ferry_plugin_hyperv.wasm")),
     related: &["*.vhdx", "*.avhdx", "*.vhd"],
+    http: false,
 };
 
 pub const AWS: Builtin = Builtin {
@@ -49,6 +55,7 @@ pub const AWS: Builtin = Builtin {
     description: "AWS EBS snapshots through the EBS direct APIs (host-signed); ListChangedBlocks",
     wasm: include_bytes!(concat!(env!("OUT_DIR"), "/ferry_plugin_aws.wasm")),
     related: &[],
+    http: true,
 };
 
 pub const WEBHOOK: Builtin = Builtin {
@@ -57,6 +64,7 @@ pub const WEBHOOK: Builtin = Builtin {
     description: "POSTs a JSON event to an allow-listed URL at a recovery plan step",
     wasm: include_bytes!(concat!(env!("OUT_DIR"), "/ferry_plugin_webhook.wasm")),
     related: &[],
+    http: true,
 };
 
 /// Every built-in plugin; source adapters in the order `auto` probes them (physical, which
@@ -78,6 +86,36 @@ impl Builtin {
         if let Some(source) = &mut m.grants.source {
             source.related = self.related.iter().map(|p| (*p).to_string()).collect();
         }
+        if self.http && m.grants.http.is_none() {
+            m.grants.http = Some(ferry_plugin_host::HttpGrant::default());
+        }
         m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_plugin_host::{HostConfig, PluginHost};
+
+    /// Every built-in plugin passes the capability gate with its default manifest (an adapter
+    /// importing something its manifest does not grant would break `auto` probing).
+    #[test]
+    fn every_builtin_loads_with_its_default_manifest() {
+        let host = PluginHost::new(HostConfig::default()).unwrap();
+        for b in ALL {
+            let p = host
+                .load(b.manifest(), b.wasm)
+                .unwrap_or_else(|e| panic!("built-in {}: {e}", b.name));
+            assert_eq!(p.manifest().world, b.world, "{}", b.name);
+            assert_eq!(
+                p.manifest().grants.http.as_ref().map(|h| h.allow.len()),
+                b.http.then_some(0),
+                "{}: HTTP is granted only to adapters that need it, and reaches nothing by default",
+                b.name
+            );
+        }
+        assert_eq!(get("aws").map(|b| b.name), Some("aws"));
+        assert!(get("nope").is_none());
     }
 }

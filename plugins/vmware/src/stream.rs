@@ -119,21 +119,23 @@ pub fn inflate_grain(
             "{name}: grain marker of sector {lba}: size {size} runs past the end of the file"
         )));
     };
-    let mut out = miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(data, grain_bytes)
-        .map_err(|e| {
-            Error::invalid(format!(
-                "{name}: compressed grain of sector {lba}: {} (over {grain_bytes} bytes or \
-                 corrupt)",
-                e.status as i32
-            ))
-        })?;
-    if out.len() < needed {
+    let mut out = vec![0u8; grain_bytes];
+    let (inflated, rc) =
+        zlib_rs::decompress_slice(&mut out, data, zlib_rs::InflateConfig::default());
+    let got = inflated.len();
+    if rc != zlib_rs::ReturnCode::Ok {
         return Err(Error::invalid(format!(
-            "{name}: compressed grain of sector {lba}: inflates to {} bytes, fewer than {needed}",
-            out.len()
+            "{name}: compressed grain of sector {lba}: {} (over {grain_bytes} bytes or \
+             corrupt)",
+            rc as i32
         )));
     }
-    out.resize(grain_bytes, 0);
+    if got < needed {
+        return Err(Error::invalid(format!(
+            "{name}: compressed grain of sector {lba}: inflates to {got} bytes, fewer than {needed}"
+        )));
+    }
+    // The rest of `out` is already zero.
     Ok(out)
 }
 

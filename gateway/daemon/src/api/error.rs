@@ -1,0 +1,151 @@
+//! The API's error responses: JSON `{"code": "...", "message": "..."}` with a 4xx or 5xx
+//! status. `code` is stable (clients branch on it); `message` is for people and may change.
+//!
+//! Client errors say what was wrong with the request. Server errors (5xx) say only that the
+//! appliance failed and are logged on stderr with the detail; neither ever carries a secret.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::catalog::CatalogError;
+
+/// An error response.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+    /// `WWW-Authenticate` value for 401s.
+    www_authenticate: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl ApiError {
+    /// An error with this status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            www_authenticate: None,
+        }
+    }
+
+    /// 400 with `code`.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 404 with `code`.
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// 401: no credentials.
+    pub fn unauthorized() -> Self {
+        Self {
+            www_authenticate: Some("Bearer realm=\"ferry\""),
+            ..Self::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this endpoint needs `Authorization: Bearer <admin token>`",
+            )
+        }
+    }
+
+    /// 401: credentials that are not an active token.
+    pub fn invalid_token() -> Self {
+        Self {
+            www_authenticate: Some("Bearer realm=\"ferry\", error=\"invalid_token\""),
+            ..Self::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_token",
+                "the bearer token is not an active admin token",
+            )
+        }
+    }
+
+    /// 500, logging `detail` (which the client does not see).
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        eprintln!("ferryd: internal error: {detail}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the appliance failed to handle the request; see its log",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(Body {
+                code: self.code,
+                message: &self.message,
+            }),
+        )
+            .into_response();
+        if let Some(v) = self.www_authenticate {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(v));
+        }
+        r
+    }
+}
+
+impl From<CatalogError> for ApiError {
+    fn from(e: CatalogError) -> Self {
+        match e {
+            CatalogError::TokenNotFound(_) => ApiError::not_found("token_not_found", e.to_string()),
+            CatalogError::LastActiveToken(_) => {
+                ApiError::new(StatusCode::CONFLICT, "last_active_token", e.to_string())
+            }
+            CatalogError::TooManyTokens { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "too_many_tokens", e.to_string())
+            }
+            CatalogError::VaultExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "vault_exists", e.to_string())
+            }
+            e => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<ferry_store::StoreError> for ApiError {
+    fn from(e: ferry_store::StoreError) -> Self {
+        use ferry_store::StoreError as S;
+        match e {
+            S::InvalidName { .. } | S::InvalidArgument(_) => {
+                ApiError::bad_request("invalid_request", e.to_string())
+            }
+            S::Backend { .. } => {
+                eprintln!("ferryd: vault backend: {e}");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "vault_backend_error",
+                    e.to_string(),
+                )
+            }
+            S::Corrupt { .. } | S::Tampered { .. } | S::MissingObject(_) => {
+                eprintln!("ferryd: vault damaged: {e}");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "vault_damaged",
+                    e.to_string(),
+                )
+            }
+            e => ApiError::internal(e),
+        }
+    }
+}

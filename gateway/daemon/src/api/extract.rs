@@ -1,0 +1,205 @@
+//! Request extractors whose every refusal is an [`ApiError`] (axum's own answer with plain
+//! text): JSON bodies (content type, size limit, syntax, unknown fields), query strings,
+//! path parameters, and pagination.
+
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::{StatusCode, header, request::Parts};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::ApiState;
+use super::error::ApiError;
+
+/// Default page size.
+pub const DEFAULT_LIMIT: usize = 100;
+/// Largest page size.
+pub const MAX_LIMIT: usize = 500;
+/// Longest cursor accepted (encoded).
+const MAX_CURSOR_LEN: usize = 1024;
+
+/// A JSON body of type `T` (which should `deny_unknown_fields`).
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+fn payload_too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("the request body is larger than {limit} bytes"),
+    )
+}
+
+/// Whether an error (or one of its sources) is a body-size limit being hit.
+pub(crate) fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        if x.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = x.source();
+    }
+    false
+}
+
+impl<T: DeserializeOwned> FromRequest<ApiState> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &ApiState) -> Result<Self, ApiError> {
+        let ct = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "the body must be JSON with `Content-Type: application/json`",
+            ));
+        }
+        let limit = state.max_body_bytes();
+        let body = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|e| {
+                if is_length_limit(&e) {
+                    payload_too_large(limit)
+                } else {
+                    ApiError::bad_request("bad_body", "the request body could not be read")
+                }
+            })?;
+        match serde_json::from_slice(&body) {
+            Ok(v) => Ok(ApiJson(v)),
+            Err(e) => Err(match e.classify() {
+                serde_json::error::Category::Data => ApiError::bad_request(
+                    "invalid_request",
+                    format!("the JSON body does not fit this endpoint: {e}"),
+                ),
+                _ => ApiError::bad_request("invalid_json", format!("malformed JSON body: {e}")),
+            }),
+        }
+    }
+}
+
+/// A query string of type `T` (which should `deny_unknown_fields`).
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Query::<T>::try_from_uri(&parts.uri)
+            .map(|Query(q)| ApiQuery(q))
+            .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+    }
+}
+
+/// Path parameters of type `T`.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| ApiPath(p))
+            .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
+    }
+}
+
+/// `?limit=&cursor=` of a listing.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// Entries per page (1–500, default 100).
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A validated page request: how many, and after which key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Entries wanted.
+    pub limit: usize,
+    /// Key of the last entry of the previous page.
+    pub after: Option<String>,
+}
+
+impl PageQuery {
+    /// Validates the limit and decodes the cursor.
+    pub fn validate(&self) -> Result<PageRequest, ApiError> {
+        let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
+        if !(1..=MAX_LIMIT).contains(&limit) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("limit must be 1 to {MAX_LIMIT}"),
+            ));
+        }
+        let after = match &self.cursor {
+            None => None,
+            Some(c) => Some(decode_cursor(c).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_cursor",
+                    "the cursor is not one this appliance returned",
+                )
+            })?),
+        };
+        Ok(PageRequest { limit, after })
+    }
+}
+
+/// Encodes a listing key as an opaque cursor.
+pub fn encode_cursor(key: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.as_bytes())
+}
+
+fn decode_cursor(c: &str) -> Option<String> {
+    if c.is_empty() || c.len() > MAX_CURSOR_LEN {
+        return None;
+    }
+    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()?;
+    String::from_utf8(b).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_validate() {
+        let q = PageQuery::default();
+        assert_eq!(
+            q.validate().unwrap(),
+            PageRequest {
+                limit: DEFAULT_LIMIT,
+                after: None
+            }
+        );
+        for bad in [0, MAX_LIMIT + 1] {
+            let q = PageQuery {
+                limit: Some(bad),
+                cursor: None,
+            };
+            assert_eq!(q.validate().unwrap_err().code, "invalid_query");
+        }
+        let q = PageQuery {
+            limit: Some(5),
+            cursor: Some(encode_cursor("points/a/b")),
+        };
+        assert_eq!(q.validate().unwrap().after.as_deref(), Some("points/a/b"));
+        for bad in ["", "!!!", &"A".repeat(MAX_CURSOR_LEN + 4)] {
+            let q = PageQuery {
+                limit: None,
+                cursor: Some(bad.to_string()),
+            };
+            assert_eq!(q.validate().unwrap_err().code, "invalid_cursor", "{bad}");
+        }
+    }
+}

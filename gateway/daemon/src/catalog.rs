@@ -1,0 +1,940 @@
+//! The appliance catalog: what the control role knows that is not in a vault.
+//!
+//! One redb file (`<data_dir>/catalog.redb`, mode 0600) with one table per kind of record.
+//! Every value is a small JSON object whose first member is its record version `"v"`; the
+//! bytes are written from format structs of this module (`*V1`), never by serialising the
+//! types the rest of the daemon uses, so a refactoring cannot change the file. Reading
+//! dispatches on `"v"`: each older version converts up to the current type (garage's
+//! `migrate` pattern), a newer one is refused with a clear error. The layout, byte by byte,
+//! is `docs/catalog-format.md`; the committed fixtures in `tests/fixtures/catalog-v1/` (single
+//! records and a whole catalog written by version 1) are read back by the tests of this
+//! module, and stay when a version 2 appears.
+//!
+//! The whole file also carries a format number (`meta` / `catalog`): a catalog written by a
+//! newer format is refused before anything is read or written.
+//!
+//! Every operation is one redb transaction, committed durably before it returns. Sizes are
+//! bounded: records are at most [`MAX_RECORD_BYTES`], pages at most [`MAX_PAGE`] entries, admin
+//! tokens at most [`MAX_ADMIN_TOKENS`] records of which [`MAX_ACTIVE_ADMIN_TOKENS`] active.
+
+use std::fs::OpenOptions;
+use std::ops::Bound;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// Format of the whole catalog written by this build.
+pub const FORMAT_VERSION: u32 = 1;
+/// Version of every record written by this build.
+pub const RECORD_VERSION: u8 = 1;
+/// Largest record accepted when reading.
+pub const MAX_RECORD_BYTES: usize = 64 << 10;
+/// Largest page returned by a listing.
+pub const MAX_PAGE: usize = 1000;
+/// Admin token records kept (active and revoked).
+pub const MAX_ADMIN_TOKENS: u64 = 10_000;
+/// Admin tokens active at once.
+pub const MAX_ACTIVE_ADMIN_TOKENS: usize = 100;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const ADMIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("admin_tokens");
+const VAULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("vaults");
+
+const META_CATALOG: &str = "catalog";
+const META_BOOTSTRAP: &str = "bootstrap";
+
+/// Errors of the catalog. Each names the file or the record concerned.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CatalogError {
+    /// redb failed (I/O, corruption, a transaction error).
+    #[error("catalog `{path}`: {reason}")]
+    Db {
+        /// The catalog file.
+        path: PathBuf,
+        /// What redb said.
+        reason: String,
+    },
+    /// Another process holds the catalog open.
+    #[error(
+        "catalog `{path}` is in use by another process (is another ferryd running on this data directory?)"
+    )]
+    InUse {
+        /// The catalog file.
+        path: PathBuf,
+    },
+    /// The catalog was written by a newer format.
+    #[error("catalog `{path}` has format version {found}; this ferryd reads up to {supported}")]
+    NewerFormat {
+        /// The catalog file.
+        path: PathBuf,
+        /// Format found.
+        found: u32,
+        /// Newest format this build reads.
+        supported: u32,
+    },
+    /// A record cannot be decoded.
+    #[error("catalog record {table}/{key}: {reason}")]
+    BadRecord {
+        /// Table name.
+        table: &'static str,
+        /// Record key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A record was written by a newer version.
+    #[error(
+        "catalog record {table}/{key} has version {found}; this ferryd reads up to {supported}"
+    )]
+    NewerRecord {
+        /// Table name.
+        table: &'static str,
+        /// Record key.
+        key: String,
+        /// Version found.
+        found: u64,
+        /// Newest version this build reads.
+        supported: u8,
+    },
+    /// No admin token has this id.
+    #[error("no admin token `{0}`")]
+    TokenNotFound(String),
+    /// Revoking this token would leave no active admin token.
+    #[error(
+        "admin token `{0}` is the last active one: revoking it would lock every administrator out; create another token first"
+    )]
+    LastActiveToken(String),
+    /// A bound on admin tokens was reached.
+    #[error("too many admin tokens: at most {limit} {what}")]
+    TooManyTokens {
+        /// The bound.
+        limit: u64,
+        /// "active" or "records (active and revoked)".
+        what: &'static str,
+    },
+    /// A vault of that name is already registered.
+    #[error("a vault named `{0}` is already in the catalog")]
+    VaultExists(String),
+}
+
+type Result<T, E = CatalogError> = std::result::Result<T, E>;
+
+/// An admin bearer token. Only the SHA-256 of its secret is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    /// Stable id (sortable by creation time).
+    pub id: String,
+    /// What the operator called it.
+    pub name: String,
+    /// SHA-256 of the secret.
+    pub sha256: [u8; 32],
+    /// Creation time, Unix ms.
+    pub created_ms: u64,
+    /// Revocation time, Unix ms.
+    pub revoked_ms: Option<u64>,
+}
+
+impl AdminToken {
+    /// Not revoked.
+    pub fn is_active(&self) -> bool {
+        self.revoked_ms.is_none()
+    }
+}
+
+/// A vault the appliance uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultEntry {
+    /// Name in the API.
+    pub name: String,
+    /// Location (directory, `s3://…`, `az://…`); never holds credentials.
+    pub url: String,
+    /// When it was registered, Unix ms.
+    pub created_ms: u64,
+}
+
+/// The `meta`/`catalog` record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogInfo {
+    /// Format of the whole catalog.
+    pub format: u32,
+    /// When the catalog was created, Unix ms.
+    pub created_ms: u64,
+}
+
+/// The `meta`/`bootstrap` record: the first admin token was issued (written once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bootstrap {
+    /// Id of the first admin token.
+    pub token_id: String,
+    /// When it was issued, Unix ms.
+    pub issued_ms: u64,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    /// The entries, in key order.
+    pub items: Vec<T>,
+    /// Key of the last entry, when more entries follow it.
+    pub next_after: Option<String>,
+}
+
+/// Version-tagged encoding of catalog records (see `docs/catalog-format.md`).
+pub mod record {
+    use super::*;
+
+    /// Only the version member, read first to choose the format struct.
+    #[derive(Deserialize)]
+    struct Probe {
+        v: u64,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct CatalogV1 {
+        v: u8,
+        format: u32,
+        created_ms: u64,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct BootstrapV1 {
+        v: u8,
+        token_id: String,
+        issued_ms: u64,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct AdminTokenV1 {
+        v: u8,
+        id: String,
+        name: String,
+        sha256: String,
+        created_ms: u64,
+        revoked_ms: Option<u64>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct VaultV1 {
+        v: u8,
+        name: String,
+        url: String,
+        created_ms: u64,
+    }
+
+    fn to_vec<T: Serialize>(r: &T) -> Vec<u8> {
+        serde_json::to_vec(r).expect("records serialise")
+    }
+
+    /// Parses the version member, refusing oversize and newer records.
+    fn version(table: &'static str, key: &str, b: &[u8]) -> Result<u64> {
+        let bad = |reason: String| CatalogError::BadRecord {
+            table,
+            key: key.to_string(),
+            reason,
+        };
+        if b.len() > MAX_RECORD_BYTES {
+            return Err(bad(format!("{} bytes is too large", b.len())));
+        }
+        let p: Probe = serde_json::from_slice(b).map_err(|e| bad(e.to_string()))?;
+        if p.v == 0 {
+            return Err(bad("version 0 does not exist".into()));
+        }
+        if p.v > u64::from(RECORD_VERSION) {
+            return Err(CatalogError::NewerRecord {
+                table,
+                key: key.to_string(),
+                found: p.v,
+                supported: RECORD_VERSION,
+            });
+        }
+        Ok(p.v)
+    }
+
+    fn parse<'a, T: Deserialize<'a>>(table: &'static str, key: &str, b: &'a [u8]) -> Result<T> {
+        serde_json::from_slice(b).map_err(|e| CatalogError::BadRecord {
+            table,
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Encodes the `meta`/`catalog` record.
+    pub fn encode_catalog(c: &CatalogInfo) -> Vec<u8> {
+        to_vec(&CatalogV1 {
+            v: RECORD_VERSION,
+            format: c.format,
+            created_ms: c.created_ms,
+        })
+    }
+
+    /// Decodes the `meta`/`catalog` record.
+    pub fn decode_catalog(b: &[u8]) -> Result<CatalogInfo> {
+        let (t, k) = ("meta", META_CATALOG);
+        // Version 1 is the only one so far; a version 2 turns this into a `match` whose
+        // older arms convert up.
+        version(t, k, b)?;
+        let r: CatalogV1 = parse(t, k, b)?;
+        Ok(CatalogInfo {
+            format: r.format,
+            created_ms: r.created_ms,
+        })
+    }
+
+    /// Encodes the `meta`/`bootstrap` record.
+    pub fn encode_bootstrap(r: &Bootstrap) -> Vec<u8> {
+        to_vec(&BootstrapV1 {
+            v: RECORD_VERSION,
+            token_id: r.token_id.clone(),
+            issued_ms: r.issued_ms,
+        })
+    }
+
+    /// Decodes the `meta`/`bootstrap` record.
+    pub fn decode_bootstrap(b: &[u8]) -> Result<Bootstrap> {
+        let (t, k) = ("meta", META_BOOTSTRAP);
+        // Version 1 is the only one so far; a version 2 turns this into a `match` whose
+        // older arms convert up.
+        version(t, k, b)?;
+        let r: BootstrapV1 = parse(t, k, b)?;
+        Ok(Bootstrap {
+            token_id: r.token_id,
+            issued_ms: r.issued_ms,
+        })
+    }
+
+    /// Encodes an `admin_tokens` record.
+    pub fn encode_admin_token(t: &AdminToken) -> Vec<u8> {
+        to_vec(&AdminTokenV1 {
+            v: RECORD_VERSION,
+            id: t.id.clone(),
+            name: t.name.clone(),
+            sha256: hex::encode(t.sha256),
+            created_ms: t.created_ms,
+            revoked_ms: t.revoked_ms,
+        })
+    }
+
+    /// Decodes an `admin_tokens` record stored under `key`.
+    pub fn decode_admin_token(key: &str, b: &[u8]) -> Result<AdminToken> {
+        let t = "admin_tokens";
+        let bad = |reason: String| CatalogError::BadRecord {
+            table: t,
+            key: key.to_string(),
+            reason,
+        };
+        // Version 1 is the only one so far; a version 2 turns this into a `match` whose
+        // older arms convert up.
+        version(t, key, b)?;
+        let r: AdminTokenV1 = parse(t, key, b)?;
+        let mut sha256 = [0u8; 32];
+        hex::decode_to_slice(&r.sha256, &mut sha256).map_err(|e| bad(format!("sha256: {e}")))?;
+        if r.id != key {
+            return Err(bad(format!("holds id `{}`", r.id)));
+        }
+        Ok(AdminToken {
+            id: r.id,
+            name: r.name,
+            sha256,
+            created_ms: r.created_ms,
+            revoked_ms: r.revoked_ms,
+        })
+    }
+
+    /// Encodes a `vaults` record.
+    pub fn encode_vault(v: &VaultEntry) -> Vec<u8> {
+        to_vec(&VaultV1 {
+            v: RECORD_VERSION,
+            name: v.name.clone(),
+            url: v.url.clone(),
+            created_ms: v.created_ms,
+        })
+    }
+
+    /// Decodes a `vaults` record stored under `key`.
+    pub fn decode_vault(key: &str, b: &[u8]) -> Result<VaultEntry> {
+        let t = "vaults";
+        // Version 1 is the only one so far; a version 2 turns this into a `match` whose
+        // older arms convert up.
+        version(t, key, b)?;
+        let r: VaultV1 = parse(t, key, b)?;
+        if r.name != key {
+            return Err(CatalogError::BadRecord {
+                table: t,
+                key: key.to_string(),
+                reason: format!("holds name `{}`", r.name),
+            });
+        }
+        Ok(VaultEntry {
+            name: r.name,
+            url: r.url,
+            created_ms: r.created_ms,
+        })
+    }
+}
+
+/// The open catalog.
+#[derive(Debug)]
+pub struct Catalog {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Catalog {
+    /// Opens the catalog at `path`, creating it (mode 0600, current format) if absent.
+    /// Returns it and whether it was created.
+    pub fn open(path: &Path) -> Result<(Self, bool)> {
+        let db_err = |e: &dyn std::fmt::Display| CatalogError::Db {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let created = !path.exists();
+        if created {
+            // redb creates files with the umask's mode; make it private first (redb
+            // initialises an empty file).
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| db_err(&e))?;
+        }
+        let db = match Database::create(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(CatalogError::InUse {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(db_err(&e)),
+        };
+        let me = Self {
+            db,
+            path: path.to_path_buf(),
+        };
+        let info = {
+            let r = me.db.begin_read().map_err(|e| me.err(e))?;
+            match r.open_table(META) {
+                Ok(t) => t
+                    .get(META_CATALOG)
+                    .map_err(|e| me.err(e))?
+                    .map(|v| v.value().to_vec()),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(me.err(e)),
+            }
+        };
+        match info {
+            Some(b) => {
+                // The format check comes before the record's own version check: a newer
+                // catalog may have changed the meta record too.
+                if let Ok(probe) = serde_json::from_slice::<serde_json::Value>(&b)
+                    && let Some(f) = probe.get("format").and_then(serde_json::Value::as_u64)
+                    && f > u64::from(FORMAT_VERSION)
+                {
+                    return Err(CatalogError::NewerFormat {
+                        path: path.to_path_buf(),
+                        found: u32::try_from(f).unwrap_or(u32::MAX),
+                        supported: FORMAT_VERSION,
+                    });
+                }
+                let info = record::decode_catalog(&b)?;
+                if info.format > FORMAT_VERSION {
+                    return Err(CatalogError::NewerFormat {
+                        path: path.to_path_buf(),
+                        found: info.format,
+                        supported: FORMAT_VERSION,
+                    });
+                }
+            }
+            None => {
+                let w = me.db.begin_write().map_err(|e| me.err(e))?;
+                {
+                    let mut m = w.open_table(META).map_err(|e| me.err(e))?;
+                    let info = CatalogInfo {
+                        format: FORMAT_VERSION,
+                        created_ms: ferry_store::point::now_ms(),
+                    };
+                    m.insert(META_CATALOG, &record::encode_catalog(&info)[..])
+                        .map_err(|e| me.err(e))?;
+                    w.open_table(ADMIN_TOKENS).map_err(|e| me.err(e))?;
+                    w.open_table(VAULTS).map_err(|e| me.err(e))?;
+                }
+                w.commit().map_err(|e| me.err(e))?;
+            }
+        }
+        Ok((me, created))
+    }
+
+    /// The catalog file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> CatalogError {
+        CatalogError::Db {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let r = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = r.open_table(META).map_err(|e| self.err(e))?;
+        Ok(t.get(key)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// The catalog's own record.
+    pub fn info(&self) -> Result<CatalogInfo> {
+        let b = self
+            .get_meta(META_CATALOG)?
+            .ok_or_else(|| self.err("the meta/catalog record is missing"))?;
+        record::decode_catalog(&b)
+    }
+
+    /// The bootstrap record, once the first admin token was issued.
+    pub fn bootstrap(&self) -> Result<Option<Bootstrap>> {
+        self.get_meta(META_BOOTSTRAP)?
+            .map(|b| record::decode_bootstrap(&b))
+            .transpose()
+    }
+
+    /// One admin token.
+    pub fn token(&self, id: &str) -> Result<Option<AdminToken>> {
+        let r = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = r.open_table(ADMIN_TOKENS).map_err(|e| self.err(e))?;
+        let v = t.get(id).map_err(|e| self.err(e))?;
+        v.map(|v| record::decode_admin_token(id, v.value()))
+            .transpose()
+    }
+
+    /// Admin tokens with ids after `after`, at most `limit` (capped at [`MAX_PAGE`]).
+    pub fn tokens_page(&self, after: Option<&str>, limit: usize) -> Result<Page<AdminToken>> {
+        let r = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = r.open_table(ADMIN_TOKENS).map_err(|e| self.err(e))?;
+        self.page(&t, after, limit, record::decode_admin_token, |x| &x.id)
+    }
+
+    /// Every active admin token (at most [`MAX_ACTIVE_ADMIN_TOKENS`]).
+    pub fn active_tokens(&self) -> Result<Vec<AdminToken>> {
+        let r = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = r.open_table(ADMIN_TOKENS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let tok = record::decode_admin_token(k.value(), v.value())?;
+            if tok.is_active() {
+                out.push(tok);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds a new admin token; with `bootstrap`, also records it as the first one (once).
+    pub fn insert_token(&self, tok: &AdminToken, bootstrap: bool) -> Result<()> {
+        let w = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut t = w.open_table(ADMIN_TOKENS).map_err(|e| self.err(e))?;
+            if t.len().map_err(|e| self.err(e))? >= MAX_ADMIN_TOKENS {
+                return Err(CatalogError::TooManyTokens {
+                    limit: MAX_ADMIN_TOKENS,
+                    what: "records (active and revoked)",
+                });
+            }
+            let mut active = 0usize;
+            for item in t.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                active +=
+                    usize::from(record::decode_admin_token(k.value(), v.value())?.is_active());
+            }
+            if active >= MAX_ACTIVE_ADMIN_TOKENS {
+                return Err(CatalogError::TooManyTokens {
+                    limit: MAX_ACTIVE_ADMIN_TOKENS as u64,
+                    what: "active",
+                });
+            }
+            if t.get(tok.id.as_str()).map_err(|e| self.err(e))?.is_some() {
+                return Err(self.err(format!("admin token id `{}` exists", tok.id)));
+            }
+            t.insert(tok.id.as_str(), &record::encode_admin_token(tok)[..])
+                .map_err(|e| self.err(e))?;
+            if bootstrap {
+                let mut m = w.open_table(META).map_err(|e| self.err(e))?;
+                if m.get(META_BOOTSTRAP).map_err(|e| self.err(e))?.is_some() {
+                    return Err(self.err("the first admin token was already issued"));
+                }
+                let b = Bootstrap {
+                    token_id: tok.id.clone(),
+                    issued_ms: tok.created_ms,
+                };
+                m.insert(META_BOOTSTRAP, &record::encode_bootstrap(&b)[..])
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        w.commit().map_err(|e| self.err(e))
+    }
+
+    /// Revokes token `id` at `now_ms` and returns it. Revoking a revoked token returns it
+    /// unchanged; the last active token cannot be revoked.
+    pub fn revoke_token(&self, id: &str, now_ms: u64) -> Result<AdminToken> {
+        let w = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tok = {
+            let mut t = w.open_table(ADMIN_TOKENS).map_err(|e| self.err(e))?;
+            let mut tok = match t.get(id).map_err(|e| self.err(e))? {
+                Some(v) => record::decode_admin_token(id, v.value())?,
+                None => return Err(CatalogError::TokenNotFound(id.to_string())),
+            };
+            if !tok.is_active() {
+                return Ok(tok);
+            }
+            let mut others = 0usize;
+            for item in t.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                if k.value() != id && record::decode_admin_token(k.value(), v.value())?.is_active()
+                {
+                    others += 1;
+                }
+            }
+            if others == 0 {
+                return Err(CatalogError::LastActiveToken(id.to_string()));
+            }
+            tok.revoked_ms = Some(now_ms);
+            t.insert(id, &record::encode_admin_token(&tok)[..])
+                .map_err(|e| self.err(e))?;
+            tok
+        };
+        w.commit().map_err(|e| self.err(e))?;
+        Ok(tok)
+    }
+
+    /// One vault.
+    pub fn vault(&self, name: &str) -> Result<Option<VaultEntry>> {
+        let r = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = r.open_table(VAULTS).map_err(|e| self.err(e))?;
+        let v = t.get(name).map_err(|e| self.err(e))?;
+        v.map(|v| record::decode_vault(name, v.value())).transpose()
+    }
+
+    /// Vaults named after `after`, at most `limit` (capped at [`MAX_PAGE`]).
+    pub fn vaults_page(&self, after: Option<&str>, limit: usize) -> Result<Page<VaultEntry>> {
+        let r = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = r.open_table(VAULTS).map_err(|e| self.err(e))?;
+        self.page(&t, after, limit, record::decode_vault, |x| &x.name)
+    }
+
+    /// Registers a vault (create-only).
+    pub fn insert_vault(&self, v: &VaultEntry) -> Result<()> {
+        let w = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut t = w.open_table(VAULTS).map_err(|e| self.err(e))?;
+            if t.get(v.name.as_str()).map_err(|e| self.err(e))?.is_some() {
+                return Err(CatalogError::VaultExists(v.name.clone()));
+            }
+            t.insert(v.name.as_str(), &record::encode_vault(v)[..])
+                .map_err(|e| self.err(e))?;
+        }
+        w.commit().map_err(|e| self.err(e))
+    }
+
+    fn page<T>(
+        &self,
+        t: &impl ReadableTable<&'static str, &'static [u8]>,
+        after: Option<&str>,
+        limit: usize,
+        decode: fn(&str, &[u8]) -> Result<T>,
+        key_of: fn(&T) -> &String,
+    ) -> Result<Page<T>> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let lower = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut items = Vec::new();
+        let mut more = false;
+        for item in t
+            .range::<&str>((lower, Bound::Unbounded))
+            .map_err(|e| self.err(e))?
+        {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            items.push(decode(k.value(), v.value())?);
+        }
+        let next_after = if more {
+            items.last().map(|x| key_of(x).clone())
+        } else {
+            None
+        };
+        Ok(Page { items, next_after })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/catalog-v1");
+
+    /// The values the version-1 fixtures hold.
+    fn v1_token() -> AdminToken {
+        AdminToken {
+            id: "20261126T101112.123Z-0a1b2c3d".into(),
+            name: "bootstrap".into(),
+            sha256: [0xab; 32],
+            created_ms: 1_795_687_872_123,
+            revoked_ms: None,
+        }
+    }
+    fn v1_revoked_token() -> AdminToken {
+        AdminToken {
+            id: "20261126T101500.000Z-deadbeef".into(),
+            name: "ci-runner".into(),
+            sha256: [0x01; 32],
+            created_ms: 1_795_688_100_000,
+            revoked_ms: Some(1_795_688_200_000),
+        }
+    }
+    fn v1_vault() -> VaultEntry {
+        VaultEntry {
+            name: "default".into(),
+            url: "/var/lib/ferry/vault".into(),
+            created_ms: 1_795_687_872_000,
+        }
+    }
+    fn v1_bootstrap() -> Bootstrap {
+        Bootstrap {
+            token_id: v1_token().id,
+            issued_ms: v1_token().created_ms,
+        }
+    }
+    fn v1_info() -> CatalogInfo {
+        CatalogInfo {
+            format: 1,
+            created_ms: 1_795_687_871_000,
+        }
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let p = Path::new(FIXTURES).join(name);
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    /// Writes the version-1 fixtures. Run once, by hand, when version 1 was defined
+    /// (`cargo test -p ferry-daemon -- --ignored write_v1_fixtures`); never again: old
+    /// versions' fixtures are frozen. A version 2 adds its own directory and writer.
+    #[test]
+    #[ignore = "writes the committed fixtures"]
+    fn write_v1_fixtures() {
+        let dir = Path::new(FIXTURES);
+        std::fs::create_dir_all(dir).unwrap();
+        let w = |n: &str, b: Vec<u8>| std::fs::write(dir.join(n), b).unwrap();
+        w("meta-catalog.json", record::encode_catalog(&v1_info()));
+        w(
+            "meta-bootstrap.json",
+            record::encode_bootstrap(&v1_bootstrap()),
+        );
+        w("admin-token.json", record::encode_admin_token(&v1_token()));
+        w(
+            "admin-token-revoked.json",
+            record::encode_admin_token(&v1_revoked_token()),
+        );
+        w("vault.json", record::encode_vault(&v1_vault()));
+        let p = dir.join("catalog.redb");
+        let _ = std::fs::remove_file(&p);
+        let (c, _) = Catalog::open(&p).unwrap();
+        c.insert_token(&v1_token(), true).unwrap();
+        c.insert_token(&v1_revoked_token(), false).unwrap();
+        c.revoke_token(&v1_revoked_token().id, 1_795_688_200_000)
+            .unwrap();
+        c.insert_vault(&v1_vault()).unwrap();
+    }
+
+    #[test]
+    fn v1_records_decode() {
+        assert_eq!(
+            record::decode_catalog(&fixture("meta-catalog.json")).unwrap(),
+            v1_info()
+        );
+        assert_eq!(
+            record::decode_bootstrap(&fixture("meta-bootstrap.json")).unwrap(),
+            v1_bootstrap()
+        );
+        let t = v1_token();
+        assert_eq!(
+            record::decode_admin_token(&t.id, &fixture("admin-token.json")).unwrap(),
+            t
+        );
+        let r = v1_revoked_token();
+        assert_eq!(
+            record::decode_admin_token(&r.id, &fixture("admin-token-revoked.json")).unwrap(),
+            r
+        );
+        assert_eq!(
+            record::decode_vault("default", &fixture("vault.json")).unwrap(),
+            v1_vault()
+        );
+    }
+
+    /// While version 1 is current, encoding must reproduce the fixtures byte for byte: a
+    /// change of encoding without a new version fails here. When version 2 arrives this test
+    /// moves to the v2 fixtures and `v1_records_decode` stays.
+    #[test]
+    fn current_encoding_is_v1() {
+        assert_eq!(RECORD_VERSION, 1);
+        assert_eq!(
+            record::encode_admin_token(&v1_token()),
+            fixture("admin-token.json")
+        );
+        assert_eq!(record::encode_vault(&v1_vault()), fixture("vault.json"));
+        assert_eq!(
+            record::encode_catalog(&v1_info()),
+            fixture("meta-catalog.json")
+        );
+    }
+
+    /// A whole catalog written by version 1 opens and reads back (table names, key and value
+    /// types, meta records).
+    #[test]
+    fn v1_catalog_file_opens() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("catalog.redb");
+        std::fs::copy(Path::new(FIXTURES).join("catalog.redb"), &p).unwrap();
+        let (c, created) = Catalog::open(&p).unwrap();
+        assert!(!created);
+        assert_eq!(c.info().unwrap().format, 1);
+        assert_eq!(c.bootstrap().unwrap(), Some(v1_bootstrap()));
+        assert_eq!(c.token(&v1_token().id).unwrap(), Some(v1_token()));
+        assert_eq!(c.active_tokens().unwrap(), vec![v1_token()]);
+        let page = c.tokens_page(None, 10).unwrap();
+        assert_eq!(page.items, vec![v1_token(), v1_revoked_token()]);
+        assert_eq!(c.vault("default").unwrap(), Some(v1_vault()));
+    }
+
+    #[test]
+    fn newer_records_and_formats_are_refused() {
+        let e = record::decode_vault("x", br#"{"v":2,"name":"x"}"#).unwrap_err();
+        assert!(
+            matches!(e, CatalogError::NewerRecord { found: 2, .. }),
+            "{e}"
+        );
+        let e = record::decode_vault(
+            "x",
+            br#"{"v":1,"name":"x","url":"u","created_ms":1,"extra":1}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("extra"), "{e}");
+        let e = record::decode_vault("y", &fixture("vault.json")).unwrap_err();
+        assert!(e.to_string().contains("holds name"), "{e}");
+        assert!(record::decode_vault("x", b"not json").is_err());
+        assert!(record::decode_vault("x", &vec![b' '; MAX_RECORD_BYTES + 1]).is_err());
+
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.redb");
+        {
+            let (c, created) = Catalog::open(&p).unwrap();
+            assert!(created);
+            let w = c.db.begin_write().unwrap();
+            {
+                let mut m = w.open_table(META).unwrap();
+                m.insert(
+                    META_CATALOG,
+                    &br#"{"v":9,"format":2,"created_ms":1,"new":true}"#[..],
+                )
+                .unwrap();
+            }
+            w.commit().unwrap();
+        }
+        let e = Catalog::open(&p).unwrap_err();
+        assert!(
+            matches!(e, CatalogError::NewerFormat { found: 2, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tokens_lifecycle_pages_and_bounds() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.redb");
+        let (c, _) = Catalog::open(&p).unwrap();
+        {
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        }
+        // A second opener is refused while the first holds it.
+        assert!(matches!(Catalog::open(&p), Err(CatalogError::InUse { .. })));
+        let mk = |i: u64| AdminToken {
+            id: format!("t{i:03}"),
+            name: format!("n{i}"),
+            sha256: [i.to_le_bytes()[0]; 32],
+            created_ms: i,
+            revoked_ms: None,
+        };
+        c.insert_token(&mk(0), true).unwrap();
+        assert!(c.insert_token(&mk(0), false).is_err());
+        assert!(c.insert_token(&mk(1), true).is_err(), "bootstrap is once");
+        for i in 1..5 {
+            c.insert_token(&mk(i), false).unwrap();
+        }
+        let p1 = c.tokens_page(None, 2).unwrap();
+        assert_eq!(p1.items.len(), 2);
+        assert_eq!(p1.next_after.as_deref(), Some("t001"));
+        let p2 = c.tokens_page(p1.next_after.as_deref(), 2).unwrap();
+        assert_eq!(p2.items[0].id, "t002");
+        let p3 = c.tokens_page(p2.next_after.as_deref(), 2).unwrap();
+        assert_eq!(p3.items.len(), 1);
+        assert_eq!(p3.next_after, None);
+
+        let r = c.revoke_token("t002", 99).unwrap();
+        assert_eq!(r.revoked_ms, Some(99));
+        assert_eq!(c.revoke_token("t002", 100).unwrap().revoked_ms, Some(99));
+        assert!(matches!(
+            c.revoke_token("nope", 1),
+            Err(CatalogError::TokenNotFound(_))
+        ));
+        for id in ["t000", "t001", "t003"] {
+            c.revoke_token(id, 1).unwrap();
+        }
+        assert!(matches!(
+            c.revoke_token("t004", 1),
+            Err(CatalogError::LastActiveToken(_))
+        ));
+        assert_eq!(c.active_tokens().unwrap(), vec![mk(4)]);
+
+        for i in 5..(4 + MAX_ACTIVE_ADMIN_TOKENS as u64) {
+            c.insert_token(&mk(i), false).unwrap();
+        }
+        assert!(matches!(
+            c.insert_token(&mk(999), false),
+            Err(CatalogError::TooManyTokens { .. })
+        ));
+        drop(c);
+        // Durable across reopen.
+        let (c, created) = Catalog::open(&p).unwrap();
+        assert!(!created);
+        assert_eq!(c.active_tokens().unwrap().len(), MAX_ACTIVE_ADMIN_TOKENS);
+        assert_eq!(c.bootstrap().unwrap().unwrap().token_id, "t000");
+    }
+
+    #[test]
+    fn vaults_are_create_only() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, _) = Catalog::open(&d.path().join("c.redb")).unwrap();
+        let v = v1_vault();
+        c.insert_vault(&v).unwrap();
+        assert!(matches!(
+            c.insert_vault(&v),
+            Err(CatalogError::VaultExists(_))
+        ));
+        assert_eq!(c.vaults_page(None, 10).unwrap().items, vec![v]);
+        assert_eq!(c.vault("other").unwrap(), None);
+    }
+}

@@ -1,0 +1,634 @@
+//! The daemon's configuration: what it is, where it comes from, and what is acceptable.
+//!
+//! Sources, later ones winning (figment):
+//!
+//! 1. built-in defaults ([`Config::default`]), so `ferryd up` works with no file at all;
+//! 2. `--config FILE`, or else `/etc/ferry/ferry.toml` when it exists (TOML);
+//! 3. environment variables `FERRY_…`: a double underscore nests
+//!    (`FERRY_API__LISTEN`, `FERRY_API__LIMITS__MAX_BODY_BYTES`, `FERRY_VAULT__URL`), plus
+//!    `FERRY_DATA_DIR`. Only names containing `__` and `FERRY_DATA_DIR` are read: the other
+//!    `FERRY_` variables (`FERRY_PASSPHRASE`, `FERRY_CACHE_DIR`, …) belong to the `ferry` CLI;
+//! 4. command-line flags (`--data-dir`, `--listen`).
+//!
+//! Unknown keys are errors naming the key and its source. Values are validated after merging
+//! ([`Config::validate`]), each error naming the dotted key. Secrets are never values: the
+//! configuration only holds paths to files (`*_file`), and object-store options whose names
+//! look secret must be given through `vault.option_files`. The commented default file is
+//! `config/ferry.toml`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DaemonError, Result};
+
+/// Read when `--config` is not given, if it exists.
+pub const SYSTEM_CONFIG_FILE: &str = "/etc/ferry/ferry.toml";
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+/// Name of the vault `ferryd up` creates when none is configured.
+pub const DEFAULT_VAULT_NAME: &str = "default";
+/// Largest configuration file read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the appliance keeps its state (catalog, keys, certificates, the default vault).
+    /// Default: `/var/lib/ferry` as root, else `$XDG_DATA_HOME/ferry` or
+    /// `~/.local/share/ferry`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// The HTTPS API.
+    pub api: ApiConfig,
+    /// The appliance's vault.
+    pub vault: VaultConfig,
+}
+
+/// `[api]`: the HTTPS listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address and port to listen on (port 0: any free port, printed at start).
+    pub listen: SocketAddr,
+    /// Certificate overrides.
+    pub tls: TlsConfig,
+    /// Hardening limits.
+    pub limits: Limits,
+}
+
+/// `[api.tls]`: use these instead of the generated CA and server certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain (server certificate first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of the certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// `[api.limits]`: what one client may cost the appliance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body accepted (bytes); larger requests get 413.
+    pub max_body_bytes: u64,
+    /// Connections served at once; further clients wait in the kernel's accept queue.
+    pub max_connections: u32,
+    /// Time a client has to complete the TLS handshake, and then each request head (counted
+    /// from when the server starts waiting for it, so it also closes idle keep-alive
+    /// connections).
+    pub header_read_timeout_secs: u64,
+    /// A connection with no request in progress on which no byte moves for this long is
+    /// closed (a client that stops reading its response, a silent client once
+    /// `header_read_timeout_secs` is longer). At least `request_timeout_secs`.
+    pub idle_timeout_secs: u64,
+    /// Longest time one request may take, body included (so a stalled upload ends here);
+    /// then 503.
+    pub request_timeout_secs: u64,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    pub shutdown_grace_secs: u64,
+}
+
+/// `[vault]`: the vault the appliance writes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaultConfig {
+    /// Its name in the catalog and the API.
+    pub name: String,
+    /// Location: a directory, `file:///dir`, `s3://bucket/prefix` or `az://container/prefix`.
+    /// Default: `<data_dir>/vault`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Key file protecting the vault. Default: `<data_dir>/vault.key`, generated (32 random
+    /// bytes, mode 0600) when the vault is created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// File holding a passphrase protecting the vault (instead of a key file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Object-store options (`endpoint`, `region`, `allow_http`, `account_name`, …), on top of
+    /// the `AWS_*`/`AZURE_*` environment. Secrets are refused here.
+    pub options: BTreeMap<String, String>,
+    /// Object-store options read from files (`secret_access_key`, `access_key`, …).
+    pub option_files: BTreeMap<String, PathBuf>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            max_connections: 512,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            request_timeout_secs: 30,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl Default for VaultConfig {
+    fn default() -> Self {
+        Self {
+            name: DEFAULT_VAULT_NAME.to_string(),
+            url: None,
+            key_file: None,
+            passphrase_file: None,
+            options: BTreeMap::new(),
+            option_files: BTreeMap::new(),
+        }
+    }
+}
+
+impl Limits {
+    /// [`Self::header_read_timeout_secs`] as a duration.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_secs)
+    }
+    /// [`Self::idle_timeout_secs`] as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    /// [`Self::request_timeout_secs`] as a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+    /// [`Self::shutdown_grace_secs`] as a duration.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+/// Values given on the command line; they win over every other source.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Object-store option names that carry credentials: only accepted in `option_files`.
+const SECRET_OPTION_WORDS: &[&str] = &["secret", "token", "password", "sas", "access_key"];
+
+fn looks_secret(option: &str) -> bool {
+    let o = option.to_ascii_lowercase();
+    SECRET_OPTION_WORDS.iter().any(|w| o.contains(w))
+}
+
+impl Config {
+    /// Merges every source (see the module docs) and validates the result. `file` is
+    /// `--config`; without it `/etc/ferry/ferry.toml` is read if present.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self> {
+        let mut f = Figment::from(Serialized::defaults(Config::default()));
+        let file = match file {
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from(SYSTEM_CONFIG_FILE)).filter(|p| p.exists()),
+        };
+        if let Some(p) = &file {
+            // A missing file named on the command line is an error (figment would take it as
+            // empty), and a huge one is refused before figment reads it.
+            let m = std::fs::metadata(p).map_err(|e| DaemonError::io("read", p, e))?;
+            if !m.is_file() || m.len() > MAX_CONFIG_BYTES {
+                return Err(DaemonError::Config(format!(
+                    "`{}` is not a regular file of at most {MAX_CONFIG_BYTES} bytes",
+                    p.display()
+                )));
+            }
+            f = f.merge(Toml::file_exact(p));
+        }
+        f = f.merge(env_provider());
+        if let Some(d) = &overrides.data_dir {
+            f = f.merge(("data_dir", d));
+        }
+        if let Some(l) = &overrides.listen {
+            f = f.merge(("api.listen", l.to_string()));
+        }
+        let c: Config = f.extract().map_err(figment_error)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks ranges and combinations; each error names the dotted key.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, reason: String| DaemonError::ConfigValue {
+            key: key.to_string(),
+            reason,
+        };
+        let l = &self.api.limits;
+        let range = |key: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(bad(key, format!("{v} is out of range ({lo} to {hi})")))
+            }
+        };
+        range(
+            "api.limits.max_body_bytes",
+            l.max_body_bytes,
+            1 << 10,
+            64 << 20,
+        )?;
+        range(
+            "api.limits.max_connections",
+            u64::from(l.max_connections),
+            1,
+            65_536,
+        )?;
+        range(
+            "api.limits.header_read_timeout_secs",
+            l.header_read_timeout_secs,
+            1,
+            300,
+        )?;
+        range(
+            "api.limits.request_timeout_secs",
+            l.request_timeout_secs,
+            1,
+            3600,
+        )?;
+        range("api.limits.idle_timeout_secs", l.idle_timeout_secs, 1, 3600)?;
+        range(
+            "api.limits.shutdown_grace_secs",
+            l.shutdown_grace_secs,
+            0,
+            600,
+        )?;
+        if l.idle_timeout_secs < l.request_timeout_secs {
+            return Err(bad(
+                "api.limits.idle_timeout_secs",
+                format!(
+                    "{} is shorter than api.limits.request_timeout_secs ({}): a slow request \
+                     would be cut as idle",
+                    l.idle_timeout_secs, l.request_timeout_secs
+                ),
+            ));
+        }
+        match (&self.api.tls.cert_file, &self.api.tls.key_file) {
+            (Some(_), None) => {
+                return Err(bad(
+                    "api.tls.key_file",
+                    "missing: cert_file and key_file go together".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(bad(
+                    "api.tls.cert_file",
+                    "missing: cert_file and key_file go together".into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(d) = &self.data_dir
+            && d.as_os_str().is_empty()
+        {
+            return Err(bad("data_dir", "is empty".into()));
+        }
+        let v = &self.vault;
+        ferry_store::check_name("vault name", &v.name)
+            .map_err(|e| bad("vault.name", e.to_string()))?;
+        if v.key_file.is_some() && v.passphrase_file.is_some() {
+            return Err(bad(
+                "vault.passphrase_file",
+                "give either vault.key_file or vault.passphrase_file, not both".into(),
+            ));
+        }
+        if let Some(u) = &v.url {
+            if u.is_empty() {
+                return Err(bad("vault.url", "is empty".into()));
+            }
+            if redact_userinfo(u) != *u {
+                return Err(bad(
+                    "vault.url",
+                    "holds credentials (`user:password@`): credentials belong in \
+                     vault.option_files or the AWS_*/AZURE_* environment"
+                        .into(),
+                ));
+            }
+            let remote = u.starts_with("s3://") || u.starts_with("az://");
+            if u.contains("://") && !remote && !u.starts_with("file://") {
+                return Err(bad(
+                    "vault.url",
+                    "unsupported scheme (use a path, file://, s3:// or az://)".into(),
+                ));
+            }
+            let has_options = !(v.options.is_empty() && v.option_files.is_empty());
+            if has_options && !remote {
+                return Err(bad(
+                    "vault.options",
+                    "a local directory vault takes no object-store options".into(),
+                ));
+            }
+        } else if !(v.options.is_empty() && v.option_files.is_empty()) {
+            return Err(bad(
+                "vault.options",
+                "the default vault is a local directory and takes no object-store options".into(),
+            ));
+        }
+        for k in v.options.keys() {
+            if looks_secret(k) {
+                return Err(bad(
+                    &format!("vault.options.{k}"),
+                    format!("looks like a secret: put it in a file and set vault.option_files.{k}"),
+                ));
+            }
+            if v.option_files.contains_key(k) {
+                return Err(bad(
+                    &format!("vault.options.{k}"),
+                    format!("also set in vault.option_files.{k}"),
+                ));
+            }
+        }
+        // Files named explicitly must exist now, so that `config check` catches a typo.
+        let files = [
+            ("api.tls.cert_file", self.api.tls.cert_file.as_ref()),
+            ("api.tls.key_file", self.api.tls.key_file.as_ref()),
+            ("vault.key_file", v.key_file.as_ref()),
+            ("vault.passphrase_file", v.passphrase_file.as_ref()),
+        ];
+        let option_files = v
+            .option_files
+            .iter()
+            .map(|(k, p)| (format!("vault.option_files.{k}"), p));
+        for (key, p) in files
+            .into_iter()
+            .filter_map(|(k, p)| p.map(|p| (k.to_string(), p)))
+            .chain(option_files)
+        {
+            if !p.is_file() {
+                return Err(bad(
+                    &key,
+                    format!("`{}` does not exist or is not a file", p.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The data directory: configured, or the default for this user. Always absolute.
+    pub fn data_dir(&self) -> Result<PathBuf> {
+        let d = match &self.data_dir {
+            Some(d) => d.clone(),
+            None => default_data_dir()?,
+        };
+        std::path::absolute(&d).map_err(|e| DaemonError::io("resolve", &d, e))
+    }
+
+    /// The vault URL: configured (a plain path made absolute), or `<data_dir>/vault`.
+    pub fn vault_url(&self, data_dir: &Path) -> String {
+        match &self.vault.url {
+            Some(u) if u.contains("://") => u.clone(),
+            Some(p) => std::path::absolute(p)
+                .unwrap_or_else(|_| PathBuf::from(p))
+                .display()
+                .to_string(),
+            None => data_dir.join("vault").display().to_string(),
+        }
+    }
+
+    /// The configuration with defaults that depend on the machine filled in (data directory,
+    /// vault location), as `ferryd config show` prints it.
+    pub fn effective(&self) -> Result<Self> {
+        let mut c = self.clone();
+        let d = self.data_dir()?;
+        c.vault.url = Some(self.vault_url(&d));
+        c.data_dir = Some(d);
+        Ok(c)
+    }
+
+    /// TOML text of this configuration. Nothing in it is secret (secrets are only file
+    /// paths), but URLs and options are redacted of any embedded credentials
+    /// (`scheme://user:password@host`) in case one slipped in.
+    pub fn to_toml(&self) -> String {
+        let mut c = self.clone();
+        c.vault.url = c.vault.url.as_deref().map(redact_userinfo);
+        for v in c.vault.options.values_mut() {
+            *v = redact_userinfo(v);
+        }
+        toml::to_string(&c).expect("the configuration serialises to TOML")
+    }
+}
+
+/// `scheme://user:pass@host/…` → `scheme://<redacted>@host/…`.
+fn redact_userinfo(s: &str) -> String {
+    if let Some((scheme, rest)) = s.split_once("://") {
+        let end = rest.find('/').unwrap_or(rest.len());
+        if let Some(at) = rest[..end].rfind('@') {
+            return format!("{scheme}://<redacted>{}", &rest[at..]);
+        }
+    }
+    s.to_string()
+}
+
+/// The `FERRY_` environment provider (see the module docs for which names it reads).
+fn env_provider() -> Env {
+    Env::prefixed("FERRY_")
+        .filter(|k| k.as_str().contains("__") || k == "data_dir")
+        .split("__")
+}
+
+fn figment_error(e: figment::Error) -> DaemonError {
+    let all: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+    DaemonError::Config(all.join("; "))
+}
+
+/// `/var/lib/ferry` as root; else `$XDG_DATA_HOME/ferry` or `~/.local/share/ferry`.
+pub fn default_data_dir() -> Result<PathBuf> {
+    if crate::fsutil::euid() == 0 {
+        return Ok(PathBuf::from("/var/lib/ferry"));
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(x).join("ferry"));
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(h) => Ok(PathBuf::from(h).join(".local/share/ferry")),
+        None => Err(DaemonError::ConfigValue {
+            key: "data_dir".into(),
+            reason: "no default (HOME is not set): pass --data-dir or set FERRY_DATA_DIR".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::result_large_err,
+    reason = "figment::Jail's closures return figment::Error, whatever its size"
+)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in(jail: &Jail, file: Option<&str>) -> Result<Config> {
+        let path = file.map(|f| jail.directory().join(f));
+        Config::load(path.as_deref(), &Overrides::default())
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        Jail::expect_with(|j| {
+            let c = load_in(j, None).unwrap();
+            assert_eq!(c, Config::default());
+            assert_eq!(c.api.listen.to_string(), DEFAULT_LISTEN);
+            Ok(())
+        });
+    }
+
+    /// `config/ferry.toml` is accepted and says exactly what the built-in defaults are, so
+    /// the documentation cannot drift from the code.
+    #[test]
+    fn shipped_default_file_matches_the_defaults() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/ferry.toml");
+        Jail::expect_with(|_| {
+            let c = Config::load(Some(&shipped), &Overrides::default()).unwrap();
+            assert_eq!(c, Config::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn sources_layer_file_then_env_then_flags() {
+        Jail::expect_with(|j| {
+            j.create_file(
+                "f.toml",
+                "data_dir = \"/srv/a\"\n[api]\nlisten = \"127.0.0.1:1\"\n[api.limits]\nmax_connections = 7\n",
+            )?;
+            j.set_env("FERRY_API__LISTEN", "127.0.0.1:2");
+            j.set_env("FERRY_API__LIMITS__MAX_BODY_BYTES", "4096");
+            j.set_env("FERRY_PASSPHRASE", "belongs to the CLI, ignored");
+            let c = load_in(j, Some("f.toml")).unwrap();
+            assert_eq!(c.api.listen.to_string(), "127.0.0.1:2");
+            assert_eq!(c.api.limits.max_connections, 7);
+            assert_eq!(c.api.limits.max_body_bytes, 4096);
+            assert_eq!(c.data_dir.as_deref(), Some(Path::new("/srv/a")));
+            j.set_env("FERRY_DATA_DIR", "/srv/b");
+            let c = load_in(j, Some("f.toml")).unwrap();
+            assert_eq!(c.data_dir.as_deref(), Some(Path::new("/srv/b")));
+            let o = Overrides {
+                data_dir: Some("/srv/c".into()),
+                listen: Some("127.0.0.1:3".parse().unwrap()),
+            };
+            let c = Config::load(Some(&j.directory().join("f.toml")), &o).unwrap();
+            assert_eq!(c.data_dir.as_deref(), Some(Path::new("/srv/c")));
+            assert_eq!(c.api.listen.to_string(), "127.0.0.1:3");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        Jail::expect_with(|j| {
+            j.create_file("f.toml", "[api]\nlisen = \"127.0.0.1:1\"\n")?;
+            let e = load_in(j, Some("f.toml")).unwrap_err().to_string();
+            assert!(e.contains("lisen") && e.contains("f.toml"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|j| {
+            j.set_env("FERRY_API__LIMITS__MAX_BODDY", "1");
+            let e = load_in(j, None).unwrap_err().to_string();
+            assert!(e.contains("max_boddy") && e.contains("FERRY_"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|j| {
+            j.create_file("f.toml", "colour = 1\n")?;
+            let e = load_in(j, Some("f.toml")).unwrap_err().to_string();
+            assert!(e.contains("colour"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            (
+                "[api.limits]\nmax_body_bytes = 10\n",
+                "api.limits.max_body_bytes",
+            ),
+            (
+                "[api.limits]\nmax_connections = 0\n",
+                "api.limits.max_connections",
+            ),
+            (
+                "[api.limits]\nidle_timeout_secs = 5\nrequest_timeout_secs = 10\n",
+                "api.limits.idle_timeout_secs",
+            ),
+            (
+                "[api.tls]\ncert_file = \"/etc/hostname\"\n",
+                "api.tls.key_file",
+            ),
+            ("[vault]\nname = \"../x\"\n", "vault.name"),
+            ("[vault]\nurl = \"ftp://x\"\n", "vault.url"),
+            ("[vault]\nurl = \"s3://k:x@b/p\"\n", "vault.url"),
+            ("[vault]\nkey_file = \"/nonexistent/k\"\n", "vault.key_file"),
+            (
+                "[vault]\nurl = \"s3://b\"\noptions = { secret_access_key = \"x\" }\n",
+                "vault.options.secret_access_key",
+            ),
+            (
+                "[vault]\noptions = { endpoint = \"http://x\" }\n",
+                "vault.options",
+            ),
+        ];
+        for (text, key) in cases {
+            Jail::expect_with(|j| {
+                j.create_file("f.toml", text)?;
+                let e = load_in(j, Some("f.toml")).unwrap_err();
+                assert!(
+                    matches!(&e, DaemonError::ConfigValue { key: k, .. } if k == key),
+                    "{text}: {e}"
+                );
+                // The secret value itself is never echoed.
+                assert!(!e.to_string().contains("= \"x\""), "{e}");
+                Ok(())
+            });
+        }
+        Jail::expect_with(|j| {
+            j.create_file("f.toml", "[api]\nlisten = \"nowhere\"\n")?;
+            let e = load_in(j, Some("f.toml")).unwrap_err().to_string();
+            assert!(e.contains("listen"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|j| {
+            let e = load_in(j, Some("missing.toml")).unwrap_err().to_string();
+            assert!(e.contains("missing.toml"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn show_fills_defaults_and_redacts() {
+        Jail::expect_with(|j| {
+            j.set_env("FERRY_DATA_DIR", "/srv/ferry");
+            let c = load_in(j, None).unwrap().effective().unwrap();
+            let t = c.to_toml();
+            assert!(t.contains("data_dir = \"/srv/ferry\""), "{t}");
+            assert!(t.contains("url = \"/srv/ferry/vault\""), "{t}");
+            // What `show` prints, `check` accepts.
+            j.create_file("shown.toml", &t)?;
+            assert_eq!(load_in(j, Some("shown.toml")).unwrap(), c);
+            Ok(())
+        });
+        assert_eq!(
+            redact_userinfo("https://u:p@host:9000/x"),
+            "https://<redacted>@host:9000/x"
+        );
+        assert_eq!(redact_userinfo("s3://bucket/a@b"), "s3://bucket/a@b");
+    }
+}

@@ -1,0 +1,27 @@
+//! `ferryd`, the Ferry appliance daemon: for now its control role's foundation — the data
+//! directory, the catalog, TLS, admin tokens and the REST API over HTTPS.
+//!
+//! Map of the crate, bottom up:
+//! - [`error`]: the typed errors of the library (`main.rs` alone uses `anyhow`);
+//! - [`fsutil`]: private files and directories (modes, owners, create-only durable writes);
+//! - [`config`]: figment configuration (defaults < file < `FERRY_*` < flags), validation;
+//! - [`catalog`]: the redb catalog with versioned records (`docs/catalog-format.md`);
+//! - [`tls`]: the generated CA and server certificate, loading and checking them;
+//! - [`auth`]: admin bearer tokens (hashed at rest, constant-time checks, revocation);
+//! - [`api`]: the axum router of `/api/v1` and its OpenAPI document;
+//! - [`server`]: the TLS accept loop with connection, time and size limits, graceful stop;
+//! - [`appliance`]: `ferryd up`'s first start and every start after it.
+//!
+//! The daemon depends on `ferry-store` (vaults); the store knows nothing of it.
+
+pub mod api;
+pub mod appliance;
+pub mod auth;
+pub mod catalog;
+pub mod config;
+pub mod error;
+pub mod fsutil;
+pub mod server;
+pub mod tls;
+
+pub use error::{DaemonError, Result};

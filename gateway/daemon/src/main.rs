@@ -1,0 +1,190 @@
+//! `ferryd`: the Ferry appliance daemon.
+//!
+//! - `ferryd up [--data-dir DIR] [--config FILE] [--listen ADDR:PORT]` brings the appliance
+//!   up (creating everything on the first start) and serves the HTTPS API until SIGTERM or
+//!   SIGINT, then drains and exits 0.
+//! - `ferryd config check [--config FILE]` validates the effective configuration.
+//! - `ferryd config show [--config FILE]` prints it as TOML.
+//!
+//! Exit status: 0 on success, 1 with one line on stderr naming what failed, 2 on a usage
+//! error. Human output goes to stdout; the log (including the line
+//! `ferryd: listening on https://ADDR:PORT`) to stderr.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ferry_daemon::config::{Config, Overrides};
+use ferry_daemon::{api, appliance, server};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser, Debug)]
+#[command(name = "ferryd", version, about = "Ferry appliance daemon")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Bring the appliance up and serve its API (creates everything on the first start).
+    Up(UpArgs),
+    /// Check or show the configuration.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+}
+
+#[derive(Args, Debug)]
+struct Sources {
+    /// Configuration file [default: /etc/ferry/ferry.toml, if it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory [default: /var/lib/ferry as root, else ~/.local/share/ferry].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct UpArgs {
+    #[command(flatten)]
+    sources: Sources,
+    /// Address and port to listen on (port 0: any free port) [default: 127.0.0.1:8443].
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Validate the effective configuration: exit 0, or 1 with the error.
+    Check(Sources),
+    /// Print the effective configuration as TOML.
+    Show(Sources),
+}
+
+/// Prints to stdout; a closed stdout is not an error worth dying for.
+fn say(s: &str) {
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(s.as_bytes());
+    let _ = o.flush();
+}
+
+fn load(s: &Sources, listen: Option<SocketAddr>) -> Result<Config> {
+    Ok(Config::load(
+        s.config.as_deref(),
+        &Overrides {
+            data_dir: s.data_dir.clone(),
+            listen,
+        },
+    )?)
+}
+
+async fn up(args: UpArgs) -> Result<()> {
+    let cfg = load(&args.sources, args.listen)?;
+    let prepared = appliance::prepare(&cfg).await?;
+    let listener = tokio::net::TcpListener::bind(cfg.api.listen)
+        .await
+        .map_err(|source| ferry_daemon::DaemonError::Listen {
+            addr: cfg.api.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    // Handlers are installed before anyone is told where to connect, so a prompt SIGTERM
+    // is a clean stop, not a kill.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let shutdown = async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        eprintln!("ferryd: {which}: stopping (in-flight requests get up to the grace period)");
+        // A second signal means "now".
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            eprintln!("ferryd: second signal: exiting at once");
+            std::process::exit(1);
+        });
+    };
+
+    say(&appliance::banner(&prepared, addr));
+    eprintln!("ferryd: listening on {}", appliance::base_url(addr));
+
+    let limits = cfg.api.limits;
+    let catalog = prepared.tokens.catalog().clone();
+    let state = api::ApiState::new(
+        prepared.tokens,
+        prepared.vaults,
+        usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
+    );
+    let report = server::serve(
+        listener,
+        prepared.tls.server_config,
+        api::router(state),
+        limits,
+        shutdown,
+    )
+    .await;
+    if report.dropped_at_shutdown > 0 {
+        eprintln!(
+            "ferryd: {} connection(s) still busy after the grace period were dropped",
+            report.dropped_at_shutdown
+        );
+    }
+    // Every request task is gone: this is the last handle, and dropping it closes the
+    // catalog (each change was already committed durably).
+    match std::sync::Arc::try_unwrap(catalog) {
+        Ok(c) => drop(c),
+        Err(_) => eprintln!("ferryd: the catalog is still in use by a finishing task"),
+    }
+    eprintln!(
+        "ferryd: stopped ({} connection(s) served)",
+        report.connections
+    );
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Up(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(up(args)),
+        Cmd::Config {
+            cmd: ConfigCmd::Check(s),
+        } => {
+            load(&s, None)?;
+            say("configuration OK\n");
+            Ok(())
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Show(s),
+        } => {
+            let mut t = load(&s, None)?.effective()?.to_toml();
+            if !t.ends_with('\n') {
+                t.push('\n');
+            }
+            say(&t);
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferryd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,623 @@
+//! The real `ferryd` binary: `ferryd up` on an empty data directory and port 0, then its API
+//! over HTTPS with a client that trusts only the CA the appliance generated: health,
+//! authentication, tokens, vaults, points, pagination, bad input, a slowloris client, SIGTERM,
+//! and a restart that must find everything as it was. Also `ferryd config check|show` and the
+//! refusals of a damaged data directory.
+//!
+//! Build the binary first: `cargo build -p ferry-daemon`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_e2e::{ferryd_bin, repo_root};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A running `ferryd up`.
+struct Daemon {
+    child: Child,
+    port: u16,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+fn ferryd(args: &[&str]) -> Command {
+    let mut c = Command::new(ferryd_bin());
+    c.args(args);
+    // Only what the test sets: no FERRY_* from the developer's shell.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("FERRY_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+impl Daemon {
+    fn start(data: &Path, env: &[(&str, &str)]) -> Self {
+        let mut c = ferryd(&[
+            "up",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        c.envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("start ferryd");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let so = stdout.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let mut s = so.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let err = child.stderr.take().unwrap();
+        let se = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("ferryd: listening on https://127.0.0.1:") {
+                    let _ = tx.send(rest.parse::<u16>().expect("a port"));
+                }
+                let mut s = se.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let port = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(p) => p,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "ferryd did not report its port; stderr:\n{}",
+                    stderr.lock().unwrap()
+                );
+            }
+        };
+        let d = Daemon {
+            child,
+            port,
+            stdout,
+            stderr,
+        };
+        // The banner is written before the port line; wait until it is all there.
+        let t = Instant::now();
+        while !d.stdout().contains("Next:") || !d.stdout().contains("openapi.json") {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no banner: {}",
+                d.stdout()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, then the exit status (within 15 s).
+    fn terminate(mut self) -> (ExitStatus, String) {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(self.child.id()).unwrap()).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                // Let the reader threads catch up.
+                std::thread::sleep(Duration::from_millis(50));
+                return (st, self.stderr.lock().unwrap().clone());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "ferryd did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ca_der(data: &Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(data.join("tls/ca.pem")).unwrap();
+    rustls::pki_types::CertificateDer::from_pem_slice(&pem)
+        .unwrap()
+        .to_vec()
+}
+
+fn fingerprint_line(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("CA fingerprint: SHA256 "))
+        .unwrap_or_else(|| panic!("no fingerprint in:\n{stdout}"))
+        .to_string()
+}
+
+fn client(data: &Path) -> reqwest::Client {
+    let ca = std::fs::read(data.join("tls/ca.pem")).unwrap();
+    reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// Sends a request and returns (status, JSON body). Every answer must be JSON.
+async fn call(
+    c: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<(&str, String)>,
+) -> (u16, Value) {
+    let mut r = c.request(method, url);
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    if let Some((ct, b)) = body {
+        r = r.header("content-type", ct).body(b);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let text = resp.text().await.unwrap();
+    assert!(ct.starts_with("application/json"), "{status} {ct}: {text}");
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+fn code(v: &Value) -> &str {
+    v["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appliance_up_serve_stop_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data: PathBuf = tmp.path().join("ferry");
+    let env = [
+        ("FERRY_API__LIMITS__HEADER_READ_TIMEOUT_SECS", "1"),
+        ("FERRY_API__LIMITS__MAX_BODY_BYTES", "4096"),
+    ];
+    let d = Daemon::start(&data, &env);
+
+    // What the first start made and said.
+    let out = d.stdout();
+    let token_file = data.join("admin-token");
+    assert!(
+        out.contains(&format!("written to {}", token_file.display())),
+        "{out}"
+    );
+    assert!(out.contains("curl --cacert"), "{out}");
+    let fp = fingerprint_line(&out);
+    let expect_fp = hex::encode_upper(Sha256::digest(ca_der(&data)))
+        .as_bytes()
+        .chunks(2)
+        .map(|c| std::str::from_utf8(c).unwrap().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    assert_eq!(fp, expect_fp);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in [
+            "admin-token",
+            "vault.key",
+            "catalog.redb",
+            "tls/ca.key",
+            "tls/server.key",
+        ] {
+            let mode = std::fs::metadata(data.join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(mode, 0o600, "{f}");
+        }
+    }
+    let admin = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(admin.len(), 43);
+    let c = client(&data);
+    let get = reqwest::Method::GET;
+    let post = reqwest::Method::POST;
+
+    // TLS: a client that trusts nothing refuses the appliance.
+    let stranger = reqwest::Client::builder()
+        .tls_certs_only(Vec::new())
+        .build()
+        .unwrap();
+    assert!(stranger.get(d.url("/api/v1/health")).send().await.is_err());
+
+    // Health needs nothing; everything else needs an active admin token.
+    let (s, v) = call(&c, get.clone(), &d.url("/api/v1/health"), None, None).await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("ok")));
+    let (s, v) = call(&c, get.clone(), &d.url("/api/v1/vaults"), None, None).await;
+    assert_eq!((s, code(&v)), (401, "unauthorized"));
+    let (s, v) = call(
+        &c,
+        get.clone(),
+        &d.url("/api/v1/vaults"),
+        Some("wrong"),
+        None,
+    )
+    .await;
+    assert_eq!((s, code(&v)), (401, "invalid_token"));
+
+    // The default vault, empty.
+    let (s, v) = call(
+        &c,
+        get.clone(),
+        &d.url("/api/v1/vaults"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["items"][0]["name"], "default");
+    assert_eq!(
+        v["items"][0]["url"].as_str().unwrap(),
+        data.join("vault").to_str().unwrap()
+    );
+    let (s, v) = call(
+        &c,
+        get.clone(),
+        &d.url("/api/v1/vaults/default/points"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!((s, v), (200, json!({"items": [], "next_cursor": null})));
+
+    // Tokens: create three, page through all four two at a time, revoke one.
+    let mut secrets = Vec::new();
+    for name in ["ci", "backup operator", "monitoring"] {
+        let (s, v) = call(
+            &c,
+            post.clone(),
+            &d.url("/api/v1/tokens"),
+            Some(&admin),
+            Some(("application/json", json!({ "name": name }).to_string())),
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+        secrets.push((
+            v["id"].as_str().unwrap().to_string(),
+            v["secret"].as_str().unwrap().to_string(),
+        ));
+    }
+    let mut names = Vec::new();
+    let mut url = d.url("/api/v1/tokens?limit=2");
+    loop {
+        let (s, v) = call(&c, get.clone(), &url, Some(&secrets[0].1), None).await;
+        assert_eq!(s, 200, "{v}");
+        assert!(v["items"].as_array().unwrap().len() <= 2);
+        for t in v["items"].as_array().unwrap() {
+            assert!(t.get("secret").is_none());
+            names.push(t["name"].as_str().unwrap().to_string());
+        }
+        match v["next_cursor"].as_str() {
+            Some(cur) => url = d.url(&format!("/api/v1/tokens?limit=2&cursor={cur}")),
+            None => break,
+        }
+    }
+    assert_eq!(names, ["bootstrap", "ci", "backup operator", "monitoring"]);
+    let (revoked_id, revoked_secret) = secrets[2].clone();
+    let (s, v) = call(
+        &c,
+        reqwest::Method::DELETE,
+        &d.url(&format!("/api/v1/tokens/{revoked_id}")),
+        Some(&secrets[1].1),
+        None,
+    )
+    .await;
+    assert_eq!((s, v["active"].as_bool()), (200, Some(false)));
+    let (s, v) = call(
+        &c,
+        get.clone(),
+        &d.url("/api/v1/tokens"),
+        Some(&revoked_secret),
+        None,
+    )
+    .await;
+    assert_eq!((s, code(&v)), (401, "invalid_token"));
+
+    // Bad input: 4xx JSON, nothing created.
+    let json_ct = "application/json";
+    for (body, status, c_) in [
+        ("{\"name\":".to_string(), 400, "invalid_json"),
+        (
+            r#"{"name":"x","role":"root"}"#.to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            format!(r#"{{"name":"{}"}}"#, "a".repeat(5000)),
+            413,
+            "payload_too_large",
+        ),
+    ] {
+        let (s, v) = call(
+            &c,
+            post.clone(),
+            &d.url("/api/v1/tokens"),
+            Some(&admin),
+            Some((json_ct, body)),
+        )
+        .await;
+        assert_eq!((s, code(&v)), (status, c_), "{v}");
+    }
+    let (s, v) = call(
+        &c,
+        get.clone(),
+        &d.url("/api/v1/vaults?limit=0"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!((s, code(&v)), (400, "invalid_query"));
+    let (_, v) = call(
+        &c,
+        get.clone(),
+        &d.url("/api/v1/tokens"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 4);
+
+    // A slowloris client: half a request head, then silence. Others are served meanwhile,
+    // and it is cut after the 1 s header timeout.
+    let mut slow = slow_tls(&data, d.port).await;
+    slow.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: local")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let (s, _) = call(&c, get.clone(), &d.url("/api/v1/health"), None, None).await;
+    assert_eq!(s, 200);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let t = Instant::now();
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the slowloris connection was never closed");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+
+    // SIGTERM: a clean exit 0.
+    let (status, log) = d.terminate();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("SIGTERM"), "{log}");
+
+    // Restart: same CA, no new token, the catalog as it was.
+    let d = Daemon::start(&data, &env);
+    let out = d.stdout();
+    assert_eq!(fingerprint_line(&out), fp);
+    assert!(!out.contains("written to"), "{out}");
+    assert_eq!(std::fs::read_to_string(&token_file).unwrap().trim(), admin);
+    let c = client(&data);
+    for t in [&admin, &secrets[0].1, &secrets[1].1] {
+        let (s, v) = call(&c, get.clone(), &d.url("/api/v1/tokens"), Some(t), None).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["items"].as_array().unwrap().len(), 4);
+    }
+    let (s, _) = call(
+        &c,
+        get.clone(),
+        &d.url("/api/v1/vaults"),
+        Some(&revoked_secret),
+        None,
+    )
+    .await;
+    assert_eq!(s, 401);
+    let (_, v) = call(
+        &c,
+        get.clone(),
+        &d.url("/api/v1/vaults"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 1);
+    let (status, log) = d.terminate();
+    assert!(status.success(), "{status}: {log}");
+
+    // A damaged data directory is refused, never repaired by regenerating secrets.
+    refuse_start(
+        &data,
+        &env,
+        |d| {
+            use std::os::unix::fs::PermissionsExt;
+            let p = d.join("admin-token");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+            Box::new(move || {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap()
+            })
+        },
+        "unsafe permissions",
+    );
+    refuse_start(
+        &data,
+        &env,
+        |d| {
+            let p = d.join("tls/ca.key");
+            let saved = std::fs::read(&p).unwrap();
+            std::fs::remove_file(&p).unwrap();
+            Box::new(move || write_private(&p, &saved))
+        },
+        "ca.key",
+    );
+    refuse_start(
+        &data,
+        &env,
+        |d| {
+            let p = d.join("admin-token");
+            let saved = std::fs::read(&p).unwrap();
+            std::fs::write(&p, "not-the-token\n").unwrap();
+            Box::new(move || std::fs::write(&p, saved).unwrap())
+        },
+        "not the first admin token",
+    );
+    // Put back as it was, it starts again.
+    let d = Daemon::start(&data, &env);
+    assert_eq!(fingerprint_line(&d.stdout()), fp);
+    let (status, _) = d.terminate();
+    assert!(status.success());
+}
+
+/// Damages the data directory with `damage`, checks that `ferryd up` exits 1 naming
+/// `expect`, then undoes the damage with what `damage` returned.
+fn refuse_start(
+    data: &Path,
+    env: &[(&str, &str)],
+    damage: impl FnOnce(&Path) -> Box<dyn FnOnce()>,
+    expect: &str,
+) {
+    let undo = damage(data);
+    let out = ferryd(&[
+        "up",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .envs(env.iter().copied())
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{expect}: {err}");
+    assert!(err.contains(expect), "{expect}: {err}");
+    assert!(!err.contains("listening"), "{err}");
+    undo();
+}
+
+fn write_private(p: &Path, data: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(p)
+        .unwrap()
+        .write_all(data)
+        .unwrap();
+}
+
+/// A raw TLS connection trusting the appliance's CA.
+async fn slow_tls(
+    data: &Path,
+    port: u16,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_der(data).into()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
+}
+
+#[test]
+fn config_check_and_show() {
+    let shipped = repo_root().join("config/ferry.toml");
+    let out = ferryd(&["config", "check", "--config", shipped.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[api]\nlisten = \"127.0.0.1:1\"\nlisten_backlog = 5\n",
+    )
+    .unwrap();
+    let out = ferryd(&["config", "check", "--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("listen_backlog") && err.contains("bad.toml"),
+        "{err}"
+    );
+
+    let out = ferryd(&["config", "check"])
+        .env("FERRY_API__LIMITS__MAX_CONNECTIONS", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("api.limits.max_connections"), "{err}");
+
+    let out = ferryd(&["config", "show", "--config", shipped.to_str().unwrap()])
+        .env("FERRY_DATA_DIR", tmp.path())
+        .env("FERRY_API__LISTEN", "127.0.0.1:9443")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        shown.contains(&format!("data_dir = \"{}\"", tmp.path().display())),
+        "{shown}"
+    );
+    assert!(shown.contains("listen = \"127.0.0.1:9443\""), "{shown}");
+    // What `show` prints, `check` accepts.
+    let again = tmp.path().join("shown.toml");
+    std::fs::write(&again, &shown).unwrap();
+    let out = ferryd(&["config", "check", "--config", again.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
