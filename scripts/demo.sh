@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Vault demo (stands in for `ferryd up` until the appliance exists): builds `ferry`, creates a
+# Vault demo, offline (no appliance needed): builds `ferry`, creates a
 # local vault under ./.ferry/demo, imports a real ext4 disk image, changes 1% of it, imports
 # the change list as an incremental point, lists the points, restores the newest one and
 # checks it bit for bit, verifies every blob, then tells you what to try next.
