@@ -103,6 +103,9 @@ pub struct CommonArgs {
     /// leaves writeback to the kernel).
     #[arg(long)]
     sync: bool,
+    /// Plugin instances reading in parallel (`run`) [default: CPUs, at most 4].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: Option<u16>,
     /// Directory of compiled components [default: <cache dir>/plugins].
     #[arg(long, env = "FERRY_PLUGIN_CACHE", value_name = "DIR")]
     plugin_cache: Option<PathBuf>,
@@ -470,7 +473,10 @@ async fn run_adapter(
             ferry_plugin_host::harness::RunOptions {
                 hash: common.sha256,
                 sync: common.sync,
-                ..ferry_plugin_host::harness::RunOptions::default()
+                workers: common.workers.map_or_else(
+                    || ferry_plugin_host::harness::RunOptions::default().workers,
+                    usize::from,
+                ),
             },
         )
         .await?;
