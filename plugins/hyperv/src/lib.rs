@@ -23,7 +23,6 @@
 //! to use this adapter explicitly.
 
 mod common;
-mod holes;
 pub mod rct;
 pub mod vhd;
 pub mod vhdx;
@@ -35,7 +34,8 @@ use ferry_plugin_sdk::adapter::{
 use ferry_plugin_sdk::io::{Extent, ExtentKind, IoError, ReadAt};
 
 use common::{Layer, Seg, guid_le, uuid_be};
-use holes::Holes;
+use ferry_plugin_sdk::adapter::push_extent;
+use ferry_plugin_sdk::holes::{self, Holes};
 
 /// Deepest parent chain followed (the opened file and up to 15 ancestors).
 pub const MAX_CHAIN: usize = 16;
@@ -351,7 +351,7 @@ impl Disk for HypervDisk {
                 }
             };
             if let Some(last) = out.last_mut()
-                && continues(last, location)
+                && last.continues_with(location)
             {
                 last.length += len;
             } else if out.len() == MAX_EXTENTS {
@@ -390,43 +390,6 @@ impl Disk for HypervDisk {
 
     fn changes(&self, document: &[u8]) -> Result<Box<dyn ChangeSet>, Error> {
         Ok(ChangeList::boxed(rct::parse(document, self.virtual_size)?))
-    }
-}
-
-/// Append an extent, merged into the last one when it continues it; false when the answer is
-/// full.
-fn push_extent(out: &mut Vec<Extent>, start: u64, len: u64, kind: ExtentKind) -> bool {
-    if let Some(last) = out.last_mut()
-        && last.kind == kind
-        && last.end() == start
-    {
-        last.length += len;
-        return true;
-    }
-    if out.len() == MAX_EXTENTS {
-        return false;
-    }
-    out.push(Extent::new(start, len, kind));
-    true
-}
-
-/// Whether `next` (starting where `last` ends) is where `last`'s bytes go on: the same place
-/// for zeros and adapter reads, the next byte of the same object for stored bytes.
-fn continues(last: &Mapping, next: Location) -> bool {
-    match (last.location, next) {
-        (Location::Source(a), Location::Source(b)) => a.checked_add(last.length) == Some(b),
-        (
-            Location::Related {
-                reader: r,
-                offset: a,
-            },
-            Location::Related {
-                reader: r2,
-                offset: b,
-            },
-        ) => r == r2 && a.checked_add(last.length) == Some(b),
-        (Location::Zero, Location::Zero) | (Location::Adapter, Location::Adapter) => true,
-        _ => false,
     }
 }
 

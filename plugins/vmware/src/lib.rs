@@ -23,7 +23,6 @@
 
 pub mod cbt;
 pub mod descriptor;
-pub mod holes;
 pub mod sparse;
 pub mod stream;
 
@@ -38,7 +37,8 @@ use ferry_plugin_sdk::adapter::{
 use ferry_plugin_sdk::io::{Extent, ExtentKind, ReadAt, read_exact_at};
 
 use descriptor::{Descriptor, ExtentType};
-use holes::Holes;
+use ferry_plugin_sdk::adapter::push_extent;
+use ferry_plugin_sdk::holes::{self, Holes};
 use sparse::{SECTOR, Slot, SparseExtent};
 
 /// Most segments one `extents` or `locate` call visits before it returns a short answer (the
@@ -396,43 +396,6 @@ impl VmdkDisk {
     }
 }
 
-/// Append an extent, merged into the last one when it continues it; false when the answer is
-/// full.
-fn push_extent(out: &mut Vec<Extent>, start: u64, len: u64, kind: ExtentKind) -> bool {
-    if let Some(last) = out.last_mut()
-        && last.kind == kind
-        && last.end() == start
-    {
-        last.length += len;
-        return true;
-    }
-    if out.len() == MAX_EXTENTS {
-        return false;
-    }
-    out.push(Extent::new(start, len, kind));
-    true
-}
-
-/// Whether `next` (starting where `last` ends) is where `last`'s bytes go on: the same place
-/// for zeros and adapter reads, the next byte of the same object for stored bytes.
-fn continues(last: &Mapping, next: Location) -> bool {
-    match (last.location, next) {
-        (Location::Source(a), Location::Source(b)) => a.checked_add(last.length) == Some(b),
-        (
-            Location::Related {
-                reader: r,
-                offset: a,
-            },
-            Location::Related {
-                reader: r2,
-                offset: b,
-            },
-        ) => r == r2 && a.checked_add(last.length) == Some(b),
-        (Location::Zero, Location::Zero) | (Location::Adapter, Location::Adapter) => true,
-        _ => false,
-    }
-}
-
 fn to_index(v: u64) -> usize {
     // Only called on offsets within one read of at most MAX_DISK_READ bytes.
     usize::try_from(v).unwrap_or(usize::MAX)
@@ -499,7 +462,7 @@ impl Disk for VmdkDisk {
             };
             if let Some(last) = out.last_mut()
                 && last.offset + last.length == start
-                && continues(last, location)
+                && last.continues_with(location)
             {
                 last.length += len;
                 return Ok(true);

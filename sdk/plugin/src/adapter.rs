@@ -18,7 +18,7 @@
 
 use std::fmt;
 
-use crate::io::{Extent, IoError, ReadAt};
+use crate::io::{Extent, ExtentKind, IoError, ReadAt};
 
 /// Most extents one [`Disk::extents`] call may return; the caller asks again from the end of
 /// the last one.
@@ -89,6 +89,48 @@ pub struct Mapping {
     pub length: u64,
     /// Where its bytes are.
     pub location: Location,
+}
+
+impl Mapping {
+    /// Whether a piece starting where this one ends and stored at `next` continues it: zeros
+    /// after zeros, adapter reads after adapter reads, or the next byte of the same object.
+    /// Adapters merge such pieces to keep their `locate` answers short.
+    #[must_use]
+    pub fn continues_with(&self, next: Location) -> bool {
+        match (self.location, next) {
+            (Location::Source(a), Location::Source(b)) => a.checked_add(self.length) == Some(b),
+            (
+                Location::Related {
+                    reader: r,
+                    offset: a,
+                },
+                Location::Related {
+                    reader: r2,
+                    offset: b,
+                },
+            ) => r == r2 && a.checked_add(self.length) == Some(b),
+            (Location::Zero, Location::Zero) | (Location::Adapter, Location::Adapter) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Append the extent `[start, start + len)` of `kind` to `out`, merged into the last one when
+/// it continues it. `false` (nothing appended) when `out` already holds [`MAX_EXTENTS`]: the
+/// answer is full, stop short there.
+pub fn push_extent(out: &mut Vec<Extent>, start: u64, len: u64, kind: ExtentKind) -> bool {
+    if let Some(last) = out.last_mut()
+        && last.kind == kind
+        && last.end() == start
+    {
+        last.length += len;
+        return true;
+    }
+    if out.len() == MAX_EXTENTS {
+        return false;
+    }
+    out.push(Extent::new(start, len, kind));
+    true
 }
 
 /// An error an adapter returns on purpose (as opposed to a panic, which traps).

@@ -9,6 +9,7 @@
 //! |---|---|
 //! | [`adapter`] (feature `adapter`) | [`adapter::SourceAdapter`] and [`adapter::Disk`]: read a disk container format; [`adapter::Reader`], the object the host opened |
 //! | [`hook`] (feature `hook`) | [`hook::FailoverHook`]: a pre/post step of a recovery plan |
+//! | [`holes`] (feature `adapter`) | the holes of the files a disk is stored in, so `extents` reports them unallocated |
 //! | [`io`] | [`io::ReadAt`]: byte access that works over the host reader *and* natively over files and buffers, so parsers are unit-tested and fuzzed natively; extents and I/O errors |
 //! | [`log`], [`config`], [`clock`] | the capabilities every plugin may be granted |
 //! | [`http`] (either feature), [`kv`] (feature `hook`) | hooks call webhooks; API-backed adapters (EBS) call their service, signed by the host |
@@ -39,6 +40,8 @@ mod native;
 pub mod adapter;
 pub mod clock;
 pub mod config;
+#[cfg(feature = "adapter")]
+pub mod holes;
 #[cfg(feature = "hook")]
 pub mod hook;
 #[cfg(any(feature = "adapter", feature = "hook"))]

@@ -1,15 +1,17 @@
-//! Holes of the files the virtual disk is stored in, for `extents`.
+//! Holes of the files a virtual disk is stored in, for an adapter's `extents` (feature
+//! `adapter`; the VMware and Hyper-V adapters use it).
 //!
-//! Where bytes of the virtual disk are stored as is in a file (a `FLAT`/`VMFS` extent, the
-//! uncompressed grains of a sparse extent), a hole of that file reads as zeros: `extents`
-//! reports it `unallocated`, so the host never reads it. The file's holes come from the
-//! reader's `allocation` (SEEK_DATA/SEEK_HOLE on the host; one `data` extent for readers without
-//! holes). Asking once per stored run would cost a host call per grain, so [`Holes`] asks for the
-//! whole file first (from byte 0 to its end: grains are stored in the order they were written,
-//! not in the order of the disk) and answers every run it covers from that map; only a file with
-//! more holes than one answer holds (65536 extents) is asked again, from the first run the map
-//! does not cover. One `extents` call makes at most [`MAX_QUERIES`] queries and then stops
-//! short.
+//! Where bytes of a virtual disk are stored as is in a file (a flat VMDK extent, the
+//! uncompressed grains of a sparse one, a fixed VHD, the payload blocks of a dynamic or
+//! differencing disk), a hole of that file reads as zeros: `extents` can report it
+//! `unallocated`, so the host never reads it. The file's holes come from the reader's
+//! `allocation` (SEEK_DATA/SEEK_HOLE on the host; one `data` extent for readers without holes).
+//! Asking once per stored run would cost a host call per grain or block, so [`Holes`] asks for
+//! the whole file first (from byte 0 to its end: grains and blocks are stored in the order they
+//! were written, not in the order of the disk) and answers every run it covers from that map;
+//! only a file with more holes than one answer holds (65536 extents) is asked again, from the
+//! first run the map does not cover. One `extents` call should make at most [`MAX_QUERIES`]
+//! queries and then stop short.
 //!
 //! The map is an optimisation, never a source of errors: a failed query, or an answer that does
 //! not tile the asked range from its start, is taken as `data` (the bytes are then read, and
@@ -17,8 +19,8 @@
 
 use std::cell::{Cell, RefCell};
 
-use ferry_plugin_sdk::adapter::MAX_EXTENTS;
-use ferry_plugin_sdk::io::{ExtentKind, ReadAt};
+use crate::adapter::MAX_EXTENTS;
+use crate::io::{ExtentKind, ReadAt};
 
 /// Most allocation queries one `extents` call makes before it stops short.
 pub const MAX_QUERIES: usize = 64;
@@ -100,7 +102,7 @@ impl Holes {
                 }
                 Err(e) => {
                     self.failed.set(true);
-                    ferry_plugin_sdk::log::warn(&format!(
+                    crate::log::warn(&format!(
                         "{}: the allocation map failed ({e}); its holes are read as data",
                         file.name()
                     ));
@@ -117,7 +119,7 @@ impl Holes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_plugin_sdk::io::{Extent, IoError, IoErrorKind};
+    use crate::io::{Extent, IoError, IoErrorKind};
 
     /// 1 MiB whose allocation map is `map` (or an error), at most `cap` extents per answer;
     /// counts queries.
@@ -139,7 +141,7 @@ mod tests {
 
     impl ReadAt for Mapped {
         fn name(&self) -> String {
-            "m.vmdk".into()
+            "m.img".into()
         }
         fn size(&self) -> u64 {
             1 << 20
