@@ -5,17 +5,19 @@
 # Both outputs are checked against the source image by SHA-256. Page cache dropped before each
 # run when possible (root). Prints a Markdown table.
 #
-#   bench/formats.sh [--size 2G] [--keep]
+#   bench/formats.sh [--size 2G] [--runs 3] [--keep]
 set -euo pipefail
 
 here=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname -- "$here")
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 size=2G
+runs=3
 keep=0
 while (($#)); do
     case $1 in
         --size) size=$2; shift 2 ;;
+        --runs) runs=$2; shift 2 ;;
         --keep) keep=1; shift ;;
         -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
         *) echo "bench/formats.sh: unknown argument $1" >&2; exit 2 ;;
@@ -38,6 +40,7 @@ export FERRY_PLUGIN_CACHE=$work/cache
 head -c 1M "$work/disk.raw" >"$work/warm.raw"
 "$ferry" plugin run auto --disk "$work/warm.raw" --out "$work/warm.out" >/dev/null
 
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 drop() { sync; if [[ -w /proc/sys/vm/drop_caches ]]; then echo 3 >/proc/sys/vm/drop_caches; fi; }
 secs() { # command... -> prints seconds
     local t0 t1
@@ -73,10 +76,17 @@ for c in "${cases[@]}"; do
     img=$work/$i/disk.$ext
     # shellcheck disable=SC2086 # opts is a word list on purpose
     qemu-img convert -f raw $opts "$work/disk.raw" "$img"
-    drop
-    q=$(secs qemu-img convert -f "$qfmt" -O raw "$img" "$work/$i/qemu.raw")
-    drop
-    f=$(secs "$ferry" plugin run "$plugin" --disk "$img" --out "$work/$i/ferry.raw")
+    # Median of $runs runs each, alternating the tools, page cache dropped before every run.
+    qs=() fs=()
+    for ((r = 0; r < runs; r++)); do
+        rm -f "$work/$i/qemu.raw" "$work/$i/ferry.raw"
+        drop
+        qs+=("$(secs qemu-img convert -f "$qfmt" -O raw "$img" "$work/$i/qemu.raw")")
+        drop
+        fs+=("$(secs "$ferry" plugin run "$plugin" --disk "$img" --out "$work/$i/ferry.raw")")
+    done
+    q=$(median "${qs[@]}")
+    f=$(median "${fs[@]}")
     [[ -f $work/$i/ferry.raw ]] || "$ferry" plugin run "$plugin" --disk "$img" --out "$work/$i/ferry.raw" >&2 || true
     ok=OK
     for out in qemu.raw ferry.raw; do
