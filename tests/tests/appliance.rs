@@ -1,7 +1,9 @@
 //! The real `ferryd` binary: `ferryd up` on an empty data directory and port 0, then its API
 //! over HTTPS with a client that trusts only the CA the appliance generated: health,
-//! authentication, tokens, vaults, points, pagination, bad input, a slowloris client, SIGTERM,
-//! and a restart that must find everything as it was. Also `ferryd config check|show` and the
+//! authentication, tokens, vaults, points, replication policies (the default one, create,
+//! read, patch with and without `If-Match`, refusals that change nothing, delete),
+//! pagination, bad input, a slowloris client, SIGTERM, and a restart that must find
+//! everything as it was. Also `ferryd config check|show` and the
 //! refusals of a damaged data directory.
 //!
 //! Build the binary first: `cargo build -p ferry-daemon`.
@@ -171,15 +173,32 @@ async fn call(
     token: Option<&str>,
     body: Option<(&str, String)>,
 ) -> (u16, Value) {
+    let (s, _, v) = request(c, method, url, token, &[], body).await;
+    (s, v)
+}
+
+/// [`call`] with extra request headers, also returning the response headers.
+async fn request(
+    c: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<(&str, String)>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
     let mut r = c.request(method, url);
     if let Some(t) = token {
         r = r.bearer_auth(t);
+    }
+    for (k, v) in headers {
+        r = r.header(*k, *v);
     }
     if let Some((ct, b)) = body {
         r = r.header("content-type", ct).body(b);
     }
     let resp = r.send().await.unwrap();
     let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
     let ct = resp
         .headers()
         .get("content-type")
@@ -187,7 +206,7 @@ async fn call(
         .unwrap_or_default();
     let text = resp.text().await.unwrap();
     assert!(ct.starts_with("application/json"), "{status} {ct}: {text}");
-    (status, serde_json::from_str(&text).unwrap())
+    (status, headers, serde_json::from_str(&text).unwrap())
 }
 
 fn code(v: &Value) -> &str {
@@ -353,7 +372,7 @@ async fn appliance_up_serve_stop_restart() {
         (
             r#"{"name":"x","role":"root"}"#.to_string(),
             400,
-            "invalid_request",
+            "unknown_field",
         ),
         (
             format!(r#"{{"name":"{}"}}"#, "a".repeat(5000)),
@@ -389,6 +408,8 @@ async fn appliance_up_serve_stop_restart() {
     )
     .await;
     assert_eq!(v["items"].as_array().unwrap().len(), 4);
+
+    let policies = policy_lifecycle(&c, &d, &admin).await;
 
     // A slowloris client: half a request head, then silence. Others are served meanwhile,
     // and it is cut after the 1 s header timeout.
@@ -449,6 +470,19 @@ async fn appliance_up_serve_stop_restart() {
     )
     .await;
     assert_eq!(v["items"].as_array().unwrap().len(), 1);
+    let (s, v) = call(
+        &c,
+        get.clone(),
+        &d.url("/api/v1/policies"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, &v["items"]),
+        (200, &policies),
+        "policies kept as they were"
+    );
     let (status, log) = d.terminate();
     assert!(status.success(), "{status}: {log}");
 
@@ -493,6 +527,190 @@ async fn appliance_up_serve_stop_restart() {
     assert_eq!(fingerprint_line(&d.stdout()), fp);
     let (status, _) = d.terminate();
     assert!(status.success());
+}
+
+/// Replication policies over the real binary: the default one, create, read, patch with and
+/// without `If-Match`, refusals that change nothing, delete, 401s. Returns the policies left
+/// (`default` and `gold`), for the restart to compare.
+async fn policy_lifecycle(c: &reqwest::Client, d: &Daemon, admin: &str) -> Value {
+    use reqwest::Method;
+    let url = |p: &str| d.url(&format!("/api/v1/policies{p}"));
+    let j = "application/json";
+    let tag = |h: &reqwest::header::HeaderMap| h["etag"].to_str().unwrap().to_string();
+
+    // The first start made `default`, with the default settings.
+    let (s, v) = call(c, Method::GET, &url(""), Some(admin), None).await;
+    assert_eq!(s, 200, "{v}");
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{v}");
+    let default = items[0].clone();
+    assert_eq!(default["name"], "default");
+    assert_eq!(default["revision"], 1);
+    assert_eq!(default["rpo_threshold_minutes"], 15);
+    assert_eq!(default["cycle_interval_seconds"], 300);
+    assert_eq!(default["chunk_size"], 256 << 10);
+    assert_eq!(default["retention"]["max_age_hours"], 432);
+    assert_eq!(
+        default["retry_schedule_seconds"],
+        json!([60, 120, 240, 480, 600, 1800])
+    );
+
+    // Create and read back.
+    let body = json!({
+        "name": "gold",
+        "description": "tier 1",
+        "rpo_threshold_minutes": 5,
+        "cycle_interval_seconds": 60,
+        "retention": {"keep_all_hours": 48, "for_days": 30},
+        "app_consistent_frequency_minutes": 30,
+        "chunk_size": 262_144,
+        "compression_level": 6,
+        "retry_schedule_seconds": [30, 60, 120],
+        "resync_threshold_percent": 40
+    });
+    let (s, h, gold) = request(
+        c,
+        Method::POST,
+        &url(""),
+        Some(admin),
+        &[],
+        Some((j, body.to_string())),
+    )
+    .await;
+    assert_eq!(s, 201, "{gold}");
+    assert_eq!(tag(&h), "\"2\"");
+    assert_eq!(h["location"], "/api/v1/policies/gold");
+    assert_eq!(
+        gold["retention"]["hourly_days"], 3,
+        "defaults fill the rest"
+    );
+    let (s, h, v) = request(c, Method::GET, &url("/gold"), Some(admin), &[], None).await;
+    assert_eq!((s, tag(&h), &v), (200, "\"2\"".to_string(), &gold));
+    let (s, v) = call(
+        c,
+        Method::POST,
+        &url(""),
+        Some(admin),
+        Some((j, r#"{"name":"gold"}"#.into())),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (409, "policy_exists"));
+
+    // Patch with the current revision, then a stale one (412, nothing changed), then none.
+    let patch = |if_match: Option<&'static str>, body: &'static str| {
+        let h: Vec<(&str, &str)> = if_match.map(|m| ("if-match", m)).into_iter().collect();
+        async move {
+            request(
+                c,
+                Method::PATCH,
+                &url("/gold"),
+                Some(admin),
+                &h,
+                Some((j, body.to_string())),
+            )
+            .await
+        }
+    };
+    let (s, h, v) = patch(Some("\"2\""), r#"{"retention":{"hourly_days":7}}"#).await;
+    assert_eq!((s, tag(&h)), (200, "\"3\"".to_string()), "{v}");
+    assert_eq!(v["retention"]["hourly_days"], 7);
+    assert_eq!(v["retention"]["keep_all_hours"], 48);
+    let (s, _, e) = patch(Some("\"2\""), r#"{"compression_level":1}"#).await;
+    assert_eq!((s, code(&e)), (412, "revision_mismatch"), "{e}");
+    let (s, _, v) = patch(None, r#"{"compression_level":1}"#).await;
+    assert_eq!((s, v["revision"].as_u64()), (200, Some(4)), "{v}");
+    let gold = v;
+
+    // Out-of-range values and unknown members: 4xx JSON with a stable code, nothing changed.
+    for (body, status, c_, field) in [
+        (
+            r#"{"rpo_threshold_minutes":0}"#,
+            400,
+            "invalid_value",
+            "rpo_threshold_minutes",
+        ),
+        (
+            r#"{"retention":{"for_days":-1}}"#,
+            400,
+            "invalid_value",
+            "retention.for_days",
+        ),
+        (
+            r#"{"chunk_size":100000}"#,
+            400,
+            "invalid_value",
+            "chunk_size",
+        ),
+        (
+            r#"{"retry_schedule_seconds":[60,30]}"#,
+            400,
+            "invalid_value",
+            "retry_schedule_seconds[1]",
+        ),
+        (
+            r#"{"cycle_interval_seconds":600}"#,
+            400,
+            "invalid_value",
+            "cycle_interval_seconds",
+        ),
+        (r#"{"colour":"gold"}"#, 400, "unknown_field", "colour"),
+        (r#"{"name":"platinum"}"#, 400, "read_only_field", "name"),
+        (r#"{"rpo_threshold_minutes":"#, 400, "invalid_json", ""),
+    ] {
+        let (s, _, e) = patch(None, body).await;
+        assert_eq!(
+            (s, code(&e), e["field"].as_str().unwrap_or("")),
+            (status, c_, field),
+            "{body}: {e}"
+        );
+        let (_, v) = call(c, Method::GET, &url("/gold"), Some(admin), None).await;
+        assert_eq!(v, gold, "{body} changed nothing");
+    }
+    let big = json!({ "description": "a".repeat(5000) }).to_string();
+    let (s, e) = call(c, Method::PATCH, &url("/gold"), Some(admin), Some((j, big))).await;
+    assert_eq!((s, code(&e)), (413, "payload_too_large"));
+    let (s, e) = call(
+        c,
+        Method::POST,
+        &url(""),
+        Some(admin),
+        Some((j, r#"{"name":"silver","compression_level":0}"#.into())),
+    )
+    .await;
+    assert_eq!((s, code(&e)), (400, "invalid_value"));
+
+    // Delete: a new one goes, the default stays.
+    let (s, v) = call(
+        c,
+        Method::POST,
+        &url(""),
+        Some(admin),
+        Some((j, r#"{"name":"scratch"}"#.into())),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = call(c, Method::DELETE, &url("/scratch"), Some(admin), None).await;
+    assert_eq!((s, v["name"].as_str()), (200, Some("scratch")));
+    let (s, v) = call(c, Method::GET, &url("/scratch"), Some(admin), None).await;
+    assert_eq!((s, code(&v)), (404, "policy_not_found"));
+    let (s, v) = call(c, Method::DELETE, &url("/default"), Some(admin), None).await;
+    assert_eq!((s, code(&v)), (409, "default_policy"));
+
+    // Anonymous: 401 on every policy route.
+    for (m, p) in [
+        (Method::GET, ""),
+        (Method::POST, ""),
+        (Method::GET, "/gold"),
+        (Method::PATCH, "/gold"),
+        (Method::DELETE, "/gold"),
+    ] {
+        let (s, v) = call(c, m.clone(), &url(p), None, None).await;
+        assert_eq!((s, code(&v)), (401, "unauthorized"), "{m} {p}");
+    }
+
+    let (_, v) = call(c, Method::GET, &url(""), Some(admin), None).await;
+    assert_eq!(v["items"], json!([default, gold]));
+    v["items"].clone()
 }
 
 /// Damages the data directory with `damage`, checks that `ferryd up` exits 1 naming

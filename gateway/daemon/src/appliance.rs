@@ -1,9 +1,9 @@
 //! `ferryd up`: bring the appliance up from whatever its data directory holds.
 //!
 //! With nothing there, it creates, in this order: the data directory (0700), the TLS identity
-//! (`tls/`), the catalog (`catalog.redb`), the vault key (`vault.key`) and the local vault
-//! (`vault/`), and the first admin token (`admin-token`, 0600; only its SHA-256 goes to the
-//! catalog). With something there, it reuses it and never regenerates a key, a certificate or
+//! (`tls/`), the catalog (`catalog.redb`) and its `default` replication policy, the vault key
+//! (`vault.key`) and the local vault (`vault/`), and the first admin token (`admin-token`,
+//! 0600; only its SHA-256 goes to the catalog). With something there, it reuses it and never regenerates a key, a certificate or
 //! a token; what does not fit is refused with the file named:
 //!
 //! - a catalog without `tls/` (the CA clients trust is gone: restore it);
@@ -110,6 +110,11 @@ pub async fn prepare(cfg: &Config) -> Result<Prepared> {
     }
     let (catalog, first_start) = Catalog::open(&catalog_path)?;
     let catalog = Arc::new(catalog);
+    // Created once (also on the first start after an upgrade from a catalog without
+    // policies); an existing one, edited or not, is left alone.
+    if let Some(p) = catalog.ensure_default_policy(ferry_store::point::now_ms())? {
+        eprintln!("ferryd: created the default replication {p}");
+    }
 
     let (name, vault) = open_vault(cfg, &layout, &catalog).await?;
     let url = cfg.vault_url(&layout.dir);
@@ -415,6 +420,23 @@ mod tests {
             b.contains(&fp) && b.contains("admin-token") && b.contains("--cacert"),
             "{b}"
         );
+        let catalog = p.tokens.catalog();
+        let default = catalog.policy("default").unwrap().unwrap();
+        assert_eq!(default.settings, crate::policy::PolicySettings::default());
+        // Edited by the operator: a later start leaves it as it is.
+        let edit = crate::policy::PolicyPatch {
+            rpo_threshold_minutes: Some(60),
+            ..Default::default()
+        };
+        let edited = catalog.update_policy("default", None, &edit, 5).unwrap();
+        drop(p);
+
+        let p = prepare(&cfg(&data)).await.unwrap();
+        assert_eq!(
+            p.tokens.catalog().policy("default").unwrap(),
+            Some(edited.clone())
+        );
+        assert_eq!(p.tokens.catalog().last_revision().unwrap(), edited.revision);
         drop(p);
 
         let p = prepare(&cfg(&data)).await.unwrap();

@@ -15,15 +15,26 @@
 //!
 //! Every operation is one redb transaction, committed durably before it returns. Sizes are
 //! bounded: records are at most [`MAX_RECORD_BYTES`], pages at most [`MAX_PAGE`] entries, admin
-//! tokens at most [`MAX_ADMIN_TOKENS`] records of which [`MAX_ACTIVE_ADMIN_TOKENS`] active.
+//! tokens at most [`MAX_ADMIN_TOKENS`] records of which [`MAX_ACTIVE_ADMIN_TOKENS`] active,
+//! policies at most [`MAX_POLICIES`].
+//!
+//! Policies are checked against their rules (`crate::policy`) when written and when read, so
+//! nothing invalid is stored or used. Each write of a policy takes the next number of the
+//! catalog-wide revision counter (`meta`/`revision`) in the same transaction: a revision only
+//! grows, and a client's `If-Match` is compared with it inside the writing transaction.
 
 use std::fs::OpenOptions;
 use std::ops::Bound;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
+
+use crate::policy::{self, DEFAULT_POLICY, Policy, PolicyError, PolicyPatch, PolicySettings};
 
 /// Format of the whole catalog written by this build.
 pub const FORMAT_VERSION: u32 = 1;
@@ -37,13 +48,17 @@ pub const MAX_PAGE: usize = 1000;
 pub const MAX_ADMIN_TOKENS: u64 = 10_000;
 /// Admin tokens active at once.
 pub const MAX_ACTIVE_ADMIN_TOKENS: usize = 100;
+/// Policies kept.
+pub const MAX_POLICIES: u64 = 1000;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const ADMIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("admin_tokens");
 const VAULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("vaults");
+const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
 
 const META_CATALOG: &str = "catalog";
 const META_BOOTSTRAP: &str = "bootstrap";
+const META_REVISION: &str = "revision";
 
 /// Errors of the catalog. Each names the file or the record concerned.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +133,43 @@ pub enum CatalogError {
     /// A vault of that name is already registered.
     #[error("a vault named `{0}` is already in the catalog")]
     VaultExists(String),
+    /// No policy has this name.
+    #[error("no policy `{0}`")]
+    PolicyNotFound(String),
+    /// A policy of that name exists.
+    #[error("a policy named `{0}` already exists")]
+    PolicyExists(String),
+    /// [`MAX_POLICIES`] policies exist.
+    #[error("too many policies: at most {MAX_POLICIES}; delete one first")]
+    TooManyPolicies,
+    /// A policy breaks a rule (the error names the field and the rule).
+    #[error(transparent)]
+    InvalidPolicy(#[from] PolicyError),
+    /// The caller's expected revision is not the policy's.
+    #[error(
+        "policy `{name}` is at revision {current}, not the one expected: read it again and retry"
+    )]
+    RevisionMismatch {
+        /// The policy.
+        name: String,
+        /// Its revision.
+        current: u64,
+    },
+    /// The default policy cannot be deleted.
+    #[error(
+        "policy `{0}` is the default policy (items enabled without a policy get it): it can be changed, not deleted"
+    )]
+    DefaultPolicy(String),
+    /// The policy is used and cannot be deleted.
+    #[error(
+        "policy `{name}` is used by {users} protected item(s): move them to another policy first"
+    )]
+    PolicyInUse {
+        /// The policy.
+        name: String,
+        /// How many use it.
+        users: u64,
+    },
 }
 
 type Result<T, E = CatalogError> = std::result::Result<T, E>;
@@ -226,6 +278,41 @@ pub mod record {
         name: String,
         url: String,
         created_ms: u64,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RevisionV1 {
+        v: u8,
+        last: u64,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RetentionV1 {
+        keep_all_hours: u32,
+        hourly_days: u32,
+        every_hours: u32,
+        for_days: u32,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PolicyV1 {
+        v: u8,
+        name: String,
+        description: Option<String>,
+        rpo_threshold_minutes: u32,
+        cycle_interval_seconds: u32,
+        retention: RetentionV1,
+        app_consistent_frequency_minutes: u32,
+        chunk_size: u32,
+        compression_level: u32,
+        retry_schedule_seconds: Vec<u32>,
+        resync_threshold_percent: u32,
+        revision: u64,
+        created_ms: u64,
+        updated_ms: u64,
     }
 
     fn to_vec<T: Serialize>(r: &T) -> Vec<u8> {
@@ -377,6 +464,96 @@ pub mod record {
             created_ms: r.created_ms,
         })
     }
+
+    /// Encodes the `meta`/`revision` record: the last revision handed out.
+    pub fn encode_revision(last: u64) -> Vec<u8> {
+        to_vec(&RevisionV1 {
+            v: RECORD_VERSION,
+            last,
+        })
+    }
+
+    /// Decodes the `meta`/`revision` record.
+    pub fn decode_revision(b: &[u8]) -> Result<u64> {
+        let (t, k) = ("meta", META_REVISION);
+        // Version 1 is the only one so far; a version 2 turns this into a `match` whose
+        // older arms convert up.
+        version(t, k, b)?;
+        let r: RevisionV1 = parse(t, k, b)?;
+        Ok(r.last)
+    }
+
+    /// Encodes a `policies` record.
+    pub fn encode_policy(p: &Policy) -> Vec<u8> {
+        let s = &p.settings;
+        to_vec(&PolicyV1 {
+            v: RECORD_VERSION,
+            name: p.name.clone(),
+            description: s.description.clone(),
+            rpo_threshold_minutes: s.rpo_threshold_minutes,
+            cycle_interval_seconds: s.cycle_interval_seconds,
+            retention: RetentionV1 {
+                keep_all_hours: s.retention.keep_all_hours,
+                hourly_days: s.retention.hourly_days,
+                every_hours: s.retention.every_hours,
+                for_days: s.retention.for_days,
+            },
+            app_consistent_frequency_minutes: s.app_consistent_frequency_minutes,
+            chunk_size: s.chunk_size,
+            compression_level: s.compression_level,
+            retry_schedule_seconds: s.retry_schedule_seconds.clone(),
+            resync_threshold_percent: s.resync_threshold_percent,
+            revision: p.revision,
+            created_ms: p.created_ms,
+            updated_ms: p.updated_ms,
+        })
+    }
+
+    /// Decodes a `policies` record stored under `key`, checking the policy's rules.
+    pub fn decode_policy(key: &str, b: &[u8]) -> Result<Policy> {
+        let t = "policies";
+        let bad = |reason: String| CatalogError::BadRecord {
+            table: t,
+            key: key.to_string(),
+            reason,
+        };
+        // Version 1 is the only one so far; a version 2 turns this into a `match` whose
+        // older arms convert up.
+        version(t, key, b)?;
+        let r: PolicyV1 = parse(t, key, b)?;
+        if r.name != key {
+            return Err(bad(format!("holds name `{}`", r.name)));
+        }
+        let p = Policy {
+            name: r.name,
+            settings: PolicySettings {
+                description: r.description,
+                rpo_threshold_minutes: r.rpo_threshold_minutes,
+                cycle_interval_seconds: r.cycle_interval_seconds,
+                retention: policy::Retention {
+                    keep_all_hours: r.retention.keep_all_hours,
+                    hourly_days: r.retention.hourly_days,
+                    every_hours: r.retention.every_hours,
+                    for_days: r.retention.for_days,
+                },
+                app_consistent_frequency_minutes: r.app_consistent_frequency_minutes,
+                chunk_size: r.chunk_size,
+                compression_level: r.compression_level,
+                retry_schedule_seconds: r.retry_schedule_seconds,
+                resync_threshold_percent: r.resync_threshold_percent,
+            },
+            revision: r.revision,
+            created_ms: r.created_ms,
+            updated_ms: r.updated_ms,
+        };
+        policy::check_name(&p.name)
+            .and_then(|()| p.settings.validate())
+            .map_err(|e| bad(e.to_string()))?;
+        if p.revision == 0 {
+            return Err(bad("revision 0 is never handed out".into()));
+        }
+        Ok(p)
+    }
 }
 
 /// The open catalog.
@@ -464,11 +641,32 @@ impl Catalog {
                         .map_err(|e| me.err(e))?;
                     w.open_table(ADMIN_TOKENS).map_err(|e| me.err(e))?;
                     w.open_table(VAULTS).map_err(|e| me.err(e))?;
+                    w.open_table(POLICIES).map_err(|e| me.err(e))?;
                 }
                 w.commit().map_err(|e| me.err(e))?;
             }
         }
+        me.add_missing_tables()?;
         Ok((me, created))
+    }
+
+    /// Creates the tables version 1 gained after its first catalogs were written
+    /// (`policies`), in one write transaction, only when one is missing.
+    fn add_missing_tables(&self) -> Result<()> {
+        let missing = {
+            let r = self.db.begin_read().map_err(|e| self.err(e))?;
+            match r.open_table(POLICIES) {
+                Ok(_) => false,
+                Err(redb::TableError::TableDoesNotExist(_)) => true,
+                Err(e) => return Err(self.err(e)),
+            }
+        };
+        if missing {
+            let w = self.db.begin_write().map_err(|e| self.err(e))?;
+            w.open_table(POLICIES).map_err(|e| self.err(e))?;
+            w.commit().map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     /// The catalog file.
@@ -643,6 +841,180 @@ impl Catalog {
         w.commit().map_err(|e| self.err(e))
     }
 
+    /// One policy.
+    pub fn policy(&self, name: &str) -> Result<Option<Policy>> {
+        let r = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = r.open_table(POLICIES).map_err(|e| self.err(e))?;
+        let v = t.get(name).map_err(|e| self.err(e))?;
+        v.map(|v| record::decode_policy(name, v.value()))
+            .transpose()
+    }
+
+    /// Policies named after `after`, at most `limit` (capped at [`MAX_PAGE`]).
+    pub fn policies_page(&self, after: Option<&str>, limit: usize) -> Result<Page<Policy>> {
+        let r = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = r.open_table(POLICIES).map_err(|e| self.err(e))?;
+        self.page(&t, after, limit, record::decode_policy, |x| &x.name)
+    }
+
+    /// The last revision handed out (0 before the first).
+    pub fn last_revision(&self) -> Result<u64> {
+        self.get_meta(META_REVISION)?
+            .map_or(Ok(0), |b| record::decode_revision(&b))
+    }
+
+    /// Takes the next revision in write transaction `w`.
+    fn next_revision(&self, w: &WriteTransaction) -> Result<u64> {
+        let mut m = w.open_table(META).map_err(|e| self.err(e))?;
+        let last = match m.get(META_REVISION).map_err(|e| self.err(e))? {
+            Some(v) => record::decode_revision(v.value())?,
+            None => 0,
+        };
+        let next = last
+            .checked_add(1)
+            .ok_or_else(|| self.err("the revision counter is exhausted"))?;
+        m.insert(META_REVISION, &record::encode_revision(next)[..])
+            .map_err(|e| self.err(e))?;
+        Ok(next)
+    }
+
+    /// Creates policy `name` with `settings` at `now_ms` (revision: the next one). Refuses
+    /// an invalid name or settings, an existing name and more than [`MAX_POLICIES`].
+    pub fn create_policy(
+        &self,
+        name: &str,
+        settings: &PolicySettings,
+        now_ms: u64,
+    ) -> Result<Policy> {
+        policy::check_name(name)?;
+        settings.validate()?;
+        let w = self.db.begin_write().map_err(|e| self.err(e))?;
+        let p = {
+            let mut t = w.open_table(POLICIES).map_err(|e| self.err(e))?;
+            if t.get(name).map_err(|e| self.err(e))?.is_some() {
+                return Err(CatalogError::PolicyExists(name.to_string()));
+            }
+            if t.len().map_err(|e| self.err(e))? >= MAX_POLICIES {
+                return Err(CatalogError::TooManyPolicies);
+            }
+            let p = Policy {
+                name: name.to_string(),
+                settings: settings.clone(),
+                revision: self.next_revision(&w)?,
+                created_ms: now_ms,
+                updated_ms: now_ms,
+            };
+            t.insert(name, &record::encode_policy(&p)[..])
+                .map_err(|e| self.err(e))?;
+            p
+        };
+        w.commit().map_err(|e| self.err(e))?;
+        Ok(p)
+    }
+
+    /// Creates the default policy (default settings) unless a policy of that name exists;
+    /// returns it when created. `ferryd up` calls it at every start: it creates the policy
+    /// on the first one (or the first after an upgrade from a catalog without policies) and
+    /// never touches an existing one, edited or not. Since the default policy cannot be
+    /// deleted, it is never re-created either.
+    pub fn ensure_default_policy(&self, now_ms: u64) -> Result<Option<Policy>> {
+        match self.create_policy(DEFAULT_POLICY, &PolicySettings::default(), now_ms) {
+            Ok(p) => Ok(Some(p)),
+            Err(CatalogError::PolicyExists(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads policy `name` in `w` and checks `expect` against its revision: `None` expects
+    /// nothing; `Some(list)` needs the revision to be in the list (an empty list never
+    /// matches).
+    fn policy_for_write(
+        &self,
+        w: &WriteTransaction,
+        name: &str,
+        expect: Option<&[u64]>,
+    ) -> Result<Policy> {
+        let t = w.open_table(POLICIES).map_err(|e| self.err(e))?;
+        let cur = match t.get(name).map_err(|e| self.err(e))? {
+            Some(v) => record::decode_policy(name, v.value())?,
+            None => return Err(CatalogError::PolicyNotFound(name.to_string())),
+        };
+        if let Some(list) = expect
+            && !list.contains(&cur.revision)
+        {
+            return Err(CatalogError::RevisionMismatch {
+                name: name.to_string(),
+                current: cur.revision,
+            });
+        }
+        Ok(cur)
+    }
+
+    /// Applies `patch` to policy `name` at `now_ms`, if its revision is one of `expect`
+    /// (when given), and returns the result. The merged settings are validated as a whole;
+    /// a refused patch changes nothing. A patch that changes nothing writes nothing and
+    /// returns the policy as it is (same revision).
+    pub fn update_policy(
+        &self,
+        name: &str,
+        expect: Option<&[u64]>,
+        patch: &PolicyPatch,
+        now_ms: u64,
+    ) -> Result<Policy> {
+        let w = self.db.begin_write().map_err(|e| self.err(e))?;
+        let cur = self.policy_for_write(&w, name, expect)?;
+        let settings = patch.apply(&cur.settings)?;
+        if settings == cur.settings {
+            return Ok(cur);
+        }
+        let p = Policy {
+            settings,
+            revision: self.next_revision(&w)?,
+            updated_ms: now_ms,
+            ..cur
+        };
+        {
+            let mut t = w.open_table(POLICIES).map_err(|e| self.err(e))?;
+            t.insert(name, &record::encode_policy(&p)[..])
+                .map_err(|e| self.err(e))?;
+        }
+        w.commit().map_err(|e| self.err(e))?;
+        Ok(p)
+    }
+
+    /// Deletes policy `name`, if its revision is one of `expect` (when given), and returns
+    /// what it was. The default policy and a policy in use are
+    /// refused (see `policy_users_in`).
+    pub fn delete_policy(&self, name: &str, expect: Option<&[u64]>) -> Result<Policy> {
+        if name == DEFAULT_POLICY {
+            return Err(CatalogError::DefaultPolicy(name.to_string()));
+        }
+        let w = self.db.begin_write().map_err(|e| self.err(e))?;
+        let cur = self.policy_for_write(&w, name, expect)?;
+        let users = self.policy_users_in(&w, name)?;
+        if users > 0 {
+            return Err(CatalogError::PolicyInUse {
+                name: name.to_string(),
+                users,
+            });
+        }
+        {
+            let mut t = w.open_table(POLICIES).map_err(|e| self.err(e))?;
+            t.remove(name).map_err(|e| self.err(e))?;
+        }
+        w.commit().map_err(|e| self.err(e))?;
+        Ok(cur)
+    }
+
+    /// How many records use policy `name`: the hook that keeps a used policy from being
+    /// deleted. Nothing can use a policy yet, so it counts nothing. When protected items
+    /// arrive (issue 5, item 4) it counts the items whose policy is `name`, in the write
+    /// transaction of the delete, so that no item can be given a policy while it is being
+    /// deleted; `delete_policy` then answers [`CatalogError::PolicyInUse`].
+    fn policy_users_in(&self, _w: &WriteTransaction, _name: &str) -> Result<u64> {
+        Ok(0)
+    }
+
     fn page<T>(
         &self,
         t: &impl ReadableTable<&'static str, &'static [u8]>,
@@ -722,21 +1094,69 @@ mod tests {
             created_ms: 1_795_687_871_000,
         }
     }
+    /// The default policy as version 1 wrote it (1 MiB chunks, zstd 3 were the defaults then;
+    /// a record keeps the values it was written with).
+    fn v1_default_policy() -> Policy {
+        Policy {
+            name: "default".into(),
+            settings: PolicySettings {
+                chunk_size: 1 << 20,
+                compression_level: 3,
+                ..PolicySettings::default()
+            },
+            revision: 1,
+            created_ms: 1_795_687_872_000,
+            updated_ms: 1_795_687_872_000,
+        }
+    }
+    fn v1_policy() -> Policy {
+        Policy {
+            name: "gold".into(),
+            settings: PolicySettings {
+                description: Some("Tier 1: web and databases\nreplicated every minute".into()),
+                rpo_threshold_minutes: 5,
+                cycle_interval_seconds: 60,
+                retention: policy::Retention {
+                    keep_all_hours: 48,
+                    hourly_days: 7,
+                    every_hours: 6,
+                    for_days: 30,
+                },
+                app_consistent_frequency_minutes: 30,
+                chunk_size: 256 << 10,
+                compression_level: 6,
+                retry_schedule_seconds: vec![30, 60, 120, 300],
+                resync_threshold_percent: 40,
+            },
+            revision: 3,
+            created_ms: 1_795_688_300_000,
+            updated_ms: 1_795_688_400_000,
+        }
+    }
 
     fn fixture(name: &str) -> Vec<u8> {
         let p = Path::new(FIXTURES).join(name);
         std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     }
 
-    /// Writes the version-1 fixtures. Run once, by hand, when version 1 was defined
-    /// (`cargo test -p ferry-daemon -- --ignored write_v1_fixtures`); never again: old
-    /// versions' fixtures are frozen. A version 2 adds its own directory and writer.
+    /// Writes the version-1 fixtures that are missing, by hand
+    /// (`cargo test -p ferry-daemon -- --ignored write_v1_fixtures`). A file already there is
+    /// frozen and never rewritten. Version 1 gained the `policies` table and the
+    /// `meta`/`revision` record after its first fixtures were written, so their fixtures were
+    /// added later by this writer: `catalog.redb` is a catalog from before policies (kept:
+    /// it is what an upgraded appliance opens), `catalog-policies.redb` one with them. A
+    /// version 2 adds its own directory and writer.
     #[test]
     #[ignore = "writes the committed fixtures"]
     fn write_v1_fixtures() {
         let dir = Path::new(FIXTURES);
         std::fs::create_dir_all(dir).unwrap();
-        let w = |n: &str, b: Vec<u8>| std::fs::write(dir.join(n), b).unwrap();
+        let w = |n: &str, b: Vec<u8>| {
+            let p = dir.join(n);
+            if !p.exists() {
+                std::fs::write(p, b).unwrap();
+            }
+        };
         w("meta-catalog.json", record::encode_catalog(&v1_info()));
         w(
             "meta-bootstrap.json",
@@ -748,14 +1168,40 @@ mod tests {
             record::encode_admin_token(&v1_revoked_token()),
         );
         w("vault.json", record::encode_vault(&v1_vault()));
-        let p = dir.join("catalog.redb");
-        let _ = std::fs::remove_file(&p);
-        let (c, _) = Catalog::open(&p).unwrap();
-        c.insert_token(&v1_token(), true).unwrap();
-        c.insert_token(&v1_revoked_token(), false).unwrap();
-        c.revoke_token(&v1_revoked_token().id, 1_795_688_200_000)
-            .unwrap();
-        c.insert_vault(&v1_vault()).unwrap();
+        w("meta-revision.json", record::encode_revision(3));
+        w(
+            "policy-default.json",
+            record::encode_policy(&v1_default_policy()),
+        );
+        w("policy.json", record::encode_policy(&v1_policy()));
+        let whole = |name: &str, policies: bool| {
+            let p = dir.join(name);
+            if p.exists() {
+                return;
+            }
+            let (c, _) = Catalog::open(&p).unwrap();
+            c.insert_token(&v1_token(), true).unwrap();
+            c.insert_token(&v1_revoked_token(), false).unwrap();
+            c.revoke_token(&v1_revoked_token().id, 1_795_688_200_000)
+                .unwrap();
+            c.insert_vault(&v1_vault()).unwrap();
+            if policies {
+                let d = v1_default_policy();
+                c.ensure_default_policy(d.created_ms).unwrap();
+                let g = v1_policy();
+                let mut first = g.settings.clone();
+                first.compression_level = 3;
+                c.create_policy(&g.name, &first, g.created_ms).unwrap();
+                let patch = PolicyPatch {
+                    compression_level: Some(6),
+                    ..Default::default()
+                };
+                c.update_policy(&g.name, Some(&[2]), &patch, g.updated_ms)
+                    .unwrap();
+            }
+        };
+        whole("catalog.redb", false);
+        whole("catalog-policies.redb", true);
     }
 
     #[test]
@@ -782,6 +1228,18 @@ mod tests {
             record::decode_vault("default", &fixture("vault.json")).unwrap(),
             v1_vault()
         );
+        assert_eq!(
+            record::decode_revision(&fixture("meta-revision.json")).unwrap(),
+            3
+        );
+        assert_eq!(
+            record::decode_policy("default", &fixture("policy-default.json")).unwrap(),
+            v1_default_policy()
+        );
+        assert_eq!(
+            record::decode_policy("gold", &fixture("policy.json")).unwrap(),
+            v1_policy()
+        );
     }
 
     /// While version 1 is current, encoding must reproduce the fixtures byte for byte: a
@@ -799,6 +1257,12 @@ mod tests {
             record::encode_catalog(&v1_info()),
             fixture("meta-catalog.json")
         );
+        assert_eq!(record::encode_revision(3), fixture("meta-revision.json"));
+        assert_eq!(
+            record::encode_policy(&v1_default_policy()),
+            fixture("policy-default.json")
+        );
+        assert_eq!(record::encode_policy(&v1_policy()), fixture("policy.json"));
     }
 
     /// A whole catalog written by version 1 opens and reads back (table names, key and value
@@ -817,6 +1281,42 @@ mod tests {
         let page = c.tokens_page(None, 10).unwrap();
         assert_eq!(page.items, vec![v1_token(), v1_revoked_token()]);
         assert_eq!(c.vault("default").unwrap(), Some(v1_vault()));
+        // Written before policies existed: the table is added, empty, and the default
+        // policy is created by the first start that opens it.
+        assert_eq!(c.policies_page(None, 10).unwrap().items, vec![]);
+        assert_eq!(c.last_revision().unwrap(), 0);
+        let d = c.ensure_default_policy(7).unwrap().unwrap();
+        assert_eq!((d.name.as_str(), d.revision), ("default", 1));
+        assert_eq!(c.ensure_default_policy(8).unwrap(), None);
+    }
+
+    /// A whole version-1 catalog with policies: the `policies` table, its records and the
+    /// revision counter read back, and the counter goes on from where it was.
+    #[test]
+    fn v1_catalog_with_policies_opens() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("catalog.redb");
+        std::fs::copy(Path::new(FIXTURES).join("catalog-policies.redb"), &p).unwrap();
+        let (c, created) = Catalog::open(&p).unwrap();
+        assert!(!created);
+        assert_eq!(c.vault("default").unwrap(), Some(v1_vault()));
+        assert_eq!(c.active_tokens().unwrap(), vec![v1_token()]);
+        assert_eq!(
+            c.policies_page(None, 10).unwrap().items,
+            vec![v1_default_policy(), v1_policy()]
+        );
+        assert_eq!(c.last_revision().unwrap(), 3);
+        assert_eq!(c.ensure_default_policy(9).unwrap(), None);
+        let patch = PolicyPatch {
+            resync_threshold_percent: Some(45),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.update_policy("gold", Some(&[3]), &patch, 10)
+                .unwrap()
+                .revision,
+            4
+        );
     }
 
     #[test]
@@ -936,5 +1436,197 @@ mod tests {
         ));
         assert_eq!(c.vaults_page(None, 10).unwrap().items, vec![v]);
         assert_eq!(c.vault("other").unwrap(), None);
+    }
+
+    #[test]
+    fn bad_policy_records_are_refused() {
+        let good = String::from_utf8(fixture("policy.json")).unwrap();
+        // Each a valid record but for one thing.
+        for (bad, needle) in [
+            (
+                good.replace(
+                    r#""rpo_threshold_minutes":5"#,
+                    r#""rpo_threshold_minutes":0"#,
+                ),
+                "rpo_threshold_minutes",
+            ),
+            (
+                good.replace(r#""chunk_size":262144"#, r#""chunk_size":262145"#),
+                "chunk_size",
+            ),
+            (
+                good.replace(r#""revision":3"#, r#""revision":0"#),
+                "revision 0",
+            ),
+            (
+                good.replace(r#""for_days":30"#, r#""for_days":30,"x":1"#),
+                "unknown field",
+            ),
+            (
+                good.replace(r#""resync_threshold_percent":40,"#, ""),
+                "missing field",
+            ),
+            (
+                good.replace(r#""for_days":30"#, r#""for_days":-30"#),
+                "invalid value",
+            ),
+        ] {
+            assert_ne!(bad, good, "{needle}");
+            let e = record::decode_policy("gold", bad.as_bytes()).unwrap_err();
+            assert!(matches!(e, CatalogError::BadRecord { .. }), "{e}");
+            assert!(e.to_string().contains(needle), "{needle}: {e}");
+        }
+        let e = record::decode_policy("silver", good.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("holds name"), "{e}");
+        let e = record::decode_policy(
+            "gold",
+            &good.replacen(r#""v":1"#, r#""v":2"#, 1).into_bytes(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, CatalogError::NewerRecord { found: 2, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn policies_lifecycle() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("c.redb");
+        let (c, _) = Catalog::open(&path).unwrap();
+        assert_eq!(c.last_revision().unwrap(), 0);
+        let def = c.ensure_default_policy(100).unwrap().unwrap();
+        assert_eq!(def.revision, 1);
+        assert_eq!((def.created_ms, def.updated_ms), (100, 100));
+        assert_eq!(c.ensure_default_policy(101).unwrap(), None);
+
+        // Create: validated, unique.
+        let gold = v1_policy().settings;
+        let p = c.create_policy("gold", &gold, 200).unwrap();
+        assert_eq!((p.revision, p.created_ms, p.updated_ms), (2, 200, 200));
+        assert!(matches!(
+            c.create_policy("gold", &gold, 201),
+            Err(CatalogError::PolicyExists(_))
+        ));
+        assert!(matches!(
+            c.create_policy("Gold", &gold, 201),
+            Err(CatalogError::InvalidPolicy(PolicyError::Name { .. }))
+        ));
+        let mut bad = gold.clone();
+        bad.compression_level = 20;
+        assert!(matches!(
+            c.create_policy("bronze", &bad, 201),
+            Err(CatalogError::InvalidPolicy(PolicyError::OutOfRange {
+                field: "compression_level",
+                ..
+            }))
+        ));
+        assert_eq!(c.policy("bronze").unwrap(), None);
+        assert_eq!(c.last_revision().unwrap(), 2, "refusals take no revision");
+
+        // Update: If-Match, merge, validation as a whole, no-op.
+        let patch = PolicyPatch {
+            rpo_threshold_minutes: Some(10),
+            ..Default::default()
+        };
+        let e = c
+            .update_policy("gold", Some(&[1]), &patch, 300)
+            .unwrap_err();
+        assert!(
+            matches!(&e, CatalogError::RevisionMismatch { current: 2, .. }),
+            "{e}"
+        );
+        assert!(matches!(
+            c.update_policy("gold", Some(&[]), &patch, 300),
+            Err(CatalogError::RevisionMismatch { .. })
+        ));
+        let u = c.update_policy("gold", Some(&[5, 2]), &patch, 300).unwrap();
+        assert_eq!((u.revision, u.created_ms, u.updated_ms), (3, 200, 300));
+        assert_eq!(u.settings.rpo_threshold_minutes, 10);
+        assert_eq!(u.settings.retention, gold.retention);
+        let same = c.update_policy("gold", None, &patch, 400).unwrap();
+        assert_eq!(same, u, "a patch that changes nothing writes nothing");
+        let breaks = PolicyPatch {
+            cycle_interval_seconds: Some(601),
+            ..Default::default()
+        };
+        assert!(matches!(
+            c.update_policy("gold", None, &breaks, 500),
+            Err(CatalogError::InvalidPolicy(
+                PolicyError::CycleExceedsRpo { .. }
+            ))
+        ));
+        assert_eq!(c.policy("gold").unwrap(), Some(u.clone()));
+        assert!(matches!(
+            c.update_policy("nope", None, &patch, 1),
+            Err(CatalogError::PolicyNotFound(_))
+        ));
+
+        // Pages, by name.
+        for n in ["a", "b", "c"] {
+            c.create_policy(n, &PolicySettings::default(), 600).unwrap();
+        }
+        let p1 = c.policies_page(None, 3).unwrap();
+        let names: Vec<_> = p1.items.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        let p2 = c.policies_page(p1.next_after.as_deref(), 3).unwrap();
+        let names: Vec<_> = p2.items.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["default", "gold"]);
+        assert_eq!(p2.next_after, None);
+
+        // Delete: not the default, If-Match, then gone; a re-created one has a newer
+        // revision than any it had.
+        assert!(matches!(
+            c.delete_policy("default", None),
+            Err(CatalogError::DefaultPolicy(_))
+        ));
+        assert!(matches!(
+            c.delete_policy("gold", Some(&[2])),
+            Err(CatalogError::RevisionMismatch { current: 3, .. })
+        ));
+        assert_eq!(c.delete_policy("gold", Some(&[3])).unwrap(), u);
+        assert_eq!(c.policy("gold").unwrap(), None);
+        assert!(matches!(
+            c.delete_policy("gold", None),
+            Err(CatalogError::PolicyNotFound(_))
+        ));
+        let again = c.create_policy("gold", &gold, 700).unwrap();
+        assert_eq!(again.revision, 7);
+        drop(c);
+        // Durable across reopen.
+        let (c, _) = Catalog::open(&path).unwrap();
+        assert_eq!(c.policy("gold").unwrap(), Some(again));
+        assert_eq!(c.policy("default").unwrap(), Some(def));
+        assert_eq!(c.last_revision().unwrap(), 7);
+    }
+
+    #[test]
+    fn policies_are_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, _) = Catalog::open(&d.path().join("c.redb")).unwrap();
+        // Fill up in one transaction (one commit, not a thousand).
+        let w = c.db.begin_write().unwrap();
+        {
+            let mut t = w.open_table(POLICIES).unwrap();
+            for i in 0..MAX_POLICIES {
+                let p = Policy {
+                    name: format!("p{i:04}"),
+                    settings: PolicySettings::default(),
+                    revision: i + 1,
+                    created_ms: 1,
+                    updated_ms: 1,
+                };
+                t.insert(p.name.as_str(), &record::encode_policy(&p)[..])
+                    .unwrap();
+            }
+        }
+        w.commit().unwrap();
+        assert!(matches!(
+            c.create_policy("one-more", &PolicySettings::default(), 2),
+            Err(CatalogError::TooManyPolicies)
+        ));
+        c.delete_policy("p0000", None).unwrap();
+        c.create_policy("one-more", &PolicySettings::default(), 2)
+            .unwrap();
     }
 }

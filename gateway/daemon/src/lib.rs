@@ -5,6 +5,7 @@
 //! - [`error`]: the typed errors of the library (`main.rs` alone uses `anyhow`);
 //! - [`fsutil`]: private files and directories (modes, owners, create-only durable writes);
 //! - [`config`]: figment configuration (defaults < file < `FERRY_*` < flags), validation;
+//! - [`policy`]: replication policies: settings, defaults, every rule, patches;
 //! - [`catalog`]: the redb catalog with versioned records (`docs/catalog-format.md`);
 //! - [`tls`]: the generated CA and server certificate, loading and checking them;
 //! - [`auth`]: admin bearer tokens (hashed at rest, constant-time checks, revocation);
@@ -21,6 +22,7 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod fsutil;
+pub mod policy;
 pub mod server;
 pub mod tls;
 

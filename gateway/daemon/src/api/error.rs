@@ -1,5 +1,7 @@
 //! The API's error responses: JSON `{"code": "...", "message": "..."}` with a 4xx or 5xx
 //! status. `code` is stable (clients branch on it); `message` is for people and may change.
+//! An error about one member of the request body also carries `field`, the member's dotted
+//! name (`retention.hourly_days`, `retry_schedule_seconds[2]`).
 //!
 //! Client errors say what was wrong with the request. Server errors (5xx) say only that the
 //! appliance failed and are logged on stderr with the detail; neither ever carries a secret.
@@ -20,6 +22,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// Human-readable explanation.
     pub message: String,
+    /// The request member the error is about.
+    pub field: Option<String>,
     /// `WWW-Authenticate` value for 401s.
     www_authenticate: Option<&'static str>,
 }
@@ -28,6 +32,8 @@ pub struct ApiError {
 struct Body<'a> {
     code: &'a str,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
 }
 
 impl ApiError {
@@ -37,7 +43,20 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            field: None,
             www_authenticate: None,
+        }
+    }
+
+    /// 400 with `code` about request member `field`.
+    pub fn bad_field(
+        code: &'static str,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            field: Some(field.into()),
+            ..Self::bad_request(code, message)
         }
     }
 
@@ -93,6 +112,7 @@ impl IntoResponse for ApiError {
             Json(Body {
                 code: self.code,
                 message: &self.message,
+                field: self.field.as_deref(),
             }),
         )
             .into_response();
@@ -117,8 +137,35 @@ impl From<CatalogError> for ApiError {
             CatalogError::VaultExists(_) => {
                 ApiError::new(StatusCode::CONFLICT, "vault_exists", e.to_string())
             }
+            CatalogError::PolicyNotFound(_) => {
+                ApiError::not_found("policy_not_found", e.to_string())
+            }
+            CatalogError::PolicyExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "policy_exists", e.to_string())
+            }
+            CatalogError::TooManyPolicies => {
+                ApiError::new(StatusCode::CONFLICT, "too_many_policies", e.to_string())
+            }
+            CatalogError::DefaultPolicy(_) => {
+                ApiError::new(StatusCode::CONFLICT, "default_policy", e.to_string())
+            }
+            CatalogError::PolicyInUse { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "policy_in_use", e.to_string())
+            }
+            CatalogError::RevisionMismatch { .. } => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "revision_mismatch",
+                e.to_string(),
+            ),
+            CatalogError::InvalidPolicy(p) => ApiError::from(p),
             e => ApiError::internal(e),
         }
+    }
+}
+
+impl From<crate::policy::PolicyError> for ApiError {
+    fn from(e: crate::policy::PolicyError) -> Self {
+        ApiError::bad_field("invalid_value", e.field(), e.to_string())
     }
 }
 

@@ -1,12 +1,16 @@
 //! Request extractors whose every refusal is an [`ApiError`] (axum's own answer with plain
 //! text): JSON bodies (content type, size limit, syntax, unknown fields), query strings,
 //! path parameters, and pagination.
+//!
+//! Codes of a refused JSON body: `unsupported_media_type` (415), `payload_too_large` (413),
+//! `invalid_json` (400, not JSON), `unknown_field` (400, a member the endpoint does not take,
+//! named in `field`), `invalid_request` (400, a member of the wrong type or missing).
 
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::{StatusCode, header, request::Parts};
 use base64::Engine as _;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, Visitor};
 
 use super::ApiState;
 use super::error::ApiError;
@@ -69,17 +73,72 @@ impl<T: DeserializeOwned> FromRequest<ApiState> for ApiJson<T> {
                     ApiError::bad_request("bad_body", "the request body could not be read")
                 }
             })?;
-        match serde_json::from_slice(&body) {
-            Ok(v) => Ok(ApiJson(v)),
-            Err(e) => Err(match e.classify() {
-                serde_json::error::Category::Data => ApiError::bad_request(
-                    "invalid_request",
-                    format!("the JSON body does not fit this endpoint: {e}"),
-                ),
-                _ => ApiError::bad_request("invalid_json", format!("malformed JSON body: {e}")),
-            }),
+        // Syntax first, then unknown members (named), then the types of the known ones.
+        let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request("invalid_json", format!("malformed JSON body: {e}"))
+        })?;
+        if let Some(obj) = value.as_object() {
+            let fields = struct_fields::<T>();
+            if !fields.is_empty()
+                && let Some(k) = obj.keys().find(|k| !fields.contains(&k.as_str()))
+            {
+                return Err(unknown_field(k, fields));
+            }
+        }
+        serde_json::from_slice(&body).map(ApiJson).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_request",
+                format!("the JSON body does not fit this endpoint: {e}"),
+            )
+        })
+    }
+}
+
+/// 400 `unknown_field` for member `name` (a dotted path when nested), listing `accepted`.
+pub(crate) fn unknown_field(name: &str, accepted: &[&str]) -> ApiError {
+    let shown: String = name.chars().take(100).collect();
+    ApiError::bad_field(
+        "unknown_field",
+        shown.clone(),
+        format!(
+            "unknown field `{shown}`; this endpoint takes {}",
+            accepted
+                .iter()
+                .map(|f| format!("`{f}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+}
+
+/// The members a derived `Deserialize` struct takes: serde hands them to
+/// `deserialize_struct`, which this deserializer records before giving up. Empty for what is
+/// not a plain struct (a map, `serde_json::Value`, a struct with flattened members).
+fn struct_fields<T: DeserializeOwned>() -> &'static [&'static str] {
+    struct Probe<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Probe<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(serde::de::Error::custom("probed"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
         }
     }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
 }
 
 /// A query string of type `T` (which should `deny_unknown_fields`).
@@ -171,6 +230,27 @@ fn decode_cursor(c: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn struct_fields_are_probed() {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code, reason = "only probed")]
+        struct Two {
+            a: u8,
+            #[serde(rename = "bee")]
+            b: Option<String>,
+        }
+        assert_eq!(struct_fields::<Two>(), ["a", "bee"]);
+        assert!(struct_fields::<serde_json::Value>().is_empty());
+        assert!(struct_fields::<std::collections::BTreeMap<String, u8>>().is_empty());
+        let e = unknown_field("admin", &["name"]);
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            ("unknown_field", Some("admin"))
+        );
+        assert!(e.message.contains("`name`"), "{}", e.message);
+    }
 
     #[test]
     fn pages_validate() {

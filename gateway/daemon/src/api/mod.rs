@@ -1,6 +1,7 @@
 //! The control REST API (`/api/v1`): routes, authentication and the shared state.
 //!
-//! Every route but `health` and `openapi.json` needs an active admin bearer token. Every
+//! Every route but `health` and `openapi.json` needs an active admin bearer token: vaults and
+//! their points, admin tokens, replication policies (`policies`). Every
 //! refusal is a JSON [`ApiError`]; every listing is paginated (`?limit=&cursor=`, answered
 //! with `items` and `next_cursor`). The served OpenAPI 3.1 document (`openapi.json` beside
 //! this file) describes exactly these routes; a test keeps the two in step.
@@ -25,6 +26,7 @@ use crate::catalog::{Catalog, CatalogError};
 
 pub mod error;
 pub mod extract;
+mod policies;
 mod tokens;
 mod vaults;
 
@@ -43,6 +45,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/tokens"),
     ("POST", "/api/v1/tokens"),
     ("DELETE", "/api/v1/tokens/{id}"),
+    ("GET", "/api/v1/policies"),
+    ("POST", "/api/v1/policies"),
+    ("GET", "/api/v1/policies/{name}"),
+    ("PATCH", "/api/v1/policies/{name}"),
+    ("DELETE", "/api/v1/policies/{name}"),
 ];
 
 /// What handlers share.
@@ -125,6 +132,16 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/vaults/{name}/points", get(vaults::points))
         .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/api/v1/tokens/{id}", delete(tokens::revoke))
+        .route(
+            "/api/v1/policies",
+            get(policies::list).post(policies::create),
+        )
+        .route(
+            "/api/v1/policies/{name}",
+            get(policies::get_one)
+                .patch(policies::update)
+                .delete(policies::delete),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/api/v1/health", get(health))

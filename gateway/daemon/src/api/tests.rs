@@ -1,12 +1,12 @@
 //! The API in process (no TLS, no sockets): authentication, every route, every refusal,
-//! pagination over real points in an in-memory vault, and the OpenAPI document against the
-//! routes.
+//! pagination over real points in an in-memory vault, the policies' lifecycle, and the
+//! OpenAPI document against the routes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{Method, Request, StatusCode, header};
+use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 use ferry_store::{Backend, ImportOptions, InitOptions, OpenOptions, Secret, Vault};
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -25,6 +25,7 @@ async fn fixture(points: &[&str]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (catalog, _) = Catalog::open(&dir.path().join("catalog.redb")).unwrap();
     let catalog = Arc::new(catalog);
+    catalog.ensure_default_policy(1).unwrap();
     catalog
         .insert_vault(&VaultEntry {
             name: "default".into(),
@@ -68,9 +69,25 @@ impl Fixture {
         token: Option<&str>,
         body: Option<(&str, &str)>,
     ) -> (StatusCode, Value) {
+        let (s, _, v) = self.request(method, uri, token, &[], body).await;
+        (s, v)
+    }
+
+    /// [`Fixture::call`] with extra request headers, answering the response headers too.
+    async fn request(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<(&str, &str)>,
+    ) -> (StatusCode, HeaderMap, Value) {
         let mut b = Request::builder().method(method).uri(uri);
         if let Some(t) = token {
             b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
         }
         let req = match body {
             Some((ct, text)) => b
@@ -81,6 +98,7 @@ impl Fixture {
         .unwrap();
         let resp = self.app.clone().oneshot(req).await.unwrap();
         let status = resp.status();
+        let headers = resp.headers().clone();
         let is_json = resp
             .headers()
             .get(header::CONTENT_TYPE)
@@ -89,7 +107,7 @@ impl Fixture {
             .await
             .unwrap();
         assert!(is_json, "{status}: every answer is JSON: {bytes:?}");
-        (status, serde_json::from_slice(&bytes).unwrap())
+        (status, headers, serde_json::from_slice(&bytes).unwrap())
     }
 
     async fn get(&self, uri: &str) -> (StatusCode, Value) {
@@ -112,6 +130,8 @@ async fn authentication() {
         "/api/v1/vaults",
         "/api/v1/tokens",
         "/api/v1/vaults/default/points",
+        "/api/v1/policies",
+        "/api/v1/policies/default",
     ] {
         let (s, v) = f.call(Method::GET, uri, None, None).await;
         assert_eq!(
@@ -257,7 +277,7 @@ async fn bad_bodies_are_refused_with_json() {
             j,
             r#"{"name":"x","admin":true}"#.into(),
             StatusCode::BAD_REQUEST,
-            "invalid_request",
+            "unknown_field",
         ),
         (
             j,
@@ -474,4 +494,425 @@ async fn openapi_matches_the_routes() {
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(served, doc);
+}
+
+fn etag(h: &HeaderMap) -> String {
+    h.get(header::ETAG)
+        .expect("an ETag")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Create, read, list, patch (with and without `If-Match`), delete; every refusal leaves the
+/// policy as it was; the same over anonymous and wrong tokens is 401.
+#[tokio::test]
+async fn policies_lifecycle() {
+    let f = fixture(&[]).await;
+    let j = "application/json";
+    let admin = Some(f.admin.as_str());
+
+    // The default policy, with the default settings.
+    let (s, list) = f.get("/api/v1/policies").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    let d = &list["items"][0];
+    assert_eq!(d["name"], "default");
+    assert_eq!(
+        (
+            d["rpo_threshold_minutes"].as_u64(),
+            d["cycle_interval_seconds"].as_u64(),
+            d["app_consistent_frequency_minutes"].as_u64(),
+            d["chunk_size"].as_u64(),
+            d["compression_level"].as_u64(),
+            d["resync_threshold_percent"].as_u64(),
+        ),
+        (
+            Some(15),
+            Some(300),
+            Some(60),
+            Some(256 << 10),
+            Some(1),
+            Some(50)
+        )
+    );
+    assert_eq!(
+        d["retention"],
+        json!({"keep_all_hours": 24, "hourly_days": 3, "every_hours": 4, "for_days": 14, "max_age_hours": 432})
+    );
+    assert_eq!(
+        d["retry_schedule_seconds"],
+        json!([60, 120, 240, 480, 600, 1800])
+    );
+    assert_eq!(d["description"], Value::Null);
+    assert_eq!(d["revision"], 1);
+
+    // Create: what is given, defaults for the rest; ETag and Location.
+    let (s, h, gold) = f
+        .request(
+            Method::POST,
+            "/api/v1/policies",
+            admin,
+            &[],
+            Some((
+                j,
+                r#"{"name":"gold","description":"tier 1","rpo_threshold_minutes":5,
+                    "cycle_interval_seconds":60,"retention":{"for_days":30},
+                    "chunk_size":262144,"retry_schedule_seconds":[30,60]}"#,
+            )),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{gold}");
+    assert_eq!(etag(&h), "\"2\"");
+    assert_eq!(h[header::LOCATION], "/api/v1/policies/gold");
+    assert_eq!(gold["revision"], 2);
+    assert_eq!(gold["description"], "tier 1");
+    assert_eq!(gold["retention"]["for_days"], 30);
+    assert_eq!(gold["retention"]["hourly_days"], 3);
+    assert_eq!(gold["retention"]["max_age_hours"], 24 + 33 * 24);
+    assert_eq!(gold["compression_level"], 1);
+    assert_eq!(gold["created"], gold["updated"]);
+    let (s, v) = f
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            admin,
+            Some((j, r#"{"name":"gold"}"#)),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "policy_exists"));
+
+    // Read one.
+    let (s, h, got) = f
+        .request(Method::GET, "/api/v1/policies/gold", admin, &[], None)
+        .await;
+    assert_eq!((s, etag(&h)), (StatusCode::OK, "\"2\"".into()));
+    assert_eq!(got, gold);
+
+    // Refusals change nothing: each (method, body, If-Match) → (status, code, field).
+    let patch = |body: &'static str, if_match: Option<&'static str>| {
+        let f = &f;
+        async move {
+            let h: Vec<(&str, &str)> = if_match.map(|m| ("if-match", m)).into_iter().collect();
+            f.request(
+                Method::PATCH,
+                "/api/v1/policies/gold",
+                Some(&f.admin),
+                &h,
+                Some((j, body)),
+            )
+            .await
+        }
+    };
+    for (body, if_match, status, c, field) in [
+        (
+            r#"{"rpo_threshold_minutes":0}"#,
+            None,
+            400,
+            "invalid_value",
+            Some("rpo_threshold_minutes"),
+        ),
+        (
+            r#"{"retention":{"hourly_days":-1}}"#,
+            None,
+            400,
+            "invalid_value",
+            Some("retention.hourly_days"),
+        ),
+        (
+            r#"{"chunk_size":300000}"#,
+            None,
+            400,
+            "invalid_value",
+            Some("chunk_size"),
+        ),
+        (
+            r#"{"compression_level":20}"#,
+            None,
+            400,
+            "invalid_value",
+            Some("compression_level"),
+        ),
+        (
+            r#"{"retry_schedule_seconds":[]}"#,
+            None,
+            400,
+            "invalid_value",
+            Some("retry_schedule_seconds"),
+        ),
+        (
+            r#"{"retry_schedule_seconds":[60,30]}"#,
+            None,
+            400,
+            "invalid_value",
+            Some("retry_schedule_seconds[1]"),
+        ),
+        (
+            r#"{"cycle_interval_seconds":301}"#,
+            None,
+            400,
+            "invalid_value",
+            Some("cycle_interval_seconds"),
+        ),
+        (
+            r#"{"app_consistent_frequency_minutes":5}"#,
+            None,
+            400,
+            "invalid_value",
+            Some("app_consistent_frequency_minutes"),
+        ),
+        (
+            r#"{"resync_threshold_percent":"50"}"#,
+            None,
+            400,
+            "invalid_value",
+            Some("resync_threshold_percent"),
+        ),
+        (
+            r#"{"rpo_threshold_minutes":null}"#,
+            None,
+            400,
+            "invalid_value",
+            Some("rpo_threshold_minutes"),
+        ),
+        (r#"{"rpo":5}"#, None, 400, "unknown_field", Some("rpo")),
+        (
+            r#"{"retention":{"weekly":1}}"#,
+            None,
+            400,
+            "unknown_field",
+            Some("retention.weekly"),
+        ),
+        (
+            r#"{"name":"platinum"}"#,
+            None,
+            400,
+            "read_only_field",
+            Some("name"),
+        ),
+        (
+            r#"{"revision":9}"#,
+            None,
+            400,
+            "read_only_field",
+            Some("revision"),
+        ),
+        (r#"[1]"#, None, 400, "invalid_request", None),
+        (
+            r#"{"rpo_threshold_minutes":"#,
+            None,
+            400,
+            "invalid_json",
+            None,
+        ),
+        (
+            r#"{"rpo_threshold_minutes":10}"#,
+            Some("\"1\""),
+            412,
+            "revision_mismatch",
+            None,
+        ),
+        (
+            r#"{"rpo_threshold_minutes":10}"#,
+            Some("W/\"2\""),
+            412,
+            "revision_mismatch",
+            None,
+        ),
+        (
+            r#"{"rpo_threshold_minutes":10}"#,
+            Some("2"),
+            400,
+            "invalid_header",
+            None,
+        ),
+    ] {
+        let (s, _, v) = patch(body, if_match).await;
+        assert_eq!(
+            (s.as_u16(), code(&v), v["field"].as_str()),
+            (status, c, field),
+            "{body} {if_match:?}: {v}"
+        );
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(f.get("/api/v1/policies/gold").await.1, gold, "{body}");
+    }
+    let (s, v) = f
+        .call(
+            Method::PATCH,
+            "/api/v1/policies/gold",
+            admin,
+            Some((j, &format!(r#"{{"description":"{}"}}"#, "a".repeat(2000)))),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+    let (s, v) = f
+        .call(
+            Method::PATCH,
+            "/api/v1/policies/gold",
+            admin,
+            Some(("text/plain", "{}")),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+    );
+    // Creation refuses alike and creates nothing.
+    for (body, c, field) in [
+        (r#"{"name":"Bad_Name"}"#, "invalid_value", Some("name")),
+        (r#"{}"#, "invalid_value", Some("name")),
+        (
+            r#"{"name":"silver","rpo_threshold_minutes":0}"#,
+            "invalid_value",
+            Some("rpo_threshold_minutes"),
+        ),
+        (
+            r#"{"name":"silver","created":"now"}"#,
+            "read_only_field",
+            Some("created"),
+        ),
+        (
+            r#"{"name":"silver","colour":"grey"}"#,
+            "unknown_field",
+            Some("colour"),
+        ),
+    ] {
+        let (s, v) = f
+            .call(Method::POST, "/api/v1/policies", admin, Some((j, body)))
+            .await;
+        assert_eq!(
+            (s, code(&v), v["field"].as_str()),
+            (StatusCode::BAD_REQUEST, c, field),
+            "{body}: {v}"
+        );
+    }
+    assert_eq!(
+        f.get("/api/v1/policies").await.1["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // Patch with the right If-Match, then without: merged, revision and ETag move on.
+    let (s, h, v) = patch(
+        r#"{"retention":{"hourly_days":7},"description":null,"compression_level":9}"#,
+        Some("\"2\""),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(etag(&h), "\"3\"");
+    assert_eq!(v["revision"], 3);
+    assert_eq!(v["description"], Value::Null);
+    assert_eq!(v["retention"]["hourly_days"], 7);
+    assert_eq!(v["retention"]["for_days"], 30);
+    assert_eq!(v["compression_level"], 9);
+    assert_eq!(v["rpo_threshold_minutes"], 5);
+    assert_eq!(v["created"], gold["created"]);
+    let (s, _, v) = patch(r#"{"resync_threshold_percent":30}"#, None).await;
+    assert_eq!((s, v["revision"].as_u64()), (StatusCode::OK, Some(4)));
+    // A patch that changes nothing keeps the revision; `*` matches any.
+    let (s, _, v) = patch(r#"{"resync_threshold_percent":30}"#, Some("*")).await;
+    assert_eq!((s, v["revision"].as_u64()), (StatusCode::OK, Some(4)));
+
+    // Paths that cannot name a policy are 404s.
+    for uri in [
+        "/api/v1/policies/nope",
+        "/api/v1/policies/NOPE",
+        &format!("/api/v1/policies/{}", "a".repeat(300)),
+    ] {
+        let (s, v) = f.get(uri).await;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::NOT_FOUND, "policy_not_found"),
+            "{uri}"
+        );
+    }
+
+    // Delete: never the default; If-Match; then gone.
+    let (s, v) = f
+        .call(Method::DELETE, "/api/v1/policies/default", admin, None)
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "default_policy"));
+    let (s, _, v) = f
+        .request(
+            Method::DELETE,
+            "/api/v1/policies/gold",
+            admin,
+            &[("if-match", "\"3\"")],
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::PRECONDITION_FAILED, "revision_mismatch")
+    );
+    let (s, _, v) = f
+        .request(
+            Method::DELETE,
+            "/api/v1/policies/gold",
+            admin,
+            &[("if-match", "\"4\"")],
+            None,
+        )
+        .await;
+    assert_eq!((s, v["name"].as_str()), (StatusCode::OK, Some("gold")));
+    let (s, v) = f.get("/api/v1/policies/gold").await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "policy_not_found"));
+    let (s, v) = f
+        .call(Method::DELETE, "/api/v1/policies/gold", admin, None)
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "policy_not_found"));
+
+    // Every policy route needs an admin token.
+    for (m, uri) in [
+        (Method::POST, "/api/v1/policies"),
+        (Method::PATCH, "/api/v1/policies/default"),
+        (Method::DELETE, "/api/v1/policies/default"),
+    ] {
+        let (s, v) = f
+            .call(m.clone(), uri, None, Some((j, r#"{"name":"x"}"#)))
+            .await;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::UNAUTHORIZED, "unauthorized"),
+            "{m} {uri}"
+        );
+    }
+    let (_, list) = f.get("/api/v1/policies").await;
+    assert_eq!(list["items"][0]["revision"], 1, "the default is untouched");
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn policies_paginate() {
+    let f = fixture(&[]).await;
+    for n in ["c", "a", "b", "d"] {
+        let (s, _) = f
+            .call(
+                Method::POST,
+                "/api/v1/policies",
+                Some(&f.admin),
+                Some(("application/json", &format!(r#"{{"name":"{n}"}}"#))),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    let mut names = Vec::new();
+    let mut uri = "/api/v1/policies?limit=2".to_string();
+    loop {
+        let (s, page) = f.get(&uri).await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        for p in page["items"].as_array().unwrap() {
+            names.push(p["name"].as_str().unwrap().to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => uri = format!("/api/v1/policies?limit=2&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(names, ["a", "b", "c", "d", "default"]);
 }
