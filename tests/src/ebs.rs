@@ -241,7 +241,7 @@ struct Response {
     body: Vec<u8>,
 }
 
-fn json(status: u16, v: &serde_json_lite::Value) -> Response {
+fn json(status: u16, v: &serde_json::Value) -> Response {
     Response {
         status,
         headers: vec![("Content-Type".into(), "application/json".into())],
@@ -250,13 +250,7 @@ fn json(status: u16, v: &serde_json_lite::Value) -> Response {
 }
 
 fn error(status: u16, kind: &str, message: &str) -> Response {
-    let mut r = json(
-        status,
-        &serde_json_lite::Value::Object(vec![(
-            "message".into(),
-            serde_json_lite::Value::Str(message.into()),
-        )]),
-    );
+    let mut r = json(status, &serde_json::json!({ "message": message }));
     r.headers.push(("x-amzn-ErrorType".into(), kind.into()));
     r
 }
@@ -517,7 +511,7 @@ fn expiry() -> f64 {
 }
 
 fn handle(req: &Request, state: &Mutex<State>, block_reads: &AtomicU64) -> Response {
-    use serde_json_lite::Value as V;
+    use serde_json::{Map, Value as V, json};
     if req.method != "GET" {
         return error(405, "ValidationException", "only GET is served here");
     }
@@ -582,24 +576,21 @@ fn handle(req: &Request, state: &Mutex<State>, block_reads: &AtomicU64) -> Respo
                     next = Some(i);
                     break;
                 }
-                blocks.push(V::Object(vec![
-                    ("BlockIndex".into(), V::Int(i)),
-                    ("BlockToken".into(), V::Str(block_token(id, i))),
-                ]));
+                blocks.push(json!({ "BlockIndex": i, "BlockToken": block_token(id, i) }));
             }
             if looping {
                 next = Some(1);
             }
-            let mut fields = vec![
-                ("BlockSize".into(), V::Int(BLOCK as u64)),
-                ("Blocks".into(), V::Array(blocks)),
-                ("ExpiryTime".into(), V::Num(expiry())),
-                ("VolumeSize".into(), V::Int(snap.volume_gib)),
-            ];
+            let mut fields = json!({
+                "BlockSize": BLOCK,
+                "Blocks": blocks,
+                "ExpiryTime": expiry(),
+                "VolumeSize": snap.volume_gib,
+            });
             if let Some(n) = next {
-                fields.push(("NextToken".into(), V::Str(page_token(n))));
+                fields["NextToken"] = V::String(page_token(n));
             }
-            json(200, &V::Object(fields))
+            self::json(200, &fields)
         }
         ["snapshots", id, "changedblocks"] => {
             let Some(second) = st.snapshots.get(*id) else {
@@ -638,28 +629,29 @@ fn handle(req: &Request, state: &Mutex<State>, block_reads: &AtomicU64) -> Respo
                     next = Some(i);
                     break;
                 }
-                let mut f = vec![("BlockIndex".into(), V::Int(i))];
+                let mut f = Map::new();
+                f.insert("BlockIndex".into(), json!(i));
                 if first_id.is_some() && first.blocks.contains_key(&i) {
-                    f.push((
+                    f.insert(
                         "FirstBlockToken".into(),
-                        V::Str(block_token(first_id.map_or("", String::as_str), i)),
-                    ));
+                        V::String(block_token(first_id.map_or("", String::as_str), i)),
+                    );
                 }
                 if second.blocks.contains_key(&i) {
-                    f.push(("SecondBlockToken".into(), V::Str(block_token(id, i))));
+                    f.insert("SecondBlockToken".into(), V::String(block_token(id, i)));
                 }
                 out.push(V::Object(f));
             }
-            let mut fields = vec![
-                ("BlockSize".into(), V::Int(BLOCK as u64)),
-                ("ChangedBlocks".into(), V::Array(out)),
-                ("ExpiryTime".into(), V::Num(expiry())),
-                ("VolumeSize".into(), V::Int(second.volume_gib)),
-            ];
+            let mut fields = json!({
+                "BlockSize": BLOCK,
+                "ChangedBlocks": out,
+                "ExpiryTime": expiry(),
+                "VolumeSize": second.volume_gib,
+            });
             if let Some(n) = next {
-                fields.push(("NextToken".into(), V::Str(page_token(n))));
+                fields["NextToken"] = V::String(page_token(n));
             }
-            json(200, &V::Object(fields))
+            self::json(200, &fields)
         }
         ["snapshots", id, "blocks", index] => {
             let Some(snap) = st.snapshots.get(*id) else {
@@ -706,59 +698,5 @@ fn handle(req: &Request, state: &Mutex<State>, block_reads: &AtomicU64) -> Respo
             }
         }
         _ => error(404, "ResourceNotFoundException", "no such API"),
-    }
-}
-
-/// Just enough JSON output for the responses (the test kit has no serde_json dependency).
-mod serde_json_lite {
-    use std::fmt;
-
-    pub enum Value {
-        Num(f64),
-        Int(u64),
-        Str(String),
-        Array(Vec<Value>),
-        Object(Vec<(String, Value)>),
-    }
-
-    impl fmt::Display for Value {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            match self {
-                Value::Int(n) => write!(f, "{n}"),
-                Value::Num(n) => write!(f, "{n}"),
-                Value::Str(s) => {
-                    f.write_str("\"")?;
-                    for c in s.chars() {
-                        match c {
-                            '"' => f.write_str("\\\"")?,
-                            '\\' => f.write_str("\\\\")?,
-                            c if (c as u32) < 0x20 => write!(f, "\\u{:04x}", c as u32)?,
-                            c => write!(f, "{c}")?,
-                        }
-                    }
-                    f.write_str("\"")
-                }
-                Value::Array(a) => {
-                    f.write_str("[")?;
-                    for (i, v) in a.iter().enumerate() {
-                        if i > 0 {
-                            f.write_str(",")?;
-                        }
-                        write!(f, "{v}")?;
-                    }
-                    f.write_str("]")
-                }
-                Value::Object(o) => {
-                    f.write_str("{")?;
-                    for (i, (k, v)) in o.iter().enumerate() {
-                        if i > 0 {
-                            f.write_str(",")?;
-                        }
-                        write!(f, "{}:{v}", Value::Str(k.clone()))?;
-                    }
-                    f.write_str("}")
-                }
-            }
-        }
     }
 }

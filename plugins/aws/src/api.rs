@@ -416,6 +416,24 @@ fn opt_uint(ctx: &str, field: &str, n: Option<&Number>) -> Result<Option<u64>, E
     n.map(|n| uint(ctx, field, n)).transpose()
 }
 
+/// The fields both listings share, around their `entries`.
+fn page<T>(
+    ctx: &str,
+    entries: Vec<T>,
+    block_size: Option<&Number>,
+    volume_size: Option<&Number>,
+    next_token: Option<String>,
+    expiry_time: Option<&Number>,
+) -> Result<Page<T>, Error> {
+    Ok(Page {
+        block_size: opt_uint(ctx, "BlockSize", block_size)?,
+        volume_gib: opt_uint(ctx, "VolumeSize", volume_size)?,
+        entries,
+        next_token: next_token.filter(|t| !t.is_empty()),
+        expiry_ms: expiry_time.map(|n| expiry_ms(ctx, n)).transpose()?,
+    })
+}
+
 /// Parse a `ListSnapshotBlocks` response body. `ctx` names the call and snapshot for errors.
 ///
 /// # Errors
@@ -436,17 +454,14 @@ pub fn parse_snapshot_blocks(ctx: &str, body: &[u8]) -> Result<Page<ListedBlock>
         };
         entries.push(ListedBlock { index, token });
     }
-    Ok(Page {
-        block_size: opt_uint(ctx, "BlockSize", wire.block_size.as_ref())?,
-        volume_gib: opt_uint(ctx, "VolumeSize", wire.volume_size.as_ref())?,
+    page(
+        ctx,
         entries,
-        next_token: wire.next_token.filter(|t| !t.is_empty()),
-        expiry_ms: wire
-            .expiry_time
-            .as_ref()
-            .map(|n| expiry_ms(ctx, n))
-            .transpose()?,
-    })
+        wire.block_size.as_ref(),
+        wire.volume_size.as_ref(),
+        wire.next_token,
+        wire.expiry_time.as_ref(),
+    )
 }
 
 /// Parse a `ListChangedBlocks` response body: the entries are the changed block indices.
@@ -461,17 +476,14 @@ pub fn parse_changed_blocks(ctx: &str, body: &[u8]) -> Result<Page<u64>, Error> 
         .iter()
         .map(|b| uint(ctx, "BlockIndex", &b.block_index))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Page {
-        block_size: opt_uint(ctx, "BlockSize", wire.block_size.as_ref())?,
-        volume_gib: opt_uint(ctx, "VolumeSize", wire.volume_size.as_ref())?,
+    page(
+        ctx,
         entries,
-        next_token: wire.next_token.filter(|t| !t.is_empty()),
-        expiry_ms: wire
-            .expiry_time
-            .as_ref()
-            .map(|n| expiry_ms(ctx, n))
-            .transpose()?,
-    })
+        wire.block_size.as_ref(),
+        wire.volume_size.as_ref(),
+        wire.next_token,
+        wire.expiry_time.as_ref(),
+    )
 }
 
 /// Check that `indices` are strictly increasing, follow `after` (the last index of the

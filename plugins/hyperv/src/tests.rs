@@ -126,20 +126,7 @@ fn check_locate_in(
     }
     assert_eq!(pos, size);
     for w in maps.windows(2) {
-        let coalescable = match (w[0].location, w[1].location) {
-            (Location::Source(a), Location::Source(b)) => a + w[0].length == b,
-            (
-                Location::Related {
-                    reader: r,
-                    offset: a,
-                },
-                Location::Related {
-                    reader: r2,
-                    offset: b,
-                },
-            ) => r == r2 && a + w[0].length == b,
-            (a, b) => a == b,
-        };
+        let coalescable = w[0].continues_with(w[1].location);
         assert!(!coalescable, "not coalesced: {w:?}");
     }
     maps

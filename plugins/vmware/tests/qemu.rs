@@ -258,20 +258,7 @@ fn check_locate(
         }
     }
     for w in maps.windows(2) {
-        let merged = match (w[0].location, w[1].location) {
-            (Location::Source(a), Location::Source(b)) => a + w[0].length == b,
-            (
-                Location::Related {
-                    reader: r,
-                    offset: a,
-                },
-                Location::Related {
-                    reader: r2,
-                    offset: b,
-                },
-            ) => r == r2 && a + w[0].length == b,
-            (a, b) => a == b,
-        };
+        let merged = w[0].continues_with(w[1].location);
         assert!(!merged, "not coalesced: {w:?}");
     }
     maps
