@@ -490,16 +490,21 @@ async fn run_adapter(
             print(&json!({
                 "plugin": name, "disk": r.disk, "extents": r.extents.len(),
                 "data_extents": data_extents, "bytes_read": r.bytes_read,
-                "bytes_skipped": r.bytes_skipped, "sha256": r.sha256, "seconds": secs,
+                "bytes_skipped": r.bytes_skipped, "bytes_copied": r.bytes_copied, "sha256": r.sha256, "seconds": secs,
                 "dropped_log_lines": r.dropped_log_lines, "out": out,
             }));
         } else {
             say(&format!(
-                "{name}: {} disk of {} bytes ({} extents, {data_extents} with data); read {} bytes, skipped {} unallocated/zero, in {secs:.2} s; wrote {}{}",
+                "{name}: {} disk of {} bytes ({} extents, {data_extents} with data); read {} bytes{}, skipped {} unallocated/zero, in {secs:.2} s; wrote {}{}",
                 r.disk.format,
                 r.disk.virtual_size,
                 r.extents.len(),
                 r.bytes_read,
+                if r.bytes_copied > 0 {
+                    format!(" ({} copied by the kernel)", r.bytes_copied)
+                } else {
+                    String::new()
+                },
                 r.bytes_skipped,
                 out.display(),
                 r.sha256

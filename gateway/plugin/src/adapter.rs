@@ -489,6 +489,85 @@ impl OpenDisk {
         Ok(())
     }
 
+    /// Copy the virtual disk's `[offset, offset + length)` into `out` at the same offsets
+    /// without the bytes passing through this process, when the adapter locates all of them
+    /// in files (`source` or `related`, copied by the kernel with `copy_file_range`) or as
+    /// zeros (skipped: `out` must be a fresh sparse file of the disk's size). Returns
+    /// `Ok(false)` when that is not possible — part of the range is produced by the adapter,
+    /// an object is not a file, or the kernel cannot copy between these files — and the caller
+    /// reads the range instead ([`OpenDisk::read_into`]); bytes already copied are then simply
+    /// written again, identical.
+    pub async fn copy_into(
+        &mut self,
+        offset: u64,
+        length: u64,
+        out: &std::fs::File,
+    ) -> Result<bool, PluginError> {
+        self.check_range(offset, length)?;
+        let end = offset + length;
+        let mut plan = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            for m in self.locate(pos, end - pos).await? {
+                let object = match m.location {
+                    Location::Zero => None,
+                    Location::Adapter => return Ok(false),
+                    Location::Source(at) => Some((self.object.clone(), at)),
+                    Location::Related { reader, offset } => {
+                        let object =
+                            self.job.store.data().reader_object(reader).ok_or_else(|| {
+                                PluginError::Host(format!("related reader {reader} is gone"))
+                            })?;
+                        Some((object, offset))
+                    }
+                };
+                pos = m.offset + m.length;
+                if let Some((object, at)) = object {
+                    if object.file().is_none() {
+                        return Ok(false);
+                    }
+                    plan.push((object, at, m.offset, m.length));
+                }
+            }
+        }
+        for (object, mut from, mut to, length) in plan {
+            let Some(file) = object.file() else {
+                return Ok(false);
+            };
+            let mut left = length;
+            while left > 0 {
+                let n = usize::try_from(left.min(1 << 30)).unwrap_or(1 << 30);
+                match rustix::fs::copy_file_range(file, Some(&mut from), out, Some(&mut to), n) {
+                    Ok(0) => {
+                        return Err(PluginError::Host(format!(
+                            "{} ended at {from} while copying {left} more bytes",
+                            object.name()
+                        )));
+                    }
+                    Ok(done) => left -= done as u64,
+                    Err(rustix::io::Errno::INTR) => {}
+                    // No kernel copy between these files (another file system, a kernel or
+                    // file system without support): read instead.
+                    Err(
+                        rustix::io::Errno::XDEV
+                        | rustix::io::Errno::INVAL
+                        | rustix::io::Errno::NOSYS
+                        | rustix::io::Errno::OPNOTSUPP
+                        | rustix::io::Errno::PERM
+                        | rustix::io::Errno::BADF,
+                    ) => return Ok(false),
+                    Err(e) => {
+                        return Err(PluginError::Host(format!(
+                            "copying {} at {from} into the output: {e}",
+                            object.name()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
     /// Read exactly `len` bytes at `offset` (within the virtual size; `len` ≤ 4 MiB).
     pub async fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, PluginError> {
         if len > MAX_DISK_READ {

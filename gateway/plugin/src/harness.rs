@@ -31,6 +31,9 @@ pub struct AdapterRun {
     pub bytes_read: u64,
     /// Bytes of `zero` / `unallocated` extents (never read).
     pub bytes_skipped: u64,
+    /// Of `bytes_read`, those the kernel copied from the source files straight into the
+    /// output (`copy_file_range`: no digest asked for, and the adapter located them in files).
+    pub bytes_copied: u64,
     /// Log lines the host dropped by rate limit.
     pub dropped_log_lines: u64,
 }
@@ -87,6 +90,14 @@ const AHEAD: usize = 4;
 /// Consecutive data pieces one worker takes in turn (locality for the adapter's metadata).
 const SEGMENT: usize = 8;
 
+/// What a worker hands the writer for one data piece.
+enum Piece {
+    /// The piece's bytes, to hash and write.
+    Bytes(Vec<u8>),
+    /// Already in the output (copied by the kernel; only when no digest is computed).
+    Written,
+}
+
 /// One 1 MiB (or shorter) piece of the virtual disk, in disk order.
 #[derive(Debug, Clone, Copy)]
 struct Span {
@@ -119,7 +130,7 @@ pub async fn run_adapter_on(
             }
             let f = File::create(p).map_err(|e| host_io("creating", p, e))?;
             f.set_len(size).map_err(|e| host_io("sizing", p, e))?;
-            Some((f, p.to_path_buf()))
+            Some((Arc::new(f), p.to_path_buf()))
         }
         None => None,
     };
@@ -148,10 +159,21 @@ pub async fn run_adapter_on(
     }
     // Data piece k (counting data pieces only) belongs to worker (k / SEGMENT) % workers.
     let data_pieces = spans.iter().filter(|s| s.data).count();
-    let workers = opts
+    let mut workers = opts
         .workers
         .max(1)
         .min(data_pieces.div_ceil(SEGMENT).max(1));
+    // Without a digest to compute, pieces the adapter locates in files are copied by the
+    // kernel straight into the output (`OpenDisk::copy_into`), never through a buffer. When
+    // the first data piece can be copied so, one worker copies them all: the copy is bound by
+    // the disks, not the CPU, and several writers only contend for the output file's lock.
+    let mut direct_out = file.as_ref().filter(|_| !opts.hash).map(|(f, _)| f.clone());
+    if let Some(out) = &direct_out {
+        match spans.iter().find(|s| s.data) {
+            Some(s) if first.copy_into(s.at, s.len as u64, out).await? => workers = 1,
+            _ => direct_out = None,
+        }
+    }
     let owner = move |k: usize| (k / SEGMENT) % workers;
     let mut disks = vec![first];
     for _ in 1..workers {
@@ -163,24 +185,38 @@ pub async fn run_adapter_on(
     let mut tasks = Vec::with_capacity(workers);
     for (w, mut disk) in disks.into_iter().enumerate() {
         let (tx, rx) =
-            tokio::sync::mpsc::channel::<(Vec<u8>, tokio::sync::mpsc::Sender<Vec<u8>>)>(AHEAD);
+            tokio::sync::mpsc::channel::<(Piece, tokio::sync::mpsc::Sender<Vec<u8>>)>(AHEAD);
         receivers.push(rx);
         let spans = spans.clone();
+        let mut direct = direct_out.clone();
         tasks.push(tokio::spawn(async move {
             let (give_back, mut spare) = tokio::sync::mpsc::channel::<Vec<u8>>(AHEAD + 1);
+            let mut copied = 0u64;
             for (k, s) in spans.iter().filter(|s| s.data).enumerate() {
                 if owner(k) != w {
                     continue;
                 }
-                let mut buf = spare.try_recv().unwrap_or_default();
-                buf.resize(s.len, 0);
-                disk.read_into(s.at, &mut buf).await?;
+                let piece = match &direct {
+                    Some(out) if disk.copy_into(s.at, s.len as u64, out).await? => {
+                        copied += s.len as u64;
+                        Piece::Written
+                    }
+                    _ => {
+                        // Once a piece cannot be copied, this worker reads the rest: the
+                        // adapter decodes this disk, or the kernel cannot copy these files.
+                        direct = None;
+                        let mut buf = spare.try_recv().unwrap_or_default();
+                        buf.resize(s.len, 0);
+                        disk.read_into(s.at, &mut buf).await?;
+                        Piece::Bytes(buf)
+                    }
+                };
                 // A closed channel means the writer stopped on an error: it reports it.
-                if tx.send((buf, give_back.clone())).await.is_err() {
+                if tx.send((piece, give_back.clone())).await.is_err() {
                     break;
                 }
             }
-            Ok::<u64, PluginError>(disk.dropped_log_lines())
+            Ok::<(u64, u64), PluginError>((disk.dropped_log_lines(), copied))
         }));
     }
 
@@ -197,11 +233,14 @@ pub async fn run_adapter_on(
                 }
                 continue;
             }
-            let Some((chunk, give_back)) = receivers[owner(k)].blocking_recv() else {
+            let Some((piece, give_back)) = receivers[owner(k)].blocking_recv() else {
                 // The worker failed; its error is reported by the caller.
                 return Ok(None);
             };
             k += 1;
+            let Piece::Bytes(chunk) = piece else {
+                continue;
+            };
             if hash {
                 sha.update(&chunk);
             }
@@ -221,11 +260,14 @@ pub async fn run_adapter_on(
         Ok(hash.then(|| hex::encode(sha.finalize())))
     });
     let written = writer.await;
-    let mut dropped_log_lines = 0;
+    let (mut dropped_log_lines, mut bytes_copied) = (0, 0);
     let mut first_error = None;
     for t in tasks {
         match t.await {
-            Ok(Ok(d)) => dropped_log_lines += d,
+            Ok(Ok((d, c))) => {
+                dropped_log_lines += d;
+                bytes_copied += c;
+            }
             Ok(Err(e)) => {
                 first_error.get_or_insert(e);
             }
@@ -245,6 +287,7 @@ pub async fn run_adapter_on(
         sha256,
         bytes_read,
         bytes_skipped,
+        bytes_copied,
         dropped_log_lines,
     })
 }

@@ -64,7 +64,31 @@ pub struct PluginHost {
     engine_key: String,
     compiled: Mutex<HashMap<String, Component>>,
     stop_ticker: Arc<AtomicBool>,
-    pub(crate) http_client: reqwest::Client,
+    pub(crate) http_client: LazyHttpClient,
+}
+
+/// The HTTP client of `http` grants, built on first use: building it loads the system's root
+/// certificates (hundreds of files), a cost that runs which never reach the network (every
+/// disk conversion) should not pay.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LazyHttpClient(Arc<std::sync::OnceLock<Result<reqwest::Client, String>>>);
+
+impl LazyHttpClient {
+    /// The client: one that never follows redirects, ignores proxy variables and gives up
+    /// connecting after 10 s.
+    pub(crate) fn get(&self) -> Result<&reqwest::Client, String> {
+        self.0
+            .get_or_init(|| {
+                reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .no_proxy()
+                    .connect_timeout(Duration::from_secs(10))
+                    .build()
+                    .map_err(|e| format!("building the host's HTTP client: {e}"))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
 }
 
 impl Drop for PluginHost {
@@ -181,20 +205,13 @@ impl PluginHost {
             })
             .map_err(|e| PluginError::Host(format!("starting the epoch ticker: {e}")))?;
 
-        let http_client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| PluginError::Host(format!("http client: {e}")))?;
-
         Ok(PluginHost {
             engine,
             config,
             engine_key,
             compiled: Mutex::new(HashMap::new()),
             stop_ticker: stop,
-            http_client,
+            http_client: LazyHttpClient::default(),
         })
     }
 

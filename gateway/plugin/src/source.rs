@@ -43,6 +43,11 @@ pub trait SourceObject: Send + Sync + std::fmt::Debug {
     fn allocation(&self, offset: u64, length: u64, max: usize) -> io::Result<Vec<Allocation>>;
     /// Open a related object by plain file name (already checked by the caller).
     fn open_related(&self, name: &str) -> io::Result<Arc<dyn SourceObject>>;
+    /// The open file behind this object, when it is one: lets the host have the kernel copy
+    /// stored-as-is ranges (`copy_file_range`) instead of reading them through a buffer.
+    fn file(&self) -> Option<&File> {
+        None
+    }
 }
 
 /// A small object held in memory: what the host hands an adapter whose source is not a file
@@ -230,6 +235,10 @@ impl SourceObject for FileSource {
 
     fn open_related(&self, name: &str) -> io::Result<Arc<dyn SourceObject>> {
         Ok(Arc::new(FileSource::open(&self.dir.join(name))?))
+    }
+
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
     }
 }
 

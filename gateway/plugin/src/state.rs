@@ -193,7 +193,7 @@ impl LogGate {
 #[derive(Debug, Clone)]
 pub struct HttpAccess {
     pub(crate) allow: Vec<String>,
-    pub(crate) client: reqwest::Client,
+    pub(crate) client: crate::host::LazyHttpClient,
     /// Credentials the host signs this plugin's requests with (never shown to it).
     pub(crate) signer: Option<Arc<crate::sigv4::SigV4>>,
 }
@@ -661,7 +661,11 @@ impl http::Host for State {
                 "too many or too large request headers",
             ));
         }
-        let mut builder = access.client.request(method.clone(), url.clone());
+        let client = access
+            .client
+            .get()
+            .map_err(|m| io_err(types::IoErrorKind::Io, m))?;
+        let mut builder = client.request(method.clone(), url.clone());
         let mut headers = request.headers;
         for (k, _) in &headers {
             let lower = k.to_ascii_lowercase();
@@ -820,7 +824,7 @@ mod tests {
             related: Arc::new([]),
             http: Some(HttpAccess {
                 allow: vec!["127.0.0.1:9".into()],
-                client: reqwest::Client::new(),
+                client: crate::host::LazyHttpClient::default(),
                 signer: Some(Arc::new(signer)),
             }),
             kv: None,
