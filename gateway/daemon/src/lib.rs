@@ -1,12 +1,15 @@
 //! `ferryd`, the Ferry appliance daemon: for now its control role's foundation — the data
-//! directory, the catalog, TLS, admin tokens and the REST API over HTTPS.
+//! directory, the catalog, TLS, admin tokens, protected items and their jobs, and the REST API
+//! over HTTPS.
 //!
 //! Map of the crate, bottom up:
 //! - [`error`]: the typed errors of the library (`main.rs` alone uses `anyhow`);
 //! - [`fsutil`]: private files and directories (modes, owners, create-only durable writes);
 //! - [`config`]: figment configuration (defaults < file < `FERRY_*` < flags), validation;
 //! - [`policy`]: replication policies: settings, defaults, every rule, patches;
+//! - [`item`]: protected items and their state machine (which operation may start when);
 //! - [`catalog`]: the redb catalog with versioned records (`docs/catalog-format.md`);
+//! - [`jobs`]: the job runner (operations queued in the catalog, run a few at a time);
 //! - [`tls`]: the generated CA and server certificate, loading and checking them;
 //! - [`auth`]: admin bearer tokens (hashed at rest, constant-time checks, revocation);
 //! - [`api`]: the axum router of `/api/v1` and its OpenAPI document;
@@ -22,6 +25,8 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod fsutil;
+pub mod item;
+pub mod jobs;
 pub mod policy;
 pub mod server;
 pub mod tls;

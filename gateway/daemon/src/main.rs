@@ -21,6 +21,11 @@ use ferry_daemon::config::{Config, Overrides};
 use ferry_daemon::{api, appliance, server};
 use tokio::signal::unix::{SignalKind, signal};
 
+/// Jobs run at once (the control role's jobs are catalog and vault-metadata work).
+const JOB_WORKERS: usize = 2;
+/// How long running jobs get to end at shutdown.
+const JOB_GRACE_SECS: u64 = 10;
+
 #[derive(Parser, Debug)]
 #[command(name = "ferryd", version, about = "Ferry appliance daemon")]
 struct Cli {
@@ -119,9 +124,14 @@ async fn up(args: UpArgs) -> Result<()> {
 
     let limits = cfg.api.limits;
     let catalog = prepared.tokens.catalog().clone();
+    let vaults = std::sync::Arc::new(prepared.vaults);
+    let (runner, runner_tasks) =
+        ferry_daemon::jobs::JobRunner::start(catalog.clone(), vaults.clone(), JOB_WORKERS)
+            .context("starting the job runner")?;
     let state = api::ApiState::new(
         prepared.tokens,
-        prepared.vaults,
+        vaults,
+        Some(runner.clone()),
         usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
     );
     let report = server::serve(
@@ -132,6 +142,14 @@ async fn up(args: UpArgs) -> Result<()> {
         shutdown,
     )
     .await;
+    // Running jobs get JOB_GRACE_SECS to end; one still running after it stays `running` in
+    // the catalog and is queued again at the next start.
+    let busy = runner
+        .shutdown(runner_tasks, std::time::Duration::from_secs(JOB_GRACE_SECS))
+        .await;
+    if busy > 0 {
+        eprintln!("ferryd: {busy} job(s) did not end in time: they run again at the next start");
+    }
     if report.dropped_at_shutdown > 0 {
         eprintln!(
             "ferryd: {} connection(s) still busy after the grace period were dropped",

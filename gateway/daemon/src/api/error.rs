@@ -158,6 +158,32 @@ impl From<CatalogError> for ApiError {
                 e.to_string(),
             ),
             CatalogError::InvalidPolicy(p) => ApiError::from(p),
+            CatalogError::ItemNotFound(_) => ApiError::not_found("item_not_found", e.to_string()),
+            CatalogError::JobNotFound(_) => ApiError::not_found("job_not_found", e.to_string()),
+            CatalogError::ItemExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "item_exists", e.to_string())
+            }
+            CatalogError::TooManyItems => {
+                ApiError::new(StatusCode::CONFLICT, "too_many_items", e.to_string())
+            }
+            CatalogError::InvalidItem(_) => ApiError::bad_request("invalid_value", e.to_string()),
+            CatalogError::MissingReference { what, .. } => {
+                ApiError::bad_field("invalid_value", what, e.to_string())
+            }
+            CatalogError::ItemBusy { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "item_busy", e.to_string())
+            }
+            CatalogError::IllegalTransition { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "illegal_transition", e.to_string())
+            }
+            CatalogError::ItemRevisionMismatch { .. } => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "revision_mismatch",
+                e.to_string(),
+            ),
+            CatalogError::JobState { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "job_state", e.to_string())
+            }
             e => ApiError::internal(e),
         }
     }

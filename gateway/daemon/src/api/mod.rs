@@ -1,7 +1,8 @@
 //! The control REST API (`/api/v1`): routes, authentication and the shared state.
 //!
 //! Every route but `health` and `openapi.json` needs an active admin bearer token: vaults and
-//! their points, admin tokens, replication policies (`policies`). Every
+//! their points, admin tokens, replication policies (`policies`), protected items (`items`,
+//! whose operations answer 202 with a job) and jobs (`jobs`). Every
 //! refusal is a JSON [`ApiError`]; every listing is paginated (`?limit=&cursor=`, answered
 //! with `items` and `next_cursor`). The served OpenAPI 3.1 document (`openapi.json` beside
 //! this file) describes exactly these routes; a test keeps the two in step.
@@ -17,15 +18,18 @@ use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use ferry_store::Vault;
 use serde::Serialize;
 
 use crate::auth::Tokens;
 use crate::catalog::{Catalog, CatalogError};
+use crate::jobs::JobRunner;
 
 pub mod error;
 pub mod extract;
+mod items;
+mod jobs;
 mod policies;
 mod tokens;
 mod vaults;
@@ -50,6 +54,15 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/policies/{name}"),
     ("PATCH", "/api/v1/policies/{name}"),
     ("DELETE", "/api/v1/policies/{name}"),
+    ("GET", "/api/v1/items"),
+    ("POST", "/api/v1/items"),
+    ("GET", "/api/v1/items/{name}"),
+    ("PATCH", "/api/v1/items/{name}"),
+    ("DELETE", "/api/v1/items/{name}"),
+    ("POST", "/api/v1/items/{name}/resync"),
+    ("GET", "/api/v1/jobs"),
+    ("GET", "/api/v1/jobs/{id}"),
+    ("POST", "/api/v1/jobs/{id}/cancel"),
 ];
 
 /// What handlers share.
@@ -59,7 +72,8 @@ pub struct ApiState(Arc<StateInner>);
 #[derive(Debug)]
 struct StateInner {
     tokens: Tokens,
-    vaults: BTreeMap<String, Vault>,
+    vaults: Arc<BTreeMap<String, Vault>>,
+    jobs: Option<JobRunner>,
     max_body_bytes: usize,
 }
 
@@ -69,13 +83,37 @@ struct StateInner {
 pub struct AdminId(pub String);
 
 impl ApiState {
-    /// State over the tokens (and their catalog) and the opened vaults, by name.
-    pub fn new(tokens: Tokens, vaults: BTreeMap<String, Vault>, max_body_bytes: usize) -> Self {
+    /// State over the tokens (and their catalog), the opened vaults by name, and the job
+    /// runner to wake when a job is queued (`None`: jobs stay queued in the catalog until a
+    /// runner looks, as in unit tests).
+    pub fn new(
+        tokens: Tokens,
+        vaults: Arc<BTreeMap<String, Vault>>,
+        jobs: Option<JobRunner>,
+        max_body_bytes: usize,
+    ) -> Self {
         Self(Arc::new(StateInner {
             tokens,
             vaults,
+            jobs,
             max_body_bytes,
         }))
+    }
+
+    /// Wakes a job runner after a job was queued.
+    fn jobs_queued(&self) {
+        if let Some(j) = &self.0.jobs {
+            j.notify();
+        }
+    }
+
+    /// The vault an item goes to when its request names none: the only one.
+    fn default_vault(&self) -> Option<String> {
+        let mut names = self.0.vaults.keys();
+        match (names.next(), names.next()) {
+            (Some(only), None) => Some(only.clone()),
+            _ => None,
+        }
     }
 
     /// Largest request body accepted.
@@ -142,6 +180,17 @@ pub fn router(state: ApiState) -> Router {
                 .patch(policies::update)
                 .delete(policies::delete),
         )
+        .route("/api/v1/items", get(items::list).post(items::create))
+        .route(
+            "/api/v1/items/{name}",
+            get(items::get_one)
+                .patch(items::update)
+                .delete(items::delete),
+        )
+        .route("/api/v1/items/{name}/resync", post(items::resync))
+        .route("/api/v1/jobs", get(jobs::list))
+        .route("/api/v1/jobs/{id}", get(jobs::get_one))
+        .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/api/v1/health", get(health))

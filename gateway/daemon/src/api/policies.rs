@@ -94,7 +94,7 @@ impl From<Policy> for PolicyJson {
 }
 
 /// The `ETag` of a revision.
-fn etag(revision: u64) -> HeaderValue {
+pub(super) fn etag(revision: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{revision}\"")).expect("digits are a valid header")
 }
 
@@ -106,11 +106,11 @@ fn one(p: Policy) -> ([(HeaderName, HeaderValue); 1], Json<PolicyJson>) {
 /// The revisions `If-Match` accepts: `None` when absent or `*` (any revision); else those of
 /// its strong tags that are revisions (a weak or foreign tag matches nothing, so a list of
 /// only such tags always fails with 412).
-fn if_match(headers: &HeaderMap) -> Result<Option<Vec<u64>>, ApiError> {
+pub(super) fn if_match(headers: &HeaderMap) -> Result<Option<Vec<u64>>, ApiError> {
     let bad = || {
         ApiError::bad_request(
             "invalid_header",
-            "If-Match must be `*` or a list of entity tags such as `\"7\"` (the policy's \
+            "If-Match must be `*` or a list of entity tags such as `\"7\"` (the record's \
              revision, as in its ETag)",
         )
     };

@@ -18,6 +18,7 @@ use crate::catalog::{Catalog, VaultEntry};
 struct Fixture {
     app: Router,
     admin: String,
+    _runners: tokio::task::JoinSet<()>,
     _dir: tempfile::TempDir,
 }
 
@@ -33,7 +34,7 @@ async fn fixture(points: &[&str]) -> Fixture {
             created_ms: 1,
         })
         .unwrap();
-    let tokens = Tokens::load(catalog).unwrap();
+    let tokens = Tokens::load(catalog.clone()).unwrap();
     let (_, admin) = tokens.create("test admin").unwrap();
     let vault = Vault::init(
         Backend::open("memory://", &Vec::new(), false).unwrap(),
@@ -54,9 +55,12 @@ async fn fixture(points: &[&str]) -> Fixture {
     }
     let mut vaults = BTreeMap::new();
     vaults.insert("default".to_string(), vault);
+    let vaults = Arc::new(vaults);
+    let (runner, runners) = JobRunner::start(catalog, vaults.clone(), 1).unwrap();
     Fixture {
-        app: router(ApiState::new(tokens, vaults, 1024)),
+        app: router(ApiState::new(tokens, vaults, Some(runner), 1024)),
         admin: admin.expose().to_string(),
+        _runners: runners,
         _dir: dir,
     }
 }
@@ -113,6 +117,33 @@ impl Fixture {
     async fn get(&self, uri: &str) -> (StatusCode, Value) {
         self.call(Method::GET, uri, Some(&self.admin.clone()), None)
             .await
+    }
+
+    async fn send(&self, method: Method, uri: &str, body: Option<&str>) -> (StatusCode, Value) {
+        self.call(
+            method,
+            uri,
+            Some(&self.admin.clone()),
+            body.map(|b| ("application/json", b)),
+        )
+        .await
+    }
+
+    /// Waits for job `id` to end (the real runner runs it) and returns it.
+    async fn job_end(&self, id: &str) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let (s, j) = self.get(&format!("/api/v1/jobs/{id}")).await;
+            assert_eq!(s, StatusCode::OK, "{j}");
+            if !matches!(j["state"].as_str(), Some("queued" | "running")) {
+                return j;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job {id} never ended: {j}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -915,4 +946,240 @@ async fn policies_paginate() {
         }
     }
     assert_eq!(names, ["a", "b", "c", "d", "default"]);
+}
+
+/// Protected items through their state machine, every operation a job run by the real runner:
+/// enable (with and without points already in the vault), refusals with reasons, resync,
+/// settings with If-Match, a policy in use, disable, and the job listing.
+#[tokio::test]
+async fn items_and_jobs_lifecycle() {
+    let f = fixture(&["db"]).await;
+    // Enable: 202 at once, the item enabling, the job queued, Location to the job.
+    let (s, h, v) = f
+        .request(
+            Method::POST,
+            "/api/v1/items",
+            Some(&f.admin.clone()),
+            &[],
+            Some((
+                "application/json",
+                r#"{"name":"web-01","disks":[{"name":"os","size_bytes":1048576}]}"#,
+            )),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["item"]["state"], "enabling");
+    assert_eq!(v["item"]["vault"], "default");
+    assert_eq!(v["item"]["policy"], "default");
+    assert_eq!(v["job"]["kind"], "enable");
+    let job = v["job"]["id"].as_str().unwrap().to_string();
+    assert_eq!(h[header::LOCATION], format!("/api/v1/jobs/{job}").as_str());
+    let j = f.job_end(&job).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(
+        j["log"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("vault `default`")
+    );
+    let (_, it) = f.get("/api/v1/items/web-01").await;
+    assert_eq!(it["state"], "initial-replication");
+    assert_eq!(it["active_job"], Value::Null);
+
+    // The vault already holds points of `db`: protected as soon as it is enabled.
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/items",
+            Some(r#"{"name":"db","disks":[{"name":"os","size_bytes":262144}]}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let j = f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    assert!(
+        j["log"]
+            .to_string()
+            .contains("already holds 1 recovery point"),
+        "{j}"
+    );
+    let (_, it) = f.get("/api/v1/items/db").await;
+    assert_eq!(it["state"], "protected");
+
+    // Refusals: each a clear 4xx, nothing created.
+    for (body, status, code_, field) in [
+        (
+            r#"{"name":"db","disks":[{"name":"os","size_bytes":512}]}"#,
+            StatusCode::CONFLICT,
+            "item_exists",
+            None,
+        ),
+        (
+            r#"{"name":"x","disks":[]}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("disks"),
+        ),
+        (
+            r#"{"name":"x","disks":[{"name":"os","size_bytes":1000}]}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("disks"),
+        ),
+        (
+            r#"{"name":"../x","disks":[{"name":"os","size_bytes":512}]}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("name"),
+        ),
+        (
+            r#"{"name":"x","vault":"nope","disks":[{"name":"os","size_bytes":512}]}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("vault"),
+        ),
+        (
+            r#"{"name":"x","policy":"nope","disks":[{"name":"os","size_bytes":512}]}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("policy"),
+        ),
+        (
+            r#"{"name":"x","state":"protected","disks":[{"name":"os","size_bytes":512}]}"#,
+            StatusCode::BAD_REQUEST,
+            "unknown_field",
+            Some("state"),
+        ),
+    ] {
+        let (s, v) = f.send(Method::POST, "/api/v1/items", Some(body)).await;
+        assert_eq!((s, code(&v)), (status, code_), "{body}: {v}");
+        assert_eq!(v["field"].as_str(), field, "{body}: {v}");
+    }
+    let (_, page) = f.get("/api/v1/items").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 2, "{page}");
+
+    // The state machine refuses with the reason.
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/items/web-01/resync", None)
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "illegal_transition"));
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("while the item is initial-replication"),
+        "{v}"
+    );
+    // Resync of a protected item.
+    let (s, v) = f.send(Method::POST, "/api/v1/items/db/resync", None).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let j = f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    assert_eq!(j["state"], "succeeded");
+    let (_, it) = f.get("/api/v1/items/db").await;
+    assert_eq!(it["state"], "resynchronizing");
+    let (s, v) = f.send(Method::POST, "/api/v1/items/db/resync", None).await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "illegal_transition"));
+    assert!(
+        v["message"].as_str().unwrap().contains("already running"),
+        "{v}"
+    );
+
+    // Settings: If-Match, references checked, unknown members named.
+    let rev = it["revision"].as_u64().unwrap();
+    let (s, _, v) = f
+        .request(
+            Method::PATCH,
+            "/api/v1/items/db",
+            Some(&f.admin.clone()),
+            &[("if-match", &format!("\"{}\"", rev - 1))],
+            Some(("application/json", r#"{"description":"stale"}"#)),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::PRECONDITION_FAILED, "revision_mismatch")
+    );
+    let (s, v) = f
+        .send(
+            Method::PATCH,
+            "/api/v1/items/db",
+            Some(r#"{"policy":"nope"}"#),
+        )
+        .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("policy"))
+    );
+    let (s, v) = f
+        .send(Method::PATCH, "/api/v1/items/db", Some(r#"{"vault":"x"}"#))
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "unknown_field"));
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/policies",
+            Some(r#"{"name":"gold","rpo_threshold_minutes":15}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, _, v) = f
+        .request(
+            Method::PATCH,
+            "/api/v1/items/db",
+            Some(&f.admin.clone()),
+            &[("if-match", &format!("\"{rev}\""))],
+            Some((
+                "application/json",
+                r#"{"policy":"gold","description":"orders"}"#,
+            )),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["policy"].as_str(), v["description"].as_str()),
+        (Some("gold"), Some("orders"))
+    );
+    let (s, v) = f.send(Method::DELETE, "/api/v1/policies/gold", None).await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "policy_in_use"));
+
+    // Disable: the item goes, its points stay in the vault.
+    let (s, v) = f.send(Method::DELETE, "/api/v1/items/db", None).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["item"]["state"], "disabling");
+    let j = f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    assert!(
+        j["log"].to_string().contains("stay in vault `default`"),
+        "{j}"
+    );
+    let (s, v) = f.get("/api/v1/items/db").await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "item_not_found"));
+    let (_, pts) = f.get("/api/v1/vaults/default/points?item=db").await;
+    assert_eq!(pts["items"].as_array().unwrap().len(), 1);
+    let (s, v) = f.send(Method::DELETE, "/api/v1/policies/gold", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    // Jobs: newest first, by item, paginated; a finished job cannot be cancelled.
+    let (_, all) = f.get("/api/v1/jobs").await;
+    let kinds: Vec<&str> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["disable", "resync", "enable", "enable"]);
+    let (_, one) = f.get("/api/v1/jobs?item=db&limit=1").await;
+    assert_eq!(one["items"][0]["kind"], "disable");
+    let cursor = one["next_cursor"].as_str().unwrap().to_string();
+    let (_, two) = f
+        .get(&format!("/api/v1/jobs?item=db&limit=1&cursor={cursor}"))
+        .await;
+    assert_eq!(two["items"][0]["kind"], "resync");
+    let id = all["items"][0]["id"].as_str().unwrap();
+    let (s, v) = f
+        .send(Method::POST, &format!("/api/v1/jobs/{id}/cancel"), None)
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "job_state"));
+    let (s, v) = f.get("/api/v1/jobs/no-such-job").await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "job_not_found"));
+    let (s, v) = f.get("/api/v1/jobs?state=x").await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "invalid_query"));
 }

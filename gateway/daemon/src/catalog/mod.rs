@@ -36,6 +36,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{self, DEFAULT_POLICY, Policy, PolicyError, PolicyPatch, PolicySettings};
 
+mod items;
+pub use items::{ItemPatch, Job, JobLine, JobState, MAX_ITEMS, MAX_JOB_LOG_BYTES, MAX_JOBS};
+
 /// Format of the whole catalog written by this build.
 pub const FORMAT_VERSION: u32 = 1;
 /// Version of every record written by this build.
@@ -160,6 +163,65 @@ pub enum CatalogError {
         "policy `{0}` is the default policy (items enabled without a policy get it): it can be changed, not deleted"
     )]
     DefaultPolicy(String),
+    /// No protected item has this name.
+    #[error("no protected item `{0}`")]
+    ItemNotFound(String),
+    /// A protected item of that name exists.
+    #[error("a protected item named `{0}` already exists")]
+    ItemExists(String),
+    /// [`MAX_ITEMS`] items exist.
+    #[error("too many protected items: at most {MAX_ITEMS}")]
+    TooManyItems,
+    /// An item's settings break a rule.
+    #[error("{0}")]
+    InvalidItem(String),
+    /// A record the item names does not exist.
+    #[error("no {what} `{name}` (the item names it)")]
+    MissingReference {
+        /// "vault" or "policy".
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// A job holds the item.
+    #[error("protected item `{name}` is held by job `{job}`; wait for it to end")]
+    ItemBusy {
+        /// The item.
+        name: String,
+        /// The job.
+        job: String,
+    },
+    /// The operation is not possible in the item's state (the reason says why).
+    #[error("protected item `{name}`: {reason}")]
+    IllegalTransition {
+        /// The item.
+        name: String,
+        /// Why, naming the operation and the state.
+        reason: String,
+    },
+    /// The caller's expected revision is not the item's.
+    #[error(
+        "protected item `{name}` is at revision {current}, not the one expected: read it again and retry"
+    )]
+    ItemRevisionMismatch {
+        /// The item.
+        name: String,
+        /// Its revision.
+        current: u64,
+    },
+    /// No job has this id.
+    #[error("no job `{0}`")]
+    JobNotFound(String),
+    /// The job is not in a state that allows this.
+    #[error("job `{id}` is {state}: {reason}")]
+    JobState {
+        /// The job.
+        id: String,
+        /// Its state.
+        state: &'static str,
+        /// What is not possible.
+        reason: &'static str,
+    },
     /// The policy is used and cannot be deleted.
     #[error(
         "policy `{name}` is used by {users} protected item(s): move them to another policy first"
@@ -315,12 +377,12 @@ pub mod record {
         updated_ms: u64,
     }
 
-    fn to_vec<T: Serialize>(r: &T) -> Vec<u8> {
+    pub(super) fn to_vec<T: Serialize>(r: &T) -> Vec<u8> {
         serde_json::to_vec(r).expect("records serialise")
     }
 
     /// Parses the version member, refusing oversize and newer records.
-    fn version(table: &'static str, key: &str, b: &[u8]) -> Result<u64> {
+    pub(super) fn version(table: &'static str, key: &str, b: &[u8]) -> Result<u64> {
         let bad = |reason: String| CatalogError::BadRecord {
             table,
             key: key.to_string(),
@@ -344,7 +406,11 @@ pub mod record {
         Ok(p.v)
     }
 
-    fn parse<'a, T: Deserialize<'a>>(table: &'static str, key: &str, b: &'a [u8]) -> Result<T> {
+    pub(super) fn parse<'a, T: Deserialize<'a>>(
+        table: &'static str,
+        key: &str,
+        b: &'a [u8],
+    ) -> Result<T> {
         serde_json::from_slice(b).map_err(|e| CatalogError::BadRecord {
             table,
             key: key.to_string(),
@@ -642,6 +708,9 @@ impl Catalog {
                     w.open_table(ADMIN_TOKENS).map_err(|e| me.err(e))?;
                     w.open_table(VAULTS).map_err(|e| me.err(e))?;
                     w.open_table(POLICIES).map_err(|e| me.err(e))?;
+                    w.open_table(items::ITEMS).map_err(|e| me.err(e))?;
+                    w.open_table(items::JOBS).map_err(|e| me.err(e))?;
+                    w.open_table(items::JOB_QUEUE).map_err(|e| me.err(e))?;
                 }
                 w.commit().map_err(|e| me.err(e))?;
             }
@@ -651,19 +720,26 @@ impl Catalog {
     }
 
     /// Creates the tables version 1 gained after its first catalogs were written
-    /// (`policies`), in one write transaction, only when one is missing.
+    /// (`policies`, then `items`, `jobs` and `job_queue`), in one write transaction, only when
+    /// one is missing.
     fn add_missing_tables(&self) -> Result<()> {
-        let missing = {
+        let later = [POLICIES, items::ITEMS, items::JOBS, items::JOB_QUEUE];
+        let mut missing = false;
+        {
             let r = self.db.begin_read().map_err(|e| self.err(e))?;
-            match r.open_table(POLICIES) {
-                Ok(_) => false,
-                Err(redb::TableError::TableDoesNotExist(_)) => true,
-                Err(e) => return Err(self.err(e)),
+            for t in later {
+                match r.open_table(t) {
+                    Ok(_) => {}
+                    Err(redb::TableError::TableDoesNotExist(_)) => missing = true,
+                    Err(e) => return Err(self.err(e)),
+                }
             }
-        };
+        }
         if missing {
             let w = self.db.begin_write().map_err(|e| self.err(e))?;
-            w.open_table(POLICIES).map_err(|e| self.err(e))?;
+            for t in later {
+                w.open_table(t).map_err(|e| self.err(e))?;
+            }
             w.commit().map_err(|e| self.err(e))?;
         }
         Ok(())
@@ -1006,13 +1082,18 @@ impl Catalog {
         Ok(cur)
     }
 
-    /// How many records use policy `name`: the hook that keeps a used policy from being
-    /// deleted. Nothing can use a policy yet, so it counts nothing. When protected items
-    /// arrive (issue 5, item 4) it counts the items whose policy is `name`, in the write
-    /// transaction of the delete, so that no item can be given a policy while it is being
-    /// deleted; `delete_policy` then answers [`CatalogError::PolicyInUse`].
-    fn policy_users_in(&self, _w: &WriteTransaction, _name: &str) -> Result<u64> {
-        Ok(0)
+    /// How many protected items use policy `name`, counted in the write transaction of the
+    /// delete, so that no item can be given the policy while it is being deleted.
+    fn policy_users_in(&self, w: &WriteTransaction, name: &str) -> Result<u64> {
+        let t = w.open_table(items::ITEMS).map_err(|e| self.err(e))?;
+        let mut users = 0;
+        for entry in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            if items::decode_item(k.value(), v.value())?.policy == name {
+                users += 1;
+            }
+        }
+        Ok(users)
     }
 
     fn page<T>(

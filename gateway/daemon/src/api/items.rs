@@ -1,0 +1,263 @@
+//! `/api/v1/items`: protected items, and the operations on them that run as jobs.
+//!
+//! `POST /items` enables protection: it answers 202 at once with the item (state
+//! `enabling`) and its `enable` job; `DELETE /items/{name}` and `POST
+//! /items/{name}/resync` likewise answer 202 with their job. An operation the item's state
+//! does not allow is 409 `illegal_transition` with the reason (`crate::item`); one while
+//! another job holds the item is 409 `item_busy`. `PATCH` changes settings (description,
+//! policy) and honours `If-Match` like policies do.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+
+use super::extract::{ApiJson, ApiPath, ApiQuery, PageQuery, encode_cursor};
+use super::jobs::JobJson;
+use super::policies::{etag, if_match};
+use super::{AdminId, ApiError, ApiState, PageJson, time};
+use crate::catalog::{CatalogError, ItemPatch};
+use crate::item::{self, Disk, Item, Operation};
+use crate::policy::DEFAULT_POLICY;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DiskJson {
+    name: String,
+    size_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct ItemJson {
+    name: String,
+    description: Option<String>,
+    vault: String,
+    policy: String,
+    disks: Vec<DiskJson>,
+    state: &'static str,
+    direction: &'static str,
+    active_job: Option<String>,
+    revision: u64,
+    created: String,
+    updated: String,
+}
+
+impl From<Item> for ItemJson {
+    fn from(i: Item) -> Self {
+        Self {
+            name: i.name,
+            description: i.description,
+            vault: i.vault,
+            policy: i.policy,
+            disks: i
+                .disks
+                .into_iter()
+                .map(|d| DiskJson {
+                    name: d.name,
+                    size_bytes: d.size_bytes,
+                })
+                .collect(),
+            state: i.state.as_str(),
+            direction: i.direction.as_str(),
+            active_job: i.active_job,
+            revision: i.revision,
+            created: time(i.created_ms),
+            updated: time(i.updated_ms),
+        }
+    }
+}
+
+/// An item and the job just queued for it.
+#[derive(Debug, Serialize)]
+pub(super) struct Accepted {
+    item: ItemJson,
+    job: JobJson,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateBody {
+    name: String,
+    description: Option<String>,
+    vault: Option<String>,
+    policy: Option<String>,
+    disks: Vec<DiskJson>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PatchBody {
+    #[serde(default, deserialize_with = "some")]
+    description: Option<Option<String>>,
+    policy: Option<String>,
+}
+
+/// Present-but-null becomes `Some(None)` (clear); absent stays `None` (keep).
+fn some<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+fn no_item(name: &str) -> ApiError {
+    let shown: String = name.chars().take(100).collect();
+    CatalogError::ItemNotFound(shown).into()
+}
+
+/// A path's item name, or 404 when it cannot name an item.
+fn path_name(name: String) -> Result<String, ApiError> {
+    item::check_name("item", &name).map_err(|_| no_item(&name))?;
+    Ok(name)
+}
+
+fn job_location(id: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("/api/v1/jobs/{id}")).expect("job ids are valid in a header")
+}
+
+pub(super) async fn list(
+    State(s): State<ApiState>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Result<Json<PageJson<ItemJson>>, ApiError> {
+    let page = q.validate()?;
+    let p = s
+        .catalog(move |c| c.items_page(page.after.as_deref(), page.limit))
+        .await?;
+    Ok(Json(PageJson {
+        items: p.items.into_iter().map(ItemJson::from).collect(),
+        next_cursor: p.next_after.as_deref().map(encode_cursor),
+    }))
+}
+
+pub(super) async fn create(
+    State(s): State<ApiState>,
+    Extension(by): Extension<AdminId>,
+    ApiJson(b): ApiJson<CreateBody>,
+) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>), ApiError> {
+    item::check_name("item", &b.name)
+        .map_err(|m| ApiError::bad_field("invalid_value", "name", m))?;
+    let disks: Vec<Disk> = b
+        .disks
+        .into_iter()
+        .map(|d| Disk {
+            name: d.name,
+            size_bytes: d.size_bytes,
+        })
+        .collect();
+    item::check_disks(&disks).map_err(|m| ApiError::bad_field("invalid_value", "disks", m))?;
+    if let Some(d) = &b.description {
+        item::check_description(d)
+            .map_err(|m| ApiError::bad_field("invalid_value", "description", m))?;
+    }
+    let vault = match b.vault {
+        Some(v) => v,
+        None => s.default_vault().ok_or_else(|| {
+            ApiError::bad_field(
+                "invalid_value",
+                "vault",
+                "`vault` is required: this appliance has several vaults",
+            )
+        })?,
+    };
+    let policy = b.policy.unwrap_or_else(|| DEFAULT_POLICY.to_string());
+    let now = ferry_store::point::now_ms();
+    let name = b.name;
+    let (it, job) = s
+        .catalog(move |c| c.create_item(&name, b.description, &vault, &policy, disks, now))
+        .await?;
+    s.jobs_queued();
+    eprintln!(
+        "ferryd: item {} enabled by token {} (job {})",
+        it.name, by.0, job.id
+    );
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, job_location(&job.id))],
+        Json(Accepted {
+            item: it.into(),
+            job: job.into(),
+        }),
+    ))
+}
+
+pub(super) async fn get_one(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<([(HeaderName, HeaderValue); 1], Json<ItemJson>), ApiError> {
+    let name = path_name(name)?;
+    let n = name.clone();
+    let it = s
+        .catalog(move |c| c.item(&n))
+        .await?
+        .ok_or_else(|| no_item(&name))?;
+    Ok(([(header::ETAG, etag(it.revision))], Json(it.into())))
+}
+
+pub(super) async fn update(
+    State(s): State<ApiState>,
+    Extension(by): Extension<AdminId>,
+    ApiPath(name): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(b): ApiJson<PatchBody>,
+) -> Result<([(HeaderName, HeaderValue); 1], Json<ItemJson>), ApiError> {
+    let name = path_name(name)?;
+    let expect = if_match(&headers)?;
+    if let Some(Some(d)) = &b.description {
+        item::check_description(d)
+            .map_err(|m| ApiError::bad_field("invalid_value", "description", m))?;
+    }
+    let patch = ItemPatch {
+        description: b.description,
+        policy: b.policy,
+    };
+    let now = ferry_store::point::now_ms();
+    let it = s
+        .catalog(move |c| c.update_item(&name, expect.as_deref(), &patch, now))
+        .await?;
+    eprintln!("ferryd: item {} updated by token {}", it.name, by.0);
+    Ok(([(header::ETAG, etag(it.revision))], Json(it.into())))
+}
+
+/// Starts `op` on the item named in the path; 202 with the item and the job.
+async fn operation(
+    s: &ApiState,
+    by: &AdminId,
+    name: String,
+    headers: &HeaderMap,
+    op: Operation,
+) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>), ApiError> {
+    let name = path_name(name)?;
+    let expect = if_match(headers)?;
+    let now = ferry_store::point::now_ms();
+    let (it, job) = s
+        .catalog(move |c| c.begin_operation(&name, op, expect.as_deref(), now))
+        .await?;
+    s.jobs_queued();
+    eprintln!(
+        "ferryd: {op} of item {} requested by token {} (job {})",
+        it.name, by.0, job.id
+    );
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, job_location(&job.id))],
+        Json(Accepted {
+            item: it.into(),
+            job: job.into(),
+        }),
+    ))
+}
+
+pub(super) async fn delete(
+    State(s): State<ApiState>,
+    Extension(by): Extension<AdminId>,
+    ApiPath(name): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>), ApiError> {
+    operation(&s, &by, name, &headers, Operation::Disable).await
+}
+
+pub(super) async fn resync(
+    State(s): State<ApiState>,
+    Extension(by): Extension<AdminId>,
+    ApiPath(name): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>), ApiError> {
+    operation(&s, &by, name, &headers, Operation::Resync).await
+}
