@@ -8,7 +8,9 @@
 //! - [`make_ext4`] builds a real ext4 image with `scripts/make-ext4-image.sh`.
 //! - [`ferry_bin`] finds the `ferry` binary built next to the test executable.
 //! - [`ebs::EbsServer`] is a small EBS direct APIs server (moto's `ListChangedBlocks` is wrong).
+//! - [`daemon::Daemon`] runs the real `ferryd up` on port 0 and reads its banner.
 
+pub mod daemon;
 pub mod ebs;
 
 use std::io::{Read, Write};

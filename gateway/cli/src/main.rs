@@ -1,10 +1,11 @@
-//! `ferry`: the command-line tool. For now it holds `ferry vault`, which works directly on a
-//! vault with no daemon (offline seeding, export, verification), and `ferry plugin`, which
-//! inspects and runs WebAssembly plugins standalone; the admin client of the gateway's API
-//! joins it later.
+//! `ferry`: the command-line tool. It holds `ferry vault`, which works directly on a vault
+//! with no daemon (offline seeding, export, verification), `ferry plugin`, which inspects and
+//! runs WebAssembly plugins standalone, and the admin client of the appliance's REST API
+//! (`ferry login|logout`, `ferry vault list`, `ferry point|policy|token …`, in [`api`]).
 //!
 //! Exit status: 0 on success, 1 on failure with one line on stderr naming what failed, 2 on a
-//! usage error. `verify` exits 1 when it finds problems.
+//! usage error. `verify` exits 1 when it finds problems. The admin client adds 3 to 7 (see
+//! [`api`]).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ use ferry_store::{
 use serde_json::json;
 
 mod adapted;
+mod api;
 mod ebs;
 mod plugin;
 
@@ -42,7 +44,7 @@ struct Cli {
     reason = "parsed once per process; boxing would only obscure the clap definitions"
 )]
 enum Cmd {
-    /// Work directly on a vault (no daemon needed).
+    /// Work directly on a vault (no daemon needed), or list the appliance's vaults.
     Vault {
         #[command(subcommand)]
         cmd: VaultCmd,
@@ -51,6 +53,25 @@ enum Cmd {
     Plugin {
         #[command(subcommand)]
         cmd: plugin::PluginCmd,
+    },
+    /// Log in to an appliance: pin its CA, check the token, save both for later commands.
+    Login(api::LoginArgs),
+    /// Forget the saved login.
+    Logout(api::OutputArgs),
+    /// Recovery points, through the appliance.
+    Point {
+        #[command(subcommand)]
+        cmd: api::PointCmd,
+    },
+    /// Replication policies of the appliance.
+    Policy {
+        #[command(subcommand)]
+        cmd: api::PolicyCmd,
+    },
+    /// Admin tokens of the appliance.
+    Token {
+        #[command(subcommand)]
+        cmd: api::TokenCmd,
     },
 }
 
@@ -94,6 +115,8 @@ struct RepoArgs {
 
 #[derive(Subcommand, Debug)]
 enum VaultCmd {
+    /// List the appliance's vaults (over its API: needs `ferry login`).
+    List(api::ListArgs),
     /// Create a new vault.
     Init {
         #[command(flatten)]
@@ -164,7 +187,7 @@ enum VaultCmd {
         #[arg(long = "tag", value_name = "KEY=VALUE")]
         tags: Vec<String>,
     },
-    /// List recovery points.
+    /// List recovery points (read from the vault directly).
     Points {
         #[command(flatten)]
         repo: RepoArgs,
@@ -442,10 +465,19 @@ async fn with_progress<T>(
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     let cmd = match cli.cmd {
+        Cmd::Vault {
+            cmd: VaultCmd::List(a),
+        } => return Ok(api::run(api::Command::VaultList(a)).await),
         Cmd::Vault { cmd } => cmd,
         Cmd::Plugin { cmd } => return plugin::run(cmd).await,
+        Cmd::Login(a) => return Ok(api::run(api::Command::Login(a)).await),
+        Cmd::Logout(a) => return Ok(api::run(api::Command::Logout(a)).await),
+        Cmd::Point { cmd } => return Ok(api::run(api::Command::Point(cmd)).await),
+        Cmd::Policy { cmd } => return Ok(api::run(api::Command::Policy(cmd)).await),
+        Cmd::Token { cmd } => return Ok(api::run(api::Command::Token(cmd)).await),
     };
     match cmd {
+        VaultCmd::List(_) => unreachable!("handled above"),
         VaultCmd::Init { repo, chunk_size } => {
             let s = secret(&repo)?;
             let b = backend(&repo, true)?;
