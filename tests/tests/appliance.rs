@@ -717,3 +717,237 @@ fn config_check_and_show() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Waits for job `id` to end and returns it.
+async fn job_end(c: &reqwest::Client, d: &Daemon, admin: &str, id: &str) -> Value {
+    let t = Instant::now();
+    loop {
+        let (s, j) = call(
+            c,
+            reqwest::Method::GET,
+            &d.url(&format!("/api/v1/jobs/{id}")),
+            Some(admin),
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{j}");
+        if !matches!(j["state"].as_str(), Some("queued" | "running")) {
+            return j;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "job never ended: {j}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Protected items and their jobs over the real binary, kept across a restart; then the
+/// site is lost: everything but the vault (and its key) is deleted, and `ferryd
+/// restore-appliance` rebuilds the appliance from the vault alone — same CA, same policies,
+/// items, tokens and points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_jobs_and_restore_from_the_vault_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("site-a");
+    let d = Daemon::start(&data, &[]);
+    let c = client(&data);
+    let admin = std::fs::read_to_string(data.join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let fp = fingerprint_line(&d.stdout());
+    let post = |url: String, body: &'static str| {
+        let (c, admin) = (c.clone(), admin.clone());
+        async move {
+            call(
+                &c,
+                reqwest::Method::POST,
+                &url,
+                Some(&admin),
+                Some(("application/json", body.to_string())),
+            )
+            .await
+        }
+    };
+    let (s, v) = post(
+        d.url("/api/v1/policies"),
+        r#"{"name":"gold","rpo_threshold_minutes":5,"cycle_interval_seconds":60}"#,
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = post(
+        d.url("/api/v1/items"),
+        r#"{"name":"web-01","policy":"gold","disks":[{"name":"os","size_bytes":1073741824}]}"#,
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(v["item"]["state"], "enabling");
+    let j = job_end(&c, &d, &admin, v["job"]["id"].as_str().unwrap()).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let (s, v) = call(
+        &c,
+        reqwest::Method::POST,
+        &d.url("/api/v1/items/web-01/resync"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!((s, code(&v)), (409, "illegal_transition"), "{v}");
+    let (s, v) = call(
+        &c,
+        reqwest::Method::DELETE,
+        &d.url("/api/v1/policies/gold"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!((s, code(&v)), (409, "policy_in_use"), "{v}");
+    let (s, v) = call(
+        &c,
+        reqwest::Method::POST,
+        &d.url("/api/v1/tokens"),
+        Some(&admin),
+        Some(("application/json", r#"{"name":"ops"}"#.into())),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let ops = v["secret"].as_str().unwrap().to_string();
+    let (status, log) = d.terminate();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("catalog snapshot written to vault `default`"),
+        "{log}"
+    );
+
+    // A point imported offline into the appliance's vault, and the item survives a restart.
+    let disk = tmp.path().join("disk.img");
+    std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
+    let o = std::process::Command::new(ferry_e2e::ferry_bin())
+        .args(["vault", "import", "--item", "web-01", "--disk"])
+        .arg(&disk)
+        .arg("--repo")
+        .arg(data.join("vault"))
+        .env("FERRY_KEY_FILE", data.join("vault.key"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = Daemon::start(&data, &[]);
+    let (_, it) = call(
+        &c,
+        reqwest::Method::GET,
+        &d.url("/api/v1/items/web-01"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (it["state"].as_str(), it["policy"].as_str()),
+        (Some("initial-replication"), Some("gold"))
+    );
+    let (status, _) = d.terminate();
+    assert!(status.success());
+
+    // The site is lost: only the vault directory and its key are left.
+    let bucket = tmp.path().join("bucket");
+    std::fs::rename(data.join("vault"), &bucket).unwrap();
+    let key = tmp.path().join("vault.key");
+    std::fs::rename(data.join("vault.key"), &key).unwrap();
+    std::fs::remove_dir_all(&data).unwrap();
+
+    let site_b = tmp.path().join("site-b");
+    let restore = |extra: &[&str]| {
+        let mut args = vec![
+            "restore-appliance",
+            "--data-dir",
+            site_b.to_str().unwrap(),
+            "--repo",
+            bucket.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        ferryd(&args).output().unwrap()
+    };
+    // Without the key: refused, nothing written.
+    let o = restore(&[]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no key for the vault"),
+        "{o:?}"
+    );
+    assert!(!site_b.join("catalog.redb").exists());
+    // A wrong key: refused.
+    let wrong = tmp.path().join("wrong.key");
+    write_private(&wrong, &[1u8; 32]);
+    let o = restore(&["--key-file", wrong.to_str().unwrap()]);
+    assert!(!o.status.success(), "{o:?}");
+    assert!(!site_b.join("catalog.redb").exists());
+    let o = restore(&["--key-file", key.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains(&format!("CA fingerprint: SHA256 {fp}")),
+        "{out}"
+    );
+    assert!(out.contains("items: 1 record(s)"), "{out}");
+    // Restoring over it again is refused.
+    let again = restore(&["--key-file", key.to_str().unwrap()]);
+    assert!(!again.status.success());
+
+    let env = [
+        ("FERRY_VAULT__URL", bucket.to_str().unwrap()),
+        ("FERRY_VAULT__KEY_FILE", key.to_str().unwrap()),
+    ];
+    let d = Daemon::start(&site_b, &env);
+    assert_eq!(fingerprint_line(&d.stdout()), fp, "the same CA");
+    // The client that trusted site A trusts site B; the old tokens and the new one work.
+    let restored = std::fs::read_to_string(site_b.join("restored-admin-token")).unwrap();
+    for t in [admin.as_str(), ops.as_str(), restored.trim()] {
+        let (s, v) = call(
+            &c,
+            reqwest::Method::GET,
+            &d.url("/api/v1/items"),
+            Some(t),
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["items"][0]["name"], "web-01");
+        assert_eq!(v["items"][0]["policy"], "gold");
+    }
+    let (_, p) = call(
+        &c,
+        reqwest::Method::GET,
+        &d.url("/api/v1/policies/gold"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(p["rpo_threshold_minutes"], 5);
+    let (_, pts) = call(
+        &c,
+        reqwest::Method::GET,
+        &d.url("/api/v1/vaults/default/points?item=web-01"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(pts["items"].as_array().unwrap().len(), 1, "{pts}");
+    // And it works on: disable the item.
+    let (s, v) = call(
+        &c,
+        reqwest::Method::DELETE,
+        &d.url("/api/v1/items/web-01"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    let j = job_end(&c, &d, &admin, v["job"]["id"].as_str().unwrap()).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let (status, _) = d.terminate();
+    assert!(status.success());
+}

@@ -156,6 +156,69 @@ fn trim_line(mut b: Vec<u8>) -> Vec<u8> {
     b
 }
 
+/// The configured vault's object-store options, secrets read from their files.
+fn vault_options(cfg: &Config) -> Result<Vec<(String, String)>> {
+    let v = &cfg.vault;
+    let mut options: Vec<(String, String)> = v.options.clone().into_iter().collect();
+    for (k, p) in &v.option_files {
+        fsutil::check_operator_secret_file(p)?;
+        let b = trim_line(fsutil::read_bounded(p, MAX_SECRET_FILE)?);
+        let s = String::from_utf8(b).map_err(|_| {
+            DaemonError::inconsistent(p, format!("vault.option_files.{k} is not UTF-8 text"))
+        })?;
+        options.push((k.clone(), s));
+    }
+    Ok(options)
+}
+
+/// The configured vault secret (`vault.passphrase_file` or `vault.key_file`), if any.
+fn configured_secret(cfg: &Config) -> Result<Option<Secret>> {
+    let v = &cfg.vault;
+    Ok(if let Some(p) = &v.passphrase_file {
+        fsutil::check_operator_secret_file(p)?;
+        let b = trim_line(fsutil::read_bounded(p, MAX_SECRET_FILE)?);
+        if b.is_empty() {
+            return Err(DaemonError::inconsistent(p, "the passphrase file is empty"));
+        }
+        Some(Secret::Passphrase(b))
+    } else if let Some(p) = &v.key_file {
+        fsutil::check_operator_secret_file(p)?;
+        Some(Secret::KeyFile(fsutil::read_bounded(p, MAX_SECRET_FILE)?))
+    } else {
+        None
+    })
+}
+
+/// Opens the configured vault, which must exist, with the configured secret (or the key
+/// file under the data directory): what `restore-appliance` reads from.
+pub async fn open_existing_vault(cfg: &Config, layout: &Layout) -> Result<(String, String, Vault)> {
+    let name = cfg.vault.name.clone();
+    let url = cfg.vault_url(&layout.dir);
+    let store_err = |source: StoreError| DaemonError::Vault {
+        name: name.clone(),
+        source,
+    };
+    let backend = Backend::open(&url, &vault_options(cfg)?, false).map_err(store_err)?;
+    let secret = match configured_secret(cfg)? {
+        Some(s) => s,
+        None if layout.vault_key().exists() => {
+            Secret::KeyFile(fsutil::read_private(&layout.vault_key(), MAX_SECRET_FILE)?)
+        }
+        None => {
+            return Err(DaemonError::inconsistent(
+                &layout.dir,
+                "no key for the vault: give --key-file, vault.key_file or vault.passphrase_file",
+            ));
+        }
+    };
+    let cache = layout.cache();
+    fsutil::ensure_private_dir(&cache)?;
+    let vault = Vault::open(backend, &secret, OpenOptions::new(&cache))
+        .await
+        .map_err(store_err)?;
+    Ok((name, url, vault))
+}
+
 /// Opens the configured vault, creating it (and its key) on first use, and registers it in
 /// the catalog.
 async fn open_vault(cfg: &Config, layout: &Layout, catalog: &Catalog) -> Result<(String, Vault)> {
@@ -180,16 +243,7 @@ async fn open_vault(cfg: &Config, layout: &Layout, catalog: &Catalog) -> Result<
         ));
     }
 
-    // Object-store options, secrets read from their files.
-    let mut options: Vec<(String, String)> = v.options.clone().into_iter().collect();
-    for (k, p) in &v.option_files {
-        fsutil::check_operator_secret_file(p)?;
-        let b = trim_line(fsutil::read_bounded(p, MAX_SECRET_FILE)?);
-        let s = String::from_utf8(b).map_err(|_| {
-            DaemonError::inconsistent(p, format!("vault.option_files.{k} is not UTF-8 text"))
-        })?;
-        options.push((k.clone(), s));
-    }
+    let options = vault_options(cfg)?;
     // A local directory is created on first use only: once registered, it must be there.
     let backend = Backend::open(&url, &options, registered.is_none()).map_err(store_err)?;
     let cache = layout.cache();
@@ -197,19 +251,7 @@ async fn open_vault(cfg: &Config, layout: &Layout, catalog: &Catalog) -> Result<
     let open_opts = OpenOptions::new(&cache);
 
     // The secret: a configured file, or the generated key file.
-    let configured = if let Some(p) = &v.passphrase_file {
-        fsutil::check_operator_secret_file(p)?;
-        let b = trim_line(fsutil::read_bounded(p, MAX_SECRET_FILE)?);
-        if b.is_empty() {
-            return Err(DaemonError::inconsistent(p, "the passphrase file is empty"));
-        }
-        Some(Secret::Passphrase(b))
-    } else if let Some(p) = &v.key_file {
-        fsutil::check_operator_secret_file(p)?;
-        Some(Secret::KeyFile(fsutil::read_bounded(p, MAX_SECRET_FILE)?))
-    } else {
-        None
-    };
+    let configured = configured_secret(cfg)?;
     let key_path = layout.vault_key();
     let default_key = || -> Result<Option<Secret>> {
         if key_path.exists() {

@@ -184,6 +184,10 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--listen`.
     pub listen: Option<SocketAddr>,
+    /// `--repo` (`vault.url`).
+    pub vault_url: Option<String>,
+    /// `--key-file` (`vault.key_file`).
+    pub vault_key_file: Option<PathBuf>,
 }
 
 /// Object-store option names that carry credentials: only accepted in `option_files`.
@@ -218,6 +222,12 @@ impl Config {
         f = f.merge(env_provider());
         if let Some(d) = &overrides.data_dir {
             f = f.merge(("data_dir", d));
+        }
+        if let Some(u) = &overrides.vault_url {
+            f = f.merge(("vault.url", u));
+        }
+        if let Some(k) = &overrides.vault_key_file {
+            f = f.merge(("vault.key_file", k));
         }
         if let Some(l) = &overrides.listen {
             f = f.merge(("api.listen", l.to_string()));
@@ -521,13 +531,18 @@ mod tests {
             j.set_env("FERRY_DATA_DIR", "/srv/b");
             let c = load_in(j, Some("f.toml")).unwrap();
             assert_eq!(c.data_dir.as_deref(), Some(Path::new("/srv/b")));
+            j.create_file("key", "0123456789abcdef0123456789abcdef")?;
             let o = Overrides {
                 data_dir: Some("/srv/c".into()),
                 listen: Some("127.0.0.1:3".parse().unwrap()),
+                vault_url: Some("s3://bucket/ferry".into()),
+                vault_key_file: Some(j.directory().join("key")),
             };
             let c = Config::load(Some(&j.directory().join("f.toml")), &o).unwrap();
             assert_eq!(c.data_dir.as_deref(), Some(Path::new("/srv/c")));
             assert_eq!(c.api.listen.to_string(), "127.0.0.1:3");
+            assert_eq!(c.vault.url.as_deref(), Some("s3://bucket/ferry"));
+            assert_eq!(c.vault.key_file, Some(j.directory().join("key")));
             Ok(())
         });
     }

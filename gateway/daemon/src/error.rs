@@ -96,6 +96,14 @@ pub enum DaemonError {
         #[source]
         source: ferry_store::StoreError,
     },
+    /// An appliance snapshot cannot be used.
+    #[error("appliance snapshot `{name}`: {reason}")]
+    Snapshot {
+        /// Its object name in the vault.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl DaemonError {

@@ -14,7 +14,8 @@
 //! - [`auth`]: admin bearer tokens (hashed at rest, constant-time checks, revocation);
 //! - [`api`]: the axum router of `/api/v1` and its OpenAPI document;
 //! - [`server`]: the TLS accept loop with connection, time and size limits, graceful stop;
-//! - [`appliance`]: `ferryd up`'s first start and every start after it.
+//! - [`appliance`]: `ferryd up`'s first start and every start after it;
+//! - [`snapshot`]: the catalog's encrypted snapshots in the vault, `restore-appliance`.
 //!
 //! The daemon depends on `ferry-store` (vaults); the store knows nothing of it.
 
@@ -29,6 +30,7 @@ pub mod item;
 pub mod jobs;
 pub mod policy;
 pub mod server;
+pub mod snapshot;
 pub mod tls;
 
 pub use error::{DaemonError, Result};

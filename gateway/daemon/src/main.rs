@@ -37,6 +37,9 @@ struct Cli {
 enum Cmd {
     /// Bring the appliance up and serve its API (creates everything on the first start).
     Up(UpArgs),
+    /// Rebuild a lost appliance's data directory from its vault: the newest catalog snapshot
+    /// there, read with the vault key (then `ferryd up` with the same configuration).
+    RestoreAppliance(RestoreArgs),
     /// Check or show the configuration.
     Config {
         #[command(subcommand)]
@@ -63,6 +66,19 @@ struct UpArgs {
     listen: Option<SocketAddr>,
 }
 
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    #[command(flatten)]
+    sources: Sources,
+    /// The vault's location (`vault.url`): a directory, s3://bucket/prefix or
+    /// az://container/prefix.
+    #[arg(long, value_name = "URL")]
+    repo: Option<String>,
+    /// The vault's key file (`vault.key_file`).
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 enum ConfigCmd {
     /// Validate the effective configuration: exit 0, or 1 with the error.
@@ -84,6 +100,7 @@ fn load(s: &Sources, listen: Option<SocketAddr>) -> Result<Config> {
         &Overrides {
             data_dir: s.data_dir.clone(),
             listen,
+            ..Overrides::default()
         },
     )?)
 }
@@ -128,6 +145,15 @@ async fn up(args: UpArgs) -> Result<()> {
     let (runner, runner_tasks) =
         ferry_daemon::jobs::JobRunner::start(catalog.clone(), vaults.clone(), JOB_WORKERS)
             .context("starting the job runner")?;
+    let snapshots = ferry_daemon::snapshot::Snapshotter::start(
+        catalog.clone(),
+        prepared.layout.dir.clone(),
+        prepared.vault.0.clone(),
+        vaults
+            .get(&prepared.vault.0)
+            .context("the configured vault is not open")?
+            .clone(),
+    );
     let state = api::ApiState::new(
         prepared.tokens,
         vaults,
@@ -150,6 +176,8 @@ async fn up(args: UpArgs) -> Result<()> {
     if busy > 0 {
         eprintln!("ferryd: {busy} job(s) did not end in time: they run again at the next start");
     }
+    // The last changes go to the vault before the catalog closes.
+    snapshots.shutdown().await;
     if report.dropped_at_shutdown > 0 {
         eprintln!(
             "ferryd: {} connection(s) still busy after the grace period were dropped",
@@ -169,6 +197,66 @@ async fn up(args: UpArgs) -> Result<()> {
     Ok(())
 }
 
+async fn restore(args: RestoreArgs) -> Result<()> {
+    let cfg = Config::load(
+        args.sources.config.as_deref(),
+        &Overrides {
+            data_dir: args.sources.data_dir.clone(),
+            vault_url: args.repo.clone(),
+            vault_key_file: args.key_file.clone(),
+            ..Overrides::default()
+        },
+    )?;
+    let r = ferry_daemon::snapshot::restore_appliance(&cfg).await?;
+    let mut out = format!(
+        "ferryd: restored the appliance from snapshot {} (written {})\n",
+        r.snapshot.0,
+        ferry_store::point::rfc3339(r.snapshot.1)
+    );
+    for (table, n) in &r.counts {
+        out.push_str(&format!("  {table}: {n} record(s)\n"));
+    }
+    if let Some(fp) = &r.ca_fingerprint {
+        out.push_str(&format!(
+            "  CA fingerprint: SHA256 {fp} (the same CA: clients and agents keep trusting it)\n"
+        ));
+    }
+    let mut env = String::new();
+    if let Some(u) = &args.repo {
+        env.push_str(&format!("FERRY_VAULT__URL={} ", shell_word(u)));
+    }
+    if let Some(k) = &args.key_file {
+        env.push_str(&format!(
+            "FERRY_VAULT__KEY_FILE={} ",
+            shell_word(&k.display().to_string())
+        ));
+    }
+    out.push_str(&format!(
+        "  a new admin token is in {} (the old ones work too)\n\nNext: start it with the same vault settings:\n  {env}ferryd up --data-dir {}{}\n",
+        r.admin_token_file.display(),
+        shell_word(&cfg.data_dir()?.display().to_string()),
+        args.sources
+            .config
+            .as_deref()
+            .map(|c| format!(" --config {}", shell_word(&c.display().to_string())))
+            .unwrap_or_default(),
+    ));
+    say(&out);
+    Ok(())
+}
+
+/// Quotes a word for a POSIX shell when it needs it.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:,@%=".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Up(args) => tokio::runtime::Builder::new_multi_thread()
@@ -176,6 +264,11 @@ fn run(cli: Cli) -> Result<()> {
             .build()
             .context("starting the async runtime")?
             .block_on(up(args)),
+        Cmd::RestoreAppliance(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(restore(args)),
         Cmd::Config {
             cmd: ConfigCmd::Check(s),
         } => {

@@ -297,9 +297,76 @@ fn hostname() -> Option<String> {
     ok.then_some(h)
 }
 
+/// The generated CA of an appliance, as PEM: what an appliance snapshot carries so that a
+/// restored appliance is trusted by the clients and agents that pinned it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaPem {
+    /// The certificate.
+    pub cert: String,
+    /// Its private key.
+    pub key: String,
+}
+
+impl std::fmt::Debug for CaPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaPem")
+            .field("cert", &self.cert)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Reads the generated CA under `data_dir` (`None` when the appliance serves an operator's
+/// certificate and has no CA of its own).
+pub fn read_ca(data_dir: &Path) -> Result<Option<CaPem>> {
+    let paths = TlsPaths::new(data_dir);
+    if !paths.ca_key().exists() {
+        return Ok(None);
+    }
+    let text = |p: &Path, b: Vec<u8>| {
+        String::from_utf8(b).map_err(|_| tls_err("read PEM", p, "is not text"))
+    };
+    Ok(Some(CaPem {
+        cert: text(
+            &paths.ca_cert(),
+            fsutil::read_bounded(&paths.ca_cert(), MAX_PEM_BYTES)?,
+        )?,
+        key: text(
+            &paths.ca_key(),
+            fsutil::read_private(&paths.ca_key(), MAX_PEM_BYTES)?,
+        )?,
+    }))
+}
+
+/// SHA-256 fingerprint of a PEM certificate (`None` when it holds none).
+pub fn pem_fingerprint(pem: &str) -> Option<String> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .and_then(std::result::Result::ok)
+        .map(|d| fingerprint(&d))
+}
+
+/// Creates `<data_dir>/tls` from an existing CA (a restored appliance's): the CA files as
+/// given and a new server certificate it signs. Refuses an existing directory.
+pub fn create_from_ca(data_dir: &Path, ca: &CaPem) -> Result<()> {
+    let paths = TlsPaths::new(data_dir);
+    if paths.dir.exists() {
+        return Err(DaemonError::inconsistent(
+            &paths.dir,
+            "already exists: restore into an empty data directory",
+        ));
+    }
+    generate_with(&paths, Some(ca))
+}
+
 /// Generates the CA and server certificate into a temporary directory next to `paths.dir`
 /// and renames it into place.
 fn generate(paths: &TlsPaths) -> Result<()> {
+    generate_with(paths, None)
+}
+
+/// [`generate`], with the CA given instead of generated when `existing` is set.
+fn generate_with(paths: &TlsPaths, existing: Option<&CaPem>) -> Result<()> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyPair, KeyUsagePurpose, SerialNumber,
@@ -308,7 +375,10 @@ fn generate(paths: &TlsPaths) -> Result<()> {
     let now = time::OffsetDateTime::now_utc();
     let host = hostname();
 
-    let ca_key = KeyPair::generate().map_err(gen_err)?;
+    let ca_key = match existing {
+        Some(e) => KeyPair::from_pem(&e.key).map_err(gen_err)?,
+        None => KeyPair::generate().map_err(gen_err)?,
+    };
     let mut ca = CertificateParams::default();
     ca.distinguished_name
         .push(DnType::OrganizationName, "Ferry");
@@ -328,7 +398,10 @@ fn generate(paths: &TlsPaths) -> Result<()> {
     ca.not_before = now - time::Duration::hours(1);
     ca.not_after = now + time::Duration::days(CA_DAYS);
     ca.serial_number = Some(SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
-    let ca_cert = ca.self_signed(&ca_key).map_err(gen_err)?;
+    let ca_pem = match existing {
+        Some(e) => e.cert.clone(),
+        None => ca.self_signed(&ca_key).map_err(gen_err)?.pem(),
+    };
 
     let mut sans = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
     sans.extend(host.clone());
@@ -344,7 +417,10 @@ fn generate(paths: &TlsPaths) -> Result<()> {
     sp.not_after = now + time::Duration::days(SERVER_DAYS);
     sp.serial_number = Some(SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
     sp.use_authority_key_identifier_extension = true;
-    let issuer = Issuer::from_params(&ca, &ca_key);
+    let issuer = match existing {
+        Some(e) => Issuer::from_ca_cert_pem(&e.cert, &ca_key).map_err(gen_err)?,
+        None => Issuer::from_params(&ca, &ca_key),
+    };
     let server_cert = sp.signed_by(&server_key, &issuer).map_err(gen_err)?;
 
     let parent = paths.dir.parent().unwrap_or(Path::new("."));
@@ -360,7 +436,7 @@ fn generate(paths: &TlsPaths) -> Result<()> {
             server_key.serialize_pem().as_bytes(),
         )?;
         // Certificates are public, but 0600 keeps the directory uniform.
-        fsutil::write_private_new(&tmp.join("ca.pem"), ca_cert.pem().as_bytes())?;
+        fsutil::write_private_new(&tmp.join("ca.pem"), ca_pem.as_bytes())?;
         fsutil::write_private_new(&tmp.join("server.pem"), server_cert.pem().as_bytes())?;
         if paths.dir.exists() {
             // An empty directory (all four files were absent) is replaced.

@@ -19,6 +19,8 @@ use crate::error::{Result, StoreError};
 pub const SEGMENT_MAGIC: &[u8; 8] = b"FERRYSEG";
 /// Magic of a recovery-point record.
 pub const POINT_MAGIC: &[u8; 8] = b"FERRYPNT";
+/// Magic of an appliance catalog snapshot.
+pub const APPLIANCE_MAGIC: &[u8; 8] = b"FERRYAPP";
 
 const HEAD_LEN: usize = 8 + 2 + 2 + 32;
 /// Largest body a sealed object may decompress to.

@@ -18,9 +18,14 @@ use crate::error::{Result, StoreError};
 use crate::index::{INDEX_PREFIX, LocalIndex, Location, PackInfo, decode_segment};
 use crate::pack::{BlobError, open_blob_into, pack_key_label};
 use crate::point::{POINTS_PREFIX, PointRecord, point_object};
-use crate::sealed::{POINT_MAGIC, SEGMENT_MAGIC};
+use crate::sealed::{APPLIANCE_MAGIC, POINT_MAGIC, SEGMENT_MAGIC};
 use crate::tree::PageStore;
 use crate::{ChunkId, DEFAULT_CHUNK_SIZE, check_name};
+
+/// Where appliance catalog snapshots live: `appliance/<time>-<8 hex>`.
+pub const APPLIANCE_PREFIX: &str = "appliance/";
+/// Largest appliance snapshot body.
+pub const MAX_APPLIANCE_SNAPSHOT: usize = 64 << 20;
 
 /// Performance knobs; every buffer the data paths hold is bounded by these.
 #[derive(Debug, Clone, Copy)]
@@ -303,6 +308,67 @@ impl Vault {
         Ok(names)
     }
 
+    /// Stores an appliance catalog snapshot (sealed, create-only, named by time under
+    /// [`APPLIANCE_PREFIX`]) and returns its object name. The vault holds it so that an
+    /// appliance lost with its site can be rebuilt from the bucket and the key alone; the
+    /// store does not look inside `body`. Bounded by [`MAX_APPLIANCE_SNAPSHOT`].
+    pub async fn put_appliance_snapshot(&self, body: &[u8]) -> Result<String> {
+        if body.len() > MAX_APPLIANCE_SNAPSHOT {
+            return Err(StoreError::InvalidArgument(format!(
+                "an appliance snapshot of {} bytes is over the {MAX_APPLIANCE_SNAPSHOT}-byte cap",
+                body.len()
+            )));
+        }
+        loop {
+            let name = format!(
+                "{APPLIANCE_PREFIX}{}",
+                crate::point::new_point_id(crate::point::now_ms())
+            );
+            let sealed = crate::sealed::seal(&self.keys, APPLIANCE_MAGIC, &name, body);
+            if self.backend.put_create(&name, Bytes::from(sealed)).await? {
+                return Ok(name);
+            }
+        }
+    }
+
+    /// The newest appliance snapshot (its object name and body), authenticated; `None` when
+    /// the vault holds none.
+    pub async fn latest_appliance_snapshot(&self) -> Result<Option<(String, Vec<u8>)>> {
+        let Some(name) = self.appliance_snapshot_names().await?.pop() else {
+            return Ok(None);
+        };
+        let b = self.backend.get(&name).await?;
+        let body = crate::sealed::open(&self.keys, APPLIANCE_MAGIC, &name, &b)?;
+        Ok(Some((name, body)))
+    }
+
+    /// Deletes all but the newest `keep` appliance snapshots; returns how many went.
+    pub async fn prune_appliance_snapshots(&self, keep: usize) -> Result<usize> {
+        let names = self.appliance_snapshot_names().await?;
+        let old = names.len().saturating_sub(keep.max(1));
+        for n in &names[..old] {
+            self.backend.delete(n).await?;
+        }
+        Ok(old)
+    }
+
+    /// Appliance snapshot object names, oldest first (names sort by time).
+    async fn appliance_snapshot_names(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> = self
+            .backend
+            .list(APPLIANCE_PREFIX)
+            .await?
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .filter(|n| {
+                n.strip_prefix(APPLIANCE_PREFIX)
+                    .is_some_and(|id| crate::check_name("snapshot id", id).is_ok())
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     /// Loads and authenticates one point record.
     pub async fn load_point(&self, object: &str) -> Result<PointRecord> {
         let b = self.backend.get(object).await?;
@@ -443,5 +509,51 @@ impl PageStore for ReadPages<'_> {
         Err(StoreError::Pipeline(
             "read-only page store asked to store".into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn vault(dir: &std::path::Path) -> Vault {
+        Vault::init(
+            Backend::open("memory://", &Vec::new(), false).unwrap(),
+            &Secret::KeyFile(vec![9; 32]),
+            InitOptions::default(),
+            OpenOptions::new(dir.join("cache")),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn appliance_snapshots_newest_wins_pruned_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = vault(dir.path()).await;
+        assert_eq!(v.latest_appliance_snapshot().await.unwrap(), None);
+        let mut names = Vec::new();
+        for i in 0..3u8 {
+            names.push(v.put_appliance_snapshot(&[i; 100]).await.unwrap());
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        assert!(names.iter().all(|n| n.starts_with(APPLIANCE_PREFIX)));
+        let (name, body) = v.latest_appliance_snapshot().await.unwrap().unwrap();
+        assert_eq!((name.as_str(), body), (names[2].as_str(), vec![2u8; 100]));
+        assert_eq!(v.prune_appliance_snapshots(2).await.unwrap(), 1);
+        assert_eq!(v.appliance_snapshot_names().await.unwrap(), names[1..]);
+        // Bound to its name: the newest copied under a later name does not open.
+        let sealed = v.backend.get(&names[1]).await.unwrap();
+        let later = format!("{APPLIANCE_PREFIX}29991231T000000.000Z-00000000");
+        assert!(v.backend.put_create(&later, sealed).await.unwrap());
+        assert!(matches!(
+            v.latest_appliance_snapshot().await,
+            Err(StoreError::Tampered { .. })
+        ));
+        assert!(matches!(
+            v.put_appliance_snapshot(&vec![0; MAX_APPLIANCE_SNAPSHOT + 1])
+                .await,
+            Err(StoreError::InvalidArgument(_))
+        ));
     }
 }

@@ -37,7 +37,9 @@ use serde::{Deserialize, Serialize};
 use crate::policy::{self, DEFAULT_POLICY, Policy, PolicyError, PolicyPatch, PolicySettings};
 
 mod items;
+mod transfer;
 pub use items::{ItemPatch, Job, JobLine, JobState, MAX_ITEMS, MAX_JOB_LOG_BYTES, MAX_JOBS};
+pub use transfer::Records;
 
 /// Format of the whole catalog written by this build.
 pub const FORMAT_VERSION: u32 = 1;
