@@ -477,6 +477,83 @@ fn ferry_cli_drives_the_appliance() {
     assert_eq!(revoked["active"], false);
     f.expect(4, &["token", "revoke", "no-such-token"]);
 
+    // Protected items and jobs: enable with --wait (the job's log followed), refusals with
+    // the state machine's reason, update with --if-match, disable, the job listing.
+    let r = f.expect(
+        0,
+        &[
+            "item",
+            "create",
+            "web-01",
+            "--disk",
+            "os=1G",
+            "--disk",
+            "data=512M",
+            "--wait",
+        ],
+    );
+    assert!(r.stdout.contains("enable web-01): succeeded"), "{r:?}");
+    assert!(
+        r.stdout
+            .contains("waiting for the agent's initial replication"),
+        "{r:?}"
+    );
+    let it = f.ok_json(&["item", "show", "web-01"]);
+    assert_eq!(it["state"], "initial-replication");
+    assert_eq!(it["disks"][1]["size_bytes"], 512u64 << 20);
+    let r = f.expect(5, &["item", "resync", "web-01"]);
+    assert!(r.stderr.contains("illegal_transition"), "{r:?}");
+    assert!(r.stderr.contains("initial-replication"), "{r:?}");
+    let r = f.expect(6, &["item", "create", "bad", "--disk", "os=1000"]);
+    assert!(r.stderr.contains("field disks"), "{r:?}");
+    f.expect(2, &["item", "create", "bad", "--disk", "os"]);
+    let r = f.expect(6, &["item", "update", "web-01", "--policy", "nope"]);
+    assert!(r.stderr.contains("field policy"), "{r:?}");
+    let rev = it["revision"].as_u64().unwrap().to_string();
+    let stale = (it["revision"].as_u64().unwrap() - 1).to_string();
+    f.expect(
+        5,
+        &[
+            "item",
+            "update",
+            "web-01",
+            "--description",
+            "x",
+            "--if-match",
+            &stale,
+        ],
+    );
+    let v = f.ok_json(&[
+        "item",
+        "update",
+        "web-01",
+        "--description",
+        "front",
+        "--if-match",
+        &rev,
+    ]);
+    assert_eq!(v["description"], "front");
+    let listed = f.ok_json(&["item", "list"]);
+    assert_eq!(listed["items"][0]["name"], "web-01");
+    let queued = f.ok_json(&["item", "delete", "web-01"]);
+    assert_eq!(queued["item"]["state"], "disabling");
+    let job = queued["job"]["id"].as_str().unwrap().to_string();
+    let r = f.expect(0, &["job", "wait", &job]);
+    assert!(r.stdout.contains("stay in vault"), "{r:?}");
+    f.expect(4, &["item", "show", "web-01"]);
+    let jobs = f.ok_json(&["job", "list", "--item", "web-01"]);
+    let kinds: Vec<&str> = jobs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["disable", "enable"]);
+    let shown = f.expect(0, &["job", "show", &job]);
+    assert!(shown.stdout.contains("succeeded"), "{shown:?}");
+    f.expect(5, &["job", "cancel", &job]);
+    f.expect(4, &["job", "show", "no-such-job"]);
+
     // Scripts without a saved login: all three variables.
     f.expect(0, &["logout"]);
     assert!(!f.saved().exists());

@@ -73,6 +73,16 @@ enum Cmd {
         #[command(subcommand)]
         cmd: api::TokenCmd,
     },
+    /// Protected items of the appliance (enable, disable, resync: each a job).
+    Item {
+        #[command(subcommand)]
+        cmd: api::ItemCmd,
+    },
+    /// Jobs of the appliance, with their logs.
+    Job {
+        #[command(subcommand)]
+        cmd: api::JobCmd,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -475,6 +485,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Point { cmd } => return Ok(api::run(api::Command::Point(cmd)).await),
         Cmd::Policy { cmd } => return Ok(api::run(api::Command::Policy(cmd)).await),
         Cmd::Token { cmd } => return Ok(api::run(api::Command::Token(cmd)).await),
+        Cmd::Item { cmd } => return Ok(api::run(api::Command::Item(cmd)).await),
+        Cmd::Job { cmd } => return Ok(api::run(api::Command::Job(cmd)).await),
     };
     match cmd {
         VaultCmd::List(_) => unreachable!("handled above"),

@@ -1,5 +1,6 @@
 //! The admin client of the appliance: `ferry login|logout`, `ferry vault list`, `ferry point
-//! list`, `ferry policy …` and `ferry token …`, over `ferryd`'s REST API. It exists so that an
+//! list`, `ferry policy …`, `ferry token …`, `ferry item …` and `ferry job …`, over `ferryd`'s
+//! REST API. It exists so that an
 //! operator (or a script) manages the appliance without curl and without handling its CA
 //! and token by hand; unlike `ferry vault`, it never touches a vault itself.
 //!
@@ -15,6 +16,7 @@
 //! `ferry: <message> (code <code>[, field <field>])`.
 
 pub mod client;
+mod items;
 pub mod profile;
 pub mod table;
 pub mod trust;
@@ -32,6 +34,7 @@ use self::client::{Answer, Client, ClientError, Listing, Token};
 use self::table::{cell, clean, pairs, render};
 use self::trust::{Fingerprint, PinnedCa};
 use crate::{human, line};
+pub use items::{ItemCmd, JobCmd};
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -245,6 +248,10 @@ pub enum Command {
     Policy(PolicyCmd),
     /// `ferry token …`.
     Token(TokenCmd),
+    /// `ferry item …`.
+    Item(ItemCmd),
+    /// `ferry job …`.
+    Job(JobCmd),
 }
 
 /// Runs one command; prints its error and returns its exit status.
@@ -340,6 +347,8 @@ async fn dispatch(cmd: Command) -> Result<(), ClientError> {
         }
         Command::Policy(p) => policy(p).await,
         Command::Token(t) => token(t).await,
+        Command::Item(i) => items::item(i).await,
+        Command::Job(j) => items::job(j).await,
     }
 }
 

@@ -1,0 +1,442 @@
+//! `ferry item …` and `ferry job …`: protected items and the jobs that change them.
+//!
+//! Operations on an item (enable = `create`, disable = `delete`, `resync`) answer at once
+//! with the job the appliance queued; `--wait` follows that job to its end (its log lines as
+//! they come), and the command then fails (exit 1) if the job failed.
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::client::{Answer, Client, ClientError};
+use super::table::{cell, pairs, render};
+use super::{ListArgs, Output, OutputArgs, connect, parse_if_match, print_answer, print_listing};
+use crate::{human, line};
+
+/// How long `--wait` follows a job at most.
+const WAIT_AT_MOST: Duration = Duration::from_secs(3600);
+
+/// A disk of `item create`: `NAME=SIZE`.
+#[derive(Debug, Clone)]
+pub struct DiskArg {
+    name: String,
+    size: u64,
+}
+
+fn parse_disk(s: &str) -> Result<DiskArg, String> {
+    let (name, size) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: a disk is NAME=SIZE, e.g. os=64G"))?;
+    Ok(DiskArg {
+        name: name.to_string(),
+        size: crate::parse_size(size)?,
+    })
+}
+
+/// `--wait` and `--output` of an operation.
+#[derive(Args, Debug, Clone)]
+pub struct OpArgs {
+    /// Follow the job to its end (its log as it comes); exit 1 if it fails.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+/// `ferry item …`.
+#[derive(Subcommand, Debug)]
+pub enum ItemCmd {
+    /// List protected items.
+    List(ListArgs),
+    /// Show one protected item.
+    Show {
+        /// Item name.
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Enable protection of a machine (queues an `enable` job).
+    Create {
+        /// Item name (its name in the vault).
+        name: String,
+        /// A disk, NAME=SIZE (e.g. `os=64G`); repeat for each disk.
+        #[arg(long = "disk", value_name = "NAME=SIZE", value_parser = parse_disk, required = true)]
+        disks: Vec<DiskArg>,
+        /// Vault of its points (may be left out when the appliance has one vault).
+        #[arg(long)]
+        vault: Option<String>,
+        /// Replication policy [default: the appliance's `default` policy].
+        #[arg(long)]
+        policy: Option<String>,
+        /// Free text.
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        op: OpArgs,
+    },
+    /// Change an item's policy or description.
+    Update {
+        /// Item name.
+        name: String,
+        /// New replication policy.
+        #[arg(long)]
+        policy: Option<String>,
+        /// New description.
+        #[arg(long, conflicts_with = "no_description")]
+        description: Option<String>,
+        /// Remove the description.
+        #[arg(long)]
+        no_description: bool,
+        /// Only if the item is still at this revision (`ferry item show` prints it).
+        #[arg(long, value_name = "REV", value_parser = parse_if_match)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Disable protection (queues a `disable` job; the item's points stay in the vault).
+    Delete {
+        /// Item name.
+        name: String,
+        /// Only if the item is still at this revision.
+        #[arg(long, value_name = "REV", value_parser = parse_if_match)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        op: OpArgs,
+    },
+    /// Start a resynchronisation by hand (queues a `resync` job).
+    Resync {
+        /// Item name.
+        name: String,
+        /// Only if the item is still at this revision.
+        #[arg(long, value_name = "REV", value_parser = parse_if_match)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        op: OpArgs,
+    },
+}
+
+/// `ferry job …`.
+#[derive(Subcommand, Debug)]
+pub enum JobCmd {
+    /// List jobs, newest first.
+    List {
+        /// Only the jobs of this item.
+        #[arg(long)]
+        item: Option<String>,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Show one job and its log.
+    Show {
+        /// Job id.
+        id: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Follow a job to its end; exit 1 if it fails.
+    Wait {
+        /// Job id.
+        id: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Cancel a job that has not started.
+    Cancel {
+        /// Job id.
+        id: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+fn item_table(i: &Value) -> String {
+    let disks = i["disks"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .map(|d| {
+                    format!(
+                        "{} ({})",
+                        cell(&d["name"]),
+                        human(d["size_bytes"].as_u64().unwrap_or(0))
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    pairs(&[
+        ("name".into(), cell(&i["name"])),
+        ("state".into(), cell(&i["state"])),
+        ("vault".into(), cell(&i["vault"])),
+        ("policy".into(), cell(&i["policy"])),
+        ("disks".into(), disks),
+        ("direction".into(), cell(&i["direction"])),
+        ("active job".into(), cell(&i["active_job"])),
+        ("description".into(), cell(&i["description"])),
+        ("revision".into(), cell(&i["revision"])),
+        ("created".into(), cell(&i["created"])),
+        ("updated".into(), cell(&i["updated"])),
+    ])
+}
+
+fn job_table(j: &Value) -> String {
+    let mut s = pairs(&[
+        ("id".into(), cell(&j["id"])),
+        ("kind".into(), cell(&j["kind"])),
+        ("item".into(), cell(&j["item"])),
+        ("state".into(), cell(&j["state"])),
+        ("created".into(), cell(&j["created"])),
+        ("started".into(), cell(&j["started"])),
+        ("ended".into(), cell(&j["ended"])),
+        ("error".into(), cell(&j["error"])),
+    ]);
+    let log: Vec<Vec<String>> = j["log"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .map(|x| vec![cell(&x["time"]), cell(&x["message"])])
+                .collect()
+        })
+        .unwrap_or_default();
+    if !log.is_empty() {
+        s.push('\n');
+        s.push_str(&render(&["TIME", "LOG"], &log));
+    }
+    s
+}
+
+fn ended(j: &Value) -> bool {
+    !matches!(j["state"].as_str(), Some("queued" | "running"))
+}
+
+/// Follows job `id` until it ends, printing new log lines (table output); returns the job.
+async fn follow(c: &Client, id: &str, out: &OutputArgs) -> Result<Answer, ClientError> {
+    let start = std::time::Instant::now();
+    let mut shown = 0;
+    loop {
+        let a = c.send(Method::GET, &["jobs", id], &[], None, None).await?;
+        if out.output == Output::Table {
+            let lines = a.json["log"].as_array().cloned().unwrap_or_default();
+            for l in lines.iter().skip(shown) {
+                line(&format!("{}  {}", cell(&l["time"]), cell(&l["message"])));
+            }
+            shown = shown.max(lines.len());
+        }
+        if ended(&a.json) {
+            return Ok(a);
+        }
+        if start.elapsed() > WAIT_AT_MOST {
+            return Err(ClientError::Local(format!(
+                "job {id} is still {} after {} s; follow it with `ferry job wait {id}`",
+                cell(&a.json["state"]),
+                WAIT_AT_MOST.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// After `--wait`: the job's outcome (an error when it did not succeed).
+fn outcome(out: &OutputArgs, j: &Answer) -> Result<(), ClientError> {
+    match out.output {
+        Output::Json => line(j.text.trim()),
+        Output::Table => line(&format!(
+            "job {} ({} {}): {}",
+            cell(&j.json["id"]),
+            cell(&j.json["kind"]),
+            cell(&j.json["item"]),
+            cell(&j.json["state"])
+        )),
+    }
+    if j.json["state"] == "succeeded" {
+        Ok(())
+    } else {
+        Err(ClientError::Local(format!(
+            "job {} {}: {}",
+            cell(&j.json["id"]),
+            cell(&j.json["state"]),
+            cell(&j.json["error"])
+        )))
+    }
+}
+
+/// Prints the answer of an operation (item and job), or follows the job with `--wait`.
+async fn operation(c: &Client, a: Answer, op: &OpArgs) -> Result<(), ClientError> {
+    let id = a.json["job"]["id"].as_str().unwrap_or_default().to_string();
+    if op.wait {
+        if op.out.output == Output::Table {
+            line(&format!(
+                "item {} is {}; job {} ({}) queued",
+                cell(&a.json["item"]["name"]),
+                cell(&a.json["item"]["state"]),
+                id,
+                cell(&a.json["job"]["kind"])
+            ));
+        }
+        let j = follow(c, &id, &op.out).await?;
+        return outcome(&op.out, &j);
+    }
+    print_answer(&op.out, &a, |v| {
+        format!(
+            "item {} is {}; job {} ({}) queued: follow it with `ferry job wait {}`",
+            cell(&v["item"]["name"]),
+            cell(&v["item"]["state"]),
+            id,
+            cell(&v["job"]["kind"]),
+            id
+        )
+    });
+    Ok(())
+}
+
+pub(super) async fn item(cmd: ItemCmd) -> Result<(), ClientError> {
+    let c = connect()?;
+    match cmd {
+        ItemCmd::List(l) => {
+            let v = c.list(&["items"], &[], l.limit).await?;
+            print_listing(
+                &l,
+                &v,
+                &["NAME", "STATE", "POLICY", "VAULT", "DISKS", "JOB"],
+                |i| {
+                    vec![
+                        cell(&i["name"]),
+                        cell(&i["state"]),
+                        cell(&i["policy"]),
+                        cell(&i["vault"]),
+                        i["disks"].as_array().map_or(0, Vec::len).to_string(),
+                        cell(&i["active_job"]),
+                    ]
+                },
+            );
+        }
+        ItemCmd::Show { name, out } => {
+            let a = c
+                .send(Method::GET, &["items", &name], &[], None, None)
+                .await?;
+            print_answer(&out, &a, item_table);
+        }
+        ItemCmd::Create {
+            name,
+            disks,
+            vault,
+            policy,
+            description,
+            op,
+        } => {
+            let mut body = json!({
+                "name": name,
+                "disks": disks.iter().map(|d| json!({"name": d.name, "size_bytes": d.size})).collect::<Vec<_>>(),
+            });
+            for (k, v) in [
+                ("vault", vault),
+                ("policy", policy),
+                ("description", description),
+            ] {
+                if let Some(v) = v {
+                    body[k] = v.into();
+                }
+            }
+            let a = c
+                .send(Method::POST, &["items"], &[], None, Some(&body))
+                .await?;
+            operation(&c, a, &op).await?;
+        }
+        ItemCmd::Update {
+            name,
+            policy,
+            description,
+            no_description,
+            if_match,
+            out,
+        } => {
+            let mut body = json!({});
+            if let Some(p) = policy {
+                body["policy"] = p.into();
+            }
+            if let Some(d) = description {
+                body["description"] = d.into();
+            } else if no_description {
+                body["description"] = Value::Null;
+            }
+            let a = c
+                .send(
+                    Method::PATCH,
+                    &["items", &name],
+                    &[],
+                    if_match.as_deref(),
+                    Some(&body),
+                )
+                .await?;
+            print_answer(&out, &a, item_table);
+        }
+        ItemCmd::Delete { name, if_match, op } => {
+            let a = c
+                .send(
+                    Method::DELETE,
+                    &["items", &name],
+                    &[],
+                    if_match.as_deref(),
+                    None,
+                )
+                .await?;
+            operation(&c, a, &op).await?;
+        }
+        ItemCmd::Resync { name, if_match, op } => {
+            let a = c
+                .send(
+                    Method::POST,
+                    &["items", &name, "resync"],
+                    &[],
+                    if_match.as_deref(),
+                    None,
+                )
+                .await?;
+            operation(&c, a, &op).await?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn job(cmd: JobCmd) -> Result<(), ClientError> {
+    let c = connect()?;
+    match cmd {
+        JobCmd::List { item, list } => {
+            let q: Vec<(&str, String)> = item.into_iter().map(|i| ("item", i)).collect();
+            let v = c.list(&["jobs"], &q, list.limit).await?;
+            print_listing(
+                &list,
+                &v,
+                &["ID", "KIND", "ITEM", "STATE", "CREATED", "ERROR"],
+                |j| {
+                    vec![
+                        cell(&j["id"]),
+                        cell(&j["kind"]),
+                        cell(&j["item"]),
+                        cell(&j["state"]),
+                        cell(&j["created"]),
+                        cell(&j["error"]),
+                    ]
+                },
+            );
+        }
+        JobCmd::Show { id, out } => {
+            let a = c.send(Method::GET, &["jobs", &id], &[], None, None).await?;
+            print_answer(&out, &a, job_table);
+        }
+        JobCmd::Wait { id, out } => {
+            let j = follow(&c, &id, &out).await?;
+            outcome(&out, &j)?;
+        }
+        JobCmd::Cancel { id, out } => {
+            let a = c
+                .send(Method::POST, &["jobs", &id, "cancel"], &[], None, None)
+                .await?;
+            print_answer(&out, &a, job_table);
+        }
+    }
+    Ok(())
+}
