@@ -108,8 +108,21 @@ fn path_name(name: String) -> Result<String, ApiError> {
     Ok(name)
 }
 
-fn job_location(id: &str) -> HeaderValue {
-    HeaderValue::from_str(&format!("/api/v1/jobs/{id}")).expect("job ids are valid in a header")
+/// 202 with the item, its queued job, and the job's URL in `Location`.
+fn accepted(
+    it: Item,
+    job: crate::catalog::Job,
+) -> (StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>) {
+    let location = HeaderValue::from_str(&format!("/api/v1/jobs/{}", job.id))
+        .expect("job ids are valid in a header");
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(Accepted {
+            item: it.into(),
+            job: job.into(),
+        }),
+    )
 }
 
 pub(super) async fn list(
@@ -167,14 +180,7 @@ pub(super) async fn create(
         "ferryd: item {} enabled by token {} (job {})",
         it.name, by.0, job.id
     );
-    Ok((
-        StatusCode::ACCEPTED,
-        [(header::LOCATION, job_location(&job.id))],
-        Json(Accepted {
-            item: it.into(),
-            job: job.into(),
-        }),
-    ))
+    Ok(accepted(it, job))
 }
 
 pub(super) async fn get_one(
@@ -234,14 +240,7 @@ async fn operation(
         "ferryd: {op} of item {} requested by token {} (job {})",
         it.name, by.0, job.id
     );
-    Ok((
-        StatusCode::ACCEPTED,
-        [(header::LOCATION, job_location(&job.id))],
-        Json(Accepted {
-            item: it.into(),
-            job: job.into(),
-        }),
-    ))
+    Ok(accepted(it, job))
 }
 
 pub(super) async fn delete(

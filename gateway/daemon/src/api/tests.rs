@@ -1183,3 +1183,47 @@ async fn items_and_jobs_lifecycle() {
     let (s, v) = f.get("/api/v1/jobs?state=x").await;
     assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "invalid_query"));
 }
+
+/// The authorisation matrix as far as it goes today (admin tokens only; agents come with
+/// enrollment): every route but `health` and `openapi.json` refuses anonymous callers and
+/// unknown or revoked tokens with 401 before reading the request, whatever the method.
+#[tokio::test]
+async fn every_route_needs_an_active_admin_token() {
+    let f = fixture(&[]).await;
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/tokens",
+            Some(r#"{"name":"soon revoked"}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let revoked = v["secret"].as_str().unwrap().to_string();
+    let id = v["id"].as_str().unwrap().to_string();
+    let (s, _) = f
+        .send(Method::DELETE, &format!("/api/v1/tokens/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    for (method, path) in ROUTES {
+        let uri = path
+            .replace("{name}", "default")
+            .replace("{id}", "20261126T000000.000Z-00000000");
+        let m = Method::from_bytes(method.as_bytes()).unwrap();
+        let body = matches!(*method, "POST" | "PATCH").then_some(("application/json", "{}"));
+        let public = matches!(*path, "/api/v1/health" | "/api/v1/openapi.json");
+        for token in [None, Some("not-a-token"), Some(revoked.as_str())] {
+            let (s, v) = f.call(m.clone(), &uri, token, body).await;
+            if public {
+                assert_eq!(s, StatusCode::OK, "{method} {uri}");
+            } else {
+                assert_eq!(s, StatusCode::UNAUTHORIZED, "{method} {uri} {token:?}: {v}");
+                let expected = if token.is_none() {
+                    "unauthorized"
+                } else {
+                    "invalid_token"
+                };
+                assert_eq!(code(&v), expected, "{method} {uri}");
+            }
+        }
+    }
+}
