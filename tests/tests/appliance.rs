@@ -936,6 +936,21 @@ async fn items_jobs_and_restore_from_the_vault_alone() {
     )
     .await;
     assert_eq!(pts["items"].as_array().unwrap().len(), 1, "{pts}");
+    // Its metrics (Prometheus text) count the restored item.
+    let text = c
+        .get(d.url("/api/v1/metrics"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == "ferry_items{state=\"initial-replication\"} 1"),
+        "{text}"
+    );
     // And it works on: disable the item.
     let (s, v) = call(
         &c,

@@ -12,6 +12,7 @@
 //! - [`jobs`]: the job runner (operations queued in the catalog, run a few at a time);
 //! - [`tls`]: the generated CA and server certificate, loading and checking them;
 //! - [`auth`]: admin bearer tokens (hashed at rest, constant-time checks, revocation);
+//! - [`metrics`]: counters and the catalog's gauges in Prometheus' text format;
 //! - [`api`]: the axum router of `/api/v1` and its OpenAPI document;
 //! - [`server`]: the TLS accept loop with connection, time and size limits, graceful stop;
 //! - [`appliance`]: `ferryd up`'s first start and every start after it;
@@ -28,6 +29,7 @@ pub mod error;
 pub mod fsutil;
 pub mod item;
 pub mod jobs;
+pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod snapshot;

@@ -145,6 +145,7 @@ async fn up(args: UpArgs) -> Result<()> {
     let (runner, runner_tasks) =
         ferry_daemon::jobs::JobRunner::start(catalog.clone(), vaults.clone(), JOB_WORKERS)
             .context("starting the job runner")?;
+    let metrics = std::sync::Arc::new(ferry_daemon::metrics::Metrics::default());
     let snapshots = ferry_daemon::snapshot::Snapshotter::start(
         catalog.clone(),
         prepared.layout.dir.clone(),
@@ -153,11 +154,13 @@ async fn up(args: UpArgs) -> Result<()> {
             .get(&prepared.vault.0)
             .context("the configured vault is not open")?
             .clone(),
+        metrics.clone(),
     );
     let state = api::ApiState::new(
         prepared.tokens,
         vaults,
         Some(runner.clone()),
+        metrics,
         usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
     );
     let report = server::serve(

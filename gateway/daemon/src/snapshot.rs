@@ -147,6 +147,7 @@ impl Snapshotter {
         data_dir: std::path::PathBuf,
         vault_name: String,
         vault: Vault,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Snapshotter {
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
@@ -159,6 +160,7 @@ impl Snapshotter {
                         match vault.put_appliance_snapshot(&body).await {
                             Ok(name) => {
                                 last = Some(digest);
+                                metrics.snapshot_written(ferry_store::point::now_ms());
                                 eprintln!(
                                     "ferryd: catalog snapshot written to vault `{vault_name}` ({name})"
                                 );
@@ -166,10 +168,13 @@ impl Snapshotter {
                                     eprintln!("ferryd: pruning old catalog snapshots: {e}");
                                 }
                             }
-                            Err(e) => eprintln!(
-                                "ferryd: warning: writing the catalog snapshot to vault `{vault_name}`: {e} (retried in {} s)",
-                                SNAPSHOT_EVERY.as_secs()
-                            ),
+                            Err(e) => {
+                                metrics.snapshot_failed();
+                                eprintln!(
+                                    "ferryd: warning: writing the catalog snapshot to vault `{vault_name}`: {e} (retried in {} s)",
+                                    SNAPSHOT_EVERY.as_secs()
+                                );
+                            }
                         }
                     }
                     Ok(Ok(_)) => {}

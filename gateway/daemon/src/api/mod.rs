@@ -25,6 +25,7 @@ use serde::Serialize;
 use crate::auth::Tokens;
 use crate::catalog::{Catalog, CatalogError};
 use crate::jobs::JobRunner;
+use crate::metrics::Metrics;
 
 pub mod error;
 pub mod extract;
@@ -63,6 +64,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/jobs"),
     ("GET", "/api/v1/jobs/{id}"),
     ("POST", "/api/v1/jobs/{id}/cancel"),
+    ("GET", "/api/v1/metrics"),
 ];
 
 /// What handlers share.
@@ -71,6 +73,7 @@ pub struct ApiState(Arc<StateInner>);
 
 #[derive(Debug)]
 struct StateInner {
+    metrics: Arc<Metrics>,
     tokens: Tokens,
     vaults: Arc<BTreeMap<String, Vault>>,
     jobs: Option<JobRunner>,
@@ -90,9 +93,11 @@ impl ApiState {
         tokens: Tokens,
         vaults: Arc<BTreeMap<String, Vault>>,
         jobs: Option<JobRunner>,
+        metrics: Arc<Metrics>,
         max_body_bytes: usize,
     ) -> Self {
         Self(Arc::new(StateInner {
+            metrics,
             tokens,
             vaults,
             jobs,
@@ -191,6 +196,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/jobs", get(jobs::list))
         .route("/api/v1/jobs/{id}", get(jobs::get_one))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/api/v1/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/api/v1/health", get(health))
@@ -198,7 +204,29 @@ pub fn router(state: ApiState) -> Router {
         .merge(admin)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
+}
+
+/// Counts every answer by status class for `/metrics`.
+async fn count(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    let r = next.run(req).await;
+    s.0.metrics.response(r.status().as_u16());
+    r
+}
+
+/// `GET /api/v1/metrics`: Prometheus' text exposition format.
+async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    let m = s.0.metrics.clone();
+    let text = s.catalog(move |c| m.render(c)).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 /// Lets a request through only with an active admin token.

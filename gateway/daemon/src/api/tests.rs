@@ -58,7 +58,13 @@ async fn fixture(points: &[&str]) -> Fixture {
     let vaults = Arc::new(vaults);
     let (runner, runners) = JobRunner::start(catalog, vaults.clone(), 1).unwrap();
     Fixture {
-        app: router(ApiState::new(tokens, vaults, Some(runner), 1024)),
+        app: router(ApiState::new(
+            tokens,
+            vaults,
+            Some(runner),
+            Arc::default(),
+            1024,
+        )),
         admin: admin.expose().to_string(),
         _runners: runners,
         _dir: dir,
@@ -511,6 +517,10 @@ async fn openapi_matches_the_routes() {
 
     let f = fixture(&[]).await;
     for (m, p) in ROUTES {
+        // Plain text, not JSON: served, as `metrics_in_prometheus_text` checks.
+        if *p == "/api/v1/metrics" {
+            continue;
+        }
         let uri = p.replace("{name}", "default").replace("{id}", "nope");
         let method = Method::from_bytes(m.as_bytes()).unwrap();
         let body = (*m == "POST").then_some(("application/json", r#"{"name":"x"}"#));
@@ -1225,5 +1235,50 @@ async fn every_route_needs_an_active_admin_token() {
                 assert_eq!(code(&v), expected, "{method} {uri}");
             }
         }
+    }
+}
+
+/// `/metrics` is Prometheus text for an admin, counting answers and items by state.
+#[tokio::test]
+async fn metrics_in_prometheus_text() {
+    let f = fixture(&[]).await;
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/items",
+            Some(r#"{"name":"web-01","disks":[{"name":"os","size_bytes":1048576}]}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    let (s, _) = f.get("/api/v1/nowhere").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let req = Request::builder()
+        .uri("/api/v1/metrics")
+        .header(header::AUTHORIZATION, format!("Bearer {}", f.admin))
+        .body(Body::empty())
+        .unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = String::from_utf8(
+        axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    for line in [
+        "ferry_items{state=\"initial-replication\"} 1",
+        "ferry_jobs{state=\"succeeded\"} 1",
+        "ferry_admin_tokens_active 1",
+        "ferry_http_responses_total{class=\"4xx\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
     }
 }

@@ -798,6 +798,53 @@ impl Catalog {
     }
 }
 
+/// How many records of each kind, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Census {
+    /// Items by state.
+    pub items_by_state: std::collections::HashMap<ItemState, u64>,
+    /// Job records by state name.
+    pub jobs_by_state: std::collections::HashMap<&'static str, u64>,
+    /// Active admin tokens.
+    pub active_tokens: u64,
+    /// Policies.
+    pub policies: u64,
+}
+
+impl Catalog {
+    /// Counts items and jobs by state, active tokens and policies, in one read transaction.
+    pub fn census(&self) -> Result<Census> {
+        let r = self.db.begin_read().map_err(|e| self.err(e))?;
+        let mut c = Census::default();
+        let t = r.open_table(ITEMS).map_err(|e| self.err(e))?;
+        for entry in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            *c.items_by_state
+                .entry(decode_item(k.value(), v.value())?.state)
+                .or_default() += 1;
+        }
+        let t = r.open_table(JOBS).map_err(|e| self.err(e))?;
+        for entry in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            *c.jobs_by_state
+                .entry(decode_job(k.value(), v.value())?.state.as_str())
+                .or_default() += 1;
+        }
+        let t = r.open_table(super::ADMIN_TOKENS).map_err(|e| self.err(e))?;
+        for entry in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            c.active_tokens +=
+                u64::from(super::record::decode_admin_token(k.value(), v.value())?.is_active());
+        }
+        c.policies = r
+            .open_table(super::POLICIES)
+            .map_err(|e| self.err(e))?
+            .len()
+            .map_err(|e| self.err(e))?;
+        Ok(c)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;

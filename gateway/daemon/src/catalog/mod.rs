@@ -38,7 +38,9 @@ use crate::policy::{self, DEFAULT_POLICY, Policy, PolicyError, PolicyPatch, Poli
 
 mod items;
 mod transfer;
-pub use items::{ItemPatch, Job, JobLine, JobState, MAX_ITEMS, MAX_JOB_LOG_BYTES, MAX_JOBS};
+pub use items::{
+    Census, ItemPatch, Job, JobLine, JobState, MAX_ITEMS, MAX_JOB_LOG_BYTES, MAX_JOBS,
+};
 pub use transfer::Records;
 
 /// Format of the whole catalog written by this build.
