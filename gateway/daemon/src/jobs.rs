@@ -125,11 +125,7 @@ async fn run(ctx: &Arc<Ctx>, job: Job) {
     let outcome = body(ctx, &job).await;
     let c = ctx.catalog.clone();
     let ended = tokio::task::spawn_blocking(move || {
-        let now = ferry_store::point::now_ms();
-        if let Err(e) = &outcome {
-            let _ = c.log_job(&id, now, &format!("failed: {e}"));
-        }
-        c.finish_job(&id, outcome, now)
+        c.finish_job(&id, outcome, ferry_store::point::now_ms())
     })
     .await;
     match ended {

@@ -75,9 +75,33 @@ pub struct Snapshot {
     pub records: Records,
 }
 
-/// The catalog's content and the CA, as the snapshot document (and a digest of everything
-/// but the time, to tell whether anything changed).
-pub fn build(catalog: &Catalog, data_dir: &Path, vault: &str) -> Result<(Vec<u8>, [u8; 32])> {
+/// A snapshot document read from the catalog, not yet serialised: the writer serialises it
+/// only when its digest says something changed.
+pub struct Built {
+    doc: SnapshotV1,
+    /// SHA-256 of the document without its time: equal digests, same content.
+    pub digest: [u8; 32],
+}
+
+impl std::fmt::Debug for Built {
+    // The document holds the CA's private key: only the digest is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Built")
+            .field("digest", &hex::encode(self.digest))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Built {
+    /// The document as written to the vault, stamped `written_ms`.
+    pub fn into_body(mut self, written_ms: u64) -> Vec<u8> {
+        self.doc.written_ms = written_ms;
+        serde_json::to_vec(&self.doc).expect("serialises")
+    }
+}
+
+/// The catalog's content and the CA, as the snapshot document.
+pub fn build(catalog: &Catalog, data_dir: &Path, vault: &str) -> Result<Built> {
     let records = catalog.export_records()?;
     let ca = tls::read_ca(data_dir)?;
     let doc = SnapshotV1 {
@@ -91,12 +115,8 @@ pub fn build(catalog: &Catalog, data_dir: &Path, vault: &str) -> Result<(Vec<u8>
         }),
         records,
     };
-    let digest: [u8; 32] = Sha256::digest(serde_json::to_vec(&doc).expect("serialises")).into();
-    let doc = SnapshotV1 {
-        written_ms: ferry_store::point::now_ms(),
-        ..doc
-    };
-    Ok((serde_json::to_vec(&doc).expect("serialises"), digest))
+    let digest = Sha256::digest(serde_json::to_vec(&doc).expect("serialises")).into();
+    Ok(Built { doc, digest })
 }
 
 /// Decodes a snapshot document, refusing a newer version or catalog format.
@@ -156,7 +176,9 @@ impl Snapshotter {
                 let last_round = *stopped.borrow();
                 let (c, d, n) = (catalog.clone(), data_dir.clone(), vault_name.clone());
                 match tokio::task::spawn_blocking(move || build(&c, &d, &n)).await {
-                    Ok(Ok((body, digest))) if last != Some(digest) => {
+                    Ok(Ok(built)) if last != Some(built.digest) => {
+                        let digest = built.digest;
+                        let body = built.into_body(ferry_store::point::now_ms());
                         match vault.put_appliance_snapshot(&body).await {
                             Ok(name) => {
                                 last = Some(digest);
@@ -219,7 +241,7 @@ pub struct Restored {
 /// (the old tokens keep working: their hashes are restored). Refuses a data directory that
 /// already holds a catalog or TLS files, a vault without snapshot, and a snapshot of a vault
 /// of another name than the configured one. Nothing is written before the snapshot is read
-/// and checked.
+/// and every record checked.
 pub async fn restore_appliance(cfg: &Config) -> Result<Restored> {
     let layout = Layout {
         dir: cfg.data_dir()?,
@@ -265,15 +287,9 @@ pub async fn restore_appliance(cfg: &Config) -> Result<Restored> {
             reason: "the lost appliance served an operator's certificate: configure api.tls.cert_file and key_file".into(),
         });
     }
-    // Check every record (and that they fit together) in a scratch catalog before writing
-    // anything where the appliance will look.
+    // Check every record before writing anything where the appliance will look.
     let vault_urls = BTreeMap::from([(name.clone(), url.clone())]);
-    let probe_path = layout.dir.join(".restore-probe.redb");
-    let _ = std::fs::remove_file(&probe_path);
-    let probed = Catalog::open(&probe_path)
-        .and_then(|(probe, _)| probe.import_records(&snap.records, &vault_urls));
-    let _ = std::fs::remove_file(&probe_path);
-    probed?;
+    crate::catalog::check_records(&snap.records, &vault_urls)?;
     let ca_fingerprint = match &snap.ca {
         Some(ca) => {
             tls::create_from_ca(&layout.dir, ca)?;
@@ -321,8 +337,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (c, _) = Catalog::open(&dir.path().join("catalog.redb")).unwrap();
         c.ensure_default_policy(1).unwrap();
-        let (body, digest) = build(&c, dir.path(), "default").unwrap();
-        let (body2, digest2) = build(&c, dir.path(), "default").unwrap();
+        let b = build(&c, dir.path(), "default").unwrap();
+        let digest = b.digest;
+        let body = b.into_body(1);
+        let b2 = build(&c, dir.path(), "default").unwrap();
+        let digest2 = b2.digest;
+        let body2 = b2.into_body(2);
         assert_eq!(digest, digest2, "the time is not part of the digest");
         let s = decode("appliance/x", &body).unwrap();
         assert_eq!(s.vault, "default");
@@ -331,7 +351,7 @@ mod tests {
         drop(body2);
         c.create_policy("gold", &crate::policy::PolicySettings::default(), 2)
             .unwrap();
-        assert_ne!(build(&c, dir.path(), "default").unwrap().1, digest);
+        assert_ne!(build(&c, dir.path(), "default").unwrap().digest, digest);
 
         let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         v["v"] = 2.into();

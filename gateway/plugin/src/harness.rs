@@ -197,6 +197,11 @@ pub async fn run_adapter_on(
                     continue;
                 }
                 let piece = match &direct {
+                    // The first data piece was already copied when probing for the kernel copy.
+                    Some(_) if k == 0 => {
+                        copied += s.len as u64;
+                        Piece::Written
+                    }
                     Some(out) if disk.copy_into(s.at, s.len as u64, out).await? => {
                         copied += s.len as u64;
                         Piece::Written

@@ -679,8 +679,8 @@ impl Catalog {
     /// Ends running job `id`: on success the item lands where the state machine says (and
     /// `event`, when given, is applied after: an `enable` whose vault already holds points
     /// is `protected` at once), or is removed (`disable`); on failure it returns to its
-    /// state before the job (an item whose `enable` failed is removed: it never existed).
-    /// Job and item are written in one transaction.
+    /// state before the job (an item whose `enable` failed is removed: it never existed) and
+    /// the job's log ends with the error. Job and item are written in one transaction.
     pub fn finish_job(
         &self,
         id: &str,
@@ -709,6 +709,9 @@ impl Catalog {
         } else {
             JobState::Failed
         };
+        if let Err(e) = &outcome {
+            j.push_log(now_ms, &format!("failed: {e}"));
+        }
         j.error = outcome.err();
         j.ended_ms = Some(now_ms);
         self.put_job(&w, &j)?;

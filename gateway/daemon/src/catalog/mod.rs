@@ -41,7 +41,7 @@ mod transfer;
 pub use items::{
     Census, ItemPatch, Job, JobLine, JobState, MAX_ITEMS, MAX_JOB_LOG_BYTES, MAX_JOBS,
 };
-pub use transfer::Records;
+pub use transfer::{Records, check_records};
 
 /// Format of the whole catalog written by this build.
 pub const FORMAT_VERSION: u32 = 1;

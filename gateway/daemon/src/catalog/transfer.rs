@@ -55,6 +55,24 @@ fn text(table: &str, key: &str, b: &[u8]) -> Result<String> {
     })
 }
 
+/// Checks records for [`Catalog::import_records`] without writing anything: each decodes
+/// under its table's rules, and each vault has a location in `vault_urls`.
+pub fn check_records(records: &Records, vault_urls: &BTreeMap<String, String>) -> Result<()> {
+    for (table, m) in records {
+        for (key, v) in m {
+            check(table, key, v.as_bytes())?;
+            if table == "vaults" && !vault_urls.contains_key(key) {
+                return Err(CatalogError::BadRecord {
+                    table: "vaults",
+                    key: key.clone(),
+                    reason: "the snapshot's vault is not the vault being restored from".into(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Catalog {
     /// Every record a snapshot carries, checked, in one read transaction.
     pub fn export_records(&self) -> Result<Records> {
@@ -84,8 +102,8 @@ impl Catalog {
     }
 
     /// Writes `records` into this catalog, which must be new (no token, vault, policy or
-    /// item yet), in one transaction; every record is checked first, so a bad snapshot
-    /// writes nothing. Vaults are registered at `vault_urls[name]` (where the restored
+    /// item yet), in one transaction; every record is checked first ([`check_records`]), so a
+    /// bad snapshot writes nothing. Vaults are registered at `vault_urls[name]` (where the restored
     /// appliance reaches them) instead of where the lost one did; a vault missing from
     /// `vault_urls` is refused. Queued jobs go back into the queue; jobs that were running
     /// are queued again at the next start.
@@ -94,11 +112,7 @@ impl Catalog {
         records: &Records,
         vault_urls: &BTreeMap<String, String>,
     ) -> Result<()> {
-        for (table, m) in records {
-            for (key, v) in m {
-                check(table, key, v.as_bytes())?;
-            }
-        }
+        check_records(records, vault_urls)?;
         let w = self.db.begin_write().map_err(|e| self.err(e))?;
         for (name, def) in TABLES {
             let mut t = w.open_table(def).map_err(|e| self.err(e))?;
