@@ -3,7 +3,7 @@
 //! Why not moto: moto's `ListChangedBlocks` is wrong. It walks only the first snapshot's blocks
 //! and ignores the blocks that exist only in the second one and the parent relation, so an
 //! incremental tested against it would pass while missing every newly written block. moto is
-//! still used for the full-read test (`tests/tests/ebs.rs`); this server follows the AWS API
+//! still used for the full-read test (`tests/tests/e2e/ebs.rs`); this server follows the AWS API
 //! reference ("EBS direct APIs": `ListSnapshotBlocks`, `ListChangedBlocks`, `GetSnapshotBlock`)
 //! for the rest:
 //!

@@ -90,7 +90,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 }
 
 /// Writes the fixture. Run only when deliberately creating it:
-/// `cargo test -p ferry-e2e --test format_v1 -- --ignored make_fixture`.
+/// `cargo test -p ferry-e2e --test e2e -- --ignored format_v1::make_fixture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "writes tests/fixtures/vault-v1; run by hand once per format version"]
 async fn make_fixture() {

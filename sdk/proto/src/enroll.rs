@@ -1,0 +1,88 @@
+//! Enrollment: how an agent gets its identity.
+//!
+//! The operator creates a one-time enrollment token for an agent name (and the protected items
+//! it may act for) with a time to live; `ferry agent token create` prints the whole command
+//! line. The agent generates its private key (it never leaves the machine), sends a PKCS#10
+//! certificate signing request with the token to `POST /api/v1/enroll` over TLS it verified
+//! against the CA fingerprint it was given, and receives a client certificate signed by the
+//! appliance CA. From then on it speaks mTLS with that certificate; the token is spent.
+
+use serde::{Deserialize, Serialize};
+
+/// The path of the enrollment endpoint.
+pub const ENROLL_PATH: &str = "/api/v1/enroll";
+/// The agent's own record, over mTLS.
+pub const AGENT_PATH: &str = "/api/v1/agent";
+/// The agent's protected items, over mTLS.
+pub const AGENT_ITEMS_PATH: &str = "/api/v1/agent/items";
+/// Where an agent reports it is alive (and its host name and version), over mTLS.
+pub const HEARTBEAT_PATH: &str = "/api/v1/agent/heartbeat";
+
+/// Longest PEM CSR accepted.
+pub const MAX_CSR_BYTES: usize = 16 << 10;
+
+/// `POST /api/v1/enroll` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The one-time enrollment token, as `ferry agent token create` printed it.
+    pub token: String,
+    /// PEM `CERTIFICATE REQUEST` signed by the agent's new key. Its subject is ignored: the
+    /// certificate names the agent the token was made for.
+    pub csr: String,
+    /// The machine's host name, for the operator's listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The agent's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+}
+
+/// `POST /api/v1/enroll` answer (201).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    /// The agent's name (the certificate's common name).
+    pub agent: String,
+    /// The client certificate, PEM.
+    pub certificate: String,
+    /// The appliance CA, PEM: the only root the agent trusts from now on.
+    pub ca: String,
+    /// SHA-256 fingerprint of the client certificate (`AB:CD:…`).
+    pub certificate_sha256: String,
+    /// When the certificate expires, RFC 3339.
+    pub certificate_expires: String,
+    /// The protected items this agent acts for.
+    pub items: Vec<String>,
+}
+
+/// `POST /api/v1/agent/heartbeat` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// The machine's host name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The agent's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_refuse_unknown_members_and_answers_do_not() {
+        let r: Result<EnrollRequest, _> =
+            serde_json::from_str(r#"{"token":"t","csr":"c","admin":true}"#);
+        assert!(r.unwrap_err().to_string().contains("unknown field `admin`"));
+        let r: EnrollRequest = serde_json::from_str(r#"{"token":"t","csr":"c"}"#).unwrap();
+        assert_eq!(r.hostname, None);
+        let a: EnrollResponse = serde_json::from_str(
+            r#"{"agent":"a","certificate":"c","ca":"ca","certificate_sha256":"AB",
+                "certificate_expires":"2027-01-01T00:00:00Z","items":["x"],"later":1}"#,
+        )
+        .unwrap();
+        assert_eq!(a.items, ["x"]);
+    }
+}
