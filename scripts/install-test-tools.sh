@@ -4,6 +4,8 @@
 #   apt:  restic borgbackup debootstrap e2fsprogs zstd time openssl qemu-utils
 #   npm:  azurite        (global; provides `azurite-blob`, the Azure Blob emulator)
 #   pip:  moto[server]   (provides `moto_server`, the S3 emulator)
+#         schemathesis 4.x (provides `st`, which fuzzes ferryd's REST API against its
+#                          OpenAPI document; 4.x because the test uses its 4.x flags)
 #   rustup targets: wasm32-unknown-unknown (plugins), wasm32-wasip2 (a sandbox test)
 #
 # Idempotent and quiet: each tool is probed first (command -v, or the file for
@@ -92,39 +94,47 @@ if ! have azurite-blob; then
     fi
 fi
 
-# --- pip: moto[server] ----------------------------------------------------
-if ! have moto_server; then
-    py=""
-    for c in python3 python; do have "$c" && { py=$c; break; }; done
+# --- pip: moto[server], schemathesis -------------------------------------
+py=""
+pip_ready=""
+# Installs pip requirement `spec` unless command `cmd` is already on PATH.
+install_pip() { # spec cmd
+    local spec=$1 cmd=$2
+    have "$cmd" && return 0
     if [[ -z $py ]]; then
-        echo "install-test-tools: FAILED to install moto[server]: no python3 found" >&2
-        failed+=("moto[server]")
-    else
-        if ! "$py" -m pip --version >/dev/null 2>&1; then
-            # Debian's system python ships without pip.
-            if ! { apt-get update -qq && apt-get install -y -qq python3-pip; } >"$log" 2>&1; then
-                fail_with_log "python3-pip (needed for moto[server])"
-            fi
-        fi
-        # PIP_BREAK_SYSTEM_PACKAGES: allow installing into Debian's
-        # externally-managed system python (a no-op for pyenv/venv pythons).
-        if "$py" -m pip --version >/dev/null 2>&1; then
-            if ! PIP_BREAK_SYSTEM_PACKAGES=1 "$py" -m pip install -q --disable-pip-version-check \
-                    --root-user-action=ignore 'moto[server]' >"$log" 2>&1; then
-                fail_with_log "moto[server] (pip install 'moto[server]')"
-            else
-                if have pyenv; then pyenv rehash >/dev/null 2>&1 || true; fi
-                hash -r
-                if have moto_server; then
-                    echo "installed pip package moto[server] (moto_server)"
-                else
-                    echo "install-test-tools: FAILED: pip installed moto[server] but moto_server is not on PATH" >&2
-                    failed+=("moto[server]")
-                fi
-            fi
+        for c in python3 python; do have "$c" && { py=$c; break; }; done
+    fi
+    if [[ -z $py ]]; then
+        echo "install-test-tools: FAILED to install $spec: no python3 found" >&2
+        failed+=("$spec")
+        return 0
+    fi
+    if [[ -z $pip_ready ]] && ! "$py" -m pip --version >/dev/null 2>&1; then
+        # Debian's system python ships without pip.
+        if ! { apt-get update -qq && apt-get install -y -qq python3-pip; } >"$log" 2>&1; then
+            fail_with_log "python3-pip (needed for $spec)"
+            return 0
         fi
     fi
-fi
+    pip_ready=1
+    # PIP_BREAK_SYSTEM_PACKAGES: allow installing into Debian's
+    # externally-managed system python (a no-op for pyenv/venv pythons).
+    if ! PIP_BREAK_SYSTEM_PACKAGES=1 "$py" -m pip install -q --disable-pip-version-check \
+            --root-user-action=ignore "$spec" >"$log" 2>&1; then
+        fail_with_log "$spec (pip install '$spec')"
+        return 0
+    fi
+    if have pyenv; then pyenv rehash >/dev/null 2>&1 || true; fi
+    hash -r
+    if have "$cmd"; then
+        echo "installed pip package $spec ($cmd)"
+    else
+        echo "install-test-tools: FAILED: pip installed $spec but $cmd is not on PATH" >&2
+        failed+=("$spec")
+    fi
+}
+install_pip 'moto[server]' moto_server
+install_pip 'schemathesis>=4,<5' st
 
 # --- rustup: wasm targets (also listed in rust-toolchain.toml) -------------
 if have rustup; then

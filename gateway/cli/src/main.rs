@@ -78,6 +78,16 @@ enum Cmd {
         #[command(subcommand)]
         cmd: api::ItemCmd,
     },
+    /// Enrolled agents and their one-time enrollment tokens.
+    Agent {
+        #[command(subcommand)]
+        cmd: api::AgentCmd,
+    },
+    /// Replication groups: protected items failed over together.
+    Group {
+        #[command(subcommand)]
+        cmd: api::GroupCmd,
+    },
     /// Jobs of the appliance, with their logs.
     Job {
         #[command(subcommand)]
@@ -487,6 +497,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Token { cmd } => return Ok(api::run(api::Command::Token(cmd)).await),
         Cmd::Item { cmd } => return Ok(api::run(api::Command::Item(cmd)).await),
         Cmd::Job { cmd } => return Ok(api::run(api::Command::Job(cmd)).await),
+        Cmd::Agent { cmd } => return Ok(api::run(api::Command::Agent(cmd)).await),
+        Cmd::Group { cmd } => return Ok(api::run(api::Command::Group(cmd)).await),
     };
     match cmd {
         VaultCmd::List(_) => unreachable!("handled above"),

@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use ferry_store::{Backend, InitOptions, OpenOptions, Secret, StoreError, Vault};
 
+use crate::agents::Agents;
 use crate::auth::{self, Tokens};
 use crate::catalog::{AdminToken, Catalog, VaultEntry};
 use crate::config::Config;
@@ -73,6 +74,8 @@ pub struct Prepared {
     pub tls: TlsIdentity,
     /// The admin tokens (and, through them, the catalog).
     pub tokens: Tokens,
+    /// The enrolled agents.
+    pub agents: Arc<Agents>,
     /// Open vaults by name.
     pub vaults: BTreeMap<String, Vault>,
     /// The catalog was created by this start.
@@ -122,11 +125,13 @@ pub async fn prepare(cfg: &Config) -> Result<Prepared> {
     vaults.insert(name.clone(), vault);
 
     let new_admin_token = bootstrap_token(&layout, &catalog)?;
+    let agents = Arc::new(Agents::load(catalog.clone(), tls.agent_ca.clone())?);
     let tokens = Tokens::load(catalog)?;
     Ok(Prepared {
         layout,
         tls,
         tokens,
+        agents,
         vaults,
         first_start,
         new_admin_token,
@@ -418,7 +423,25 @@ pub fn banner(p: &Prepared, addr: SocketAddr) -> String {
         .as_ref()
         .map(|c| format!("--cacert {} ", sh(c)))
         .unwrap_or_default();
+    let _ = writeln!(s, "  web console:    {url}/");
     let _ = writeln!(s, "\nNext:");
+    let login_token = if token.exists() {
+        sh(&token)
+    } else {
+        "FILE-WITH-AN-ADMIN-TOKEN".to_string()
+    };
+    let pin = if p.tls.ca_cert.is_some() {
+        format!("--ca-fingerprint {}", p.tls.fingerprint)
+    } else {
+        "--ca-file YOUR-CA.pem".to_string()
+    };
+    let _ = writeln!(s, "  ferry login {url} --token-file {login_token} {pin}");
+    if p.tls.ca_cert.is_some() {
+        let _ = writeln!(
+            s,
+            "  ferry agent token create MACHINE --item ITEM   # prints the `ferry-agent enroll ...` command to run on MACHINE"
+        );
+    }
     if token.exists() {
         let _ = writeln!(
             s,
@@ -432,6 +455,12 @@ pub fn banner(p: &Prepared, addr: SocketAddr) -> String {
         );
     }
     let _ = writeln!(s, "  curl {cacert}{url}/api/v1/openapi.json");
+    if p.tls.ca_cert.is_none() {
+        let _ = writeln!(
+            s,
+            "  (agents cannot enroll: with an operator certificate the appliance has no CA of its own)"
+        );
+    }
     s
 }
 

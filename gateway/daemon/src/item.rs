@@ -362,12 +362,13 @@ pub fn check_disks(disks: &[Disk]) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks a description's length.
+/// Checks a description's length, in characters (as the OpenAPI document's `maxLength`
+/// counts, and policies' descriptions do).
 pub fn check_description(d: &str) -> Result<(), String> {
-    if d.len() > MAX_DESCRIPTION_LEN {
+    let chars = d.chars().count();
+    if chars > MAX_DESCRIPTION_LEN {
         return Err(format!(
-            "description is {} bytes; at most {MAX_DESCRIPTION_LEN}",
-            d.len()
+            "description is {chars} characters; at most {MAX_DESCRIPTION_LEN}"
         ));
     }
     Ok(())

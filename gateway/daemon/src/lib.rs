@@ -20,6 +20,7 @@
 //!
 //! The daemon depends on `ferry-store` (vaults); the store knows nothing of it.
 
+pub mod agents;
 pub mod api;
 pub mod appliance;
 pub mod auth;

@@ -158,6 +158,7 @@ async fn up(args: UpArgs) -> Result<()> {
     );
     let state = api::ApiState::new(
         prepared.tokens,
+        prepared.agents,
         vaults,
         Some(runner.clone()),
         metrics,

@@ -34,6 +34,7 @@ use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -49,6 +50,14 @@ use crate::config::Limits;
 const MAX_HEAD_BYTES: usize = 64 << 10;
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The SHA-256 of the client certificate a connection's TLS handshake verified (against the
+/// appliance CA), put in every request's extensions; who it is, is the API's question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientCert {
+    /// SHA-256 of the DER certificate.
+    pub sha256: [u8; 32],
+}
 
 /// How the server stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +223,14 @@ async fn connection(
         // A failed or too slow handshake is the client's problem; nothing to log per client.
         _ => return,
     };
+    let client_cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| ClientCert {
+            sha256: Sha256::digest(c.as_ref()).into(),
+        });
     let activity = Arc::new(Activity::new());
     activity.touch();
     let io = TokioIo::new(Tracked {
@@ -221,7 +238,10 @@ async fn connection(
         activity: activity.clone(),
     });
     let a = activity.clone();
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        if let Some(c) = client_cert {
+            req.extensions_mut().insert(c);
+        }
         let app = app.clone();
         let guard = InFlight::new(&a);
         async move {

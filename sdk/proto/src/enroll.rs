@@ -21,8 +21,8 @@ pub const HEARTBEAT_PATH: &str = "/api/v1/agent/heartbeat";
 /// Longest PEM CSR accepted.
 pub const MAX_CSR_BYTES: usize = 16 << 10;
 
-/// `POST /api/v1/enroll` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `POST /api/v1/enroll` body. Its `Debug` shows no token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
     /// The one-time enrollment token, as `ferry agent token create` printed it.
@@ -36,6 +36,17 @@ pub struct EnrollRequest {
     /// The agent's version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("token", &"<redacted>")
+            .field("csr", &self.csr)
+            .field("hostname", &self.hostname)
+            .field("agent_version", &self.agent_version)
+            .finish()
+    }
 }
 
 /// `POST /api/v1/enroll` answer (201).
@@ -84,5 +95,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.items, ["x"]);
+    }
+
+    #[test]
+    fn the_token_is_not_in_debug() {
+        let r = EnrollRequest {
+            token: "s3cr3t-token".into(),
+            csr: "c".into(),
+            hostname: Some("h".into()),
+            agent_version: None,
+        };
+        let d = format!("{r:?}");
+        assert!(!d.contains("s3cr3t"), "{d}");
+        assert!(
+            d.contains("<redacted>") && d.contains("hostname: Some(\"h\")"),
+            "{d}"
+        );
     }
 }

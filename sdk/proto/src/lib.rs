@@ -3,6 +3,10 @@
 //!
 //! - [`enroll`] — `POST /api/v1/enroll`: a one-time enrollment token and a certificate
 //!   signing request in, the agent's client certificate and the appliance CA out.
+//! - [`trust`] — whom a client trusts: the appliance CA pinned once by its SHA-256 fingerprint
+//!   ([`trust::Fingerprint`], [`trust::PinnedCa`]), then the only root (plus the agent's client
+//!   certificate for mTLS). Shared by the admin CLI (`ferry login`) and the agent
+//!   (`ferry-agent enroll`), so the two pin the CA the same way.
 //!
 //! Every body is JSON; requests refuse unknown members (`deny_unknown_fields`), answers may
 //! grow members (readers ignore what they do not know), so an older agent keeps talking to a
@@ -10,3 +14,4 @@
 //! bodies.
 
 pub mod enroll;
+pub mod trust;

@@ -12,4 +12,5 @@ mod format_v1;
 mod plugin_cli;
 mod plugin_formats;
 mod plugin_sandbox;
+mod schemathesis;
 mod vault_backends;

@@ -110,6 +110,12 @@ pub enum ClientError {
     Local(String),
 }
 
+impl From<ferry_proto::trust::TrustError> for ClientError {
+    fn from(e: ferry_proto::trust::TrustError) -> Self {
+        Self::Local(e.to_string())
+    }
+}
+
 impl ClientError {
     /// The CLI's exit status for this error: 3 not logged in or authentication refused,
     /// 4 not found, 5 conflict or precondition failed, 6 refused input, 7 cannot reach the

@@ -15,6 +15,7 @@
 //! unreachable or TLS refused. Errors are one line on stderr:
 //! `ferry: <message> (code <code>[, field <field>])`.
 
+mod agents;
 pub mod client;
 mod items;
 pub mod profile;
@@ -34,6 +35,7 @@ use self::client::{Answer, Client, ClientError, Listing, Token};
 use self::table::{cell, clean, pairs, render};
 use self::trust::{Fingerprint, PinnedCa};
 use crate::{human, line};
+pub use agents::{AgentCmd, GroupCmd};
 pub use items::{ItemCmd, JobCmd};
 
 /// How results are printed.
@@ -252,6 +254,10 @@ pub enum Command {
     Item(ItemCmd),
     /// `ferry job …`.
     Job(JobCmd),
+    /// `ferry agent …`.
+    Agent(AgentCmd),
+    /// `ferry group …`.
+    Group(GroupCmd),
 }
 
 /// Runs one command; prints its error and returns its exit status.
@@ -349,6 +355,8 @@ async fn dispatch(cmd: Command) -> Result<(), ClientError> {
         Command::Token(t) => token(t).await,
         Command::Item(i) => items::item(i).await,
         Command::Job(j) => items::job(j).await,
+        Command::Agent(a) => agents::agent(a).await,
+        Command::Group(g) => agents::group(g).await,
     }
 }
 

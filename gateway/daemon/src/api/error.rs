@@ -184,6 +184,29 @@ impl From<CatalogError> for ApiError {
             CatalogError::JobState { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "job_state", e.to_string())
             }
+            CatalogError::TooMany { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "too_many", e.to_string())
+            }
+            CatalogError::Invalid(_) => ApiError::bad_request("invalid_value", e.to_string()),
+            CatalogError::StaleRevision { .. } => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "revision_mismatch",
+                e.to_string(),
+            ),
+            CatalogError::AgentNotFound(_) => ApiError::not_found("agent_not_found", e.to_string()),
+            CatalogError::AgentExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "agent_exists", e.to_string())
+            }
+            CatalogError::EnrollTokenNotFound(_) => {
+                ApiError::not_found("enrollment_token_not_found", e.to_string())
+            }
+            CatalogError::GroupNotFound(_) => ApiError::not_found("group_not_found", e.to_string()),
+            CatalogError::GroupExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "group_exists", e.to_string())
+            }
+            CatalogError::ItemInGroup { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "item_in_group", e.to_string())
+            }
             e => ApiError::internal(e),
         }
     }

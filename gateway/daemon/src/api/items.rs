@@ -24,7 +24,32 @@ use crate::policy::DEFAULT_POLICY;
 #[serde(deny_unknown_fields)]
 pub(super) struct DiskJson {
     name: String,
+    #[serde(deserialize_with = "whole_u64")]
     size_bytes: u64,
+}
+
+/// A non-negative integer member. As in JSON Schema (and the policies' bodies), a number
+/// with a zero fraction (`512.0`, `5.12e2`) is an integer.
+fn whole_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    // 2^64 as f64: integral floats from 0 up to it convert exactly.
+    const LIMIT: f64 = 18_446_744_073_709_551_616.0;
+    let n = serde_json::Number::deserialize(d)?;
+    if let Some(u) = n.as_u64() {
+        return Ok(u);
+    }
+    match n.as_f64() {
+        Some(f) if f.fract() == 0.0 && (0.0..LIMIT).contains(&f) =>
+        {
+            #[allow(
+                clippy::cast_possible_truncation,
+                reason = "integral and within the range of u64: exact"
+            )]
+            Ok(f as u64)
+        }
+        _ => Err(serde::de::Error::custom(format!(
+            "invalid value: {n}, expected a whole number from 0 to 2^64 - 1"
+        ))),
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -90,6 +90,12 @@ pub(super) async fn list(
         cursor: q.cursor,
     }
     .validate()?;
+    // As the points listing does: a filter that cannot be an item's name is a client error,
+    // not an empty page (the OpenAPI document states the same rule).
+    if let Some(i) = &q.item {
+        crate::item::check_name("item", i)
+            .map_err(|m| ApiError::bad_request("invalid_query", m))?;
+    }
     let item = q.item;
     let p = s
         .catalog(move |c| c.jobs_page(page.after.as_deref(), page.limit, item.as_deref()))

@@ -1,8 +1,19 @@
 //! The control REST API (`/api/v1`): routes, authentication and the shared state.
 //!
-//! Every route but `health` and `openapi.json` needs an active admin bearer token: vaults and
-//! their points, admin tokens, replication policies (`policies`), protected items (`items`,
-//! whose operations answer 202 with a job) and jobs (`jobs`). Every
+//! Three classes of endpoint, each with its own credential, and no credential of another
+//! class accepted (the authorisation matrix the end-to-end tests walk):
+//!
+//! - public: `health`, `openapi.json`, and `enroll` (whose credential is the one-time
+//!   enrollment token in its body);
+//! - admin, with an active admin bearer token: vaults and their points, admin tokens,
+//!   replication policies (`policies`), protected items (`items`, whose operations answer
+//!   202 with a job), jobs, replication groups, enrollment tokens and agents, metrics. A
+//!   request with an agent's certificate and no admin token is 403 `admin_only`;
+//! - agent, with the client certificate issued at enrollment (`agent…`): the agent's own
+//!   record and items. A revoked agent's certificate is 401 `certificate_revoked` from the
+//!   next request on; an admin token instead of a certificate is 403 `agent_only`.
+//!
+//! Every
 //! refusal is a JSON [`ApiError`]; every listing is paginated (`?limit=&cursor=`, answered
 //! with `items` and `next_cursor`). The served OpenAPI 3.1 document (`openapi.json` beside
 //! this file) describes exactly these routes; a test keeps the two in step.
@@ -22,13 +33,16 @@ use axum::routing::{delete, get, post};
 use ferry_store::Vault;
 use serde::Serialize;
 
+use crate::agents::{Agents, CertCheck};
 use crate::auth::Tokens;
 use crate::catalog::{Catalog, CatalogError};
 use crate::jobs::JobRunner;
 use crate::metrics::Metrics;
 
+mod agents;
 pub mod error;
 pub mod extract;
+mod groups;
 mod items;
 mod jobs;
 mod policies;
@@ -65,6 +79,23 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/jobs/{id}"),
     ("POST", "/api/v1/jobs/{id}/cancel"),
     ("GET", "/api/v1/metrics"),
+    ("GET", "/api/v1/groups"),
+    ("POST", "/api/v1/groups"),
+    ("GET", "/api/v1/groups/{name}"),
+    ("PATCH", "/api/v1/groups/{name}"),
+    ("DELETE", "/api/v1/groups/{name}"),
+    ("GET", "/api/v1/enrollment-tokens"),
+    ("POST", "/api/v1/enrollment-tokens"),
+    ("DELETE", "/api/v1/enrollment-tokens/{id}"),
+    ("GET", "/api/v1/agents"),
+    ("GET", "/api/v1/agents/{name}"),
+    ("PATCH", "/api/v1/agents/{name}"),
+    ("DELETE", "/api/v1/agents/{name}"),
+    ("POST", "/api/v1/enroll"),
+    ("GET", "/api/v1/agent"),
+    ("GET", "/api/v1/agent/items"),
+    ("GET", "/api/v1/agent/items/{name}"),
+    ("POST", "/api/v1/agent/heartbeat"),
 ];
 
 /// What handlers share.
@@ -75,6 +106,7 @@ pub struct ApiState(Arc<StateInner>);
 struct StateInner {
     metrics: Arc<Metrics>,
     tokens: Tokens,
+    agents: Arc<Agents>,
     vaults: Arc<BTreeMap<String, Vault>>,
     jobs: Option<JobRunner>,
     max_body_bytes: usize,
@@ -85,12 +117,17 @@ struct StateInner {
 #[derive(Debug, Clone)]
 pub struct AdminId(pub String);
 
+/// The agent a request was authenticated as (by its client certificate).
+#[derive(Debug, Clone)]
+pub struct AgentId(pub String);
+
 impl ApiState {
-    /// State over the tokens (and their catalog), the opened vaults by name, and the job
-    /// runner to wake when a job is queued (`None`: jobs stay queued in the catalog until a
-    /// runner looks, as in unit tests).
+    /// State over the tokens (and their catalog), the agents, the opened vaults by name, and
+    /// the job runner to wake when a job is queued (`None`: jobs stay queued in the catalog
+    /// until a runner looks, as in unit tests).
     pub fn new(
         tokens: Tokens,
+        agents: Arc<Agents>,
         vaults: Arc<BTreeMap<String, Vault>>,
         jobs: Option<JobRunner>,
         metrics: Arc<Metrics>,
@@ -99,6 +136,7 @@ impl ApiState {
         Self(Arc::new(StateInner {
             metrics,
             tokens,
+            agents,
             vaults,
             jobs,
             max_body_bytes,
@@ -128,6 +166,26 @@ impl ApiState {
 
     fn tokens(&self) -> &Tokens {
         &self.0.tokens
+    }
+
+    fn agents(&self) -> &Agents {
+        &self.0.agents
+    }
+
+    fn agents_arc(&self) -> Arc<Agents> {
+        self.0.agents.clone()
+    }
+
+    /// Runs `f` on the agents on the blocking pool.
+    async fn with_agents<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Agents) -> Result<T, CatalogError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let a = self.agents_arc();
+        tokio::task::spawn_blocking(move || f(&a))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::from)
     }
 
     fn vault(&self, name: &str) -> Option<&Vault> {
@@ -197,11 +255,41 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/jobs/{id}", get(jobs::get_one))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/v1/metrics", get(metrics))
+        .route("/api/v1/groups", get(groups::list).post(groups::create))
+        .route(
+            "/api/v1/groups/{name}",
+            get(groups::get_one)
+                .patch(groups::update)
+                .delete(groups::delete),
+        )
+        .route(
+            "/api/v1/enrollment-tokens",
+            get(agents::list_tokens).post(agents::create_token),
+        )
+        .route(
+            "/api/v1/enrollment-tokens/{id}",
+            delete(agents::revoke_token),
+        )
+        .route("/api/v1/agents", get(agents::list))
+        .route(
+            "/api/v1/agents/{name}",
+            get(agents::get_one)
+                .patch(agents::update)
+                .delete(agents::revoke),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    let agent = Router::new()
+        .route("/api/v1/agent", get(agents::whoami))
+        .route("/api/v1/agent/items", get(agents::my_items))
+        .route("/api/v1/agent/items/{name}", get(agents::my_item))
+        .route("/api/v1/agent/heartbeat", post(agents::heartbeat))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_agent));
     Router::new()
         .route("/api/v1/health", get(health))
         .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/enroll", post(agents::enroll))
         .merge(admin)
+        .merge(agent)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), count))
@@ -229,22 +317,83 @@ async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-/// Lets a request through only with an active admin token.
-async fn require_admin(State(s): State<ApiState>, mut req: Request, next: Next) -> Response {
-    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
-        return ApiError::unauthorized().into_response();
-    };
+/// The admin token id of `req`'s bearer token: `None` without an `Authorization` header,
+/// `Some(None)` when it is not an active admin token.
+fn admin_of(s: &ApiState, req: &Request) -> Option<Option<String>> {
+    let value = req.headers().get(header::AUTHORIZATION)?;
     let token = value
         .to_str()
         .ok()
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim());
-    let Some(id) = token.and_then(|t| s.tokens().authenticate(t)) else {
-        return ApiError::invalid_token().into_response();
-    };
-    req.extensions_mut().insert(AdminId(id));
-    next.run(req).await
+    Some(token.and_then(|t| s.tokens().authenticate(t)))
+}
+
+/// Who the request's client certificate (verified by TLS) is, if it has one.
+fn agent_of(s: &ApiState, req: &Request) -> Option<CertCheck> {
+    req.extensions()
+        .get::<crate::server::ClientCert>()
+        .map(|c| s.agents().check(&c.sha256))
+}
+
+/// 401: the certificate of a revoked agent.
+pub(crate) fn certificate_revoked() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "certificate_revoked",
+        "this agent was revoked: its certificate is no longer accepted; enroll it again with a new token",
+    )
+}
+
+/// Lets a request through only with an active admin token.
+async fn require_admin(State(s): State<ApiState>, mut req: Request, next: Next) -> Response {
+    match admin_of(&s, &req) {
+        Some(Some(id)) => {
+            req.extensions_mut().insert(AdminId(id));
+            next.run(req).await
+        }
+        Some(None) => ApiError::invalid_token().into_response(),
+        None => match agent_of(&s, &req) {
+            Some(CertCheck::Agent(_)) => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "admin_only",
+                "this endpoint is for administrators (`Authorization: Bearer <admin token>`); \
+                 agents may only use /api/v1/agent",
+            )
+            .into_response(),
+            _ => ApiError::unauthorized().into_response(),
+        },
+    }
+}
+
+/// Lets a request through only with the certificate of an active agent.
+async fn require_agent(State(s): State<ApiState>, mut req: Request, next: Next) -> Response {
+    match agent_of(&s, &req) {
+        Some(CertCheck::Agent(name)) => {
+            req.extensions_mut().insert(AgentId(name));
+            next.run(req).await
+        }
+        Some(CertCheck::Revoked) => certificate_revoked().into_response(),
+        Some(CertCheck::Unknown) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unknown_certificate",
+            "the client certificate is not an enrolled agent's of this appliance",
+        )
+        .into_response(),
+        None if matches!(admin_of(&s, &req), Some(Some(_))) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "agent_only",
+            "this endpoint is for enrolled agents (client certificate); admin tokens are not accepted here",
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "client_certificate_required",
+            "this endpoint needs the client certificate an agent received at enrollment (`ferry-agent enroll`)",
+        )
+        .into_response(),
+    }
 }
 
 #[derive(Serialize)]

@@ -18,6 +18,7 @@ use crate::catalog::{Catalog, VaultEntry};
 struct Fixture {
     app: Router,
     admin: String,
+    agents: Arc<crate::agents::Agents>,
     _runners: tokio::task::JoinSet<()>,
     _dir: tempfile::TempDir,
 }
@@ -36,6 +37,8 @@ async fn fixture(points: &[&str]) -> Fixture {
         .unwrap();
     let tokens = Tokens::load(catalog.clone()).unwrap();
     let (_, admin) = tokens.create("test admin").unwrap();
+    let tls = crate::tls::load_or_create(dir.path(), &crate::config::TlsConfig::default()).unwrap();
+    let agents = Arc::new(crate::agents::Agents::load(catalog.clone(), tls.agent_ca).unwrap());
     let vault = Vault::init(
         Backend::open("memory://", &Vec::new(), false).unwrap(),
         &Secret::KeyFile(vec![7; 32]),
@@ -60,12 +63,14 @@ async fn fixture(points: &[&str]) -> Fixture {
     Fixture {
         app: router(ApiState::new(
             tokens,
+            agents.clone(),
             vaults,
             Some(runner),
             Arc::default(),
             1024,
         )),
         admin: admin.expose().to_string(),
+        agents,
         _runners: runners,
         _dir: dir,
     }
@@ -92,7 +97,25 @@ impl Fixture {
         headers: &[(&str, &str)],
         body: Option<(&str, &str)>,
     ) -> (StatusCode, HeaderMap, Value) {
+        self.request_with_cert(method, uri, token, None, headers, body)
+            .await
+    }
+
+    /// [`Fixture::request`] as a client whose TLS handshake presented a certificate with
+    /// SHA-256 `cert` (what the server puts in the request's extensions).
+    async fn request_with_cert(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        cert: Option<[u8; 32]>,
+        headers: &[(&str, &str)],
+        body: Option<(&str, &str)>,
+    ) -> (StatusCode, HeaderMap, Value) {
         let mut b = Request::builder().method(method).uri(uri);
+        if let Some(sha256) = cert {
+            b = b.extension(crate::server::ClientCert { sha256 });
+        }
         if let Some(t) = token {
             b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
@@ -116,6 +139,21 @@ impl Fixture {
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
             .await
             .unwrap();
+        if headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"))
+        {
+            // `/metrics`, the one answer in Prometheus' text format.
+            return (
+                status,
+                headers,
+                Value::String(String::from_utf8(bytes.to_vec()).unwrap()),
+            );
+        }
+        if status == StatusCode::NO_CONTENT {
+            assert!(bytes.is_empty());
+            return (status, headers, Value::Null);
+        }
         assert!(is_json, "{status}: every answer is JSON: {bytes:?}");
         (status, headers, serde_json::from_slice(&bytes).unwrap())
     }
@@ -1194,11 +1232,71 @@ async fn items_and_jobs_lifecycle() {
     assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "invalid_query"));
 }
 
-/// The authorisation matrix as far as it goes today (admin tokens only; agents come with
-/// enrollment): every route but `health` and `openapi.json` refuses anonymous callers and
-/// unknown or revoked tokens with 401 before reading the request, whatever the method.
+fn csr() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let p = rcgen::CertificateParams::new(vec![]).unwrap();
+    p.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+/// Parses `AB:CD:…`.
+fn unhex(fp: &str) -> [u8; 32] {
+    hex::decode(fp.replace(':', ""))
+        .unwrap()
+        .try_into()
+        .unwrap()
+}
+
+impl Fixture {
+    /// Enrolls agent `name` acting for `items`; returns its certificate's SHA-256.
+    async fn enroll(&self, name: &str, items: &[&str]) -> [u8; 32] {
+        let body = json!({"agent": name, "items": items, "ttl_seconds": 600}).to_string();
+        let (s, v) = self
+            .send(Method::POST, "/api/v1/enrollment-tokens", Some(&body))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        assert!(
+            v["command"]
+                .as_str()
+                .unwrap()
+                .starts_with("ferry-agent enroll --gateway https://"),
+            "{v}"
+        );
+        let secret = v["secret"].as_str().unwrap().to_string();
+        let req = json!({"token": secret, "csr": csr(), "hostname": name}).to_string();
+        let (s, v) = self
+            .call(
+                Method::POST,
+                "/api/v1/enroll",
+                None,
+                Some(("application/json", &req)),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        assert_eq!(v["agent"], name);
+        // The same token never enrolls twice.
+        let (s, again) = self
+            .call(
+                Method::POST,
+                "/api/v1/enroll",
+                None,
+                Some(("application/json", &req)),
+            )
+            .await;
+        assert_eq!(
+            (s, code(&again)),
+            (StatusCode::FORBIDDEN, "enrollment_token_used")
+        );
+        unhex(v["certificate_sha256"].as_str().unwrap())
+    }
+}
+
+/// Who may call what: every route × (anonymous, an unknown token, a revoked admin token, an
+/// active admin token, an active agent's certificate, a revoked agent's certificate, a
+/// certificate no agent has). Public routes answer everyone; admin routes only an admin
+/// token (an agent gets 403 `admin_only`); agent routes only an active agent's certificate
+/// (an admin 403 `agent_only`); an agent sees only its own items; revocation is immediate.
 #[tokio::test]
-async fn every_route_needs_an_active_admin_token() {
+async fn authorisation_matrix() {
     let f = fixture(&[]).await;
     let (s, v) = f
         .send(
@@ -1214,28 +1312,344 @@ async fn every_route_needs_an_active_admin_token() {
         .send(Method::DELETE, &format!("/api/v1/tokens/{id}"), None)
         .await;
     assert_eq!(s, StatusCode::OK);
+    for item in ["web-01", "db-01"] {
+        let body = json!({"name": item, "disks": [{"name": "os", "size_bytes": 1048576}]});
+        let (s, v) = f
+            .send(Method::POST, "/api/v1/items", Some(&body.to_string()))
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    }
+    let web = f.enroll("web-agent", &["web-01"]).await;
+    let db = f.enroll("db-agent", &["db-01"]).await;
+    let gone = f.enroll("gone-agent", &[]).await;
+    let (s, v) = f
+        .send(Method::DELETE, "/api/v1/agents/gone-agent", None)
+        .await;
+    assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("revoked")));
+
+    #[derive(Debug, Clone, Copy)]
+    enum Who<'a> {
+        Anonymous,
+        Token(&'a str),
+        Agent([u8; 32]),
+    }
+    let admin = f.admin.clone();
+    let callers = [
+        ("anonymous", Who::Anonymous),
+        ("unknown token", Who::Token("not-a-token")),
+        ("revoked token", Who::Token(&revoked)),
+        ("admin", Who::Token(&admin)),
+        ("agent", Who::Agent(web)),
+        ("revoked agent", Who::Agent(gone)),
+        ("unknown certificate", Who::Agent([9; 32])),
+    ];
     for (method, path) in ROUTES {
-        let uri = path
-            .replace("{name}", "default")
-            .replace("{id}", "20261126T000000.000Z-00000000");
         let m = Method::from_bytes(method.as_bytes()).unwrap();
         let body = matches!(*method, "POST" | "PATCH").then_some(("application/json", "{}"));
-        let public = matches!(*path, "/api/v1/health" | "/api/v1/openapi.json");
-        for token in [None, Some("not-a-token"), Some(revoked.as_str())] {
-            let (s, v) = f.call(m.clone(), &uri, token, body).await;
-            if public {
-                assert_eq!(s, StatusCode::OK, "{method} {uri}");
-            } else {
-                assert_eq!(s, StatusCode::UNAUTHORIZED, "{method} {uri} {token:?}: {v}");
-                let expected = if token.is_none() {
-                    "unauthorized"
+        let class = if matches!(
+            *path,
+            "/api/v1/health" | "/api/v1/openapi.json" | "/api/v1/enroll"
+        ) {
+            "public"
+        } else if path.starts_with("/api/v1/agent/") || *path == "/api/v1/agent" {
+            "agent"
+        } else {
+            "admin"
+        };
+        // Admin calls act on names that do not exist, so that nothing the rest of the test
+        // needs is disabled or revoked on the way.
+        let uri = path
+            .replace(
+                "{name}",
+                if class == "agent" {
+                    "web-01"
                 } else {
-                    "invalid_token"
-                };
-                assert_eq!(code(&v), expected, "{method} {uri}");
+                    "nothing-here"
+                },
+            )
+            .replace("{id}", "20261126T000000.000Z-00000000");
+        for (label, who) in callers {
+            let (token, cert) = match who {
+                Who::Anonymous => (None, None),
+                Who::Token(t) => (Some(t), None),
+                Who::Agent(c) => (None, Some(c)),
+            };
+            let (s, _, v) = f
+                .request_with_cert(m.clone(), &uri, token, cert, &[], body)
+                .await;
+            let what = format!("{method} {uri} as {label}: {s} {v}");
+            let refused = |status: StatusCode, c: &str| {
+                assert_eq!((s, code(&v)), (status, c), "{what}");
+            };
+            match (class, label) {
+                ("public", _) => assert!(
+                    s != StatusCode::UNAUTHORIZED && s != StatusCode::FORBIDDEN,
+                    "{what}"
+                ),
+                ("admin", "admin") | ("agent", "agent") => assert!(
+                    s != StatusCode::UNAUTHORIZED && s != StatusCode::FORBIDDEN,
+                    "{what}"
+                ),
+                ("admin", "anonymous" | "revoked agent" | "unknown certificate") => {
+                    refused(StatusCode::UNAUTHORIZED, "unauthorized");
+                }
+                ("admin", "agent") => refused(StatusCode::FORBIDDEN, "admin_only"),
+                ("admin", _) => refused(StatusCode::UNAUTHORIZED, "invalid_token"),
+                ("agent", "admin") => refused(StatusCode::FORBIDDEN, "agent_only"),
+                ("agent", "anonymous" | "unknown token" | "revoked token") => {
+                    refused(StatusCode::UNAUTHORIZED, "client_certificate_required");
+                }
+                ("agent", "revoked agent") => {
+                    refused(StatusCode::UNAUTHORIZED, "certificate_revoked");
+                }
+                ("agent", "unknown certificate") => {
+                    refused(StatusCode::UNAUTHORIZED, "unknown_certificate");
+                }
+                other => panic!("unexpected case {other:?}"),
             }
         }
     }
+
+    // Each agent sees its own items only; another's, or one that does not exist, is the
+    // same 403.
+    let as_agent = |cert: [u8; 32], uri: String| {
+        let f = &f;
+        async move {
+            let (s, _, v) = f
+                .request_with_cert(Method::GET, &uri, None, Some(cert), &[], None)
+                .await;
+            (s, v)
+        }
+    };
+    let (s, v) = as_agent(web, "/api/v1/agent/items/web-01".into()).await;
+    assert_eq!((s, v["name"].as_str()), (StatusCode::OK, Some("web-01")));
+    for (cert, uri) in [
+        (web, "/api/v1/agent/items/db-01"),
+        (web, "/api/v1/agent/items/nothing-here"),
+        (db, "/api/v1/agent/items/web-01"),
+    ] {
+        let (s, v) = as_agent(cert, uri.into()).await;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::FORBIDDEN, "forbidden_item"),
+            "{uri}"
+        );
+    }
+    let (s, v) = as_agent(db, "/api/v1/agent/items".into()).await;
+    assert_eq!(s, StatusCode::OK);
+    let names: Vec<_> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("db-01")]);
+    let (s, v) = as_agent(web, "/api/v1/agent".into()).await;
+    assert_eq!((s, v["name"].as_str()), (StatusCode::OK, Some("web-agent")));
+    assert_eq!(v["items"], json!(["web-01"]));
+
+    // An operator moves db-01 to the web agent; revoking the db agent is immediate.
+    let (s, v) = f
+        .send(
+            Method::PATCH,
+            "/api/v1/agents/web-agent",
+            Some(r#"{"items":["web-01","db-01"]}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _) = as_agent(web, "/api/v1/agent/items/db-01".into()).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = f
+        .send(Method::DELETE, "/api/v1/agents/db-agent", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = as_agent(db, "/api/v1/agent".into()).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::UNAUTHORIZED, "certificate_revoked")
+    );
+    assert!(matches!(
+        f.agents.check(&db),
+        crate::agents::CertCheck::Revoked
+    ));
+}
+
+/// Enrollment tokens: bad values refused naming the field, an unknown or expired or revoked
+/// token refused with its own code, a bad CSR refused without spending the token.
+#[tokio::test]
+async fn enrollment_refusals_change_nothing() {
+    let f = fixture(&[]).await;
+    for (body, field) in [
+        (json!({"agent": "-x"}), "agent"),
+        (json!({"agent": "a", "ttl_seconds": 0}), "ttl_seconds"),
+        (
+            json!({"agent": "a", "ttl_seconds": 99_999_999u64}),
+            "ttl_seconds",
+        ),
+    ] {
+        let (s, v) = f
+            .send(
+                Method::POST,
+                "/api/v1/enrollment-tokens",
+                Some(&body.to_string()),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(v["field"], field, "{v}");
+    }
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/enrollment-tokens",
+            Some(r#"{"agent":"a","items":["no-such-item"]}"#),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::BAD_REQUEST, "invalid_value"),
+        "{v}"
+    );
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/enrollment-tokens",
+            Some(r#"{"agent":"a"}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let secret = v["secret"].as_str().unwrap().to_string();
+    let id = v["id"].as_str().unwrap().to_string();
+    let enroll = |token: String, csr_pem: String| {
+        let f = &f;
+        async move {
+            let b = json!({"token": token, "csr": csr_pem}).to_string();
+            f.call(
+                Method::POST,
+                "/api/v1/enroll",
+                None,
+                Some(("application/json", &b)),
+            )
+            .await
+        }
+    };
+    let (s, v) = enroll("nope".into(), csr()).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::FORBIDDEN, "invalid_enrollment_token")
+    );
+    let (s, v) = enroll(
+        secret.clone(),
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n".into(),
+    )
+    .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::BAD_REQUEST, "invalid_csr"),
+        "{v}"
+    );
+    let (s, v) = f.get("/api/v1/enrollment-tokens").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        v["items"][0]["state"], "active",
+        "a bad CSR spent nothing: {v}"
+    );
+    assert!(
+        !v.to_string().contains(&secret),
+        "the secret is never listed"
+    );
+    let (s, _) = f
+        .send(
+            Method::DELETE,
+            &format!("/api/v1/enrollment-tokens/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = enroll(secret, csr()).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::FORBIDDEN, "enrollment_token_revoked")
+    );
+    let (s, v) = f.get("/api/v1/agents").await;
+    assert_eq!(
+        (s, v["items"].as_array().unwrap().len()),
+        (StatusCode::OK, 0)
+    );
+}
+
+/// Replication groups: lifecycle, one group per item, existing items only, If-Match.
+#[tokio::test]
+async fn groups_lifecycle() {
+    let f = fixture(&[]).await;
+    for item in ["web-01", "db-01"] {
+        let body = json!({"name": item, "disks": [{"name": "os", "size_bytes": 1048576}]});
+        let (s, _) = f
+            .send(Method::POST, "/api/v1/items", Some(&body.to_string()))
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+    }
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/groups",
+            Some(r#"{"name":"tier1","description":"web + db","items":["web-01"]}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let rev = v["revision"].as_u64().unwrap();
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/groups",
+            Some(r#"{"name":"tier2","items":["web-01"]}"#),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "item_in_group"));
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/groups", Some(r#"{"name":"tier1"}"#))
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "group_exists"));
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/groups",
+            Some(r#"{"name":"x","members":[]}"#),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "unknown_field"));
+    let stale = format!("\"{}\"", rev + 1000);
+    let (s, _, v) = f
+        .request(
+            Method::PATCH,
+            "/api/v1/groups/tier1",
+            Some(&f.admin),
+            &[("if-match", &stale)],
+            Some(("application/json", r#"{"items":["web-01","db-01"]}"#)),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::PRECONDITION_FAILED, "revision_mismatch")
+    );
+    let (s, v) = f
+        .send(
+            Method::PATCH,
+            "/api/v1/groups/tier1",
+            Some(r#"{"items":["web-01","db-01"],"description":null}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["items"], json!(["web-01", "db-01"]));
+    assert_eq!(v["description"], Value::Null);
+    let (s, v) = f.get("/api/v1/groups").await;
+    assert_eq!(
+        (s, v["items"].as_array().unwrap().len()),
+        (StatusCode::OK, 1)
+    );
+    let (s, _) = f.send(Method::DELETE, "/api/v1/groups/tier1", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = f.get("/api/v1/groups/tier1").await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "group_not_found"));
 }
 
 /// `/metrics` is Prometheus text for an admin, counting answers and items by state.

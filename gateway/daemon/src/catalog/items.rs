@@ -744,8 +744,11 @@ impl Catalog {
                 self.put_item(w, &it)?;
             }
             None => {
-                let mut t = w.open_table(ITEMS).map_err(|e| self.err(e))?;
-                t.remove(it.name.as_str()).map_err(|e| self.err(e))?;
+                {
+                    let mut t = w.open_table(ITEMS).map_err(|e| self.err(e))?;
+                    t.remove(it.name.as_str()).map_err(|e| self.err(e))?;
+                }
+                self.forget_item_in(w, &it.name)?;
             }
         }
         Ok(())

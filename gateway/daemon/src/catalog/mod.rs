@@ -36,8 +36,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{self, DEFAULT_POLICY, Policy, PolicyError, PolicyPatch, PolicySettings};
 
+mod agents;
 mod items;
 mod transfer;
+pub use agents::{
+    Agent, CertInfo, EnrollRefusal, EnrollToken, EnrollTokenState, Group, GroupPatch, MAX_MEMBERS,
+    MAX_TOKEN_TTL_SECS, MIN_TOKEN_TTL_SECS,
+};
 pub use items::{
     Census, ItemPatch, Job, JobLine, JobState, MAX_ITEMS, MAX_JOB_LOG_BYTES, MAX_JOBS,
 };
@@ -225,6 +230,60 @@ pub enum CatalogError {
         state: &'static str,
         /// What is not possible.
         reason: &'static str,
+    },
+    /// A bound on records was reached.
+    #[error("too many {what}: at most {limit}")]
+    TooMany {
+        /// What is bounded.
+        what: &'static str,
+        /// The bound.
+        limit: u64,
+    },
+    /// A value breaks a rule (the message names it).
+    #[error("{0}")]
+    Invalid(String),
+    /// The caller's expected revision is not the record's.
+    #[error(
+        "{what} `{name}` is at revision {current}, not the one expected: read it again and retry"
+    )]
+    StaleRevision {
+        /// "agent" or "group".
+        what: &'static str,
+        /// Its name.
+        name: String,
+        /// Its revision.
+        current: u64,
+    },
+    /// No agent has this name.
+    #[error("no agent `{0}`")]
+    AgentNotFound(String),
+    /// The agent name is enrolled and active.
+    #[error("agent `{0}` is enrolled; revoke it first to enroll it again")]
+    AgentExists(String),
+    /// No enrollment token has this id.
+    #[error("no enrollment token `{0}`")]
+    EnrollTokenNotFound(String),
+    /// An enrollment was refused because of its token.
+    #[error("{0}")]
+    EnrollRefused(EnrollRefusal),
+    /// The appliance CA could not sign the agent's certificate.
+    #[error("signing the agent certificate failed: {0}")]
+    Signing(String),
+    /// No group has this name.
+    #[error("no group `{0}`")]
+    GroupNotFound(String),
+    /// A group of that name exists.
+    #[error("a group named `{0}` already exists")]
+    GroupExists(String),
+    /// The item is already in another group.
+    #[error(
+        "protected item `{item}` is already in group `{group}` (an item is in one group at most)"
+    )]
+    ItemInGroup {
+        /// The item.
+        item: String,
+        /// The group holding it.
+        group: String,
     },
     /// The policy is used and cannot be deleted.
     #[error(
@@ -715,6 +774,9 @@ impl Catalog {
                     w.open_table(items::ITEMS).map_err(|e| me.err(e))?;
                     w.open_table(items::JOBS).map_err(|e| me.err(e))?;
                     w.open_table(items::JOB_QUEUE).map_err(|e| me.err(e))?;
+                    w.open_table(agents::ENROLL_TOKENS).map_err(|e| me.err(e))?;
+                    w.open_table(agents::AGENTS).map_err(|e| me.err(e))?;
+                    w.open_table(agents::GROUPS).map_err(|e| me.err(e))?;
                 }
                 w.commit().map_err(|e| me.err(e))?;
             }
@@ -724,10 +786,18 @@ impl Catalog {
     }
 
     /// Creates the tables version 1 gained after its first catalogs were written
-    /// (`policies`, then `items`, `jobs` and `job_queue`), in one write transaction, only when
-    /// one is missing.
+    /// (`policies`, then `items`, `jobs` and `job_queue`, then `enrollment_tokens`, `agents`
+    /// and `groups`), in one write transaction, only when one is missing.
     fn add_missing_tables(&self) -> Result<()> {
-        let later = [POLICIES, items::ITEMS, items::JOBS, items::JOB_QUEUE];
+        let later = [
+            POLICIES,
+            items::ITEMS,
+            items::JOBS,
+            items::JOB_QUEUE,
+            agents::ENROLL_TOKENS,
+            agents::AGENTS,
+            agents::GROUPS,
+        ];
         let mut missing = false;
         {
             let r = self.db.begin_read().map_err(|e| self.err(e))?;

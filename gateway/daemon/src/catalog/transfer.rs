@@ -4,13 +4,16 @@
 //! Records travel as the exact bytes the catalog stores (each a versioned JSON record,
 //! `docs/catalog-format.md` §3), so a snapshot written by one build is read by the next like
 //! its own catalog file, through the same decoders. Exported: admin tokens (hashes only),
-//! vaults, policies, items, the jobs not yet ended, and `meta`'s `bootstrap` and `revision`.
+//! vaults, policies, items, the jobs not yet ended, enrollment tokens (hashes only), agents
+//! (their certificates' fingerprints: the restored appliance has the same CA, so enrolled
+//! agents keep working), groups, and `meta`'s `bootstrap` and `revision`.
 //! Ended jobs are history and stay behind.
 
 use std::collections::BTreeMap;
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use super::agents;
 use super::items::{self, JOB_QUEUE, JOBS};
 use super::{
     ADMIN_TOKENS, Catalog, CatalogError, META, META_BOOTSTRAP, META_REVISION, POLICIES, Result,
@@ -20,12 +23,15 @@ use super::{
 /// Records by table, then key: each value the record's stored bytes (UTF-8 JSON).
 pub type Records = BTreeMap<String, BTreeMap<String, String>>;
 
-const TABLES: [(&str, TableDefinition<&str, &[u8]>); 5] = [
+const TABLES: [(&str, TableDefinition<&str, &[u8]>); 8] = [
     ("admin_tokens", ADMIN_TOKENS),
     ("vaults", VAULTS),
     ("policies", POLICIES),
     ("items", items::ITEMS),
     ("jobs", JOBS),
+    ("enrollment_tokens", agents::ENROLL_TOKENS),
+    ("agents", agents::AGENTS),
+    ("groups", agents::GROUPS),
 ];
 
 /// Checks one record of `table` by decoding it; returns whether it is exported (ended jobs
@@ -37,6 +43,9 @@ fn check(table: &str, key: &str, b: &[u8]) -> Result<bool> {
         "policies" => record::decode_policy(key, b).map(|_| true),
         "items" => items::decode_item(key, b).map(|_| true),
         "jobs" => items::decode_job(key, b).map(|j| !j.state.is_final()),
+        "enrollment_tokens" => agents::decode_enroll_token(key, b).map(|_| true),
+        "agents" => agents::decode_agent(key, b).map(|_| true),
+        "groups" => agents::decode_group(key, b).map(|_| true),
         "meta" if key == META_BOOTSTRAP => record::decode_bootstrap(b).map(|_| true),
         "meta" if key == META_REVISION => record::decode_revision(b).map(|_| true),
         _ => Err(CatalogError::BadRecord {

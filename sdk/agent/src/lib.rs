@@ -1,0 +1,53 @@
+//! `ferry-agent`, the agent on a protected machine (the Mobility service). This crate is its
+//! enrollment half: how the agent gets an identity the gateway trusts, keeps it, and proves it.
+//! Reading disks and streaming them (`ferry-agent run`, `sync`) come next, on top of this.
+//!
+//! - [`enroll`] — `ferry-agent enroll`: a fresh key, a CSR, the one-time token, over TLS that
+//!   trusts only the CA pinned by its fingerprint; the answer is checked, then saved.
+//! - [`status`] — `ferry-agent status`: a heartbeat, then the agent's record and its items,
+//!   over mTLS with the saved identity.
+//! - [`identity`] — the key pair, the certificate signing request, and the checks of the
+//!   certificate the gateway returns (our key, signed by the pinned CA, named for us).
+//! - [`state`] — the state directory (`agent.toml`, `agent.key`, `agent.crt`, `ca.pem`):
+//!   private, written atomically, refused when already there unless forced.
+//! - [`gateway`] — the HTTP client of the gateway's agent API: bounded bodies, timeouts, no
+//!   redirects, the API's JSON errors made typed.
+//! - [`error`] — [`AgentError`], what the binary reports, and its exit code.
+//!
+//! The wire types and the CA pinning come from `ferry-proto`, shared with the gateway and the
+//! admin CLI. Secrets (the enrollment token, the private key) never reach a log, an error or a
+//! `Debug` output.
+
+pub mod enroll;
+pub mod error;
+pub mod gateway;
+pub mod identity;
+pub mod state;
+pub mod status;
+
+#[cfg(test)]
+mod testkit;
+
+pub use error::AgentError;
+
+/// The agent's version, sent to the gateway at enrollment and in heartbeats.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// This machine's host name (the kernel's node name), or `localhost` when it has none.
+pub fn hostname() -> String {
+    let u = rustix::system::uname();
+    let n = u.nodename().to_string_lossy().trim().to_string();
+    if n.is_empty() {
+        "localhost".to_string()
+    } else {
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hostname_is_never_empty() {
+        assert!(!super::hostname().is_empty());
+    }
+}
