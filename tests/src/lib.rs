@@ -362,38 +362,37 @@ pub fn random_writes(img: &Path, n: usize, len: usize, seed: u64) -> Vec<std::op
         .collect()
 }
 
-/// The `ferry` binary of this build (built by `cargo build` before the tests run).
-pub fn ferry_bin() -> PathBuf {
+/// The binary `name` of this build, next to the test binaries (`cargo build -p PACKAGE`
+/// builds it; the README's test command builds them all).
+fn built_bin(name: &str, package: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/ferry
+    // target/<profile>/deps/<test> → target/<profile>/<name>
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("test binary lives in target/<profile>/deps");
-    let bin = dir.join("ferry");
+    let bin = dir.join(name);
     assert!(
         bin.is_file(),
-        "{} is missing: build it first (`cargo build -p ferry-cli`; the README's test command does)",
+        "{} is missing: build it first (`cargo build -p {package}`; the README's test command does)",
         bin.display()
     );
     bin
 }
 
-/// The `ferryd` binary next to the test binaries (built by `cargo build -p ferry-daemon`).
+/// The `ferry` binary of this build.
+pub fn ferry_bin() -> PathBuf {
+    built_bin("ferry", "ferry-cli")
+}
+
+/// The `ferryd` binary of this build.
 pub fn ferryd_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/ferryd
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = dir.join("ferryd");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first (`cargo build -p ferry-daemon`; the README's test command does)",
-        bin.display()
-    );
-    bin
+    built_bin("ferryd", "ferry-daemon")
+}
+
+/// The `ferry-agent` binary of this build.
+pub fn ferry_agent_bin() -> PathBuf {
+    built_bin("ferry-agent", "ferry-agent")
 }
 
 /// Which wasm target to build a plugin crate for.

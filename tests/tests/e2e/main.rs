@@ -4,6 +4,7 @@
 //!
 //! Run one area with a filter: `cargo test -p ferry-e2e --test e2e appliance::`.
 
+mod agents;
 mod appliance;
 mod cli;
 mod control_cli;
