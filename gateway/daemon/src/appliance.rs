@@ -76,6 +76,8 @@ pub struct Prepared {
     pub tokens: Tokens,
     /// The enrolled agents.
     pub agents: Arc<Agents>,
+    /// The roles it takes.
+    pub roles: Vec<&'static str>,
     /// Open vaults by name.
     pub vaults: BTreeMap<String, Vault>,
     /// The catalog was created by this start.
@@ -132,6 +134,7 @@ pub async fn prepare(cfg: &Config) -> Result<Prepared> {
         tls,
         tokens,
         agents,
+        roles: cfg.roles.names(),
         vaults,
         first_start,
         new_admin_token,
@@ -394,6 +397,7 @@ pub fn banner(p: &Prepared, addr: SocketAddr) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "ferryd {} is up", env!("CARGO_PKG_VERSION"));
     let _ = writeln!(s, "  API:            {url}/api/v1");
+    let _ = writeln!(s, "  roles:          {}", p.roles.join(", "));
     match &p.tls.ca_cert {
         Some(ca) => {
             let _ = writeln!(s, "  CA certificate: {}", ca.display());

@@ -45,10 +45,59 @@ pub struct Config {
     /// `~/.local/share/ferry`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// What this appliance does.
+    pub roles: Roles,
     /// The HTTPS API.
     pub api: ApiConfig,
     /// The appliance's vault.
     pub vault: VaultConfig,
+}
+
+/// A role of an appliance (Site Recovery's configuration server, process server and master
+/// target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The catalog, the REST API, enrollment, jobs and catalog snapshots.
+    Control,
+    /// Ingests agents' streams into the vault (the data port).
+    Process,
+    /// Materialises recovery points at failover (failover, commit, reprotect jobs).
+    Target,
+}
+
+impl Role {
+    /// The name used in the configuration and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Control => "control",
+            Role::Process => "process",
+            Role::Target => "target",
+        }
+    }
+}
+
+/// `roles`: the roles this appliance takes (all three by default).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Roles(pub Vec<Role>);
+
+impl Default for Roles {
+    fn default() -> Self {
+        Self(vec![Role::Control, Role::Process, Role::Target])
+    }
+}
+
+impl Roles {
+    /// Whether `r` is one of them.
+    pub fn has(&self, r: Role) -> bool {
+        self.0.contains(&r)
+    }
+
+    /// Their names, in order.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.0.iter().map(|r| r.as_str()).collect()
+    }
 }
 
 /// `[api]`: the HTTPS listener.
@@ -243,6 +292,28 @@ impl Config {
             key: key.to_string(),
             reason,
         };
+        let roles = &self.roles.0;
+        if roles.is_empty() {
+            return Err(bad(
+                "roles",
+                "an appliance has at least one role (control, process, target)".into(),
+            ));
+        }
+        if let Some(r) = roles
+            .iter()
+            .enumerate()
+            .find_map(|(i, r)| roles[..i].contains(r).then_some(r))
+        {
+            return Err(bad("roles", format!("`{}` is listed twice", r.as_str())));
+        }
+        if !self.roles.has(Role::Control) {
+            return Err(bad(
+                "roles",
+                "this build needs the `control` role: a process- or target-only appliance takes \
+                 its catalog from a control appliance, and joining one is not supported yet"
+                    .into(),
+            ));
+        }
         let l = &self.api.limits;
         let range = |key: &str, v: u64, lo: u64, hi: u64| {
             if (lo..=hi).contains(&v) {
@@ -572,6 +643,9 @@ mod tests {
     #[test]
     fn bad_values_are_named() {
         let cases = [
+            ("roles = []\n", "roles"),
+            ("roles = [\"control\", \"control\"]\n", "roles"),
+            ("roles = [\"process\", \"target\"]\n", "roles"),
             (
                 "[api.limits]\nmax_body_bytes = 10\n",
                 "api.limits.max_body_bytes",

@@ -163,6 +163,7 @@ async fn up(args: UpArgs) -> Result<()> {
         Some(runner.clone()),
         metrics,
         usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
+        &cfg.roles,
     );
     let report = server::serve(
         listener,

@@ -48,6 +48,7 @@ mod jobs;
 mod policies;
 mod tokens;
 mod vaults;
+mod web;
 
 pub use error::ApiError;
 
@@ -110,6 +111,7 @@ struct StateInner {
     vaults: Arc<BTreeMap<String, Vault>>,
     jobs: Option<JobRunner>,
     max_body_bytes: usize,
+    roles: Vec<&'static str>,
 }
 
 /// The id of the admin token a request was authenticated with (for the audit lines on
@@ -132,6 +134,7 @@ impl ApiState {
         jobs: Option<JobRunner>,
         metrics: Arc<Metrics>,
         max_body_bytes: usize,
+        roles: &crate::config::Roles,
     ) -> Self {
         Self(Arc::new(StateInner {
             metrics,
@@ -140,6 +143,7 @@ impl ApiState {
             vaults,
             jobs,
             max_body_bytes,
+            roles: roles.names(),
         }))
     }
 
@@ -288,6 +292,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/health", get(health))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/enroll", post(agents::enroll))
+        .merge(web::routes())
         .merge(admin)
         .merge(agent)
         .fallback(not_found)
@@ -400,12 +405,14 @@ async fn require_agent(State(s): State<ApiState>, mut req: Request, next: Next) 
 struct Health {
     status: &'static str,
     version: &'static str,
+    roles: Vec<&'static str>,
 }
 
-async fn health() -> axum::Json<Health> {
+async fn health(State(s): State<ApiState>) -> axum::Json<Health> {
     axum::Json(Health {
         status: "ok",
         version: env!("CARGO_PKG_VERSION"),
+        roles: s.0.roles.clone(),
     })
 }
 

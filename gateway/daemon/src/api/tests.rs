@@ -68,6 +68,7 @@ async fn fixture(points: &[&str]) -> Fixture {
             Some(runner),
             Arc::default(),
             1024,
+            &crate::config::Roles::default(),
         )),
         admin: admin.expose().to_string(),
         agents,
