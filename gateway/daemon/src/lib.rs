@@ -31,6 +31,7 @@ pub mod fsutil;
 pub mod item;
 pub mod jobs;
 pub mod metrics;
+pub mod mirror;
 pub mod policy;
 pub mod server;
 pub mod snapshot;

@@ -145,6 +145,9 @@ async fn up(args: UpArgs) -> Result<()> {
     let (runner, runner_tasks) =
         ferry_daemon::jobs::JobRunner::start(catalog.clone(), vaults.clone(), JOB_WORKERS)
             .context("starting the job runner")?;
+    let (mirror_stop, mirror_rx) = tokio::sync::watch::channel(false);
+    let (_mirror, mirror_task) =
+        ferry_daemon::mirror::PointMirror::start(catalog.clone(), vaults.clone(), mirror_rx);
     let metrics = std::sync::Arc::new(ferry_daemon::metrics::Metrics::default());
     let snapshots = ferry_daemon::snapshot::Snapshotter::start(
         catalog.clone(),
@@ -181,6 +184,8 @@ async fn up(args: UpArgs) -> Result<()> {
     if busy > 0 {
         eprintln!("ferryd: {busy} job(s) did not end in time: they run again at the next start");
     }
+    let _ = mirror_stop.send(true);
+    let _ = mirror_task.await;
     // The last changes go to the vault before the catalog closes.
     snapshots.shutdown().await;
     if report.dropped_at_shutdown > 0 {

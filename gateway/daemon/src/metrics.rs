@@ -3,8 +3,10 @@
 //!
 //! Counters live here as atomics, bumped by the parts that do the work (every HTTP answer by
 //! class, every catalog snapshot written or failed); gauges are read from the catalog when
-//! scraped (items by state, jobs by state, tokens, policies), so they are never stale and
-//! nothing has to keep them in step.
+//! scraped (items by state, jobs by state, tokens, policies, each item's newest recovery
+//! point from the catalog's point mirror and whether its age is over its policy's RPO
+//! threshold, the alert Site Recovery raises), so they are never stale and nothing has to
+//! keep them in step.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -100,6 +102,31 @@ impl Metrics {
             "Replication policies.",
             &[(String::new(), c.policies)],
         );
+        let rpo = rpo_samples(catalog, ferry_store::point::now_ms())?;
+        metric(
+            "ferry_item_last_point_timestamp_seconds",
+            "gauge",
+            "When each protected item's newest recovery point was made (items with a point).",
+            &rpo.iter()
+                .map(|r| (format!("{{item=\"{}\"}}", r.item), r.latest_ms / 1000))
+                .collect::<Vec<_>>(),
+        );
+        metric(
+            "ferry_item_rpo_seconds",
+            "gauge",
+            "Age of each protected item's newest recovery point: its current RPO.",
+            &rpo.iter()
+                .map(|r| (format!("{{item=\"{}\"}}", r.item), r.age_ms / 1000))
+                .collect::<Vec<_>>(),
+        );
+        metric(
+            "ferry_item_rpo_threshold_exceeded",
+            "gauge",
+            "1 when a replicating item's current RPO is over its policy's RPO threshold.",
+            &rpo.iter()
+                .map(|r| (format!("{{item=\"{}\"}}", r.item), u64::from(r.exceeded)))
+                .collect::<Vec<_>>(),
+        );
         metric(
             "ferry_http_responses_total",
             "counter",
@@ -144,6 +171,67 @@ impl Metrics {
     }
 }
 
+/// One item's recovery-point age.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rpo {
+    item: String,
+    latest_ms: u64,
+    age_ms: u64,
+    exceeded: bool,
+}
+
+/// The RPO of every item with a mirrored point. The threshold applies to items that are
+/// replicating (protected, resync required or resynchronizing): an item in initial
+/// replication or failed over has no RPO to keep.
+fn rpo_samples(catalog: &Catalog, now_ms: u64) -> Result<Vec<Rpo>, CatalogError> {
+    let points = catalog.all_item_points()?;
+    let mut thresholds = std::collections::BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let p = catalog.policies_page(after.as_deref(), crate::catalog::MAX_PAGE)?;
+        for pol in p.items {
+            thresholds.insert(
+                pol.name,
+                u64::from(pol.settings.rpo_threshold_minutes) * 60_000,
+            );
+        }
+        match p.next_after {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let p = catalog.items_page(after.as_deref(), crate::catalog::MAX_PAGE)?;
+        for it in p.items {
+            let Some((_, latest_ms)) = points
+                .get(&(it.vault.clone(), it.name.clone()))
+                .and_then(|p| p.latest.clone())
+            else {
+                continue;
+            };
+            let age_ms = now_ms.saturating_sub(latest_ms);
+            let replicating = matches!(
+                it.state,
+                ItemState::Protected | ItemState::ResyncRequired | ItemState::Resynchronizing
+            );
+            let exceeded = replicating && thresholds.get(&it.policy).is_some_and(|t| age_ms > *t);
+            out.push(Rpo {
+                item: it.name,
+                latest_ms,
+                age_ms,
+                exceeded,
+            });
+        }
+        match p.next_after {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,5 +263,64 @@ mod tests {
         ] {
             assert!(t.lines().any(|l| l == line), "missing {line}:\n{t}");
         }
+    }
+
+    #[test]
+    fn rpo_is_the_age_of_the_newest_point_against_the_policy() {
+        use crate::item::Disk;
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = Catalog::open(&dir.path().join("c.redb")).unwrap();
+        c.ensure_default_policy(1).unwrap();
+        c.insert_vault(&crate::catalog::VaultEntry {
+            name: "v".into(),
+            url: "/x".into(),
+            created_ms: 1,
+        })
+        .unwrap();
+        let disks = || {
+            vec![Disk {
+                name: "os".into(),
+                size_bytes: 1 << 20,
+            }]
+        };
+        for item in ["fresh", "stale", "new"] {
+            let (_, job) = c
+                .create_item(item, None, "v", "default", disks(), 1)
+                .unwrap();
+            if item != "new" {
+                // enable ends with a point: protected.
+                c.take_queued_job(2).unwrap();
+                c.finish_job(&job.id, Ok(Some(crate::item::Event::PointCommitted)), 3)
+                    .unwrap();
+            }
+        }
+        let pt = |item: &str, t: u64| crate::catalog::PointSummary {
+            vault: "v".into(),
+            item: item.into(),
+            id: format!("{item}-{t}"),
+            created_ms: t,
+            consistency: "crash".into(),
+            disks: 1,
+            size_bytes: 1 << 20,
+        };
+        let now = 100 * 60_000;
+        // The default threshold is 15 minutes.
+        c.apply_point_mirror(
+            &[
+                pt("fresh", now - 60_000),
+                pt("stale", now - 16 * 60_000),
+                pt("new", 0),
+            ],
+            &[],
+        )
+        .unwrap();
+        let r = rpo_samples(&c, now).unwrap();
+        let by: std::collections::BTreeMap<_, _> = r
+            .iter()
+            .map(|x| (x.item.as_str(), (x.age_ms, x.exceeded)))
+            .collect();
+        assert_eq!(by["fresh"], (60_000, false));
+        assert_eq!(by["stale"], (16 * 60_000, true));
+        assert!(!by["new"].1, "an item still enabling has no RPO to keep");
     }
 }

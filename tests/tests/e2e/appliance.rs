@@ -936,6 +936,29 @@ async fn items_jobs_and_restore_from_the_vault_alone() {
     )
     .await;
     assert_eq!(pts["items"].as_array().unwrap().len(), 1, "{pts}");
+    // The catalog's point mirror is rebuilt from the vault: the item shows its point, and
+    // the metrics its age.
+    let point_id = pts["items"][0]["id"].as_str().unwrap().to_string();
+    let waited = std::time::Instant::now();
+    loop {
+        let (_, it) = call(
+            &c,
+            reqwest::Method::GET,
+            &d.url("/api/v1/items/web-01"),
+            Some(&admin),
+            None,
+        )
+        .await;
+        if it["points"] == 1 {
+            assert_eq!(it["latest_point"]["id"], point_id.as_str(), "{it}");
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the mirror never caught up: {it}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Its metrics (Prometheus text) count the restored item.
     let text = c
         .get(d.url("/api/v1/metrics"))
@@ -949,6 +972,11 @@ async fn items_jobs_and_restore_from_the_vault_alone() {
     assert!(
         text.lines()
             .any(|l| l == "ferry_items{state=\"initial-replication\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ferry_item_rpo_seconds{item=\"web-01\"} ")),
         "{text}"
     );
     // And it works on: disable the item.

@@ -175,6 +175,19 @@ fn item_table(i: &Value) -> String {
         ("disks".into(), disks),
         ("direction".into(), cell(&i["direction"])),
         ("active job".into(), cell(&i["active_job"])),
+        ("points".into(), cell(&i["points"])),
+        (
+            "latest point".into(),
+            if i["latest_point"].is_null() {
+                "-".to_string()
+            } else {
+                format!(
+                    "{} ({})",
+                    cell(&i["latest_point"]["id"]),
+                    cell(&i["latest_point"]["created"])
+                )
+            },
+        ),
         ("description".into(), cell(&i["description"])),
         ("revision".into(), cell(&i["revision"])),
         ("created".into(), cell(&i["created"])),

@@ -414,19 +414,19 @@ pub(super) async fn my_items(
                     break;
                 }
                 if let Some(it) = c.item(&n)? {
-                    out.push(it);
+                    out.push((n, ItemJson::of(c, it)?));
                 }
             }
             Ok((out, more))
         })
         .await?;
     let next_cursor = if more {
-        items.last().map(|i| encode_cursor(&i.name))
+        items.last().map(|(n, _)| encode_cursor(n))
     } else {
         None
     };
     Ok(Json(PageJson {
-        items: items.into_iter().map(ItemJson::from).collect(),
+        items: items.into_iter().map(|(_, j)| j).collect(),
         next_cursor,
     }))
 }
@@ -451,9 +451,13 @@ pub(super) async fn my_item(
         return Err(forbidden_item(&name));
     }
     let n = name.clone();
-    let it = s
-        .catalog(move |c| c.item(&n))
+    let (rev, it) = s
+        .catalog(move |c| {
+            c.item(&n)?
+                .map(|it| Ok((it.revision, ItemJson::of(c, it)?)))
+                .transpose()
+        })
         .await?
         .ok_or_else(|| forbidden_item(&name))?;
-    Ok(([(header::ETAG, etag(it.revision))], Json(it.into())))
+    Ok(([(header::ETAG, etag(rev))], Json(it)))
 }

@@ -16,7 +16,7 @@ use super::extract::{ApiJson, ApiPath, ApiQuery, PageQuery, encode_cursor};
 use super::jobs::JobJson;
 use super::policies::{etag, if_match};
 use super::{AdminId, ApiError, ApiState, PageJson, time};
-use crate::catalog::{CatalogError, ItemPatch};
+use crate::catalog::{Catalog, CatalogError, ItemPatch, ItemPoints};
 use crate::item::{self, Disk, Item, Operation};
 use crate::policy::DEFAULT_POLICY;
 
@@ -62,14 +62,35 @@ pub(super) struct ItemJson {
     state: &'static str,
     direction: &'static str,
     active_job: Option<String>,
+    /// Recovery points the catalog's mirror knows in the item's vault.
+    points: u64,
+    /// The newest of them.
+    latest_point: Option<LatestPoint>,
     revision: u64,
     created: String,
     updated: String,
 }
 
-impl From<Item> for ItemJson {
-    fn from(i: Item) -> Self {
+#[derive(Debug, Serialize)]
+pub(super) struct LatestPoint {
+    id: String,
+    created: String,
+}
+
+impl ItemJson {
+    /// The item's JSON with what the point mirror knows of it (a catalog read).
+    pub(super) fn of(c: &Catalog, it: Item) -> Result<Self, CatalogError> {
+        let p = c.item_points(&it.vault, &it.name)?;
+        Ok(Self::new(it, p))
+    }
+
+    fn new(i: Item, p: ItemPoints) -> Self {
         Self {
+            points: p.count,
+            latest_point: p.latest.map(|(id, t)| LatestPoint {
+                id,
+                created: time(t),
+            }),
             name: i.name,
             description: i.description,
             vault: i.vault,
@@ -135,7 +156,7 @@ fn path_name(name: String) -> Result<String, ApiError> {
 
 /// 202 with the item, its queued job, and the job's URL in `Location`.
 fn accepted(
-    it: Item,
+    it: ItemJson,
     job: crate::catalog::Job,
 ) -> (StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>) {
     let location = HeaderValue::from_str(&format!("/api/v1/jobs/{}", job.id))
@@ -144,7 +165,7 @@ fn accepted(
         StatusCode::ACCEPTED,
         [(header::LOCATION, location)],
         Json(Accepted {
-            item: it.into(),
+            item: it,
             job: job.into(),
         }),
     )
@@ -156,10 +177,22 @@ pub(super) async fn list(
 ) -> Result<Json<PageJson<ItemJson>>, ApiError> {
     let page = q.validate()?;
     let p = s
-        .catalog(move |c| c.items_page(page.after.as_deref(), page.limit))
+        .catalog(move |c| {
+            let p = c.items_page(page.after.as_deref(), page.limit)?;
+            let items = p
+                .items
+                .into_iter()
+                .map(|it| ItemJson::of(c, it))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((items, p.next_after))
+        })
         .await?;
+    let p = crate::catalog::Page {
+        items: p.0,
+        next_after: p.1,
+    };
     Ok(Json(PageJson {
-        items: p.items.into_iter().map(ItemJson::from).collect(),
+        items: p.items,
         next_cursor: p.next_after.as_deref().map(encode_cursor),
     }))
 }
@@ -198,7 +231,10 @@ pub(super) async fn create(
     let now = ferry_store::point::now_ms();
     let name = b.name;
     let (it, job) = s
-        .catalog(move |c| c.create_item(&name, b.description, &vault, &policy, disks, now))
+        .catalog(move |c| {
+            let (it, job) = c.create_item(&name, b.description, &vault, &policy, disks, now)?;
+            Ok((ItemJson::of(c, it)?, job))
+        })
         .await?;
     s.jobs_queued();
     eprintln!(
@@ -215,10 +251,10 @@ pub(super) async fn get_one(
     let name = path_name(name)?;
     let n = name.clone();
     let it = s
-        .catalog(move |c| c.item(&n))
+        .catalog(move |c| c.item(&n)?.map(|it| ItemJson::of(c, it)).transpose())
         .await?
         .ok_or_else(|| no_item(&name))?;
-    Ok(([(header::ETAG, etag(it.revision))], Json(it.into())))
+    Ok(([(header::ETAG, etag(it.revision))], Json(it)))
 }
 
 pub(super) async fn update(
@@ -240,10 +276,10 @@ pub(super) async fn update(
     };
     let now = ferry_store::point::now_ms();
     let it = s
-        .catalog(move |c| c.update_item(&name, expect.as_deref(), &patch, now))
+        .catalog(move |c| ItemJson::of(c, c.update_item(&name, expect.as_deref(), &patch, now)?))
         .await?;
     eprintln!("ferryd: item {} updated by token {}", it.name, by.0);
-    Ok(([(header::ETAG, etag(it.revision))], Json(it.into())))
+    Ok(([(header::ETAG, etag(it.revision))], Json(it)))
 }
 
 /// Starts `op` on the item named in the path; 202 with the item and the job.
@@ -258,7 +294,10 @@ async fn operation(
     let expect = if_match(headers)?;
     let now = ferry_store::point::now_ms();
     let (it, job) = s
-        .catalog(move |c| c.begin_operation(&name, op, expect.as_deref(), now))
+        .catalog(move |c| {
+            let (it, job) = c.begin_operation(&name, op, expect.as_deref(), now)?;
+            Ok((ItemJson::of(c, it)?, job))
+        })
         .await?;
     s.jobs_queued();
     eprintln!(

@@ -38,6 +38,7 @@ use crate::policy::{self, DEFAULT_POLICY, Policy, PolicyError, PolicyPatch, Poli
 
 mod agents;
 mod items;
+mod points;
 mod transfer;
 pub use agents::{
     Agent, CertInfo, EnrollRefusal, EnrollToken, EnrollTokenState, Group, GroupPatch, MAX_MEMBERS,
@@ -46,6 +47,7 @@ pub use agents::{
 pub use items::{
     Census, ItemPatch, Job, JobLine, JobState, MAX_ITEMS, MAX_JOB_LOG_BYTES, MAX_JOBS,
 };
+pub use points::{ItemPoints, MAX_POINTS, PointSummary, point_key};
 pub use transfer::{Records, check_records};
 
 /// Format of the whole catalog written by this build.
@@ -777,6 +779,7 @@ impl Catalog {
                     w.open_table(agents::ENROLL_TOKENS).map_err(|e| me.err(e))?;
                     w.open_table(agents::AGENTS).map_err(|e| me.err(e))?;
                     w.open_table(agents::GROUPS).map_err(|e| me.err(e))?;
+                    w.open_table(points::POINTS).map_err(|e| me.err(e))?;
                 }
                 w.commit().map_err(|e| me.err(e))?;
             }
@@ -786,8 +789,8 @@ impl Catalog {
     }
 
     /// Creates the tables version 1 gained after its first catalogs were written
-    /// (`policies`, then `items`, `jobs` and `job_queue`, then `enrollment_tokens`, `agents`
-    /// and `groups`), in one write transaction, only when one is missing.
+    /// (`policies`, then `items`, `jobs` and `job_queue`, then `enrollment_tokens`, `agents`,
+    /// `groups` and `points`), in one write transaction, only when one is missing.
     fn add_missing_tables(&self) -> Result<()> {
         let later = [
             POLICIES,
@@ -797,6 +800,7 @@ impl Catalog {
             agents::ENROLL_TOKENS,
             agents::AGENTS,
             agents::GROUPS,
+            points::POINTS,
         ];
         let mut missing = false;
         {
