@@ -62,7 +62,8 @@ impl Token {
         Ok(Self(Zeroizing::new(t.to_string())))
     }
 
-    fn expose(&self) -> &str {
+    /// The token text, for the enrollment request body only.
+    pub fn expose(&self) -> &str {
         &self.0
     }
 }

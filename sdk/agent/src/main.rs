@@ -44,10 +44,12 @@ struct EnrollCli {
     /// The gateway's URL, `https://host:port`.
     #[arg(long, value_name = "URL")]
     gateway: String,
-    /// The one-time enrollment token (never printed).
+    /// The one-time enrollment token (never printed). Tokens are base64url and may start
+    /// with `-`, so a value that looks like a flag is taken as the token.
     #[arg(
         long,
         value_name = "TOKEN",
+        allow_hyphen_values = true,
         value_parser = Token::from_arg,
         env = "FERRY_AGENT_TOKEN",
         hide_env_values = true
@@ -165,6 +167,22 @@ mod tests {
             .map(|c| c.get_name().to_string())
             .collect();
         assert_eq!(names, ["enroll", "status"]);
+    }
+
+    /// Tokens are base64url: one may start with `-`, in either spelling.
+    #[test]
+    fn a_token_starting_with_a_dash_is_a_token() {
+        let fp = "AB".repeat(32);
+        for args in [vec!["--token", "-3abc_def"], vec!["--token=-3abc_def"]] {
+            let mut argv = vec!["ferry-agent", "enroll", "--gateway", "https://gw:8443"];
+            argv.extend(args);
+            argv.extend(["--ca-fingerprint", &fp]);
+            let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            let Command::Enroll(e) = cli.command else {
+                panic!("not enroll")
+            };
+            assert_eq!(e.token.expose(), "-3abc_def");
+        }
     }
 
     #[test]

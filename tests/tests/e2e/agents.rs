@@ -177,7 +177,11 @@ async fn agents_enroll_act_for_their_items_and_are_revoked() {
         &["agent", "token", "create", "web-agent", "--item", "web-01"],
     );
     let args = enroll_command(&o.stdout);
-    let secret = args[args.iter().position(|a| a == "--token").unwrap() + 1].clone();
+    let secret = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--token="))
+        .expect("the command carries --token=")
+        .to_string();
     let web = tmp.path().join("agent-web");
     // A wrong fingerprint: nothing is sent, nothing saved, the token still good.
     let mut wrong = args.clone();

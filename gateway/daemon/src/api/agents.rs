@@ -186,8 +186,9 @@ pub(super) async fn create_token(
         "ferryd: enrollment token {} for agent {} created by token {}",
         tok.id, tok.agent, by.0
     );
+    // `--token=`: a base64url token may start with `-`.
     let command = format!(
-        "ferry-agent enroll --gateway {} --token {} --ca-fingerprint {fp}",
+        "ferry-agent enroll --gateway {} --token={} --ca-fingerprint {fp}",
         gateway_url(&headers),
         secret.expose()
     );

@@ -77,13 +77,20 @@ impl<T: DeserializeOwned> FromRequest<ApiState> for ApiJson<T> {
         let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request("invalid_json", format!("malformed JSON body: {e}"))
         })?;
-        if let Some(obj) = value.as_object() {
-            let fields = struct_fields::<T>();
-            if !fields.is_empty()
-                && let Some(k) = obj.keys().find(|k| !fields.contains(&k.as_str()))
-            {
-                return Err(unknown_field(k, fields));
-            }
+        let fields = struct_fields::<T>();
+        // serde would also read a struct from an array of its members in order; a body is
+        // a JSON object.
+        if !fields.is_empty() && !value.is_object() {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "the JSON body must be an object",
+            ));
+        }
+        if let Some(obj) = value.as_object()
+            && !fields.is_empty()
+            && let Some(k) = obj.keys().find(|k| !fields.contains(&k.as_str()))
+        {
+            return Err(unknown_field(k, fields));
         }
         serde_json::from_slice(&body).map(ApiJson).map_err(|e| {
             ApiError::bad_request(

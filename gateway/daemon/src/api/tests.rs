@@ -1618,6 +1618,15 @@ async fn groups_lifecycle() {
         )
         .await;
     assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "unknown_field"));
+    // serde reads a struct from an array of its members; the API takes objects only.
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/groups", Some(r#"["x", null, []]"#))
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::BAD_REQUEST, "invalid_request"),
+        "{v}"
+    );
     let stale = format!("\"{}\"", rev + 1000);
     let (s, _, v) = f
         .request(
