@@ -101,6 +101,14 @@ impl<T: DeserializeOwned> FromRequest<ApiState> for ApiJson<T> {
     }
 }
 
+/// For a `PATCH` member that may be cleared (with `#[serde(default, deserialize_with)]`):
+/// present-but-null becomes `Some(None)` (clear); absent stays `None` (keep).
+pub(crate) fn null_clears<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
 /// 400 `unknown_field` for member `name` (a dotted path when nested), listing `accepted`.
 pub(crate) fn unknown_field(name: &str, accepted: &[&str]) -> ApiError {
     let shown: String = name.chars().take(100).collect();

@@ -47,14 +47,9 @@ pub(super) struct CreateBody {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PatchBody {
-    #[serde(default, deserialize_with = "some")]
+    #[serde(default, deserialize_with = "super::extract::null_clears")]
     description: Option<Option<String>>,
     items: Option<Vec<String>>,
-}
-
-/// Present-but-null becomes `Some(None)` (clear); absent stays `None` (keep).
-fn some<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
-    Option::<String>::deserialize(d).map(Some)
 }
 
 type Tagged = ([(HeaderName, HeaderValue); 1], Json<GroupJson>);

@@ -133,14 +133,9 @@ pub(super) struct CreateBody {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PatchBody {
-    #[serde(default, deserialize_with = "some")]
+    #[serde(default, deserialize_with = "super::extract::null_clears")]
     description: Option<Option<String>>,
     policy: Option<String>,
-}
-
-/// Present-but-null becomes `Some(None)` (clear); absent stays `None` (keep).
-fn some<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
-    Option::<String>::deserialize(d).map(Some)
 }
 
 fn no_item(name: &str) -> ApiError {
