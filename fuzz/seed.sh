@@ -94,6 +94,12 @@ else
     echo "fuzz/seed.sh: no ferry binary built; skipping the vault and checksum-list seeds" >&2
 fi
 
+# Replication frames: the test vectors of docs/agent-protocol.md §6, one per frame type.
+grep -o '`4652[0-9a-f]*`' "$root/docs/agent-protocol.md" | tr -d '`' | while read -r hex; do
+    python3 -c 'import sys; sys.stdout.buffer.write(bytes.fromhex(sys.argv[1]))' "$hex" >"$work/frame"
+    seed proto_frame "$work/frame"
+done
+
 # Built plugin components for the component target (if built).
 for w in "$root"/target/plugins-wasm/wasm32-unknown-unknown/plugin/*.wasm; do
     [[ -f $w ]] && seed component "$w"
