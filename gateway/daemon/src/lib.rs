@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod policy;
 pub mod server;
+pub mod session;
 pub mod snapshot;
 pub mod tls;
 
