@@ -173,8 +173,7 @@ impl Agents {
         check_reported("agent_version", req.agent_version.as_ref())?;
         // The request must be usable before the token is looked at: a bad CSR spends
         // nothing. (Signing proper happens inside the transaction, for the token's name.)
-        ca.sign_csr(&req.csr, "check")
-            .map_err(EnrollError::BadCsr)?;
+        AgentCa::check_csr(&req.csr).map_err(EnrollError::BadCsr)?;
         if req.token.is_empty() || req.token.len() > crate::auth::MAX_PRESENTED_LEN {
             return Err(CatalogError::EnrollRefused(crate::catalog::EnrollRefusal::Unknown).into());
         }

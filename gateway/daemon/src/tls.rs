@@ -142,22 +142,22 @@ impl AgentCa {
         })
     }
 
-    /// Signs the public key of `csr_pem` (whose signature is checked: the requester holds the
-    /// key) into a client certificate for agent `name`, valid [`AGENT_CERT_DAYS`]. Nothing of
-    /// the request but its key is used: the subject is the agent's name, the only usage
-    /// client authentication. The error says what is wrong with the request.
-    pub fn sign_csr(&self, csr_pem: &str, name: &str) -> std::result::Result<AgentCert, String> {
-        use rcgen::{
-            CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose,
-            IsCa, KeyUsagePurpose, SerialNumber,
-        };
+    /// Parses `csr_pem` and checks its signature (the requester holds the key), signing
+    /// nothing; the error says what is wrong.
+    pub fn check_csr(csr_pem: &str) -> std::result::Result<(), String> {
+        Self::parse_csr(csr_pem).map(|_| ())
+    }
+
+    fn parse_csr(
+        csr_pem: &str,
+    ) -> std::result::Result<rcgen::CertificateSigningRequestParams, String> {
         if csr_pem.len() > ferry_proto::enroll::MAX_CSR_BYTES {
             return Err(format!(
                 "the certificate request is larger than {} bytes",
                 ferry_proto::enroll::MAX_CSR_BYTES
             ));
         }
-        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| match e {
+        rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| match e {
             rcgen::Error::InvalidCertificationRequestSignature => {
                 "the certificate request's signature does not verify".to_string()
             }
@@ -167,7 +167,18 @@ impl AgentCa {
             }
             _ => "not a PEM PKCS#10 certificate request (`-----BEGIN CERTIFICATE REQUEST-----`)"
                 .to_string(),
-        })?;
+        })
+    }
+
+    /// Signs the public key of `csr_pem` (whose signature is checked: the requester holds the
+    /// key) into a client certificate for agent `name`, valid [`AGENT_CERT_DAYS`]. Nothing of
+    /// the request but its key is used: the subject is the agent's name, the only usage
+    /// client authentication. The error says what is wrong with the request.
+    pub fn sign_csr(&self, csr_pem: &str, name: &str) -> std::result::Result<AgentCert, String> {
+        use rcgen::{
+            CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SerialNumber,
+        };
+        let mut csr = Self::parse_csr(csr_pem)?;
         let now = time::OffsetDateTime::now_utc();
         let mut p = CertificateParams::default();
         p.distinguished_name
