@@ -59,6 +59,10 @@ pub struct Agents {
     active: RwLock<HashMap<[u8; 32], String>>,
     /// Certificate SHA-256 of revoked agents (for a precise refusal).
     revoked: RwLock<HashSet<[u8; 32]>>,
+    /// Enrollment token SHA-256 → id: a presented token is found without touching the
+    /// catalog, so an unknown one costs a hash and a map lookup, and never the catalog's
+    /// write lock.
+    token_ids: RwLock<HashMap<[u8; 32], String>>,
     /// Serialises enrollments and revocations (catalog commit + cache update).
     write: Mutex<()>,
 }
@@ -97,11 +101,13 @@ impl Agents {
                 None => break,
             }
         }
+        let token_ids = catalog.enroll_token_hashes()?.into_iter().collect();
         Ok(Self {
             catalog,
             ca,
             active: RwLock::new(active),
             revoked: RwLock::new(revoked),
+            token_ids: RwLock::new(token_ids),
             write: Mutex::new(()),
         })
     }
@@ -159,6 +165,12 @@ impl Agents {
             revoked_ms: None,
         };
         self.catalog.insert_enroll_token(&tok, now)?;
+        let mut ids = self.token_ids.write().unwrap_or_else(|p| p.into_inner());
+        if ids.len() as u64 >= 2 * crate::catalog::MAX_ENROLL_TOKENS {
+            // The catalog drops ended tokens to make room; drop their entries too.
+            *ids = self.catalog.enroll_token_hashes()?.into_iter().collect();
+        }
+        ids.insert(tok.sha256, tok.id.clone());
         Ok((tok, secret))
     }
 
@@ -177,10 +189,21 @@ impl Agents {
         if req.token.is_empty() || req.token.len() > crate::auth::MAX_PRESENTED_LEN {
             return Err(CatalogError::EnrollRefused(crate::catalog::EnrollRefusal::Unknown).into());
         }
+        let sha256 = crate::auth::hash(&req.token);
+        let Some(id) = self
+            .token_ids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sha256)
+            .cloned()
+        else {
+            return Err(CatalogError::EnrollRefused(crate::catalog::EnrollRefusal::Unknown).into());
+        };
         let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let now = ferry_store::point::now_ms();
         let (agent, cert) = self.catalog.enroll(
-            &crate::auth::hash(&req.token),
+            &id,
+            &sha256,
             now,
             req.hostname.clone(),
             req.agent_version.clone(),
@@ -224,12 +247,14 @@ impl Agents {
     pub fn heartbeat(
         &self,
         name: &str,
+        cert_sha256: &[u8; 32],
         hb: ferry_proto::enroll::Heartbeat,
     ) -> Result<Agent, EnrollError> {
         check_reported("hostname", hb.hostname.as_ref())?;
         check_reported("agent_version", hb.agent_version.as_ref())?;
         Ok(self.catalog.agent_heartbeat(
             name,
+            cert_sha256,
             hb.hostname,
             hb.agent_version,
             ferry_store::point::now_ms(),

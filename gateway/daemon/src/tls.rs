@@ -436,6 +436,10 @@ fn server_config(
     };
     let mut cfg = cfg.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // No session resumption: a resumed session carries the client certificate of its first
+    // handshake without verifying it again (an agent certificate would outlive its expiry).
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 

@@ -44,8 +44,9 @@ struct EnrollCli {
     /// The gateway's URL, `https://host:port`.
     #[arg(long, value_name = "URL")]
     gateway: String,
-    /// The one-time enrollment token (never printed). Tokens are base64url and may start
-    /// with `-`, so a value that looks like a flag is taken as the token.
+    /// The one-time enrollment token (never printed). Prefer `FERRY_AGENT_TOKEN` (what
+    /// `ferry agent token create` prints): a command line is readable by every local user.
+    /// Tokens are base64url and may start with `-`; such a value is taken as the token.
     #[arg(
         long,
         value_name = "TOKEN",

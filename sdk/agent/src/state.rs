@@ -118,6 +118,18 @@ pub enum StateError {
         /// The path.
         path: PathBuf,
     },
+    /// The state directory is a symbolic link or belongs to another user: whoever controls
+    /// it could swap the CA and the identity.
+    #[error(
+        "{} is {what}: the agent keeps its key and the CA it trusts there, so it must be a real directory owned by the user the agent runs as",
+        path.display()
+    )]
+    NotOwned {
+        /// The path.
+        path: PathBuf,
+        /// "a symbolic link" or "owned by uid N".
+        what: String,
+    },
     /// The saved identity cannot be used for TLS.
     #[error("the identity saved in {} is unusable: {source}", dir.display())]
     Tls {
@@ -344,12 +356,7 @@ impl StateDir {
             .mode(0o700)
             .create(&self.dir)
             .map_err(io_err("create the directory", &self.dir))?;
-        let meta = fs::metadata(&self.dir).map_err(io_err("inspect", &self.dir))?;
-        if !meta.is_dir() {
-            return Err(StateError::NotADirectory {
-                path: self.dir.clone(),
-            });
-        }
+        let meta = self.check_owned()?;
         if meta.permissions().mode() & 0o777 != 0o700 {
             fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
                 .map_err(io_err("make private (0700)", &self.dir))?;
@@ -361,10 +368,39 @@ impl StateDir {
         Ok(pending)
     }
 
+    /// The state directory's metadata, refused unless it is a real directory (not a
+    /// symbolic link) owned by the effective user.
+    fn check_owned(&self) -> Result<fs::Metadata, StateError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = fs::symlink_metadata(&self.dir).map_err(io_err("inspect", &self.dir))?;
+        if meta.file_type().is_symlink() {
+            return Err(StateError::NotOwned {
+                path: self.dir.clone(),
+                what: "a symbolic link".into(),
+            });
+        }
+        if !meta.is_dir() {
+            return Err(StateError::NotADirectory {
+                path: self.dir.clone(),
+            });
+        }
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(StateError::NotOwned {
+                path: self.dir.clone(),
+                what: format!("owned by uid {} (the agent runs as uid {me})", meta.uid()),
+            });
+        }
+        Ok(meta)
+    }
+
     /// Reads the enrollment back: `agent.toml` (its version checked), the key (refused if
     /// group or others may read it), the certificate and the CA (checked against the
     /// fingerprint `agent.toml` recorded).
     pub fn load(&self) -> Result<Loaded, StateError> {
+        if fs::symlink_metadata(&self.dir).is_ok() {
+            self.check_owned()?;
+        }
         let config = self.dir.join(CONFIG_FILE);
         let text = match read_bounded(&config) {
             Err(StateError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
@@ -666,6 +702,18 @@ mod tests {
         let f = t.path().join("file");
         fs::write(&f, "").unwrap();
         assert!(StateDir::new(&f).prepare(false).is_err());
+        // A symbolic link to a directory (someone else's, possibly) is refused, for writing
+        // and for reading.
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(matches!(
+            StateDir::new(&link).prepare(true),
+            Err(StateError::NotOwned { .. })
+        ));
+        assert!(matches!(
+            StateDir::new(&link).load(),
+            Err(StateError::NotOwned { .. })
+        ));
     }
 
     #[test]

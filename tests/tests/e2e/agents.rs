@@ -62,22 +62,60 @@ fn ferry_ok(home: &Path, args: &[&str]) -> Out {
 
 /// `ferry-agent ARGS` on state directory `state`.
 fn agent(state: &Path, args: &[&str]) -> Out {
+    agent_with(state, None, args)
+}
+
+/// [`agent`] with `FERRY_AGENT_TOKEN` set.
+fn agent_with(state: &Path, token: Option<&str>, args: &[&str]) -> Out {
     let mut c = Command::new(ferry_agent_bin());
     c.args(args).env("FERRY_AGENT_DIR", state);
+    if let Some(t) = token {
+        // `run` clears FERRY_* from the test's environment first; set it after.
+        return run_with_token(c, t);
+    }
     run(c)
 }
 
-/// The words of the `ferry-agent enroll …` line `ferry agent token create` printed.
-fn enroll_command(out: &str) -> Vec<String> {
+fn run_with_token(mut c: Command, token: &str) -> Out {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().to_string();
+        if k.starts_with("FERRY_") && k != "FERRY_AGENT_DIR" {
+            c.env_remove(k);
+        }
+    }
+    let o = c
+        .env("FERRY_AGENT_TOKEN", token)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ferry-agent");
+    Out {
+        code: o.status.code().expect("exited"),
+        stdout: String::from_utf8(o.stdout).unwrap(),
+        stderr: String::from_utf8(o.stderr).unwrap(),
+    }
+}
+
+/// The `FERRY_AGENT_TOKEN=… ferry-agent enroll …` line `ferry agent token create` printed:
+/// (the token, the arguments after `ferry-agent`).
+fn enroll_command(out: &str) -> (String, Vec<String>) {
     let line = out
         .lines()
         .map(str::trim)
-        .find(|l| l.starts_with("ferry-agent enroll "))
+        .find(|l| l.starts_with("FERRY_AGENT_TOKEN="))
         .unwrap_or_else(|| panic!("no enroll command in:\n{out}"));
-    line.split_whitespace()
-        .skip(1)
-        .map(str::to_string)
-        .collect()
+    let mut words = line.split_whitespace();
+    let token = words
+        .next()
+        .and_then(|w| w.strip_prefix("FERRY_AGENT_TOKEN="))
+        .unwrap()
+        .to_string();
+    assert_eq!(words.next(), Some("ferry-agent"), "{line}");
+    let args: Vec<String> = words.map(str::to_string).collect();
+    assert!(
+        !args.iter().any(|a| a.contains(&token)),
+        "the token is not an argument: {line}"
+    );
+    (token, args)
 }
 
 fn fingerprint(stdout: &str) -> String {
@@ -176,23 +214,18 @@ async fn agents_enroll_act_for_their_items_and_are_revoked() {
         &home,
         &["agent", "token", "create", "web-agent", "--item", "web-01"],
     );
-    let args = enroll_command(&o.stdout);
-    let secret = args
-        .iter()
-        .find_map(|a| a.strip_prefix("--token="))
-        .expect("the command carries --token=")
-        .to_string();
+    let (secret, args) = enroll_command(&o.stdout);
     let web = tmp.path().join("agent-web");
     // A wrong fingerprint: nothing is sent, nothing saved, the token still good.
     let mut wrong = args.clone();
     let at = wrong.iter().position(|a| a == "--ca-fingerprint").unwrap() + 1;
     wrong[at] = "00".repeat(32);
     let refs: Vec<&str> = wrong.iter().map(String::as_str).collect();
-    let o = agent(&web, &refs);
+    let o = agent_with(&web, Some(&secret), &refs);
     assert_eq!(o.code, 3, "{o:?}");
     assert!(!web.join("agent.toml").exists());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = agent(&web, &refs);
+    let o = agent_with(&web, Some(&secret), &refs);
     assert_eq!(o.code, 0, "{o:?}");
     assert!(
         !o.stdout.contains(&secret) && !o.stderr.contains(&secret),
@@ -205,7 +238,7 @@ async fn agents_enroll_act_for_their_items_and_are_revoked() {
     assert_eq!(st["items"][0]["name"], "web-01", "{st}");
     // The token does not enroll twice.
     let other = tmp.path().join("agent-other");
-    let o = agent(&other, &refs);
+    let o = agent_with(&other, Some(&secret), &refs);
     assert_eq!(o.code, 4, "{o:?}");
     assert!(o.stderr.contains("already used"), "{o:?}");
 
@@ -215,9 +248,9 @@ async fn agents_enroll_act_for_their_items_and_are_revoked() {
         &["agent", "token", "create", "db-agent", "--item", "db-01"],
     );
     let db = tmp.path().join("agent-db");
-    let args = enroll_command(&o.stdout);
+    let (db_token, args) = enroll_command(&o.stdout);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    assert_eq!(agent(&db, &refs).code, 0);
+    assert_eq!(agent_with(&db, Some(&db_token), &refs).code, 0);
 
     // The authorisation matrix over real mTLS.
     let ca = data.join("tls/ca.pem");

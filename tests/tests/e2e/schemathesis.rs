@@ -472,16 +472,18 @@ async fn schemathesis_finds_nothing() {
     )
     .unwrap();
     let agent_dir = work.join("agent");
+    // `FERRY_AGENT_TOKEN=… ferry-agent enroll …`
     let words: Vec<String> = created["command"]
         .as_str()
         .unwrap()
         .split_whitespace()
-        .skip(1)
+        .skip(2)
         .map(str::to_string)
         .collect();
     let o = Command::new(ferry_e2e::ferry_agent_bin())
         .args(&words)
         .env("FERRY_AGENT_DIR", &agent_dir)
+        .env("FERRY_AGENT_TOKEN", created["secret"].as_str().unwrap())
         .stdin(Stdio::null())
         .output()
         .unwrap();

@@ -186,11 +186,12 @@ pub(super) async fn create_token(
         "ferryd: enrollment token {} for agent {} created by token {}",
         tok.id, tok.agent, by.0
     );
-    // `--token=`: a base64url token may start with `-`.
+    // The token goes in the environment, not the arguments: a process's command line is
+    // readable by every local user (`/proc/PID/cmdline`), its environment only by its owner.
     let command = format!(
-        "ferry-agent enroll --gateway {} --token={} --ca-fingerprint {fp}",
+        "FERRY_AGENT_TOKEN={} ferry-agent enroll --gateway {} --ca-fingerprint {fp}",
+        secret.expose(),
         gateway_url(&headers),
-        secret.expose()
     );
     Ok((
         StatusCode::CREATED,
@@ -365,10 +366,11 @@ pub(super) async fn enroll(
 
 /// The calling agent's record (it may have been revoked between the check and now).
 async fn me(s: &ApiState, id: &AgentId) -> Result<Agent, ApiError> {
-    let n = id.0.clone();
+    let n = id.name.clone();
+    let sha = id.cert_sha256;
     s.catalog(move |c| c.agent(&n))
         .await?
-        .filter(Agent::is_active)
+        .filter(|a| a.is_active() && a.cert.sha256 == sha)
         .ok_or_else(super::certificate_revoked)
 }
 
@@ -386,9 +388,8 @@ pub(super) async fn heartbeat(
     Extension(id): Extension<AgentId>,
     ApiJson(hb): ApiJson<Heartbeat>,
 ) -> Result<StatusCode, ApiError> {
-    let n = id.0.clone();
     let agents = s.agents_arc();
-    tokio::task::spawn_blocking(move || agents.heartbeat(&n, hb))
+    tokio::task::spawn_blocking(move || agents.heartbeat(&id.name, &id.cert_sha256, hb))
         .await
         .map_err(ApiError::internal)??;
     Ok(StatusCode::NO_CONTENT)

@@ -119,9 +119,16 @@ struct StateInner {
 #[derive(Debug, Clone)]
 pub struct AdminId(pub String);
 
-/// The agent a request was authenticated as (by its client certificate).
+/// The agent a request was authenticated as, and the certificate it presented (handlers
+/// check the agent's record still has that certificate: a revocation and re-enrollment
+/// racing the request does not lend the new identity to the old certificate).
 #[derive(Debug, Clone)]
-pub struct AgentId(pub String);
+pub struct AgentId {
+    /// Agent name.
+    pub name: String,
+    /// SHA-256 of the certificate presented.
+    pub cert_sha256: [u8; 32],
+}
 
 impl ApiState {
     /// State over the tokens (and their catalog), the agents, the opened vaults by name, and
@@ -374,25 +381,29 @@ async fn require_admin(State(s): State<ApiState>, mut req: Request, next: Next) 
 
 /// Lets a request through only with the certificate of an active agent.
 async fn require_agent(State(s): State<ApiState>, mut req: Request, next: Next) -> Response {
-    match agent_of(&s, &req) {
-        Some(CertCheck::Agent(name)) => {
-            req.extensions_mut().insert(AgentId(name));
+    let presented = req
+        .extensions()
+        .get::<crate::server::ClientCert>()
+        .map(|c| c.sha256);
+    match (agent_of(&s, &req), presented) {
+        (Some(CertCheck::Agent(name)), Some(cert_sha256)) => {
+            req.extensions_mut().insert(AgentId { name, cert_sha256 });
             next.run(req).await
         }
-        Some(CertCheck::Revoked) => certificate_revoked().into_response(),
-        Some(CertCheck::Unknown) => ApiError::new(
+        (Some(CertCheck::Revoked), _) => certificate_revoked().into_response(),
+        (Some(CertCheck::Unknown | CertCheck::Agent(_)), _) => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unknown_certificate",
             "the client certificate is not an enrolled agent's of this appliance",
         )
         .into_response(),
-        None if matches!(admin_of(&s, &req), Some(Some(_))) => ApiError::new(
+        (None, _) if matches!(admin_of(&s, &req), Some(Some(_))) => ApiError::new(
             StatusCode::FORBIDDEN,
             "agent_only",
             "this endpoint is for enrolled agents (client certificate); admin tokens are not accepted here",
         )
         .into_response(),
-        None => ApiError::new(
+        (None, _) => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "client_certificate_required",
             "this endpoint needs the client certificate an agent received at enrollment (`ferry-agent enroll`)",

@@ -1259,7 +1259,7 @@ impl Fixture {
             v["command"]
                 .as_str()
                 .unwrap()
-                .starts_with("ferry-agent enroll --gateway https://"),
+                .starts_with("FERRY_AGENT_TOKEN="),
             "{v}"
         );
         let secret = v["secret"].as_str().unwrap().to_string();

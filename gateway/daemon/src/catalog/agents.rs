@@ -386,8 +386,25 @@ impl Catalog {
         Ok(())
     }
 
-    /// Takes removed item `name` out of every agent and group, in write transaction `w`.
+    /// Takes removed item `name` out of every agent, enrollment token and group, in write
+    /// transaction `w` (so that a later item of the same name is granted to nobody).
     pub(super) fn forget_item_in(&self, w: &redb::WriteTransaction, name: &str) -> Result<()> {
+        {
+            let mut t = w.open_table(ENROLL_TOKENS).map_err(|e| self.err(e))?;
+            let mut changed = Vec::new();
+            for entry in t.iter().map_err(|e| self.err(e))? {
+                let (k, v) = entry.map_err(|e| self.err(e))?;
+                let mut x = decode_enroll_token(k.value(), v.value())?;
+                if x.items.iter().any(|i| i == name) {
+                    x.items.retain(|i| i != name);
+                    changed.push(x);
+                }
+            }
+            for x in changed {
+                t.insert(x.id.as_str(), &encode_enroll_token(&x)[..])
+                    .map_err(|e| self.err(e))?;
+            }
+        }
         for (table, def) in [("agents", AGENTS), ("groups", GROUPS)] {
             let mut t = w.open_table(def).map_err(|e| self.err(e))?;
             let mut changed = Vec::new();
@@ -469,6 +486,20 @@ impl Catalog {
         w.commit().map_err(|e| self.err(e))
     }
 
+    /// (SHA-256, id) of every enrollment token record: the lookup `crate::agents` keeps in
+    /// memory so that a presented token is found without a scan.
+    pub fn enroll_token_hashes(&self) -> Result<Vec<([u8; 32], String)>> {
+        let r = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = r.open_table(ENROLL_TOKENS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let x = decode_enroll_token(k.value(), v.value())?;
+            out.push((x.sha256, x.id));
+        }
+        Ok(out)
+    }
+
     /// Enrollment tokens with ids after `after`, at most `limit`.
     pub fn enroll_tokens_page(
         &self,
@@ -506,8 +537,13 @@ impl Catalog {
     /// `sign` issues the certificate (and returns what the caller hands back, the PEM);
     /// the agent is recorded with the token's items that still exist, and the token is
     /// spent. Any refusal writes nothing.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the token, the agent's report and the signer, named at the call"
+    )]
     pub fn enroll<T>(
         &self,
+        id: &str,
         sha256: &[u8; 32],
         now_ms: u64,
         hostname: Option<String>,
@@ -517,15 +553,11 @@ impl Catalog {
         let w = self.db.begin_write().map_err(|e| self.err(e))?;
         let out = {
             let mut tokens = w.open_table(ENROLL_TOKENS).map_err(|e| self.err(e))?;
-            let mut found = None;
-            for entry in tokens.iter().map_err(|e| self.err(e))? {
-                let (k, v) = entry.map_err(|e| self.err(e))?;
-                let x = decode_enroll_token(k.value(), v.value())?;
-                if bool::from(x.sha256.ct_eq(sha256)) {
-                    found = Some(x);
-                }
-            }
-            let Some(mut tok) = found else {
+            let found = match tokens.get(id).map_err(|e| self.err(e))? {
+                Some(v) => Some(decode_enroll_token(id, v.value())?),
+                None => None,
+            };
+            let Some(mut tok) = found.filter(|x| bool::from(x.sha256.ct_eq(sha256))) else {
                 return Err(CatalogError::EnrollRefused(EnrollRefusal::Unknown));
             };
             match tok.state(now_ms) {
@@ -580,6 +612,22 @@ impl Catalog {
             tokens
                 .insert(tok.id.as_str(), &encode_enroll_token(&tok)[..])
                 .map_err(|e| self.err(e))?;
+            // Other usable tokens for the same name end here: none may re-enroll it later
+            // (after a revocation) behind the operator's back.
+            let mut others = Vec::new();
+            for entry in tokens.iter().map_err(|e| self.err(e))? {
+                let (k, v) = entry.map_err(|e| self.err(e))?;
+                let x = decode_enroll_token(k.value(), v.value())?;
+                if x.agent == tok.agent && x.state(now_ms) == EnrollTokenState::Active {
+                    others.push(x);
+                }
+            }
+            for mut x in others {
+                x.revoked_ms = Some(now_ms);
+                tokens
+                    .insert(x.id.as_str(), &encode_enroll_token(&x)[..])
+                    .map_err(|e| self.err(e))?;
+            }
             drop(tokens);
             drop(agents);
             let agent = Agent {
@@ -695,13 +743,14 @@ impl Catalog {
     pub fn agent_heartbeat(
         &self,
         name: &str,
+        cert_sha256: &[u8; 32],
         hostname: Option<String>,
         agent_version: Option<String>,
         now_ms: u64,
     ) -> Result<Agent> {
         let w = self.db.begin_write().map_err(|e| self.err(e))?;
         let mut a = self.agent_for_change(&w, name, None)?;
-        if !a.is_active() {
+        if !a.is_active() || a.cert.sha256 != *cert_sha256 {
             return Err(CatalogError::AgentNotFound(name.to_string()));
         }
         a.last_seen_ms = Some(now_ms);
@@ -977,23 +1026,34 @@ mod tests {
         let h = crate::auth::hash;
         // Unknown and expired.
         assert!(matches!(
-            c.enroll(&h("zz"), 20, None, None, |_| cert(1)),
+            c.enroll("t9", &h("zz"), 20, None, None, |_| cert(1)),
             Err(CatalogError::EnrollRefused(EnrollRefusal::Unknown))
         ));
         assert!(matches!(
-            c.enroll(&h("s2"), 200, None, None, |_| cert(1)),
+            c.enroll("t2", &h("s2"), 200, None, None, |_| cert(1)),
             Err(CatalogError::EnrollRefused(EnrollRefusal::Expired))
         ));
         // A signing failure writes nothing: the token still works after.
         assert!(matches!(
-            c.enroll(&h("s1"), 20, None, None, |_| Err::<(CertInfo, String), _>(
+            c.enroll("t1", &h("s1"), 20, None, None, |_| Err::<
+                (CertInfo, String),
+                _,
+            >(
                 "no".into()
             )),
             Err(CatalogError::Signing(_))
         ));
         assert!(c.agent("a1").unwrap().is_none());
+        // The right id with another secret is unknown.
+        assert!(matches!(
+            c.enroll("t1", &h("s2"), 20, None, None, |_| cert(1)),
+            Err(CatalogError::EnrollRefused(EnrollRefusal::Unknown))
+        ));
+        // A second usable token for the same name ends with the enrollment.
+        c.insert_enroll_token(&token("t1b", "a1", &[], "s1b", 1000), 10)
+            .unwrap();
         let (a, pem) = c
-            .enroll(&h("s1"), 20, Some("host".into()), None, |t| {
+            .enroll("t1", &h("s1"), 20, Some("host".into()), None, |t| {
                 assert_eq!(t.agent, "a1");
                 cert(7)
             })
@@ -1002,9 +1062,13 @@ mod tests {
         assert_eq!(a.items, ["web01"]);
         assert_eq!(a.cert.sha256, [7; 32]);
         assert_eq!(c.agent("a1").unwrap().unwrap(), a);
+        assert!(matches!(
+            c.enroll("t1b", &h("s1b"), 20, None, None, |_| cert(2)),
+            Err(CatalogError::EnrollRefused(EnrollRefusal::Revoked))
+        ));
         // Reused.
         assert!(matches!(
-            c.enroll(&h("s1"), 21, None, None, |_| cert(8)),
+            c.enroll("t1", &h("s1"), 21, None, None, |_| cert(8)),
             Err(CatalogError::EnrollRefused(EnrollRefusal::Used))
         ));
         // A second token for an active agent is refused; after revocation it is allowed and
@@ -1017,19 +1081,21 @@ mod tests {
         assert!(c.active_agents().unwrap().is_empty());
         c.insert_enroll_token(&token("t3", "a1", &[], "s3", 1000), 50)
             .unwrap();
-        let (a2, _) = c.enroll(&h("s3"), 60, None, None, |_| cert(9)).unwrap();
+        let (a2, _) = c
+            .enroll("t3", &h("s3"), 60, None, None, |_| cert(9))
+            .unwrap();
         assert!(a2.is_active() && a2.items.is_empty() && a2.cert.sha256 == [9; 32]);
         // Revoked tokens are refused.
         c.insert_enroll_token(&token("t4", "a4", &[], "s4", 1000), 60)
             .unwrap();
         c.revoke_enroll_token("t4", 61).unwrap();
         assert!(matches!(
-            c.enroll(&h("s4"), 62, None, None, |_| cert(1)),
+            c.enroll("t4", &h("s4"), 62, None, None, |_| cert(1)),
             Err(CatalogError::EnrollRefused(EnrollRefusal::Revoked))
         ));
         let page = c.enroll_tokens_page(None, 10).unwrap();
         let states: Vec<_> = page.items.iter().map(|t| t.state(200).as_str()).collect();
-        assert_eq!(states, ["used", "expired", "used", "revoked"]);
+        assert_eq!(states, ["used", "revoked", "expired", "used", "revoked"]);
     }
 
     #[test]
@@ -1077,7 +1143,7 @@ mod tests {
         // An agent acting for web01; removing web01 takes it out of both.
         c.insert_enroll_token(&token("t1", "a1", &["web01"], "s1", 1000), 10)
             .unwrap();
-        c.enroll(&crate::auth::hash("s1"), 20, None, None, |_| cert(1))
+        c.enroll("t1", &crate::auth::hash("s1"), 20, None, None, |_| cert(1))
             .unwrap();
         let w = c.db.begin_write().unwrap();
         c.forget_item_in(&w, "web01").unwrap();

@@ -41,8 +41,8 @@ mod items;
 mod points;
 mod transfer;
 pub use agents::{
-    Agent, CertInfo, EnrollRefusal, EnrollToken, EnrollTokenState, Group, GroupPatch, MAX_MEMBERS,
-    MAX_TOKEN_TTL_SECS, MIN_TOKEN_TTL_SECS,
+    Agent, CertInfo, EnrollRefusal, EnrollToken, EnrollTokenState, Group, GroupPatch,
+    MAX_ENROLL_TOKENS, MAX_MEMBERS, MAX_TOKEN_TTL_SECS, MIN_TOKEN_TTL_SECS,
 };
 pub use items::{
     Census, ItemPatch, Job, JobLine, JobState, MAX_ITEMS, MAX_JOB_LOG_BYTES, MAX_JOBS,
