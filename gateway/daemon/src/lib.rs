@@ -30,6 +30,7 @@ pub mod error;
 pub mod fsutil;
 pub mod item;
 pub mod jobs;
+pub mod journal;
 pub mod metrics;
 pub mod mirror;
 pub mod policy;
