@@ -26,6 +26,7 @@ pub mod appliance;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod drain;
 pub mod error;
 pub mod fsutil;
 pub mod item;
