@@ -27,6 +27,9 @@ pub enum CertCheck {
     Agent(String),
     /// The certificate of an agent that was revoked.
     Revoked,
+    /// An active agent's certificate past its expiry (a connection opened before it expired
+    /// does not keep it alive).
+    Expired(String),
     /// No agent of this appliance has this certificate.
     Unknown,
 }
@@ -56,7 +59,7 @@ pub struct Agents {
     catalog: Arc<Catalog>,
     ca: Option<Arc<AgentCa>>,
     /// Certificate SHA-256 → name, of every active agent.
-    active: RwLock<HashMap<[u8; 32], String>>,
+    active: RwLock<HashMap<[u8; 32], (String, u64)>>,
     /// Certificate SHA-256 of revoked agents (for a precise refusal).
     revoked: RwLock<HashSet<[u8; 32]>>,
     /// Enrollment token SHA-256 → id: a presented token is found without touching the
@@ -91,7 +94,7 @@ impl Agents {
             let page = catalog.agents_page(after.as_deref(), crate::catalog::MAX_PAGE)?;
             for a in page.items {
                 if a.is_active() {
-                    active.insert(a.cert.sha256, a.name);
+                    active.insert(a.cert.sha256, (a.name, a.cert.expires_ms));
                 } else {
                     revoked.insert(a.cert.sha256);
                 }
@@ -123,14 +126,22 @@ impl Agents {
         self.ca.as_ref().map(|c| c.cert_pem.clone())
     }
 
-    /// Who the verified client certificate with SHA-256 `sha256` is.
+    /// Who the verified client certificate with SHA-256 `sha256` is, now.
     pub fn check(&self, sha256: &[u8; 32]) -> CertCheck {
-        if let Some(n) = self
+        self.check_at(sha256, ferry_store::point::now_ms())
+    }
+
+    /// [`Agents::check`] at `now_ms`.
+    pub fn check_at(&self, sha256: &[u8; 32], now_ms: u64) -> CertCheck {
+        if let Some((n, expires_ms)) = self
             .active
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(sha256)
         {
+            if now_ms >= *expires_ms {
+                return CertCheck::Expired(n.clone());
+            }
             return CertCheck::Agent(n.clone());
         }
         if self
@@ -221,8 +232,11 @@ impl Agents {
         )?;
         let mut active = self.active.write().unwrap_or_else(|p| p.into_inner());
         // A re-enrolled name's old certificate (revoked) stays refused.
-        active.retain(|_, n| n != &agent.name);
-        active.insert(agent.cert.sha256, agent.name.clone());
+        active.retain(|_, (n, _)| n != &agent.name);
+        active.insert(
+            agent.cert.sha256,
+            (agent.name.clone(), agent.cert.expires_ms),
+        );
         Ok((agent, cert))
     }
 
@@ -305,6 +319,11 @@ mod tests {
         assert!(cert.pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert_eq!(agents.check(&cert.sha256), CertCheck::Agent("web01".into()));
         assert_eq!(agents.check(&[0; 32]), CertCheck::Unknown);
+        assert_eq!(
+            agents.check_at(&cert.sha256, cert.expires_ms),
+            CertCheck::Expired("web01".into()),
+            "refused from its expiry on, whatever the TLS layer saw at the handshake"
+        );
         // The certificate chains to the appliance CA and is good for client auth.
         use rustls::pki_types::pem::PemObject;
         let der = rustls::pki_types::CertificateDer::from_pem_slice(cert.pem.as_bytes()).unwrap();

@@ -278,7 +278,7 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use ferry_proto::frame::{Chunk, EndOfCycle, Snapshot, Zero};
-    use ferry_store::{Backend, ExportOptions, InitOptions, OpenOptions as VaultOpen, Secret};
+    use ferry_store::ExportOptions;
 
     const CS: u32 = 64 << 10;
 
@@ -334,14 +334,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cycles_become_points_that_restore_bit_exact() {
         let dir = tempfile::tempdir().unwrap();
-        let vault = Vault::init(
-            Backend::open("memory://", &Vec::new(), false).unwrap(),
-            &Secret::KeyFile(vec![7; 32]),
-            InitOptions::default(),
-            VaultOpen::new(dir.path().join("cache")),
-        )
-        .await
-        .unwrap();
+        let vault = crate::testkit::memory_vault(dir.path()).await;
         let cs = CS as usize;
         // Six chunks and a half; chunk 2 is a hole in the source (sent as a zero range).
         let size = cs * 6 + cs / 2;

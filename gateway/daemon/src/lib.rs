@@ -41,3 +41,21 @@ pub mod snapshot;
 pub mod tls;
 
 pub use error::{DaemonError, Result};
+
+/// What the unit tests of several modules share.
+#[cfg(test)]
+pub(crate) mod testkit {
+    use ferry_store::{Backend, InitOptions, OpenOptions, Secret, Vault};
+
+    /// A new in-memory vault (key file of 32 sevens) with its cache under `dir`.
+    pub(crate) async fn memory_vault(dir: &std::path::Path) -> Vault {
+        Vault::init(
+            Backend::open("memory://", &Vec::new(), false).unwrap(),
+            &Secret::KeyFile(vec![7; 32]),
+            InitOptions::default(),
+            OpenOptions::new(dir.join("cache")),
+        )
+        .await
+        .unwrap()
+    }
+}

@@ -171,21 +171,14 @@ impl PointMirror {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_store::{Backend, ImportOptions, InitOptions, OpenOptions, Secret};
+    use ferry_store::ImportOptions;
 
     #[tokio::test]
     async fn the_mirror_follows_the_vault() {
         let dir = tempfile::tempdir().unwrap();
         let (c, _) = Catalog::open(&dir.path().join("c.redb")).unwrap();
         let c = Arc::new(c);
-        let vault = Vault::init(
-            Backend::open("memory://", &Vec::new(), false).unwrap(),
-            &Secret::KeyFile(vec![7; 32]),
-            InitOptions::default(),
-            OpenOptions::new(dir.path().join("cache")),
-        )
-        .await
-        .unwrap();
+        let vault = crate::testkit::memory_vault(dir.path()).await;
         let disk = dir.path().join("disk.img");
         for fill in 1..=2u8 {
             std::fs::write(&disk, vec![fill; 64 << 10]).unwrap();

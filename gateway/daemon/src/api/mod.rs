@@ -11,7 +11,8 @@
 //!   request with an agent's certificate and no admin token is 403 `admin_only`;
 //! - agent, with the client certificate issued at enrollment (`agent…`): the agent's own
 //!   record and items. A revoked agent's certificate is 401 `certificate_revoked` from the
-//!   next request on; an admin token instead of a certificate is 403 `agent_only`.
+//!   next request on, an expired one 401 `certificate_expired` (even on a connection opened
+//!   before it expired); an admin token instead of a certificate is 403 `agent_only`.
 //!
 //! Every
 //! refusal is a JSON [`ApiError`]; every listing is paginated (`?limit=&cursor=`, answered
@@ -391,6 +392,14 @@ async fn require_agent(State(s): State<ApiState>, mut req: Request, next: Next) 
             next.run(req).await
         }
         (Some(CertCheck::Revoked), _) => certificate_revoked().into_response(),
+        (Some(CertCheck::Expired(name)), _) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "certificate_expired",
+            format!(
+                "the certificate of agent `{name}` has expired; enroll it again with a new token (revoke it first)"
+            ),
+        )
+        .into_response(),
         (Some(CertCheck::Unknown | CertCheck::Agent(_)), _) => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unknown_certificate",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode, header};
-use ferry_store::{Backend, ImportOptions, InitOptions, OpenOptions, Secret, Vault};
+use ferry_store::ImportOptions;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -39,14 +39,7 @@ async fn fixture(points: &[&str]) -> Fixture {
     let (_, admin) = tokens.create("test admin").unwrap();
     let tls = crate::tls::load_or_create(dir.path(), &crate::config::TlsConfig::default()).unwrap();
     let agents = Arc::new(crate::agents::Agents::load(catalog.clone(), tls.agent_ca).unwrap());
-    let vault = Vault::init(
-        Backend::open("memory://", &Vec::new(), false).unwrap(),
-        &Secret::KeyFile(vec![7; 32]),
-        InitOptions::default(),
-        OpenOptions::new(dir.path().join("cache")),
-    )
-    .await
-    .unwrap();
+    let vault = crate::testkit::memory_vault(dir.path()).await;
     let disk = dir.path().join("disk.img");
     for (i, item) in points.iter().enumerate() {
         let fill = u8::try_from(i + 1).unwrap();
