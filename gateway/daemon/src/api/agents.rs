@@ -406,7 +406,7 @@ pub(super) async fn my_items(
     let mut names = a.items;
     names.sort();
     names.retain(|n| page.after.as_ref().is_none_or(|after| n > after));
-    let (items, more) = s
+    let (items, next_after) = s
         .catalog(move |c| {
             let mut out = Vec::new();
             let mut more = false;
@@ -416,20 +416,16 @@ pub(super) async fn my_items(
                     break;
                 }
                 if let Some(it) = c.item(&n)? {
-                    out.push((n, ItemJson::of(c, it)?));
+                    out.push(it);
                 }
             }
-            Ok((out, more))
+            let last = out.last().map(|i| i.name.clone());
+            Ok((ItemJson::of_all(c, out)?, more.then_some(last).flatten()))
         })
         .await?;
-    let next_cursor = if more {
-        items.last().map(|(n, _)| encode_cursor(n))
-    } else {
-        None
-    };
     Ok(Json(PageJson {
-        items: items.into_iter().map(|(_, j)| j).collect(),
-        next_cursor,
+        items,
+        next_cursor: next_after.as_deref().map(encode_cursor),
     }))
 }
 

@@ -84,6 +84,20 @@ impl ItemJson {
         Ok(Self::new(it, p))
     }
 
+    /// [`ItemJson::of`] for a page of items, in one catalog read.
+    pub(super) fn of_all(c: &Catalog, items: Vec<Item>) -> Result<Vec<Self>, CatalogError> {
+        let keys: Vec<(&str, &str)> = items
+            .iter()
+            .map(|i| (i.vault.as_str(), i.name.as_str()))
+            .collect();
+        let points = c.items_points(&keys)?;
+        Ok(items
+            .into_iter()
+            .zip(points)
+            .map(|(i, p)| Self::new(i, p))
+            .collect())
+    }
+
     fn new(i: Item, p: ItemPoints) -> Self {
         Self {
             points: p.count,
@@ -171,24 +185,15 @@ pub(super) async fn list(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<PageJson<ItemJson>>, ApiError> {
     let page = q.validate()?;
-    let p = s
+    let (items, next_after) = s
         .catalog(move |c| {
             let p = c.items_page(page.after.as_deref(), page.limit)?;
-            let items = p
-                .items
-                .into_iter()
-                .map(|it| ItemJson::of(c, it))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((items, p.next_after))
+            Ok((ItemJson::of_all(c, p.items)?, p.next_after))
         })
         .await?;
-    let p = crate::catalog::Page {
-        items: p.0,
-        next_after: p.1,
-    };
     Ok(Json(PageJson {
-        items: p.items,
-        next_cursor: p.next_after.as_deref().map(encode_cursor),
+        items,
+        next_cursor: next_after.as_deref().map(encode_cursor),
     }))
 }
 

@@ -65,6 +65,16 @@ pub struct ItemPoints {
     pub latest: Option<(String, u64)>,
 }
 
+impl ItemPoints {
+    /// Counts `p`, keeping the newest.
+    fn add(&mut self, p: PointSummary) {
+        self.count += 1;
+        if self.latest.as_ref().is_none_or(|(_, t)| p.created_ms >= *t) {
+            self.latest = Some((p.id, p.created_ms));
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PointV1 {
@@ -156,21 +166,28 @@ impl Catalog {
 
     /// Item `item`'s points in vault `vault`.
     pub fn item_points(&self, vault: &str, item: &str) -> Result<ItemPoints> {
+        let mut v = self.items_points(&[(vault, item)])?;
+        Ok(v.pop().unwrap_or_default())
+    }
+
+    /// The points of each (vault, item) of `items`, in order, in one read transaction (a
+    /// page of items costs one transaction, not one each).
+    pub fn items_points(&self, items: &[(&str, &str)]) -> Result<Vec<ItemPoints>> {
         let r = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = r.open_table(POINTS).map_err(|e| self.err(e))?;
-        let lo = format!("{vault}/{item}/");
-        let hi = format!("{vault}/{item}0");
-        let mut out = ItemPoints::default();
-        for e in t
-            .range::<&str>((Bound::Included(lo.as_str()), Bound::Excluded(hi.as_str())))
-            .map_err(|e| self.err(e))?
-        {
-            let (k, v) = e.map_err(|e| self.err(e))?;
-            let p = decode_point(k.value(), v.value())?;
-            out.count += 1;
-            if out.latest.as_ref().is_none_or(|(_, t)| p.created_ms >= *t) {
-                out.latest = Some((p.id, p.created_ms));
+        let mut out = Vec::with_capacity(items.len());
+        for (vault, item) in items {
+            let lo = format!("{vault}/{item}/");
+            let hi = format!("{vault}/{item}0");
+            let mut ip = ItemPoints::default();
+            for e in t
+                .range::<&str>((Bound::Included(lo.as_str()), Bound::Excluded(hi.as_str())))
+                .map_err(|e| self.err(e))?
+            {
+                let (k, v) = e.map_err(|e| self.err(e))?;
+                ip.add(decode_point(k.value(), v.value())?);
             }
+            out.push(ip);
         }
         Ok(out)
     }
@@ -183,11 +200,9 @@ impl Catalog {
         for e in t.iter().map_err(|e| self.err(e))? {
             let (k, v) = e.map_err(|e| self.err(e))?;
             let p = decode_point(k.value(), v.value())?;
-            let s = out.entry((p.vault, p.item)).or_default();
-            s.count += 1;
-            if s.latest.as_ref().is_none_or(|(_, t)| p.created_ms >= *t) {
-                s.latest = Some((p.id, p.created_ms));
-            }
+            out.entry((p.vault.clone(), p.item.clone()))
+                .or_default()
+                .add(p);
         }
         Ok(out)
     }
