@@ -18,6 +18,15 @@ pub const AGENT_ITEMS_PATH: &str = "/api/v1/agent/items";
 /// Where an agent reports it is alive (and its host name and version), over mTLS.
 pub const HEARTBEAT_PATH: &str = "/api/v1/agent/heartbeat";
 
+/// The replication plan of one of the agent's items, over mTLS: `{AGENT_ITEMS_PATH}/{item}` +
+/// this suffix ([`replication_path`]). Answer: [`ReplicationPlan`].
+pub const REPLICATION_PLAN_SUFFIX: &str = "/replication";
+
+/// `GET /api/v1/agent/items/{item}/replication`.
+pub fn replication_path(item: &str) -> String {
+    format!("{AGENT_ITEMS_PATH}/{item}{REPLICATION_PLAN_SUFFIX}")
+}
+
 /// Longest PEM CSR accepted.
 pub const MAX_CSR_BYTES: usize = 16 << 10;
 
@@ -76,6 +85,48 @@ pub struct Heartbeat {
     /// The agent's version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+}
+
+/// What an agent needs to replicate one item: where to send, how often, and the policy's
+/// rules. `GET /api/v1/agent/items/{item}/replication` (mTLS) answers it. Unknown members are
+/// ignored (a newer gateway may add some).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationPlan {
+    /// The protected item.
+    pub item: String,
+    /// The gateway's data port (`docs/agent-protocol.md` §2) on the same host as its API;
+    /// `None` when this appliance does not have the process role.
+    pub data_port: Option<u16>,
+    /// The operator paused replication of the item (`ferry item pause`): the agent sends
+    /// nothing and asks again on its cycle interval.
+    pub paused: bool,
+    /// The operator asked for a resync (`ferry item resync`): the next cycle of every disk is
+    /// a resync (`CycleKind::Resync`).
+    pub resync_requested: bool,
+    /// A cycle starts this often, seconds (the policy's).
+    pub cycle_interval_seconds: u32,
+    /// Every this many minutes a cycle is app-consistent (0: never).
+    pub app_consistent_frequency_minutes: u32,
+    /// Delays between retries after a transient error, seconds; the last repeats.
+    pub retry_schedule_seconds: Vec<u32>,
+    /// Changes pending above this share of a disk's size force a resync (1–100).
+    pub resync_threshold_percent: u32,
+    /// The item's disks.
+    pub disks: Vec<PlanDisk>,
+}
+
+/// One disk of a [`ReplicationPlan`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanDisk {
+    /// The disk's name in the item (the `Hello`'s `disk`).
+    pub name: String,
+    /// Its size as the operator declared it, bytes.
+    pub size_bytes: u64,
+    /// The chunk size to send it with (the `Hello`'s `chunk_size`): the one it was first
+    /// replicated with, else the policy's.
+    pub chunk_size: u32,
+    /// The newest cycle the gateway holds complete (its `EndOfCycle` durable), if any.
+    pub last_complete_cycle: Option<u64>,
 }
 
 #[cfg(test)]
