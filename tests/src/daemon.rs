@@ -17,6 +17,8 @@ pub struct Daemon {
     child: Child,
     /// The port it listens on.
     pub port: u16,
+    /// The data port (process role), when it has one.
+    pub data_port: Option<u16>,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
 }
@@ -45,6 +47,8 @@ impl Daemon {
             data.to_str().unwrap(),
             "--listen",
             "127.0.0.1:0",
+            "--data-listen",
+            "127.0.0.1:0",
         ]);
         c.envs(env.iter().copied())
             .stdout(Stdio::piped())
@@ -53,6 +57,8 @@ impl Daemon {
         let stdout = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
+        let data_port = Arc::new(Mutex::new(None));
+        let dp = data_port.clone();
         let out = child.stdout.take().unwrap();
         let so = stdout.clone();
         std::thread::spawn(move || {
@@ -66,6 +72,11 @@ impl Daemon {
         let se = stderr.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Some(rest) =
+                    line.strip_prefix("ferryd: data port listening on https://127.0.0.1:")
+                {
+                    *dp.lock().unwrap() = rest.parse::<u16>().ok();
+                }
                 if let Some(rest) = line.strip_prefix("ferryd: listening on https://127.0.0.1:") {
                     let _ = tx.send(rest.parse::<u16>().expect("a port"));
                 }
@@ -84,9 +95,12 @@ impl Daemon {
                 );
             }
         };
+        // The data port's line comes before the API's.
+        let data_port = *data_port.lock().unwrap();
         let d = Daemon {
             child,
             port,
+            data_port,
             stdout,
             stderr,
         };

@@ -392,11 +392,17 @@ pub fn base_url(addr: SocketAddr) -> String {
 }
 
 /// What `up` prints on stdout once listening: where, what to trust, what to run next.
-pub fn banner(p: &Prepared, addr: SocketAddr) -> String {
+pub fn banner(p: &Prepared, addr: SocketAddr, data: Option<SocketAddr>) -> String {
     let url = base_url(addr);
     let mut s = String::new();
     let _ = writeln!(s, "ferryd {} is up", env!("CARGO_PKG_VERSION"));
     let _ = writeln!(s, "  API:            {url}/api/v1");
+    if let Some(d) = data {
+        let _ = writeln!(
+            s,
+            "  data port:      {d} (agents replicate here with their enrollment certificate)"
+        );
+    }
     let _ = writeln!(s, "  roles:          {}", p.roles.join(", "));
     match &p.tls.ca_cert {
         Some(ca) => {
@@ -490,7 +496,7 @@ mod tests {
         let fp = p.tls.fingerprint.clone();
         let key = std::fs::read(p.layout.vault_key()).unwrap();
         let addr: SocketAddr = "127.0.0.1:8443".parse().unwrap();
-        let b = banner(&p, addr);
+        let b = banner(&p, addr, None);
         assert!(
             b.contains(&fp) && b.contains("admin-token") && b.contains("--cacert"),
             "{b}"
@@ -519,7 +525,7 @@ mod tests {
         assert_eq!(p.tls.fingerprint, fp);
         assert_eq!(std::fs::read(p.layout.vault_key()).unwrap(), key);
         assert!(p.tokens.authenticate(token.trim()).is_some());
-        assert!(!banner(&p, addr).contains("written to"));
+        assert!(!banner(&p, addr, None).contains("written to"));
     }
 
     #[tokio::test]

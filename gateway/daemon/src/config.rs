@@ -51,6 +51,73 @@ pub struct Config {
     pub api: ApiConfig,
     /// The appliance's vault.
     pub vault: VaultConfig,
+    /// The process role: the data port agents replicate to, and its cache.
+    pub process: ProcessConfig,
+}
+
+/// Default address of the data port (`docs/agent-protocol.md` §2).
+pub const DEFAULT_DATA_LISTEN: &str = "127.0.0.1:9443";
+
+/// `[process]`: the data port and the cache its journals live on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessConfig {
+    /// Address and port agents replicate to (TLS with their enrollment certificate). Port 0:
+    /// any free port (printed at start and told to agents in their replication plan).
+    pub listen: SocketAddr,
+    /// The cache directory: journals of what agents sent, until it is in the vault, and the
+    /// drains' scratch images. Put it on a fast local disk. Default: `<data_dir>/process`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
+    /// Replication sessions served at once; more agents wait in the kernel's accept queue.
+    pub max_sessions: u32,
+    /// A session that sends nothing for this long is ended (`stalled`); the agent resumes.
+    pub idle_timeout_secs: u64,
+    /// Cycles drained into the vault at once (each on its own item).
+    pub drain_workers: u32,
+    /// Bounds of the cache.
+    pub cache: CacheConfig,
+}
+
+/// `[process.cache]`: when the cache pushes back (`Busy` to agents) and raises its alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Below this share of free space on the cache's filesystem the cache alert is raised
+    /// (Site Recovery: 30%).
+    pub warn_free_percent: u8,
+    /// Below this share agents are told `Busy` and nothing more is written (Site Recovery:
+    /// 25%).
+    pub critical_free_percent: u8,
+    /// Most bytes all journals together may hold.
+    pub max_journal_bytes: u64,
+    /// Most bytes one cycle's journal may hold. A cycle is drained once complete, so a larger
+    /// one is refused (`internal`, naming this key): keep it above a disk's largest cycle.
+    pub max_cycle_bytes: u64,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_DATA_LISTEN.parse().expect("valid default address"),
+            cache_dir: None,
+            max_sessions: 256,
+            idle_timeout_secs: 120,
+            drain_workers: 2,
+            cache: CacheConfig::default(),
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            warn_free_percent: 30,
+            critical_free_percent: 25,
+            max_journal_bytes: 64 << 30,
+            max_cycle_bytes: 16 << 30,
+        }
+    }
 }
 
 /// A role of an appliance (Site Recovery's configuration server, process server and master
@@ -233,6 +300,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--listen`.
     pub listen: Option<SocketAddr>,
+    /// `--data-listen` (`process.listen`).
+    pub data_listen: Option<SocketAddr>,
     /// `--repo` (`vault.url`).
     pub vault_url: Option<String>,
     /// `--key-file` (`vault.key_file`).
@@ -280,6 +349,9 @@ impl Config {
         }
         if let Some(l) = &overrides.listen {
             f = f.merge(("api.listen", l.to_string()));
+        }
+        if let Some(l) = &overrides.data_listen {
+            f = f.merge(("process.listen", l.to_string()));
         }
         let c: Config = f.extract().map_err(figment_error)?;
         c.validate()?;
@@ -383,6 +455,40 @@ impl Config {
         {
             return Err(bad("data_dir", "is empty".into()));
         }
+        let p = &self.process;
+        range("process.max_sessions", u64::from(p.max_sessions), 1, 65_536)?;
+        range("process.idle_timeout_secs", p.idle_timeout_secs, 5, 3600)?;
+        range("process.drain_workers", u64::from(p.drain_workers), 1, 64)?;
+        range(
+            "process.cache.warn_free_percent",
+            u64::from(p.cache.warn_free_percent),
+            0,
+            100,
+        )?;
+        range(
+            "process.cache.critical_free_percent",
+            u64::from(p.cache.critical_free_percent),
+            0,
+            u64::from(p.cache.warn_free_percent),
+        )?;
+        // A cycle's journal holds at least one largest frame (4 MiB chunk and headers).
+        range(
+            "process.cache.max_cycle_bytes",
+            p.cache.max_cycle_bytes,
+            64 << 20,
+            1 << 50,
+        )?;
+        range(
+            "process.cache.max_journal_bytes",
+            p.cache.max_journal_bytes,
+            p.cache.max_cycle_bytes,
+            1 << 52,
+        )?;
+        if let Some(d) = &p.cache_dir
+            && d.as_os_str().is_empty()
+        {
+            return Err(bad("process.cache_dir", "is empty".into()));
+        }
         let v = &self.vault;
         ferry_store::check_name("vault name", &v.name)
             .map_err(|e| bad("vault.name", e.to_string()))?;
@@ -462,6 +568,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The process role's cache directory: configured, or `<data_dir>/process`.
+    pub fn process_cache_dir(&self) -> Result<PathBuf> {
+        match &self.process.cache_dir {
+            Some(d) => Ok(d.clone()),
+            None => Ok(self.data_dir()?.join("process")),
+        }
     }
 
     /// The data directory: configured, or the default for this user. Always absolute.
@@ -606,12 +720,14 @@ mod tests {
             let o = Overrides {
                 data_dir: Some("/srv/c".into()),
                 listen: Some("127.0.0.1:3".parse().unwrap()),
+                data_listen: Some("127.0.0.1:4".parse().unwrap()),
                 vault_url: Some("s3://bucket/ferry".into()),
                 vault_key_file: Some(j.directory().join("key")),
             };
             let c = Config::load(Some(&j.directory().join("f.toml")), &o).unwrap();
             assert_eq!(c.data_dir.as_deref(), Some(Path::new("/srv/c")));
             assert_eq!(c.api.listen.to_string(), "127.0.0.1:3");
+            assert_eq!(c.process.listen.to_string(), "127.0.0.1:4");
             assert_eq!(c.vault.url.as_deref(), Some("s3://bucket/ferry"));
             assert_eq!(c.vault.key_file, Some(j.directory().join("key")));
             Ok(())

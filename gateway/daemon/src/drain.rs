@@ -25,6 +25,17 @@ use ferry_store::{Consistency, ImportOptions, PointRecord, Vault};
 
 use crate::journal::Journal;
 
+/// Point tag: the disk the cycle replicated (a point holds every disk of the item; the one a
+/// cycle changed is named here).
+pub const TAG_DISK: &str = "disk";
+/// Point tag: the cycle number the point was drained from.
+pub const TAG_CYCLE: &str = "cycle";
+/// Point tag: the `seq` of the cycle's `EndOfCycle` (so a `Hello` for a drained cycle whose
+/// last ack was lost can be answered after the journal is gone).
+pub const TAG_END_SEQ: &str = "end_seq";
+/// Tags the gateway sets on a drained point; an agent's tag of the same name is dropped.
+pub const RESERVED_TAGS: &[&str] = &[TAG_DISK, TAG_CYCLE, TAG_END_SEQ, "snapshot"];
+
 /// What the drain needs to know of a cycle that the journal's frames do not say (the
 /// session's `Hello`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,10 +243,19 @@ pub async fn drain_cycle(
     let r = async {
         let (changed, end) = tokio::task::block_in_place(|| materialise(info, journal, &scratch))?;
         let mut tags = vec![
-            ("cycle".to_string(), info.cycle.to_string()),
+            (TAG_DISK.to_string(), info.disk.clone()),
+            (TAG_CYCLE.to_string(), info.cycle.to_string()),
+            (TAG_END_SEQ.to_string(), end.seq.to_string()),
             ("snapshot".to_string(), end.snapshot.as_str().to_string()),
         ];
-        tags.extend(end.tags.iter().cloned());
+        // The agent's own tags, but never one of the gateway's (a point's cycle must be
+        // the one it was drained from).
+        tags.extend(
+            end.tags
+                .iter()
+                .filter(|(k, _)| !RESERVED_TAGS.contains(&k.as_str()))
+                .cloned(),
+        );
         let opts = ImportOptions {
             item: info.item.clone(),
             disk_name: info.disk.clone(),

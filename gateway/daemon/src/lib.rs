@@ -35,6 +35,7 @@ pub mod journal;
 pub mod metrics;
 pub mod mirror;
 pub mod policy;
+pub mod replication;
 pub mod server;
 pub mod session;
 pub mod snapshot;

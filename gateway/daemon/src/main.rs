@@ -17,7 +17,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use ferry_daemon::config::{Config, Overrides};
+use ferry_daemon::config::{Config, Overrides, Role};
+use ferry_daemon::replication::{self, ProcessRole, StartReport};
 use ferry_daemon::{api, appliance, server};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -64,6 +65,10 @@ struct UpArgs {
     /// Address and port to listen on (port 0: any free port) [default: 127.0.0.1:8443].
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
+    /// Address and port of the data port agents replicate to (`process.listen`; port 0: any
+    /// free port) [default: 127.0.0.1:9443].
+    #[arg(long, value_name = "ADDR:PORT")]
+    data_listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -94,20 +99,25 @@ fn say(s: &str) {
     let _ = o.flush();
 }
 
-fn load(s: &Sources, listen: Option<SocketAddr>) -> Result<Config> {
+fn load(
+    s: &Sources,
+    listen: Option<SocketAddr>,
+    data_listen: Option<SocketAddr>,
+) -> Result<Config> {
     Ok(Config::load(
         s.config.as_deref(),
         &Overrides {
             data_dir: s.data_dir.clone(),
             listen,
+            data_listen,
             ..Overrides::default()
         },
     )?)
 }
 
 async fn up(args: UpArgs) -> Result<()> {
-    let cfg = load(&args.sources, args.listen)?;
-    let prepared = appliance::prepare(&cfg).await?;
+    let cfg = load(&args.sources, args.listen, args.data_listen)?;
+    let mut prepared = appliance::prepare(&cfg).await?;
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
         .map_err(|source| ferry_daemon::DaemonError::Listen {
@@ -119,12 +129,14 @@ async fn up(args: UpArgs) -> Result<()> {
     // is a clean stop, not a kill.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         let which = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
         eprintln!("ferryd: {which}: stopping (in-flight requests get up to the grace period)");
+        let _ = stopping_tx.send(true);
         // A second signal means "now".
         tokio::spawn(async move {
             tokio::select! {
@@ -136,12 +148,65 @@ async fn up(args: UpArgs) -> Result<()> {
         });
     };
 
-    say(&appliance::banner(&prepared, addr));
-    eprintln!("ferryd: listening on {}", appliance::base_url(addr));
-
     let limits = cfg.api.limits;
     let catalog = prepared.tokens.catalog().clone();
-    let vaults = std::sync::Arc::new(prepared.vaults);
+    let vaults = std::sync::Arc::new(std::mem::take(&mut prepared.vaults));
+    // The process role: its cache is recovered (journals reopened, complete cycles queued
+    // for draining) before the data port takes a session.
+    let process = if cfg.roles.has(Role::Process) {
+        let (role, report, drainer) = ProcessRole::start(
+            &cfg,
+            catalog.clone(),
+            prepared.agents.clone(),
+            vaults.clone(),
+        )
+        .await
+        .context("starting the process role")?;
+        if report != StartReport::default() {
+            eprintln!(
+                "ferryd: process cache {}: {} complete cycle(s) to drain, {} to resume, {} journal(s) removed, {} byte(s) of torn tail cut",
+                role.cache_dir().display(),
+                report.pending_cycles,
+                report.receiving_cycles,
+                report.removed,
+                report.truncated_bytes
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(cfg.process.listen)
+            .await
+            .map_err(|source| ferry_daemon::DaemonError::Listen {
+                addr: cfg.process.listen,
+                source,
+            })?;
+        let data_addr = listener
+            .local_addr()
+            .context("reading the data port's address")?;
+        role.set_data_port(data_addr.port());
+        let mut stop = stopping.clone();
+        let serving = tokio::spawn(server::serve(
+            listener,
+            prepared.tls.server_config.clone(),
+            replication::router(role.clone()),
+            limits,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        ));
+        Some((role, drainer, serving, data_addr))
+    } else {
+        None
+    };
+
+    say(&appliance::banner(
+        &prepared,
+        addr,
+        process.as_ref().map(|p| p.3),
+    ));
+    if let Some((_, _, _, a)) = &process {
+        eprintln!("ferryd: data port listening on {}", appliance::base_url(*a));
+    }
+    eprintln!("ferryd: listening on {}", appliance::base_url(addr));
+
     let (runner, runner_tasks) =
         ferry_daemon::jobs::JobRunner::start(catalog.clone(), vaults.clone(), JOB_WORKERS)
             .context("starting the job runner")?;
@@ -159,7 +224,7 @@ async fn up(args: UpArgs) -> Result<()> {
             .clone(),
         metrics.clone(),
     );
-    let state = api::ApiState::new(
+    let mut state = api::ApiState::new(
         prepared.tokens,
         prepared.agents,
         vaults,
@@ -168,6 +233,9 @@ async fn up(args: UpArgs) -> Result<()> {
         usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
         &cfg.roles,
     );
+    if let Some((role, ..)) = &process {
+        state = state.with_process(role.clone());
+    }
     let report = server::serve(
         listener,
         prepared.tls.server_config,
@@ -183,6 +251,12 @@ async fn up(args: UpArgs) -> Result<()> {
         .await;
     if busy > 0 {
         eprintln!("ferryd: {busy} job(s) did not end in time: they run again at the next start");
+    }
+    if let Some((role, drainer, serving, _)) = process {
+        // Sessions end with `shutting_down` after their last acks; a drain in progress gets
+        // the grace period, else it runs again from the journal at the next start.
+        role.shutdown(drainer, limits.shutdown_grace()).await;
+        let _ = serving.await;
     }
     let _ = mirror_stop.send(true);
     let _ = mirror_task.await;
@@ -282,14 +356,14 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Config {
             cmd: ConfigCmd::Check(s),
         } => {
-            load(&s, None)?;
+            load(&s, None, None)?;
             say("configuration OK\n");
             Ok(())
         }
         Cmd::Config {
             cmd: ConfigCmd::Show(s),
         } => {
-            let mut t = load(&s, None)?.effective()?.to_toml();
+            let mut t = load(&s, None, None)?.effective()?.to_toml();
             if !t.ends_with('\n') {
                 t.push('\n');
             }

@@ -257,7 +257,8 @@ async fn connection(
         .keep_alive(true)
         .max_header_size(MAX_HEAD_BYTES)
         .max_buf_size(2 * MAX_HEAD_BYTES);
-    let conn = builder.serve_connection(io, svc);
+    // Upgrades (the data port's replication sessions) hand the connection to their handler.
+    let conn = builder.serve_connection(io, svc).with_upgrades();
     tokio::pin!(conn);
     let idle = limits.idle_timeout();
     let mut shutting = false;

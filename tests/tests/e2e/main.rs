@@ -13,5 +13,6 @@ mod format_v1;
 mod plugin_cli;
 mod plugin_formats;
 mod plugin_sandbox;
+mod replication;
 mod schemathesis;
 mod vault_backends;

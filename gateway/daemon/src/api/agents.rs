@@ -459,3 +459,40 @@ pub(super) async fn my_item(
         .ok_or_else(|| forbidden_item(&name))?;
     Ok(([(header::ETAG, etag(rev))], Json(it)))
 }
+
+/// `GET /api/v1/agent/items/{name}/replication`: what the agent needs to replicate one of its
+/// items (`ferry_proto::enroll::ReplicationPlan`); any other item is 403.
+pub(super) async fn my_item_plan(
+    State(s): State<ApiState>,
+    Extension(id): Extension<AgentId>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<ferry_proto::enroll::ReplicationPlan>, ApiError> {
+    let a = me(&s, &id).await?;
+    if !a.items.contains(&name) {
+        return Err(forbidden_item(&name));
+    }
+    let n = name.clone();
+    let (item, policy) = s
+        .catalog(move |c| {
+            let Some(it) = c.item(&n)? else {
+                return Ok(None);
+            };
+            let policy = c.policy(&it.policy)?;
+            Ok(Some((it, policy)))
+        })
+        .await?
+        .ok_or_else(|| forbidden_item(&name))?;
+    let settings = policy.map(|p| p.settings).unwrap_or_default();
+    let Some(role) = s.process() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_process_role",
+            "this appliance does not have the process role: it takes no replication".to_string(),
+        ));
+    };
+    let plan = role
+        .plan(&item, &settings)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(plan))
+}

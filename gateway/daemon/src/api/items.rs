@@ -64,11 +64,45 @@ pub(super) struct ItemJson {
     active_job: Option<String>,
     /// Recovery points the catalog's mirror knows in the item's vault.
     points: u64,
+    /// What the process role reports (absent without the role).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replication: Option<ReplicationJson>,
     /// The newest of them.
     latest_point: Option<LatestPoint>,
     revision: u64,
     created: String,
     updated: String,
+}
+
+/// The process role's figures of an item.
+#[derive(Debug, Serialize)]
+pub(super) struct ReplicationJson {
+    backlog_bytes: u64,
+    ingest_bytes_per_second: f64,
+    upload_bytes_per_second: f64,
+    time_to_drain_seconds: Option<f64>,
+    sessions: u32,
+    last_cycle: Option<u64>,
+    last_cycle_point: Option<String>,
+    last_error: Option<String>,
+    last_error_at: Option<String>,
+}
+
+impl ReplicationJson {
+    fn of(f: &crate::replication::ItemFigures) -> Self {
+        let round = |v: f64| (v * 10.0).round() / 10.0;
+        Self {
+            backlog_bytes: f.backlog_bytes,
+            ingest_bytes_per_second: round(f.ingest.per_second()),
+            upload_bytes_per_second: round(f.upload.per_second()),
+            time_to_drain_seconds: f.time_to_drain_secs().map(round),
+            sessions: f.sessions,
+            last_cycle: f.last_cycle.as_ref().map(|c| c.0),
+            last_cycle_point: f.last_cycle.as_ref().map(|c| c.1.clone()),
+            last_error: f.last_error.as_ref().map(|e| e.1.clone()),
+            last_error_at: f.last_error.as_ref().map(|e| time(e.0)),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -98,9 +132,18 @@ impl ItemJson {
             .collect())
     }
 
+    /// Adds the process role's figures, when the appliance runs it.
+    pub(super) fn with_figures(mut self, s: &ApiState) -> Self {
+        if let Some(role) = s.process() {
+            self.replication = Some(ReplicationJson::of(&role.figures(&self.name)));
+        }
+        self
+    }
+
     fn new(i: Item, p: ItemPoints) -> Self {
         Self {
             points: p.count,
+            replication: None,
             latest_point: p.latest.map(|(id, t)| LatestPoint {
                 id,
                 created: time(t),
@@ -191,6 +234,7 @@ pub(super) async fn list(
             Ok((ItemJson::of_all(c, p.items)?, p.next_after))
         })
         .await?;
+    let items = items.into_iter().map(|i| i.with_figures(&s)).collect();
     Ok(Json(PageJson {
         items,
         next_cursor: next_after.as_deref().map(encode_cursor),
@@ -253,7 +297,8 @@ pub(super) async fn get_one(
     let it = s
         .catalog(move |c| c.item(&n)?.map(|it| ItemJson::of(c, it)).transpose())
         .await?
-        .ok_or_else(|| no_item(&name))?;
+        .ok_or_else(|| no_item(&name))?
+        .with_figures(&s);
     Ok(([(header::ETAG, etag(it.revision))], Json(it)))
 }
 

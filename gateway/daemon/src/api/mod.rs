@@ -98,6 +98,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/agent/items"),
     ("GET", "/api/v1/agent/items/{name}"),
     ("POST", "/api/v1/agent/heartbeat"),
+    ("GET", "/api/v1/agent/items/{name}/replication"),
 ];
 
 /// What handlers share.
@@ -113,6 +114,7 @@ struct StateInner {
     jobs: Option<JobRunner>,
     max_body_bytes: usize,
     roles: Vec<&'static str>,
+    process: Option<crate::replication::ProcessRole>,
 }
 
 /// The id of the admin token a request was authenticated with (for the audit lines on
@@ -152,7 +154,22 @@ impl ApiState {
             jobs,
             max_body_bytes,
             roles: roles.names(),
+            process: None,
         }))
+    }
+
+    /// The same state, with the process role whose figures items show and whose plan
+    /// agents read. Call right after [`ApiState::new`].
+    pub fn with_process(mut self, role: crate::replication::ProcessRole) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.process = Some(role);
+        }
+        self
+    }
+
+    /// The process role, when this appliance runs it.
+    fn process(&self) -> Option<&crate::replication::ProcessRole> {
+        self.0.process.as_ref()
     }
 
     /// Wakes a job runner after a job was queued.
@@ -294,6 +311,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/agent", get(agents::whoami))
         .route("/api/v1/agent/items", get(agents::my_items))
         .route("/api/v1/agent/items/{name}", get(agents::my_item))
+        .route(
+            "/api/v1/agent/items/{name}/replication",
+            get(agents::my_item_plan),
+        )
         .route("/api/v1/agent/heartbeat", post(agents::heartbeat))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_agent));
     Router::new()

@@ -1,0 +1,683 @@
+//! One replication session on the data port: the HTTP upgrade, then frames
+//! (`docs/agent-protocol.md` §2, §7).
+//!
+//! The upgrade handler checks the client certificate before anything else (an unknown,
+//! revoked or expired one is the API's 401 with its code) and takes a session permit (the
+//! `process.max_sessions` bound); then the session reads frames into a buffer that never holds
+//! more than one frame of the session's chunk size plus one read, decides each by the session
+//! rules, appends it to the cycle's journal as received, and — whenever it has consumed all it
+//! read — makes the journal durable and acknowledges the highest durable `seq`. Reading stops
+//! while the journal syncs, so a slow cache slows the agent through TCP, never fills memory.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::BytesMut;
+use ferry_proto::frame::{
+    self, Ack, AgentFrame, Busy, Decoded, ErrorFrame, FrameError, GatewayFrame, Hello,
+    PointCommitted, Welcome, error_code,
+};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+use super::{Pending, ProcessRole, Receiving, lock};
+use crate::agents::CertCheck;
+use crate::api::ApiError;
+use crate::drain::CycleInfo;
+use crate::journal::{BackpressureReason, JournalError, StreamKey};
+use crate::server::ClientCert;
+use crate::session::{self, Accepted, Peer, Refusal, StreamState};
+
+/// How long a new session waits for the one it replaces to let go of the stream.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(30);
+/// What `Busy` asks the agent to wait, milliseconds.
+const BUSY_RETRY_MS: u32 = 30_000;
+/// Bytes asked of the socket at a time.
+const READ_BYTES: usize = 256 << 10;
+
+/// The data port's routes: `GET /api/v1/replication` (upgrade) and nothing else.
+pub fn router(role: ProcessRole) -> Router {
+    Router::new()
+        .route(frame::REPLICATION_PATH, get(upgrade))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "the data port serves only GET {} (upgrade to {})",
+                    frame::REPLICATION_PATH,
+                    frame::UPGRADE_PROTOCOL
+                ),
+            )
+        })
+        .with_state(role)
+}
+
+fn header_has_token(req: &Request, name: header::HeaderName, token: &str) -> bool {
+    req.headers().get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+async fn upgrade(State(role): State<ProcessRole>, req: Request) -> Response {
+    let unauthorized = |code: &'static str, msg: &str| {
+        ApiError::new(StatusCode::UNAUTHORIZED, code, msg.to_string()).into_response()
+    };
+    let Some(cert) = req.extensions().get::<ClientCert>().copied() else {
+        return unauthorized(
+            "client_certificate_required",
+            "the data port needs the client certificate the agent received at enrollment",
+        );
+    };
+    let agent = match role.inner.agents.check(&cert.sha256) {
+        CertCheck::Agent(name) => name,
+        CertCheck::Revoked => {
+            return unauthorized(
+                "certificate_revoked",
+                "this agent's certificate was revoked",
+            );
+        }
+        CertCheck::Expired(name) => {
+            return unauthorized(
+                "certificate_expired",
+                &format!("the certificate of agent `{name}` has expired: enroll it again"),
+            );
+        }
+        CertCheck::Unknown => {
+            return unauthorized(
+                "unknown_certificate",
+                "this client certificate belongs to no enrolled agent",
+            );
+        }
+    };
+    if !header_has_token(&req, header::UPGRADE, frame::UPGRADE_PROTOCOL)
+        || !header_has_token(&req, header::CONNECTION, "upgrade")
+    {
+        let mut r = ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            format!(
+                "replication needs `Connection: Upgrade` and `Upgrade: {}` (the only protocol version this gateway speaks)",
+                frame::UPGRADE_PROTOCOL
+            ),
+        )
+        .into_response();
+        r.headers_mut().insert(
+            header::UPGRADE,
+            HeaderValue::from_static(frame::UPGRADE_PROTOCOL),
+        );
+        return r;
+    }
+    if *role.inner.stop.borrow() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the gateway is stopping".to_string(),
+        )
+        .into_response();
+    }
+    let Ok(permit) = role.inner.sessions.clone().try_acquire_owned() else {
+        let mut r = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_sessions",
+            "the gateway serves process.max_sessions sessions already; try again later".to_string(),
+        )
+        .into_response();
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
+        return r;
+    };
+    let on_upgrade = hyper::upgrade::on(req);
+    role.inner
+        .active
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on_upgrade.await {
+            run(role.clone(), TokioIo::new(upgraded), agent, cert.sha256).await;
+        }
+        drop(permit);
+        if role
+            .inner
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            role.inner.idle_notify.notify_waiters();
+        }
+    });
+    let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    r.headers_mut().insert(
+        header::UPGRADE,
+        HeaderValue::from_static(frame::UPGRADE_PROTOCOL),
+    );
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    r
+}
+
+/// Why a session ended early: the frame to send (if any) before closing.
+enum End {
+    /// Close without a frame (the agent went away, or a newer session took over).
+    Quiet,
+    /// Send this and close.
+    Send(GatewayFrame),
+}
+
+fn error(code: &str, message: impl Into<String>) -> End {
+    End::Send(GatewayFrame::Error(ErrorFrame {
+        code: code.to_string(),
+        message: message.into(),
+    }))
+}
+
+impl From<Refusal> for End {
+    fn from(r: Refusal) -> Self {
+        error(r.code, r.message)
+    }
+}
+
+fn frame_refusal(e: &FrameError) -> End {
+    match e {
+        FrameError::FutureVersion { .. } => error(error_code::UNSUPPORTED_VERSION, e.to_string()),
+        _ => error(error_code::BAD_FRAME, e.to_string()),
+    }
+}
+
+/// The connection: a read buffer and the writing half.
+struct Wire<IO> {
+    io: IO,
+    buf: BytesMut,
+    limits: frame::Limits,
+    idle: Duration,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
+    /// The next whole frame already in the buffer, and its bytes as received.
+    fn try_frame(&mut self) -> Result<Option<(AgentFrame, bytes::Bytes)>, FrameError> {
+        match frame::decode_agent(&self.buf, &self.limits)? {
+            Decoded::Frame(f, n) => Ok(Some((f, self.buf.split_to(n).freeze()))),
+            Decoded::NeedMore(n) => {
+                self.buf.reserve(n.max(READ_BYTES));
+                Ok(None)
+            }
+        }
+    }
+
+    /// Reads more bytes; `Ok(false)` at the end of the stream.
+    async fn fill(&mut self) -> std::io::Result<bool> {
+        if self.buf.capacity() - self.buf.len() == 0 {
+            self.buf.reserve(READ_BYTES);
+        }
+        Ok(self.io.read_buf(&mut self.buf).await? > 0)
+    }
+
+    async fn send(&mut self, f: &GatewayFrame) -> std::io::Result<()> {
+        let mut out = Vec::with_capacity(64);
+        frame::encode_gateway(f, &mut out).map_err(std::io::Error::other)?;
+        tokio::time::timeout(self.idle, async {
+            self.io.write_all(&out).await?;
+            self.io.flush().await
+        })
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "agent not reading"))?
+    }
+}
+
+async fn run<IO: AsyncRead + AsyncWrite + Unpin + Send>(
+    role: ProcessRole,
+    io: IO,
+    agent: String,
+    cert: [u8; 32],
+) {
+    let mut wire = Wire {
+        io,
+        buf: BytesMut::with_capacity(64 << 10),
+        limits: frame::Limits::protocol(),
+        idle: role.inner.idle,
+    };
+    let mut item_for_figures = None;
+    let end = session(&role, &mut wire, agent, cert, &mut item_for_figures).await;
+    if let End::Send(f) = end {
+        if let (GatewayFrame::Error(e), Some(item)) = (&f, &item_for_figures) {
+            role.with_figures(item, |fig| {
+                fig.last_error = Some((
+                    ferry_store::point::now_ms(),
+                    format!("session refused ({}): {}", e.code, e.message),
+                ));
+            });
+        }
+        let _ = wire.send(&f).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), wire.io.shutdown()).await;
+    if let Some(item) = &item_for_figures {
+        role.with_figures(item, |f| {
+            f.sessions = f.sessions.saturating_sub(1);
+            f.receiving_bytes = 0;
+        });
+    }
+}
+
+/// The first frame: a `Hello`, within the idle timeout.
+async fn read_hello<IO: AsyncRead + AsyncWrite + Unpin>(
+    wire: &mut Wire<IO>,
+) -> Result<(Hello, bytes::Bytes), End> {
+    loop {
+        match wire.try_frame() {
+            Ok(Some((AgentFrame::Hello(h), raw))) => return Ok((h, raw)),
+            Ok(Some((f, _))) => {
+                return Err(error(
+                    error_code::BAD_FRAME,
+                    format!(
+                        "the first frame of a session must be Hello, not {:?}",
+                        f.frame_type()
+                    ),
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(frame_refusal(&e)),
+        }
+        match tokio::time::timeout(wire.idle, wire.fill()).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false) | Err(_)) => return Err(End::Quiet),
+            Err(_) => {
+                return Err(error(
+                    error_code::STALLED,
+                    format!("no Hello within {} s", wire.idle.as_secs()),
+                ));
+            }
+        }
+    }
+}
+
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+// Boxed so that its `Send` is proven here, for these lifetimes (rustc cannot prove it for
+// every lifetime through the generic `run`).
+fn session<'a, IO: AsyncRead + AsyncWrite + Unpin + Send + 'a>(
+    role: &'a ProcessRole,
+    wire: &'a mut Wire<IO>,
+    agent: String,
+    cert: [u8; 32],
+    figures_item: &'a mut Option<String>,
+) -> BoxFuture<'a, End> {
+    Box::pin(session_inner(role, wire, agent, cert, figures_item))
+}
+
+async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
+    role: &ProcessRole,
+    wire: &mut Wire<IO>,
+    agent: String,
+    cert: [u8; 32],
+    figures_item: &mut Option<String>,
+) -> End {
+    let inner = &role.inner;
+    let (hello, raw_hello) = match read_hello(wire).await {
+        Ok(h) => h,
+        Err(e) => return e,
+    };
+    let record = {
+        let c = inner.catalog.clone();
+        let a = agent.clone();
+        blocking(move || c.agent(&a))
+    };
+    let items = match record {
+        Ok(Some(a)) if a.is_active() && a.cert.sha256 == cert => a.items,
+        Ok(_) => {
+            return error(
+                error_code::FORBIDDEN,
+                "this certificate is no longer the agent's (revoked or enrolled again)",
+            );
+        }
+        Err(e) => return error(error_code::INTERNAL, format!("reading the catalog: {e}")),
+    };
+    let peer = Peer {
+        agent: agent.clone(),
+        items,
+    };
+    if hello.agent != peer.agent || !peer.items.contains(&hello.item) {
+        // The session rules phrase it; nothing about the item is revealed.
+        return match session::on_hello(&peer, &hello, &StreamState::default(), |_| Ok(())) {
+            Err(r) => r.into(),
+            Ok(_) => error(error_code::FORBIDDEN, "not this agent's item"),
+        };
+    }
+    let item = match blocking(|| inner.catalog.item(&hello.item)) {
+        Ok(Some(it)) => it,
+        Ok(None) => {
+            return error(
+                error_code::UNKNOWN_ITEM,
+                format!("protected item `{}` does not exist", hello.item),
+            );
+        }
+        Err(e) => return error(error_code::INTERNAL, format!("reading the catalog: {e}")),
+    };
+    if !item.disks.iter().any(|d| d.name == hello.disk) {
+        return error(
+            error_code::UNKNOWN_ITEM,
+            format!(
+                "protected item `{}` has no disk `{}`",
+                item.name, hello.disk
+            ),
+        );
+    }
+    if !super::replicating(item.state) {
+        return error(
+            error_code::FORBIDDEN,
+            format!(
+                "protected item `{}` is {}: it takes no replication now",
+                item.name, item.state
+            ),
+        );
+    }
+    *figures_item = Some(item.name.clone());
+    role.with_figures(&item.name, |f| f.sessions += 1);
+    if let Err(JournalError::Backpressure { reason, .. }) = inner
+        .guard
+        .check(u64::from(inner.journal_limits.max_record))
+    {
+        role.with_figures(&item.name, |f| {
+            f.last_error = Some((ferry_store::point::now_ms(), format!("cache: {reason}")));
+        });
+        return End::Send(GatewayFrame::Busy(Busy {
+            retry_after_ms: BUSY_RETRY_MS,
+        }));
+    }
+
+    // Take the stream over from an older session, if any.
+    let stream = role.stream(&hello.item, &hello.disk);
+    stream.generation.send_modify(|g| *g += 1);
+    let mut generation = stream.generation.subscribe();
+    generation.mark_unchanged();
+    let Ok(mut receiving) = tokio::time::timeout(TAKEOVER_TIMEOUT, stream.receiving.lock()).await
+    else {
+        return error(
+            error_code::INTERNAL,
+            "the previous session of this disk did not end; try again",
+        );
+    };
+    let known = match role.load_known(&stream).await {
+        Ok(k) => k,
+        Err(e) => return error(error_code::INTERNAL, e.to_string()),
+    };
+    let state = StreamState {
+        geometry: known.geometry,
+        complete: known.complete,
+        receiving: receiving
+            .as_ref()
+            .map(|r| (r.hello.cycle, r.journal.durable_seq().unwrap_or(0))),
+    };
+    let welcomed = match session::on_hello(&peer, &hello, &state, |_| Ok(())) {
+        Ok(w) => w,
+        Err(r) => return r.into(),
+    };
+    if welcomed.abandon.is_some()
+        && let Some(old) = receiving.take()
+        && let Err(e) = blocking(|| old.journal.remove())
+    {
+        return error(
+            error_code::INTERNAL,
+            format!("dropping the abandoned cycle: {e}"),
+        );
+    }
+    let Some(mut sess) = welcomed.session else {
+        // The cycle is complete: the agent learns it from the Welcome, and may wait for its
+        // point.
+        if let Err(e) = wire
+            .send(&GatewayFrame::Welcome(Welcome {
+                version: frame::VERSION,
+                resume_from_seq: welcomed.resume_from_seq,
+            }))
+            .await
+        {
+            let _ = e;
+            return End::Quiet;
+        }
+        drop(receiving);
+        return wait_commit(role, wire, &stream, hello.cycle, &mut generation).await;
+    };
+    if receiving.is_none() {
+        let opened = blocking(|| -> Result<Receiving, JournalError> {
+            let key = StreamKey::new(&hello.item, &hello.disk, hello.cycle)?;
+            let dir = key.dir(&inner.cache_dir)?;
+            // A directory left by a crash before this cycle's Hello was durable holds
+            // nothing acknowledged.
+            if dir.exists() {
+                let (j, _) = inner.guard.open_journal(&key, inner.journal_limits)?;
+                j.remove()?;
+            }
+            let (mut journal, _) = inner.guard.open_journal(&key, inner.journal_limits)?;
+            journal.append(0, &raw_hello)?;
+            journal.sync()?;
+            Ok(Receiving {
+                hello: hello.clone(),
+                journal,
+            })
+        });
+        match opened {
+            Ok(r) => *receiving = Some(r),
+            Err(JournalError::Backpressure { reason, .. }) => {
+                role.with_figures(&item.name, |f| {
+                    f.last_error = Some((ferry_store::point::now_ms(), format!("cache: {reason}")));
+                });
+                return End::Send(GatewayFrame::Busy(Busy {
+                    retry_after_ms: BUSY_RETRY_MS,
+                }));
+            }
+            Err(e) => return error(error_code::INTERNAL, format!("opening the journal: {e}")),
+        }
+    }
+    stream.update_known(|k| k.geometry = Some((hello.disk_size, hello.chunk_size)));
+    if wire
+        .send(&GatewayFrame::Welcome(Welcome {
+            version: frame::VERSION,
+            resume_from_seq: welcomed.resume_from_seq,
+        }))
+        .await
+        .is_err()
+    {
+        return End::Quiet;
+    }
+    wire.limits = frame::Limits::protocol().for_chunk_size(hello.chunk_size);
+    let mut stop = inner.stop.subscribe();
+    let mut unsynced = false;
+    let mut end_seq = None;
+    // Makes the journal durable and acknowledges it (before any refusal, so the agent
+    // learns how far it got).
+    macro_rules! flush {
+        () => {
+            if let Err(e) = flush(wire, receiving.as_mut().expect("held"), &mut unsynced).await {
+                return e;
+            }
+        };
+    }
+    loop {
+        loop {
+            let (f, raw) = match wire.try_frame() {
+                Ok(Some(x)) => x,
+                Ok(None) => break,
+                Err(e) => {
+                    flush!();
+                    return frame_refusal(&e);
+                }
+            };
+            let accepted = match sess.accept(&f) {
+                Ok(a) => a,
+                Err(refusal) => {
+                    flush!();
+                    return refusal.into();
+                }
+            };
+            let (seq, is_end) = match accepted {
+                Accepted::Data(s) => (s, false),
+                Accepted::End(s) => (s, true),
+            };
+            match blocking(|| receiving.as_mut().expect("held").journal.append(seq, &raw)) {
+                Ok(_) => unsynced = true,
+                Err(JournalError::Backpressure {
+                    reason: BackpressureReason::JournalFull { limit, .. },
+                    ..
+                }) => {
+                    flush!();
+                    return error(
+                        error_code::INTERNAL,
+                        format!(
+                            "cycle {} of `{}`/`{}` is larger than the gateway takes in one cycle ({limit} bytes, process.cache.max_cycle_bytes)",
+                            hello.cycle, hello.item, hello.disk
+                        ),
+                    );
+                }
+                Err(JournalError::Backpressure { reason, .. }) => {
+                    flush!();
+                    role.with_figures(&item.name, |f| {
+                        f.last_error =
+                            Some((ferry_store::point::now_ms(), format!("cache: {reason}")));
+                    });
+                    return End::Send(GatewayFrame::Busy(Busy {
+                        retry_after_ms: BUSY_RETRY_MS,
+                    }));
+                }
+                Err(e) => {
+                    flush!();
+                    return error(error_code::INTERNAL, format!("journal: {e}"));
+                }
+            }
+            let len = raw.len() as u64;
+            let journal_bytes = receiving.as_ref().map_or(0, |r| r.journal.bytes());
+            role.with_figures(&item.name, |fig| {
+                fig.ingest.add(len);
+                fig.receiving_bytes = journal_bytes;
+            });
+            if is_end {
+                end_seq = Some(seq);
+                break;
+            }
+        }
+        flush!();
+        if let Some(end_seq) = end_seq {
+            // Durable and acknowledged: the cycle is the gateway's now.
+            let r = receiving.take().expect("held");
+            let info = CycleInfo {
+                item: hello.item.clone(),
+                disk: hello.disk.clone(),
+                cycle: hello.cycle,
+                kind: hello.cycle_kind,
+                disk_size: hello.disk_size,
+                chunk_size: hello.chunk_size,
+                agent: hello.agent.clone(),
+            };
+            lock(&stream.pending).insert(
+                hello.cycle,
+                Pending {
+                    info,
+                    journal: r.journal,
+                },
+            );
+            stream.update_known(|k| k.complete = Some((hello.cycle, end_seq)));
+            inner.drain_wake.notify_one();
+            drop(receiving);
+            return wait_commit(role, wire, &stream, hello.cycle, &mut generation).await;
+        }
+        let still = match inner.agents.check(&cert) {
+            CertCheck::Agent(n) => n == agent,
+            _ => false,
+        };
+        if !still {
+            return error(
+                error_code::FORBIDDEN,
+                "this agent's certificate was revoked or has expired",
+            );
+        }
+        tokio::select! {
+            r = tokio::time::timeout(wire.idle, wire.fill()) => match r {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false) | Err(_)) => return End::Quiet,
+                Err(_) => {
+                    return error(
+                        error_code::STALLED,
+                        format!("nothing received for {} s", wire.idle.as_secs()),
+                    );
+                }
+            },
+            _ = generation.changed() => return End::Quiet,
+            _ = stop.changed() => {
+                return error(error_code::SHUTTING_DOWN, "the gateway is stopping");
+            }
+        }
+    }
+}
+
+/// Syncs `r`'s journal if anything was appended since the last sync, and acknowledges the
+/// highest durable `seq`.
+async fn flush<IO: AsyncRead + AsyncWrite + Unpin>(
+    wire: &mut Wire<IO>,
+    r: &mut Receiving,
+    unsynced: &mut bool,
+) -> Result<(), End> {
+    if !*unsynced {
+        return Ok(());
+    }
+    *unsynced = false;
+    match blocking(|| r.journal.sync()) {
+        Ok(Some(seq)) if seq > 0 => wire
+            .send(&GatewayFrame::Ack(Ack { seq }))
+            .await
+            .map_err(|_| End::Quiet),
+        Ok(_) => Ok(()),
+        Err(e) => Err(error(
+            error_code::INTERNAL,
+            format!("syncing the journal: {e}"),
+        )),
+    }
+}
+
+/// After a cycle is complete: tells the agent `PointCommitted` when the drainer has made the
+/// cycle a point, unless the agent leaves, a newer session takes over or the gateway stops.
+async fn wait_commit<IO: AsyncRead + AsyncWrite + Unpin>(
+    role: &ProcessRole,
+    wire: &mut Wire<IO>,
+    stream: &super::Stream,
+    cycle: u64,
+    generation: &mut tokio::sync::watch::Receiver<u64>,
+) -> End {
+    let mut committed = stream.committed.subscribe();
+    let mut stop = role.inner.stop.subscribe();
+    loop {
+        let point = stream
+            .known()
+            .and_then(|k| k.committed)
+            .filter(|(c, _)| *c >= cycle);
+        if let Some((c, point_id)) = point {
+            if c == cycle {
+                return End::Send(GatewayFrame::PointCommitted(PointCommitted {
+                    cycle,
+                    point_id,
+                }));
+            }
+            return End::Quiet;
+        }
+        tokio::select! {
+            r = committed.changed() => if r.is_err() { return End::Quiet },
+            r = wire.fill() => match r {
+                // Nothing may follow the EndOfCycle on this session.
+                Ok(true) => {
+                    return error(
+                        error_code::OUT_OF_SEQUENCE,
+                        format!("a frame after the EndOfCycle of cycle {cycle}"),
+                    );
+                }
+                _ => return End::Quiet,
+            },
+            _ = generation.changed() => return End::Quiet,
+            _ = stop.changed() => return End::Quiet,
+        }
+    }
+}

@@ -1,0 +1,656 @@
+//! Replication end to end: the real `ferryd up` (API and data port on port 0), an agent enrolled
+//! with the real `ferry-agent`, and sessions on the data port spoken frame by frame with the
+//! agent's certificate, as `docs/agent-protocol.md` describes them.
+//!
+//! `data_port_journals_resumes_and_refuses` walks one disk through an initial cycle cut short
+//! (acks only after the journal's fsync, resume from the last durable frame after a
+//! disconnect and after `kill -9` of `ferryd`), then a delta cycle, and checks each recovery
+//! point bit-exact against the bytes sent. Every refusal the protocol names is provoked —
+//! out-of-order and forged sequence numbers, a chunk past the end of the disk, another agent's
+//! or an unknown item, a `Hello` contradicting the disk's geometry or its cycles, an oversize
+//! frame, a future protocol version, garbage, a session that sends nothing, no or a revoked
+//! certificate — and after each the gateway still resumes from the same frame: nothing of a
+//! refused frame was applied.
+//!
+//! Build first: `cargo build -p ferry-daemon -p ferry-cli -p ferry-agent`.
+
+// Offsets of a 1 MiB test disk.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_e2e::daemon::Daemon;
+use ferry_e2e::{ferry_agent_bin, ferry_bin, sha256_file};
+use ferry_proto::frame::{
+    self, AgentFrame, Chunk, Consistency, CycleKind, Decoded, EndOfCycle, GatewayFrame, Hello,
+    Snapshot, Zero, error_code,
+};
+use ferry_store::{Backend, ExportOptions, OpenOptions, PointSelector, Progress, Secret, Vault};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+const CS: u32 = 64 << 10;
+const CHUNKS: u64 = 16;
+const DISK: u64 = CHUNKS * CS as u64;
+
+/// Settings every replication test gives `ferryd`: this machine's disk may be fuller than
+/// Site Recovery's 25% critical threshold, which is not what these tests are about.
+pub const ENV: &[(&str, &str)] = &[
+    ("FERRY_PROCESS__CACHE__CRITICAL_FREE_PERCENT", "0"),
+    ("FERRY_PROCESS__CACHE__WARN_FREE_PERCENT", "0"),
+    ("FERRY_PROCESS__IDLE_TIMEOUT_SECS", "5"),
+];
+
+fn run(mut c: Command) -> (i32, String, String) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().to_string();
+        if k.starts_with("FERRY_") && k != "FERRY_AGENT_DIR" && k != "FERRY_CONFIG_DIR" {
+            c.env_remove(k);
+        }
+    }
+    let o = c.stdin(Stdio::null()).output().expect("run the command");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A site: `ferryd` with a logged-in `ferry` CLI.
+pub struct Site {
+    pub dir: PathBuf,
+    pub data: PathBuf,
+    pub daemon: Option<Daemon>,
+    home: PathBuf,
+}
+
+impl Site {
+    /// Starts `ferryd` on `dir/data` and logs the CLI in.
+    pub fn start(dir: &Path) -> Site {
+        let data = dir.join("data");
+        let home = dir.join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        let mut s = Site {
+            dir: dir.to_path_buf(),
+            data,
+            daemon: None,
+            home,
+        };
+        s.restart();
+        s
+    }
+
+    /// (Re)starts `ferryd` on the same data directory (new ports) and logs in again.
+    pub fn restart(&mut self) {
+        self.daemon = None;
+        let d = Daemon::start(&self.data, ENV);
+        let fp = d
+            .stdout()
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("CA fingerprint: SHA256 "))
+            .expect("fingerprint")
+            .to_string();
+        let url = d.url("");
+        self.daemon = Some(d);
+        let tf = self.data.join("admin-token");
+        self.ferry_ok(&[
+            "login",
+            &url,
+            "--token-file",
+            tf.to_str().unwrap(),
+            "--ca-fingerprint",
+            &fp,
+        ]);
+    }
+
+    pub fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("running")
+    }
+
+    pub fn data_port(&self) -> u16 {
+        self.daemon()
+            .data_port
+            .expect("the process role's data port")
+    }
+
+    /// `kill -9` of `ferryd`.
+    pub fn kill(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            drop(d); // Drop kills with SIGKILL.
+        }
+    }
+
+    pub fn ferry(&self, args: &[&str]) -> (i32, String, String) {
+        let mut c = Command::new(ferry_bin());
+        c.args(args)
+            .env("HOME", &self.home)
+            .env("FERRY_CONFIG_DIR", self.home.join("cfg"));
+        run(c)
+    }
+
+    pub fn ferry_ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.ferry(args);
+        assert_eq!(code, 0, "ferry {}: {out}{err}", args.join(" "));
+        out
+    }
+
+    /// Enrolls agent `name` for `items` into state directory `state` with the real
+    /// `ferry-agent`.
+    pub fn enroll(&self, name: &str, items: &[&str], state: &Path) {
+        let mut args = vec!["agent", "token", "create", name];
+        for i in items {
+            args.extend(["--item", i]);
+        }
+        let out = self.ferry_ok(&args);
+        let line = out
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("FERRY_AGENT_TOKEN="))
+            .expect("the enroll command");
+        let mut words = line.split_whitespace();
+        let token = words
+            .next()
+            .unwrap()
+            .strip_prefix("FERRY_AGENT_TOKEN=")
+            .unwrap();
+        assert_eq!(words.next(), Some("ferry-agent"));
+        let mut c = Command::new(ferry_agent_bin());
+        c.args(words).env("FERRY_AGENT_DIR", state);
+        let c_token = token.to_string();
+        let (code, out, err) = {
+            for (k, _) in std::env::vars_os() {
+                let k = k.to_string_lossy().to_string();
+                if k.starts_with("FERRY_") {
+                    c.env_remove(k);
+                }
+            }
+            let o = c
+                .env("FERRY_AGENT_DIR", state)
+                .env("FERRY_AGENT_TOKEN", c_token)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            (
+                o.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        };
+        assert_eq!(code, 0, "enroll: {out}{err}");
+    }
+
+    /// The vault of the site, opened beside `ferryd` (the bucket is the truth).
+    pub async fn vault(&self) -> Vault {
+        let key = std::fs::read(self.data.join("vault.key")).unwrap();
+        Vault::open(
+            Backend::open(self.data.join("vault").to_str().unwrap(), &vec![], false).unwrap(),
+            &Secret::KeyFile(key),
+            OpenOptions::new(self.dir.join(format!("idx-{}", rand::random::<u32>()))),
+        )
+        .await
+        .expect("open the site's vault")
+    }
+}
+
+/// Exports point `id` of `item` and returns its SHA-256.
+pub async fn point_sha(site: &Site, item: &str, id: &str) -> String {
+    let v = site.vault().await;
+    let out = site.dir.join(format!("export-{id}.img"));
+    v.export(
+        ExportOptions {
+            item: item.into(),
+            point: PointSelector::Id(id.into()),
+            disk: None,
+            out: out.clone(),
+            overwrite: true,
+            sync: false,
+        },
+        Arc::new(Progress::default()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("export {item} {id}: {e}"));
+    let sha = sha256_file(&out);
+    std::fs::remove_file(&out).unwrap();
+    sha
+}
+
+/// A raw session on the data port, with an agent's identity.
+struct Raw {
+    s: TlsStream<TcpStream>,
+    buf: Vec<u8>,
+}
+
+fn tls(state: Option<&Path>, ca: &Path) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let cfg = match state {
+        Some(dir) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_file_iter(dir.join("agent.crt"))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+            let key = PrivateKeyDer::from_pem_file(dir.join("agent.key")).unwrap();
+            b.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => b.with_no_client_auth(),
+    };
+    TlsConnector::from(Arc::new(cfg))
+}
+
+/// Connects and asks for the upgrade; the HTTP status and, if not 101, the body.
+async fn upgrade(port: u16, state: Option<&Path>, ca: &Path, headers: &str) -> (u16, String, Raw) {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut s = tls(state, ca)
+        .connect(
+            ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into()),
+            tcp,
+        )
+        .await
+        .expect("TLS with the gateway");
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n",
+        frame::REPLICATION_PATH
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut b = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut b))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before answering: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&b[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut rest = buf[head_end..].to_vec();
+    if status != 101 {
+        // A JSON body follows (Content-Length).
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        while rest.len() < len {
+            let mut b = [0u8; 4096];
+            let n = s.read(&mut b).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            rest.extend_from_slice(&b[..n]);
+        }
+        return (
+            status,
+            String::from_utf8_lossy(&rest).into_owned(),
+            Raw { s, buf: Vec::new() },
+        );
+    }
+    (status, String::new(), Raw { s, buf: rest })
+}
+
+const UPGRADE: &str = "Connection: Upgrade\r\nUpgrade: ferry-replication/1\r\n";
+
+impl Raw {
+    async fn open(port: u16, state: &Path) -> Raw {
+        let (status, body, raw) = upgrade(port, Some(state), &state.join("ca.pem"), UPGRADE).await;
+        assert_eq!(status, 101, "{body}");
+        raw
+    }
+
+    async fn send(&mut self, f: &AgentFrame) {
+        let mut out = Vec::new();
+        frame::encode_agent(f, &mut out).unwrap();
+        self.send_raw(&out).await;
+    }
+
+    async fn send_raw(&mut self, b: &[u8]) {
+        // The gateway may have closed already (after an Error): what it said is read next.
+        let _ = self.s.write_all(b).await;
+        let _ = self.s.flush().await;
+    }
+
+    /// The next frame, `None` when the gateway closed.
+    async fn recv(&mut self) -> Option<GatewayFrame> {
+        loop {
+            match frame::decode_gateway(&self.buf, &frame::Limits::protocol()).unwrap() {
+                Decoded::Frame(f, n) => {
+                    self.buf.drain(..n);
+                    return Some(f);
+                }
+                Decoded::NeedMore(_) => {}
+            }
+            let mut b = vec![0u8; 64 << 10];
+            let n = tokio::time::timeout(Duration::from_secs(30), self.s.read(&mut b))
+                .await
+                .expect("the gateway answers within 30 s")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&b[..n]);
+        }
+    }
+
+    /// Receives until an `Error`; its code.
+    async fn error_code(&mut self) -> String {
+        loop {
+            match self.recv().await {
+                Some(GatewayFrame::Error(e)) => return e.code,
+                Some(_) => {}
+                None => panic!("closed without an Error frame"),
+            }
+        }
+    }
+
+    /// Receives acks until `seq` is acknowledged.
+    async fn acked(&mut self, seq: u64) {
+        loop {
+            match self.recv().await {
+                Some(GatewayFrame::Ack(a)) if a.seq >= seq => return,
+                Some(GatewayFrame::Ack(_)) => {}
+                other => panic!("waiting for Ack({seq}): {other:?}"),
+            }
+        }
+    }
+}
+
+fn hello(cycle: u64, kind: CycleKind, last_acked: u64) -> Hello {
+    Hello {
+        version: frame::VERSION,
+        agent: "agent-1".into(),
+        item: "web-01".into(),
+        disk: "os".into(),
+        disk_size: DISK,
+        chunk_size: CS,
+        cycle,
+        cycle_kind: kind,
+        last_acked_seq: last_acked,
+    }
+}
+
+fn chunk(seq: u64, index: u64, data: &[u8]) -> AgentFrame {
+    AgentFrame::Chunk(Chunk {
+        seq,
+        index,
+        bytes: Bytes::copy_from_slice(data),
+    })
+}
+
+fn end(seq: u64) -> AgentFrame {
+    AgentFrame::EndOfCycle(EndOfCycle {
+        seq,
+        consistency: Consistency::Crash,
+        snapshot: Snapshot::None,
+        tags: vec![("test".into(), "replication".into())],
+    })
+}
+
+/// Opens a session with `h`; the `Welcome`'s `resume_from_seq`.
+async fn welcome(port: u16, state: &Path, h: Hello) -> (Raw, u64) {
+    let mut r = Raw::open(port, state).await;
+    r.send(&AgentFrame::Hello(h)).await;
+    match r.recv().await {
+        Some(GatewayFrame::Welcome(w)) => (r, w.resume_from_seq),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+/// A `Hello` answered by `Error`: its code.
+async fn refused_hello(port: u16, state: &Path, h: Hello) -> String {
+    let mut r = Raw::open(port, state).await;
+    r.send(&AgentFrame::Hello(h)).await;
+    r.error_code().await
+}
+
+fn sha(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+fn pattern(index: u64, round: u8) -> Vec<u8> {
+    (0..CS as usize)
+        .map(|i| (i as u64 * 31 + index * 7 + u64::from(round) * 13) as u8 | 1)
+        .collect()
+}
+
+/// CRC-32C (Castagnoli), to forge frames the codec would never write.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Re-checksums a frame's header after its bytes 0..12 were changed.
+fn reseal(f: &mut [u8]) {
+    let c = crc32c(&f[..12]);
+    f[12..16].copy_from_slice(&c.to_le_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_port_journals_resumes_and_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut site = Site::start(tmp.path());
+    for item in ["web-01", "db-01"] {
+        site.ferry_ok(&["item", "create", item, "--disk", "os=1M", "--wait"]);
+    }
+    let state = tmp.path().join("agent");
+    site.enroll("agent-1", &["web-01"], &state);
+    let port = site.data_port();
+    let ca = state.join("ca.pem");
+
+    // HTTP refusals before any frame.
+    let (st, body, _) = upgrade(port, None, &ca, UPGRADE).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(body.contains("client_certificate_required"), "{body}");
+    let (st, body, _) = upgrade(port, Some(&state), &ca, "").await;
+    assert_eq!(st, 426, "{body}");
+    assert!(body.contains("upgrade_required"), "{body}");
+
+    // The image the agent replicates: chunks 0..8 data, the rest zero.
+    let mut image = vec![0u8; DISK as usize];
+    let (mut r, from) = welcome(port, &state, hello(1, CycleKind::Initial, 0)).await;
+    assert_eq!(from, 0);
+    for i in 0..8u64 {
+        let d = pattern(i, 1);
+        image[(i * u64::from(CS)) as usize..][..CS as usize].copy_from_slice(&d);
+        r.send(&chunk(i + 1, i, &d)).await;
+    }
+    r.send(&AgentFrame::Zero(Zero {
+        seq: 9,
+        first_index: 8,
+        count: 8,
+    }))
+    .await;
+    r.acked(9).await;
+    drop(r);
+
+    // Resume after a disconnect: from the last durable frame.
+    let (mut r, from) = welcome(port, &state, hello(1, CycleKind::Initial, 9)).await;
+    assert_eq!(from, 9);
+    // Out of order (a gap), a duplicate, a chunk past the disk: refused, nothing applied.
+    r.send(&chunk(11, 0, &pattern(0, 9))).await;
+    assert_eq!(r.error_code().await, error_code::OUT_OF_SEQUENCE);
+    let (mut r, from) = welcome(port, &state, hello(1, CycleKind::Initial, 9)).await;
+    assert_eq!(from, 9, "the refused frame was not applied");
+    r.send(&chunk(9, 0, &pattern(0, 9))).await;
+    assert_eq!(r.error_code().await, error_code::OUT_OF_SEQUENCE);
+    let (mut r, _) = welcome(port, &state, hello(1, CycleKind::Initial, 9)).await;
+    r.send(&chunk(10, CHUNKS, &pattern(0, 9))).await;
+    assert_eq!(r.error_code().await, error_code::OUT_OF_RANGE);
+    let (mut r, _) = welcome(port, &state, hello(1, CycleKind::Initial, 9)).await;
+    r.send(&chunk(10, 3, &pattern(0, 9)[..100])).await;
+    assert_eq!(
+        r.error_code().await,
+        error_code::OUT_OF_RANGE,
+        "a short chunk"
+    );
+
+    // Frames the codec refuses: oversize for the session's chunk size, a future version,
+    // garbage, a data frame first.
+    let (mut r, _) = welcome(port, &state, hello(1, CycleKind::Initial, 9)).await;
+    let mut big = Vec::new();
+    frame::encode_agent(&chunk(10, 0, &vec![1u8; 2 * CS as usize]), &mut big).unwrap();
+    r.send_raw(&big[..frame::HEADER_LEN]).await;
+    assert_eq!(r.error_code().await, error_code::BAD_FRAME, "oversize");
+    let mut r = Raw::open(port, &state).await;
+    let mut h = Vec::new();
+    frame::encode_agent(&AgentFrame::Hello(hello(1, CycleKind::Initial, 9)), &mut h).unwrap();
+    h[2] = 2;
+    reseal(&mut h);
+    r.send_raw(&h).await;
+    assert_eq!(r.error_code().await, error_code::UNSUPPORTED_VERSION);
+    let mut r = Raw::open(port, &state).await;
+    r.send_raw(b"GET / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(r.error_code().await, error_code::BAD_FRAME, "garbage");
+    let mut r = Raw::open(port, &state).await;
+    r.send(&chunk(10, 0, &pattern(0, 9))).await;
+    assert_eq!(
+        r.error_code().await,
+        error_code::BAD_FRAME,
+        "no Hello first"
+    );
+
+    // Hellos the gateway refuses: another agent's name, another item, an unknown disk, the
+    // wrong geometry, a cycle it cannot hold, acknowledged frames it does not have.
+    let mut other = hello(1, CycleKind::Initial, 9);
+    other.agent = "agent-2".into();
+    assert_eq!(
+        refused_hello(port, &state, other).await,
+        error_code::FORBIDDEN
+    );
+    let mut other = hello(1, CycleKind::Initial, 0);
+    other.item = "db-01".into();
+    assert_eq!(
+        refused_hello(port, &state, other).await,
+        error_code::FORBIDDEN
+    );
+    let mut other = hello(1, CycleKind::Initial, 0);
+    other.disk = "data".into();
+    assert_eq!(
+        refused_hello(port, &state, other).await,
+        error_code::UNKNOWN_ITEM
+    );
+    let mut other = hello(1, CycleKind::Initial, 9);
+    other.disk_size = DISK * 2;
+    assert_eq!(
+        refused_hello(port, &state, other).await,
+        error_code::BAD_SESSION
+    );
+    assert_eq!(
+        refused_hello(port, &state, hello(1, CycleKind::Initial, 12)).await,
+        error_code::BAD_SESSION,
+        "acknowledged frames the gateway does not hold"
+    );
+    // A session that sends nothing is ended as stalled (idle timeout 5 s).
+    let mut r = Raw::open(port, &state).await;
+    assert_eq!(r.error_code().await, error_code::STALLED);
+
+    // kill -9 of ferryd with the cycle half received: the journal keeps every acked frame.
+    site.kill();
+    site.restart();
+    let port = site.data_port();
+    let (mut r, from) = welcome(port, &state, hello(1, CycleKind::Initial, 9)).await;
+    assert_eq!(from, 9, "every acknowledged frame survived kill -9");
+    r.send(&end(10)).await;
+    r.acked(10).await;
+    let p1 = match r.recv().await {
+        Some(GatewayFrame::PointCommitted(p)) => {
+            assert_eq!(p.cycle, 1);
+            p.point_id
+        }
+        other => panic!("expected PointCommitted, got {other:?}"),
+    };
+    assert_eq!(point_sha(&site, "web-01", &p1).await, sha(&image));
+
+    // A delta cycle: one chunk rewritten, one zeroed.
+    let (mut r, from) = welcome(port, &state, hello(2, CycleKind::Delta, 0)).await;
+    assert_eq!(from, 0);
+    let d = pattern(3, 2);
+    image[(3 * CS) as usize..][..CS as usize].copy_from_slice(&d);
+    image[(5 * CS) as usize..][..CS as usize].fill(0);
+    r.send(&chunk(1, 3, &d)).await;
+    r.send(&AgentFrame::Zero(Zero {
+        seq: 2,
+        first_index: 5,
+        count: 1,
+    }))
+    .await;
+    r.send(&end(3)).await;
+    r.acked(3).await;
+    let p2 = match r.recv().await {
+        Some(GatewayFrame::PointCommitted(p)) => p.point_id,
+        other => panic!("expected PointCommitted, got {other:?}"),
+    };
+    assert_ne!(p1, p2);
+    assert_eq!(point_sha(&site, "web-01", &p2).await, sha(&image));
+    // The first point is unchanged.
+    let mut first = image.clone();
+    first[(3 * CS) as usize..][..CS as usize].copy_from_slice(&pattern(3, 1));
+    first[(5 * CS) as usize..][..CS as usize].copy_from_slice(&pattern(5, 1));
+    assert_eq!(point_sha(&site, "web-01", &p1).await, sha(&first));
+
+    // The agent missed the last ack: a Hello for the complete cycle learns it is complete
+    // (and which point it became); an older cycle is refused.
+    let (mut r, from) = welcome(port, &state, hello(2, CycleKind::Delta, 1)).await;
+    assert_eq!(from, 3);
+    match r.recv().await {
+        Some(GatewayFrame::PointCommitted(p)) => assert_eq!((p.cycle, p.point_id), (2, p2.clone())),
+        other => panic!("expected PointCommitted, got {other:?}"),
+    }
+    assert_eq!(
+        refused_hello(port, &state, hello(1, CycleKind::Initial, 0)).await,
+        error_code::BAD_SESSION
+    );
+    // After a restart the vault answers for drained cycles (their journals are gone).
+    site.restart();
+    let port = site.data_port();
+    let (_r, from) = welcome(port, &state, hello(2, CycleKind::Delta, 3)).await;
+    assert_eq!(from, 3);
+
+    // The operator's view.
+    let show = site.ferry_ok(&["item", "show", "web-01", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(v["state"], "protected", "{v}");
+    assert_eq!(v["replication"]["backlog_bytes"], 0, "{v}");
+
+    // A revoked agent is refused before any frame.
+    site.ferry_ok(&["agent", "revoke", "agent-1"]);
+    let (st, body, _) = upgrade(port, Some(&state), &ca, UPGRADE).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(body.contains("certificate_revoked"), "{body}");
+    // Two points exactly: no refused frame or session made one.
+    let v = site.vault().await;
+    assert_eq!(v.points(Some("web-01")).await.unwrap().len(), 2);
+}
