@@ -12,6 +12,7 @@
 
 pub mod daemon;
 pub mod ebs;
+pub mod proxy;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

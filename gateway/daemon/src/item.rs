@@ -14,6 +14,7 @@
 //!   enable ─▶ enabling ─▶ initial-replication ─(first point)─▶ protected
 //!   protected / initial-replication ─(tracking lost, threshold)─▶ resync-required
 //!   resync-required / protected ─resync─▶ resynchronizing ─(point)─▶ protected
+//!   resync-required ─(the agent starts a resync cycle)─▶ resynchronizing
 //!   protected / resync-required ─failover─▶ failover-pending-commit ─commit─▶ failed-over
 //!   failed-over ─reprotect─▶ reprotecting ─(point)─▶ protected (direction reversed)
 //!   any settled state ─disable─▶ disabling ─▶ (removed; its points stay in the vault)
@@ -107,6 +108,7 @@ impl ItemState {
             (Event::TrackingLost, S::InitialReplication | S::Protected | S::Resynchronizing) => {
                 Some(S::ResyncRequired)
             }
+            (Event::ResyncStarted, S::ResyncRequired) => Some(S::Resynchronizing),
             _ => None,
         }
     }
@@ -125,6 +127,8 @@ pub enum Event {
     PointCommitted,
     /// The agent lost change tracking, or pending changes passed the resync threshold.
     TrackingLost,
+    /// The agent started a resync cycle (checksum comparison of source and replica).
+    ResyncStarted,
 }
 
 /// An operation on an item; each runs as a job of the same name.
@@ -467,6 +471,11 @@ mod tests {
         let s = run(s, Operation::Failover).unwrap();
         assert_eq!(s, S::FailoverPendingCommit);
         assert_eq!(s.on_event(Event::PointCommitted), None);
+        assert_eq!(
+            ItemState::ResyncRequired.on_event(Event::ResyncStarted),
+            Some(ItemState::Resynchronizing)
+        );
+        assert_eq!(ItemState::Protected.on_event(Event::ResyncStarted), None);
         let s = run(s, Operation::Commit).unwrap();
         let s = run(s, Operation::Reprotect).unwrap();
         assert_eq!(s, S::Reprotecting);

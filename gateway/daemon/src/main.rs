@@ -164,12 +164,13 @@ async fn up(args: UpArgs) -> Result<()> {
         .context("starting the process role")?;
         if report != StartReport::default() {
             eprintln!(
-                "ferryd: process cache {}: {} complete cycle(s) to drain, {} to resume, {} journal(s) removed, {} byte(s) of torn tail cut",
+                "ferryd: process cache {}: {} complete cycle(s) to drain, {} to resume, {} journal(s) removed, {} byte(s) of torn tail cut, {} damaged journal(s) set aside",
                 role.cache_dir().display(),
                 report.pending_cycles,
                 report.receiving_cycles,
                 report.removed,
-                report.truncated_bytes
+                report.truncated_bytes,
+                report.damaged
             );
         }
         let listener = tokio::net::TcpListener::bind(cfg.process.listen)

@@ -645,6 +645,38 @@ async fn data_port_journals_resumes_and_refuses() {
     assert_eq!(v["state"], "protected", "{v}");
     assert_eq!(v["replication"]["backlog_bytes"], 0, "{v}");
 
+    // A journal damaged beyond a torn tail (here: its first record) loses acknowledged
+    // frames: ferryd still starts, sets the journal aside and marks the item for resync; the
+    // agent's Hello is told its acknowledged frames are gone.
+    let (mut r, _) = welcome(port, &state, hello(3, CycleKind::Delta, 0)).await;
+    r.send(&chunk(1, 0, &pattern(0, 3))).await;
+    r.send(&chunk(2, 1, &pattern(1, 3))).await;
+    r.acked(2).await;
+    drop(r);
+    site.kill();
+    let seg = site
+        .data
+        .join("process/journal/web-01/os/3/00000000000000000000.seg");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[32 + 16 + 20] ^= 0xFF;
+    std::fs::write(&seg, &bytes).unwrap();
+    site.restart();
+    let port = site.data_port();
+    assert!(
+        std::fs::read_dir(site.data.join("process/damaged"))
+            .unwrap()
+            .count()
+            == 1,
+        "the damaged journal is set aside"
+    );
+    assert_eq!(
+        refused_hello(port, &state, hello(3, CycleKind::Delta, 2)).await,
+        error_code::BAD_SESSION
+    );
+    let show = site.ferry_ok(&["item", "show", "web-01", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(v["state"], "resync-required", "{v}");
+
     // A revoked agent is refused before any frame.
     site.ferry_ok(&["agent", "revoke", "agent-1"]);
     let (st, body, _) = upgrade(port, Some(&state), &ca, UPGRADE).await;

@@ -444,6 +444,14 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
         drop(receiving);
         return wait_commit(role, wire, &stream, hello.cycle, &mut generation).await;
     };
+    if receiving.is_none() && hello.cycle_kind == frame::CycleKind::Resync {
+        let now = ferry_store::point::now_ms();
+        let _ = blocking(|| {
+            inner
+                .catalog
+                .apply_event(&item.name, crate::item::Event::ResyncStarted, now)
+        });
+    }
     if receiving.is_none() {
         let opened = blocking(|| -> Result<Receiving, JournalError> {
             let key = StreamKey::new(&hello.item, &hello.disk, hello.cycle)?;

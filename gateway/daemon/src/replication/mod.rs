@@ -60,8 +60,10 @@ use crate::journal::{self, CacheGuard, CacheLimits, Journal, JournalError, Strea
 pub use conn::router;
 pub use figures::ItemFigures;
 
-/// Directory of the journals under the cache directory (`docs/journal-format.md` §2).
+/// The drains' scratch images, under the cache directory.
 const SCRATCH_DIR: &str = "scratch";
+/// Damaged journals moved aside at start, under the cache directory.
+const DAMAGED_DIR: &str = "damaged";
 
 /// Why the process role could not start or answer. Each names the path or item.
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +216,8 @@ pub struct StartReport {
     pub removed: usize,
     /// Bytes of torn tails cut (never acknowledged).
     pub truncated_bytes: u64,
+    /// Damaged journals moved aside (their items need a resync).
+    pub damaged: usize,
 }
 
 impl ProcessRole {
@@ -354,14 +358,47 @@ impl ProcessRole {
             let newest = keys.last().map_or(0, |k| k.cycle);
             for key in keys {
                 let dir = key.dir(&inner.cache_dir)?;
-                let (journal, rec) = inner.guard.open_journal(&key, inner.journal_limits)?;
-                report.truncated_bytes += rec.truncated_bytes;
-                if key.cycle <= drained || rec.records == 0 {
-                    journal.remove()?;
-                    report.removed += 1;
-                    continue;
-                }
-                let (hello, end) = read_ends(&journal, &dir)?;
+                let opened = inner
+                    .guard
+                    .open_journal(&key, inner.journal_limits)
+                    .map_err(ReplicationError::from)
+                    .and_then(|(journal, rec)| {
+                        report.truncated_bytes += rec.truncated_bytes;
+                        if key.cycle <= drained || rec.records == 0 {
+                            return Ok(None);
+                        }
+                        let ends = read_ends(&journal, &dir)?;
+                        Ok(Some((journal, ends)))
+                    });
+                let (journal, (hello, end)) = match opened {
+                    Ok(Some(x)) => x,
+                    Ok(None) => {
+                        // Drained already (a crash between the commit and the removal), or
+                        // nothing of it was ever acknowledged.
+                        let (journal, _) = inner.guard.open_journal(&key, inner.journal_limits)?;
+                        journal.remove()?;
+                        report.removed += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        // Damage beyond a torn tail: acknowledged frames are lost. The journal
+                        // is moved aside for the operator, the item needs a resync (the agent's
+                        // next Hello is told its acknowledged frames are gone), and the
+                        // appliance starts.
+                        let aside = self.set_aside(&key, &dir);
+                        eprintln!(
+                            "ferryd: process role: {e}; moved to {}; `{item}` needs a resync",
+                            aside.display()
+                        );
+                        let _ = inner.catalog.apply_event(
+                            &item,
+                            crate::item::Event::TrackingLost,
+                            ferry_store::point::now_ms(),
+                        );
+                        report.damaged += 1;
+                        continue;
+                    }
+                };
                 let info = CycleInfo {
                     item: item.clone(),
                     disk: disk.clone(),
@@ -396,6 +433,31 @@ impl ProcessRole {
             *stream.receiving.lock().await = receiving;
         }
         Ok(report)
+    }
+
+    /// Moves a damaged journal out of the journal tree, to `<cache>/damaged/`; where it went.
+    fn set_aside(&self, key: &StreamKey, dir: &std::path::Path) -> PathBuf {
+        let damaged = self.inner.cache_dir.join(DAMAGED_DIR);
+        let to = damaged.join(format!(
+            "{}-{}-{}-{}",
+            key.item,
+            key.disk,
+            key.cycle,
+            ferry_store::point::now_ms()
+        ));
+        let moved = crate::fsutil::ensure_private_dir(&damaged)
+            .map_err(|e| e.to_string())
+            .and_then(|()| std::fs::rename(dir, &to).map_err(|e| e.to_string()));
+        match moved {
+            Ok(()) => to,
+            Err(e) => {
+                eprintln!(
+                    "ferryd: process role: cannot move {} aside ({e}); remove it by hand",
+                    dir.display()
+                );
+                dir.to_path_buf()
+            }
+        }
     }
 
     /// What the vault holds for `stream`'s disk (loaded once, then kept by sessions and
