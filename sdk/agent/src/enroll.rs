@@ -6,7 +6,9 @@
 //! made; the CSR and the token go to `POST /api/v1/enroll` over TLS that accepts only the CA
 //! with the fingerprint given on the command line ([`ferry_proto::trust::PinnedCa`]); the
 //! answer is checked ([`crate::identity::check_issued`]); only then is the state written.
-//! A failure anywhere leaves the state directory as it was.
+//! A failure anywhere leaves the state directory as it was. Disks given with
+//! `--disk ITEM/DISK=PATH` are checked before the token is spent and recorded in `agent.toml`
+//! with the enrollment, each only if the enrollment lists its item.
 //!
 //! The token is a secret: it lives in a [`Token`] (`Debug` redacted, wiped on drop), is sent
 //! only in the request body, and no error or message ever contains it.
@@ -19,6 +21,7 @@ use ferry_proto::trust::{Fingerprint, PinnedCa};
 use time::format_description::well_known::Rfc3339;
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::disks::{self, DiskConfig, ReplicationConfig};
 use crate::error::AgentError;
 use crate::gateway::{self, Gateway};
 use crate::identity::{self, Identity};
@@ -87,6 +90,8 @@ pub struct EnrollArgs {
     pub state_dir: PathBuf,
     /// Replace an existing enrollment.
     pub force: bool,
+    /// Disks to record with the enrollment (`--disk ITEM/DISK=PATH`).
+    pub disks: Vec<DiskConfig>,
 }
 
 /// A completed enrollment, for the report.
@@ -104,6 +109,8 @@ pub struct Enrolled {
     pub certificate_expires: String,
     /// Where the state was written.
     pub state_dir: PathBuf,
+    /// The disks recorded (`item/disk`).
+    pub disks: Vec<String>,
 }
 
 /// Runs the enrollment (see the module documentation).
@@ -111,6 +118,7 @@ pub async fn enroll(args: EnrollArgs) -> Result<Enrolled, AgentError> {
     let url = gateway::parse_base_url(&args.gateway)
         .map_err(|e| AgentError::Usage(format!("--gateway: {e}")))?;
     let token = args.token.check()?;
+    disks::check_all(&args.disks).map_err(|e| AgentError::Usage(format!("--disk: {e}")))?;
     let state = StateDir::new(&args.state_dir);
     let pending = state.prepare(args.force)?;
 
@@ -145,12 +153,33 @@ pub async fn enroll(args: EnrollArgs) -> Result<Enrolled, AgentError> {
             certificate_sha256: issued.certificate_sha256.to_string(),
             certificate_expires: issued.certificate_expires.clone(),
             files: Files::default(),
+            items: Some(issued.items.clone()),
+            disk: Vec::new(),
+            replication: ReplicationConfig::default(),
         },
         key_pem: id.private_key_pem(),
         certificate_pem: issued.certificate_pem,
         ca_pem: issued.ca_pem,
     };
+    // A disk of an item the enrollment does not list is not recorded; the enrollment itself
+    // is good (the token is spent), so it is saved and the refusal reported after.
+    let (listed, unlisted): (Vec<DiskConfig>, Vec<DiskConfig>) = args
+        .disks
+        .into_iter()
+        .partition(|d| disks::check_item_listed(&e.file, &d.item).is_ok());
+    let mut e = e;
+    e.file.disk = listed;
     pending.commit(&e, args.force)?;
+    if let Some(d) = unlisted.first() {
+        let why = disks::check_item_listed(&e.file, &d.item).unwrap_err();
+        let names: Vec<String> = unlisted.iter().map(DiskConfig::label).collect();
+        return Err(AgentError::Usage(format!(
+            "enrolled as agent `{}` and saved in {}, but --disk {} not recorded: {why}",
+            issued.agent,
+            args.state_dir.display(),
+            names.join(", ")
+        )));
+    }
     Ok(Enrolled {
         agent: issued.agent,
         gateway: gw.shown_url(),
@@ -158,6 +187,7 @@ pub async fn enroll(args: EnrollArgs) -> Result<Enrolled, AgentError> {
         certificate_sha256: issued.certificate_sha256,
         certificate_expires: issued.certificate_expires,
         state_dir: args.state_dir,
+        disks: e.file.disk.iter().map(DiskConfig::label).collect(),
     })
 }
 
@@ -181,6 +211,7 @@ mod tests {
             ca_fingerprint: fp,
             state_dir: dir.to_path_buf(),
             force: false,
+            disks: Vec::new(),
         }
     }
 
@@ -216,6 +247,7 @@ mod tests {
             ca_fingerprint: Fingerprint([0; 32]),
             state_dir: "/x".into(),
             force: false,
+            disks: Vec::new(),
         };
         assert!(!format!("{a:?}").contains(SECRET));
         for bad in [
@@ -379,6 +411,7 @@ mod tests {
             ca_fingerprint: Fingerprint([1; 32]),
             state_dir: t.path().join("s"),
             force: false,
+            disks: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -391,5 +424,58 @@ mod tests {
         );
         assert!(!e.to_string().contains(SECRET));
         assert!(!t.path().join("s").exists());
+    }
+
+    #[tokio::test]
+    async fn disks_are_recorded_with_the_enrollment_when_their_item_is_listed() {
+        let ca = Arc::new(TestCa::new());
+        let gw = gateway(&ca).await;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("state");
+
+        // A malformed disk is refused before the token is spent.
+        let mut a = args(&gw, ca.fingerprint(), &dir);
+        a.disks = vec![DiskConfig::new("web", "sda", "relative/path")];
+        let e = enroll(a).await.unwrap_err();
+        assert!(e.to_string().starts_with("--disk: "), "{e}");
+        assert!(gw.requests().is_empty());
+
+        let mut a = args(&gw, ca.fingerprint(), &dir);
+        a.disks = vec![
+            disks::parse_disk_arg("web/sda=/dev/sda").unwrap(),
+            disks::parse_disk_arg("db/data=/img/db.raw").unwrap(),
+        ];
+        let done = enroll(a).await.unwrap();
+        assert_eq!(done.disks, ["web/sda", "db/data"]);
+        let f = StateDir::new(&dir).read_config().unwrap();
+        assert_eq!(
+            f.items.as_deref(),
+            Some(&["db".to_string(), "web".to_string()][..])
+        );
+        assert_eq!(f.disk.len(), 2);
+        assert_eq!(f.disk[1].path, PathBuf::from("/img/db.raw"));
+
+        // An item the enrollment does not list: the enrollment is saved, the disk is not.
+        let mut a = args(&gw, ca.fingerprint(), &dir);
+        a.force = true;
+        a.disks = vec![
+            disks::parse_disk_arg("web/sda=/dev/sda").unwrap(),
+            disks::parse_disk_arg("mail/sda=/dev/sdc").unwrap(),
+        ];
+        let e = enroll(a).await.unwrap_err();
+        assert_eq!(e.exit_code(), EXIT_OTHER);
+        let m = e.to_string();
+        assert!(
+            m.contains("saved in")
+                && m.contains("--disk mail/sda not recorded")
+                && m.contains("does not list item `mail` (it lists: db, web)"),
+            "{m}"
+        );
+        let f = StateDir::new(&dir).read_config().unwrap();
+        assert_eq!(
+            f.disk.iter().map(DiskConfig::label).collect::<Vec<_>>(),
+            ["web/sda"]
+        );
+        StateDir::new(&dir).load().unwrap();
     }
 }

@@ -1,6 +1,8 @@
 //! What the agent's commands report when they fail, and the exit status each failure gives.
 //!
-//! Each module has its own typed error ([`StateError`], [`GatewayError`], [`IdentityError`]);
+//! Each module has its own typed error ([`StateError`], [`GatewayError`], [`IdentityError`],
+//! and for replication [`SyncError`], which wraps the tracking, view, planning and session
+//! errors with the disk and cycle);
 //! [`AgentError`] gathers them so the binary can print one line and pick the exit status from
 //! the class of failure, which scripts and the installer branch on:
 //!
@@ -18,6 +20,7 @@
 use crate::gateway::GatewayError;
 use crate::identity::IdentityError;
 use crate::state::StateError;
+use crate::sync::SyncError;
 
 /// Usage or an unexpected failure.
 pub const EXIT_OTHER: u8 = 1;
@@ -44,6 +47,9 @@ pub enum AgentError {
     /// The key, the CSR, or the certificate the gateway returned.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// Replicating a disk (`run`, when every disk stopped on a fatal error).
+    #[error(transparent)]
+    Sync(Box<SyncError>),
 }
 
 impl AgentError {
@@ -54,6 +60,7 @@ impl AgentError {
             Self::State(_) => EXIT_STATE,
             Self::Gateway(g) => g.exit_code(),
             Self::Identity(i) => i.exit_code(),
+            Self::Sync(s) => s.exit_code(),
         }
     }
 }

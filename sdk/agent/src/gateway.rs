@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ferry_proto::enroll::{
     AGENT_ITEMS_PATH, AGENT_PATH, ENROLL_PATH, EnrollRequest, EnrollResponse, HEARTBEAT_PATH,
-    Heartbeat,
+    Heartbeat, ReplicationPlan, replication_path,
 };
 use ferry_proto::trust::PinnedCa;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
@@ -329,6 +329,28 @@ impl Gateway {
     pub async fn agent(&self) -> Result<Answer, GatewayError> {
         self.get_json("GET /api/v1/agent", self.url(AGENT_PATH, None))
             .await
+    }
+
+    /// `GET /api/v1/agent/items/{item}/replication`: the item's replication plan.
+    pub async fn replication_plan(&self, item: &str) -> Result<ReplicationPlan, GatewayError> {
+        const WHAT: &str = "GET /api/v1/agent/items/{item}/replication";
+        let a = self
+            .get_json(WHAT, self.url(&replication_path(item), None))
+            .await?;
+        let plan: ReplicationPlan = serde_json::from_str(a.json.get())
+            .map_err(|e| self.bad(WHAT, format!("a body that is not a replication plan ({e})")))?;
+        if plan.item != item {
+            return Err(self.bad(
+                WHAT,
+                format!("the plan of item `{}` when `{item}` was asked", plan.item),
+            ));
+        }
+        Ok(plan)
+    }
+
+    /// The gateway's host, as its URL names it (`[…]` for IPv6).
+    pub fn host(&self) -> &str {
+        self.base.host_str().unwrap_or_default()
     }
 
     /// `GET /api/v1/agent/items`, every page (following `next_cursor`, at most [`MAX_PAGES`]):

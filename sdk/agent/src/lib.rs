@@ -1,6 +1,7 @@
-//! `ferry-agent`, the agent on a protected machine (the Mobility service). This crate is its
-//! enrollment half: how the agent gets an identity the gateway trusts, keeps it, and proves it.
-//! Reading disks and streaming them (`ferry-agent run`, `sync`) come next, on top of this.
+//! `ferry-agent`, the agent on a protected machine (the Mobility service): how the agent gets
+//! an identity the gateway trusts, keeps it, and proves it; then how it reads its disks at a
+//! point in time and streams what changed to the gateway's data port (`ferry-agent sync
+//! --once`, `ferry-agent run`).
 //!
 //! - [`enroll`] — `ferry-agent enroll`: a fresh key, a CSR, the one-time token, over TLS that
 //!   trusts only the CA pinned by its fingerprint; the answer is checked, then saved.
@@ -12,18 +13,35 @@
 //!   private, written atomically, refused when already there unless forced.
 //! - [`gateway`] — the HTTP client of the gateway's agent API: bounded bodies, timeouts, no
 //!   redirects, the API's JSON errors made typed.
+//! - [`disks`] — which local path is which disk of which item, and how its view is taken
+//!   (`[[disk]]`, `[replication]` in `agent.toml`; `ferry-agent disk add | list | remove`).
+//! - [`tracking`] — each disk's replication state: committed and pending chunk digests, the
+//!   cycle in progress, its plan (versioned, `docs/agent-state.md`).
+//! - [`view`] — the point-in-time view: live, reflink clone, LVM snapshot, quiesce commands.
+//! - [`plan`] — which frames a cycle sends, decided once so a resume resends exactly them.
+//! - [`session`] — the data port: TLS, the HTTP upgrade, `Hello`/`Welcome`, the window of
+//!   unacknowledged frames, acks, `Busy`, errors, reconnects.
+//! - [`sync`] — cycles: `sync --once` and the `run` service.
+//! - [`progress`] — log lines and the terminal progress bar.
 //! - [`error`] — [`AgentError`], what the binary reports, and its exit code.
 //!
 //! The wire types and the CA pinning come from `ferry-proto`, shared with the gateway and the
 //! admin CLI. Secrets (the enrollment token, the private key) never reach a log, an error or a
 //! `Debug` output.
 
+pub mod disks;
 pub mod enroll;
 pub mod error;
 pub mod gateway;
 pub mod identity;
+pub mod plan;
+pub mod progress;
+pub mod session;
 pub mod state;
 pub mod status;
+pub mod sync;
+pub mod tracking;
+pub mod view;
 
 #[cfg(test)]
 mod testkit;

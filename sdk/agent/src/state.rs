@@ -7,6 +7,12 @@
 //! | `agent.key` | the private key, PKCS#8 PEM; never leaves the machine | 0600 |
 //! | `agent.crt` | the client certificate the gateway's CA signed, PEM | 0644 |
 //! | `ca.pem` | the appliance CA, PEM: the only root the agent trusts | 0644 |
+//! | `disks/ITEM/DISK/` | each disk's replication state (`crate::tracking`, `docs/agent-state.md`) | 0700 |
+//!
+//! `agent.toml` also holds the local disk configuration (`[[disk]]`, `[replication]`,
+//! [`crate::disks`]); `ferry-agent disk add | remove` rewrite it atomically
+//! ([`StateDir::update_config`]: temporary file, fsync, rename, fsync of the directory, under
+//! an exclusive lock so two edits cannot lose one another).
 //!
 //! The directory is 0700. `agent.toml` is the commit point: an enrollment exists exactly when it
 //! does. Enrolling writes each file under a temporary name (created exclusively with its final
@@ -23,10 +29,13 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use ferry_proto::trust::{self, Fingerprint, TrustError};
+use rustix::fs::FlockOperation;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
+
+use crate::disks::{self, DiskConfig, ReplicationConfig};
 
 /// Where the state lives when neither `--state-dir` nor `$FERRY_AGENT_DIR` says.
 pub const DEFAULT_DIR: &str = "/var/lib/ferry-agent";
@@ -148,8 +157,9 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
     }
 }
 
-/// `agent.toml`, format version 1: the enrollment record. Unknown keys are refused; a newer
-/// version is refused with a message saying so.
+/// `agent.toml`, format version 1: the enrollment record, and the local disk configuration.
+/// Unknown keys are refused; a newer version is refused with a message saying so. `items`,
+/// `[[disk]]` and `[replication]` are optional (files written before they existed load).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentFile {
@@ -171,6 +181,20 @@ pub struct AgentFile {
     pub certificate_expires: String,
     /// The identity's files.
     pub files: Files,
+    /// The protected items the enrollment listed (absent in files written before the agent
+    /// recorded them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<Vec<String>>,
+    /// The disks to replicate (`[[disk]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk: Vec<DiskConfig>,
+    /// Flow control and pacing (`[replication]`).
+    #[serde(default, skip_serializing_if = "is_default_replication")]
+    pub replication: ReplicationConfig,
+}
+
+fn is_default_replication(r: &ReplicationConfig) -> bool {
+    *r == ReplicationConfig::default()
 }
 
 /// The identity's files, relative to the state directory (or absolute).
@@ -196,8 +220,8 @@ impl Default for Files {
 }
 
 const HEADER: &str = "\
-# ferry-agent's enrollment with its gateway. Written by `ferry-agent enroll`; do not edit
-# (`ferry-agent enroll --force` replaces the whole enrollment).
+# ferry-agent's enrollment with its gateway, and the disks it replicates. Written by
+# `ferry-agent enroll` (`--force` replaces the whole enrollment) and `ferry-agent disk add|remove`.
 #
 # version              format version of this file (1)
 # gateway              the gateway's URL
@@ -211,6 +235,17 @@ const HEADER: &str = "\
 #   key                  the private key (PKCS#8 PEM, mode 0600; never leaves this machine)
 #   certificate          the client certificate (PEM), signed by the appliance CA
 #   ca                   the appliance CA certificate (PEM)
+# items                the protected items the enrollment listed
+# [[disk]]             one disk to replicate:
+#   item, name           the protected item and the disk's name in it
+#   path                 the raw block device or image file read
+#   snapshot             none (read live), reflink, lvm or quiesce
+#   lvm_snapshot_size    lvm: lvcreate size (10%ORIGIN, 20G)
+#   pre_snapshot         quiesce: command run before reading (argv)
+#   post_snapshot        quiesce: command run after reading, always (argv)
+#   app_pre, app_post    app-consistent cycles: commands around taking the view (argv)
+# [replication]        window_bytes (16 MiB), ack_timeout_seconds (60),
+#                      max_bytes_per_second (none), commit_timeout_seconds (60, `run`)
 
 ";
 
@@ -238,7 +273,10 @@ impl AgentFile {
             }
             _ => return Err(format("no `version` number".into())),
         }
-        toml::from_str(text).map_err(|e| format(e.to_string()))
+        let file: Self = toml::from_str(text).map_err(|e| format(e.to_string()))?;
+        disks::check_all(&file.disk).map_err(format)?;
+        file.replication.check().map_err(format)?;
+        Ok(file)
     }
 }
 
@@ -298,6 +336,9 @@ pub struct StateDir {
 }
 
 const ENROLLMENT_FILES: [&str; 4] = [CONFIG_FILE, KEY_FILE, CERT_FILE, CA_FILE];
+
+/// Taken (`flock`, exclusive) while `agent.toml` is rewritten.
+const CONFIG_LOCK: &str = ".agent.toml.lock";
 
 fn tmp_name(name: &str) -> String {
     format!(".{name}.tmp")
@@ -463,6 +504,74 @@ impl StateDir {
             cas,
         })
     }
+
+    /// `agent.toml` alone (no key or certificate is read): for commands that only look at or
+    /// edit the configuration.
+    pub fn read_config(&self) -> Result<AgentFile, StateError> {
+        if fs::symlink_metadata(&self.dir).is_ok() {
+            self.check_owned()?;
+        }
+        let config = self.dir.join(CONFIG_FILE);
+        let text = match read_bounded(&config) {
+            Err(StateError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                return Err(StateError::NotEnrolled {
+                    dir: self.dir.clone(),
+                });
+            }
+            r => r?,
+        };
+        let text = String::from_utf8(text.to_vec()).map_err(|_| StateError::Format {
+            path: config.clone(),
+            reason: "not UTF-8 text".into(),
+        })?;
+        AgentFile::from_toml(&text, &config)
+    }
+
+    /// Edits `agent.toml`: under an exclusive lock, reads it, lets `edit` change it (an error
+    /// leaves the file untouched), checks the result, and replaces the file atomically (a
+    /// temporary file written and fsynced, renamed over it, the directory fsynced).
+    pub fn update_config<E: From<StateError>>(
+        &self,
+        edit: impl FnOnce(&mut AgentFile) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let lock_path = self.dir.join(CONFIG_LOCK);
+        if fs::symlink_metadata(&self.dir).is_ok() {
+            self.check_owned()?;
+        }
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => StateError::NotEnrolled {
+                    dir: self.dir.clone(),
+                },
+                _ => io_err("create", &lock_path)(e),
+            })?;
+        rustix::fs::flock(&lock, FlockOperation::LockExclusive)
+            .map_err(|e| io_err("lock", &lock_path)(e.into()))?;
+        let mut file = self.read_config()?;
+        edit(&mut file)?;
+        let config = self.dir.join(CONFIG_FILE);
+        disks::check_all(&file.disk).map_err(|reason| StateError::Format {
+            path: config.clone(),
+            reason,
+        })?;
+        let tmp = self.dir.join(tmp_name(CONFIG_FILE));
+        let _ = fs::remove_file(&tmp);
+        let mut f = create_new(&tmp, 0o644).map_err(io_err("create", &tmp))?;
+        f.write_all(file.to_toml().as_bytes())
+            .map_err(io_err("write", &tmp))?;
+        f.sync_all().map_err(io_err("sync", &tmp))?;
+        drop(f);
+        fs::rename(&tmp, &config).map_err(io_err("rename into place", &config))?;
+        sync_dir(&self.dir)?;
+        drop(lock);
+        Ok(())
+    }
 }
 
 /// A prepared state directory waiting for the enrollment to succeed. Dropped without
@@ -535,7 +644,8 @@ fn create_new(path: &Path, mode: u32) -> io::Result<File> {
         .open(path)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StateError> {
+/// `fsync` of a directory, so that renames and removals in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StateError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("sync", dir))
@@ -583,6 +693,9 @@ mod tests {
                 certificate_sha256: issued.certificate_sha256.to_string(),
                 certificate_expires: issued.certificate_expires,
                 files: Files::default(),
+                items: Some(vec!["db".into(), "web".into()]),
+                disk: Vec::new(),
+                replication: ReplicationConfig::default(),
             },
             key_pem: id.private_key_pem(),
             certificate_pem: issued.certificate_pem,
@@ -776,5 +889,115 @@ mod tests {
                 .starts_with(&format!("cannot read {}: ", cert.display())),
             "{e}"
         );
+    }
+
+    /// An `agent.toml` written before `items`, `[[disk]]` and `[replication]` existed, as
+    /// `ferry-agent enroll` wrote it then.
+    const OLD_FILE: &str = "\
+# ferry-agent's enrollment with its gateway. Written by `ferry-agent enroll`; do not edit
+# (`ferry-agent enroll --force` replaces the whole enrollment).
+
+version = 1
+gateway = \"https://gw.example:8443\"
+agent = \"web-01\"
+enrolled = \"2026-01-02T03:04:05Z\"
+hostname = \"host\"
+ca_sha256 = \"SHA256 AB:CD\"
+certificate_sha256 = \"SHA256 EF:01\"
+certificate_expires = \"2027-01-02T03:04:05Z\"
+
+[files]
+key = \"agent.key\"
+certificate = \"agent.crt\"
+ca = \"ca.pem\"
+";
+
+    #[test]
+    fn an_agent_file_without_disks_still_loads() {
+        let f = AgentFile::from_toml(OLD_FILE, Path::new("agent.toml")).unwrap();
+        assert_eq!(f.agent, "web-01");
+        assert_eq!(f.items, None);
+        assert!(f.disk.is_empty());
+        assert_eq!(f.replication, ReplicationConfig::default());
+        // Written back, it gains nothing it did not have.
+        let text = f.to_toml();
+        let keys: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(
+            !keys.iter().any(|l| l.starts_with("items")
+                || l.starts_with("[[disk]]")
+                || l.starts_with("[replication]")),
+            "{text}"
+        );
+        assert_eq!(
+            AgentFile::from_toml(&text, Path::new("agent.toml")).unwrap(),
+            f
+        );
+    }
+
+    #[test]
+    fn disks_and_replication_settings_round_trip_and_are_checked() {
+        let mut f = AgentFile::from_toml(OLD_FILE, Path::new("agent.toml")).unwrap();
+        f.items = Some(vec!["web".into()]);
+        let mut d = DiskConfig::new("web", "sda", "/img/a.raw");
+        d.snapshot = crate::disks::SnapshotMode::Reflink;
+        d.app_pre = vec!["/usr/bin/freeze".into(), "--all".into()];
+        d.app_post = vec!["/usr/bin/thaw".into()];
+        f.disk = vec![d, DiskConfig::new("web", "sdb", "/img/b.raw")];
+        f.replication.max_bytes_per_second = Some(1 << 20);
+        let text = f.to_toml();
+        assert!(text.contains("[[disk]]\nitem = \"web\"\nname = \"sda\"\npath = \"/img/a.raw\"\nsnapshot = \"reflink\""), "{text}");
+        assert!(text.contains("[replication]\n"), "{text}");
+        assert_eq!(AgentFile::from_toml(&text, Path::new("a")).unwrap(), f);
+
+        let bad = text.replace("name = \"sdb\"", "name = \"sda\"");
+        let e = AgentFile::from_toml(&bad, Path::new("/s/agent.toml")).unwrap_err();
+        assert!(e.to_string().contains("web/sda is configured twice"), "{e}");
+        let bad = format!(
+            "{text}\n[[disk]]\nitem = \"web\"\nname = \"c\"\npath = \"/c\"\nsnapshot = \"zfs\"\n"
+        );
+        let e = AgentFile::from_toml(&bad, Path::new("a")).unwrap_err();
+        assert!(e.to_string().contains("zfs"), "{e}");
+    }
+
+    #[test]
+    fn update_config_replaces_the_file_atomically() {
+        let t = tempfile::tempdir().unwrap();
+        let st = StateDir::new(t.path());
+        st.prepare(false)
+            .unwrap()
+            .commit(&enrollment(&TestCa::new(), "web-01"), false)
+            .unwrap();
+        st.update_config(|f| {
+            f.disk.push(DiskConfig::new("web", "sda", "/dev/sda"));
+            Ok::<_, StateError>(())
+        })
+        .unwrap();
+        assert_eq!(st.read_config().unwrap().disk.len(), 1);
+        assert_eq!(st.load().unwrap().file.disk[0].name, "sda");
+        // A refused edit changes nothing; a result that fails the checks is not written.
+        let before = fs::read(t.path().join(CONFIG_FILE)).unwrap();
+        let e = st
+            .update_config(|f| {
+                f.disk.clear();
+                Err(StateError::NotADirectory { path: "x".into() })
+            })
+            .unwrap_err();
+        assert!(matches!(e, StateError::NotADirectory { .. }));
+        let e = st
+            .update_config(|f| {
+                f.disk.push(DiskConfig::new("web", "sda", "/dev/other"));
+                Ok::<_, StateError>(())
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        assert_eq!(fs::read(t.path().join(CONFIG_FILE)).unwrap(), before);
+        assert!(!t.path().join(tmp_name(CONFIG_FILE)).exists());
+        assert_eq!(mode(&t.path().join(CONFIG_FILE)), 0o644);
+        // Not enrolled: nothing to edit.
+        let t2 = tempfile::tempdir().unwrap();
+        let e = StateDir::new(t2.path())
+            .update_config(|_| Ok::<_, StateError>(()))
+            .unwrap_err();
+        assert!(matches!(e, StateError::NotEnrolled { .. }), "{e}");
     }
 }

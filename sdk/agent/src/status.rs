@@ -219,6 +219,7 @@ mod tests {
             ca_fingerprint: ca.fingerprint(),
             state_dir: dir.to_path_buf(),
             force: false,
+            disks: Vec::new(),
         })
         .await
         .unwrap();

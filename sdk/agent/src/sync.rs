@@ -1,0 +1,1734 @@
+//! Replication cycles: `ferry-agent sync --once` (one cycle of each selected disk, now) and
+//! `ferry-agent run` (the service: a cycle of every disk on the plan's interval, for ever).
+//!
+//! This module decides; the others do. For one disk, a cycle is:
+//!
+//! 1. the item's replication plan (`GET /api/v1/agent/items/{item}/replication`): paused, no
+//!    data port, or no such disk end it here;
+//! 2. a cycle left by an earlier run is settled first ([`resume_or_settle`]): promoted if the
+//!    plan says the gateway holds it complete, resumed if its view is still there, else
+//!    abandoned (its number stays used: the disk's floor);
+//! 3. a new cycle: number `max(committed, gateway's last complete, floor) + 1`; kind
+//!    `Initial` when the gateway holds nothing, `Delta` when the committed digests describe the
+//!    gateway's last complete cycle with the same geometry (and no resync was asked), else
+//!    `Resync` (every chunk, no base); a delta changing more than the plan's
+//!    `resync_threshold_percent` of the disk is sent as `Resync` (same frames: the digests are
+//!    trusted, so the differing chunks are exactly what must go);
+//! 4. the view is taken, the frames planned ([`crate::plan`]), the record marked planned;
+//! 5. the session ([`crate::session::replicate`]) until the `EndOfCycle` is acknowledged;
+//! 6. the view released, the pending digests promoted, and (if asked) a bounded wait for
+//!    `PointCommitted`.
+//!
+//! Failures are classed as in `docs/agent-protocol.md` §7.6: fatal ones stop the disk (and
+//! only that disk in `run`), `bad_session` drops the change tracking (the next cycle is a
+//! resync), transient ones are retried on the plan's schedule — a bounded number of times by
+//! `sync --once`, for ever by `run`. SIGTERM or ctrl-c stops after the frame being written;
+//! the cycle resumes at the next start.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ferry_proto::enroll::{PlanDisk, ReplicationPlan};
+use ferry_proto::frame::{CycleKind, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use reqwest::Url;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::disks::{DiskConfig, ReplicationConfig, SnapshotMode, lvm_volume};
+use crate::error::{AgentError, EXIT_OTHER, EXIT_STATE};
+use crate::gateway::{self, Gateway, GatewayError};
+use crate::plan::{self, CycleFrames, Ending, Geometry, PlanError};
+use crate::progress::{self, Progress, Style};
+use crate::session::{
+    self, Class, Commit, HelloParams, SessionConfig, SessionError, SessionState, Stop, TlsConnector,
+};
+use crate::state::{StateDir, StateError};
+use crate::tracking::{CycleRecord, DiskState, Phase, TrackingError, VIEW_FILE};
+use crate::view::{self, View, ViewError};
+
+/// Most times a cycle takes a new number because the gateway held frames of the one chosen.
+const MAX_RENUMBER: usize = 3;
+/// `Busy` waits are clamped to this range (`docs/agent-protocol.md` §7.5).
+const BUSY_MIN: Duration = Duration::from_secs(1);
+/// See [`BUSY_MIN`].
+const BUSY_MAX: Duration = Duration::from_secs(600);
+/// How long `run` waits before trying a disk another process holds again.
+const LOCKED_RETRY: Duration = Duration::from_secs(60);
+
+/// Why a disk's cycle failed. Every variant names the disk, and the cycle once it has one.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// The disk's replication state.
+    #[error("disk {disk}: {source}")]
+    Tracking {
+        /// `item/disk`.
+        disk: String,
+        /// What failed.
+        source: TrackingError,
+    },
+    /// Taking or reopening the view (the message names the disk).
+    #[error("cycle {cycle}: {source}")]
+    View {
+        /// The cycle.
+        cycle: u64,
+        /// What failed.
+        source: ViewError,
+    },
+    /// Planning the frames.
+    #[error("disk {disk} cycle {cycle}: planning failed: {source}")]
+    Plan {
+        /// `item/disk`.
+        disk: String,
+        /// The cycle.
+        cycle: u64,
+        /// What failed.
+        source: PlanError,
+    },
+    /// The session.
+    #[error("disk {disk} cycle {cycle}: {source}")]
+    Session {
+        /// `item/disk`.
+        disk: String,
+        /// The cycle.
+        cycle: u64,
+        /// What failed.
+        source: SessionError,
+    },
+    /// Reading the item's replication plan.
+    #[error("disk {disk}: cannot read the replication plan of item `{item}`: {source}")]
+    PlanFetch {
+        /// `item/disk`.
+        disk: String,
+        /// The item.
+        item: String,
+        /// What failed.
+        source: GatewayError,
+    },
+    /// The appliance does not have the process role.
+    #[error(
+        "disk {disk}: the gateway has no process role (the replication plan of item `{item}` has no data port)"
+    )]
+    NoProcessRole {
+        /// `item/disk`.
+        disk: String,
+        /// The item.
+        item: String,
+    },
+    /// The plan does not list the disk.
+    #[error(
+        "disk {disk}: the gateway's replication plan of item `{item}` has no disk `{name}` (it has: {known})"
+    )]
+    UnknownDisk {
+        /// `item/disk`.
+        disk: String,
+        /// The item.
+        item: String,
+        /// The disk name.
+        name: String,
+        /// The disks the plan lists.
+        known: String,
+    },
+    /// The plan's chunk size is not one the protocol accepts.
+    #[error(
+        "disk {disk}: the gateway's plan gives chunk size {chunk_size}, not a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}"
+    )]
+    BadChunkSize {
+        /// `item/disk`.
+        disk: String,
+        /// The chunk size.
+        chunk_size: u32,
+    },
+    /// The gateway acknowledged the cycle but its digests could not be committed.
+    #[error(
+        "disk {disk} cycle {cycle}: the gateway acknowledged the cycle, but its digests cannot be committed ({source}); the next cycle resynchronises the disk"
+    )]
+    Promote {
+        /// `item/disk`.
+        disk: String,
+        /// The cycle.
+        cycle: u64,
+        /// What failed.
+        source: TrackingError,
+    },
+}
+
+impl SyncError {
+    /// What follows (`run`): stop the disk, resync, retry later, or stop quietly.
+    pub fn class(&self) -> Class {
+        match self {
+            Self::Tracking {
+                source: TrackingError::Locked { .. },
+                ..
+            } => Class::Transient { immediate: false },
+            Self::Tracking { .. } => Class::Fatal,
+            Self::Plan {
+                source: PlanError::Stopped,
+                ..
+            } => Class::Stopped,
+            Self::View { .. } | Self::Plan { .. } | Self::NoProcessRole { .. } => {
+                Class::Transient { immediate: false }
+            }
+            Self::Session {
+                source: SessionError::Source(_) | SessionError::ForeignCycle { .. },
+                ..
+            } => Class::Transient { immediate: false },
+            Self::Session { source, .. } => source.class(),
+            Self::PlanFetch { source, .. } => match source {
+                GatewayError::Api { status, .. } | GatewayError::Status { status, .. }
+                    if matches!(status, 401 | 403 | 404) =>
+                {
+                    Class::Fatal
+                }
+                _ => Class::Transient { immediate: false },
+            },
+            Self::UnknownDisk { .. } | Self::BadChunkSize { .. } => Class::Fatal,
+            Self::Promote { .. } => Class::Resync,
+        }
+    }
+
+    /// The exit status of `sync --once` for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Tracking { .. } | Self::Promote { .. } => EXIT_STATE,
+            Self::Session { source, .. } => source.exit_code(),
+            Self::PlanFetch { source, .. } => source.exit_code(),
+            _ => EXIT_OTHER,
+        }
+    }
+}
+
+/// What the replication commands share: the enrollment, the gateway, the settings.
+#[derive(Debug)]
+pub struct Context {
+    /// The agent's name.
+    pub agent: String,
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// The gateway's API client (mTLS).
+    pub gateway: Gateway,
+    /// TLS for the data port (the enrollment's mTLS).
+    pub tls: rustls::ClientConfig,
+    /// `[replication]`.
+    pub replication: ReplicationConfig,
+    /// This machine's host name (a tag of every point).
+    pub hostname: String,
+    /// How progress is shown.
+    pub style: Style,
+}
+
+impl Context {
+    /// Loads the enrollment in `state_dir`; returns the context and the configured disks.
+    pub fn load(state_dir: &Path, style: Style) -> Result<(Self, Vec<DiskConfig>), AgentError> {
+        let loaded = StateDir::new(state_dir).load()?;
+        let config = state_dir.join(crate::state::CONFIG_FILE);
+        let url: Url =
+            gateway::parse_base_url(&loaded.file.gateway).map_err(|e| StateError::Format {
+                path: config,
+                reason: format!("`gateway`: {e}"),
+            })?;
+        let tls = loaded.tls_config()?;
+        let gw = Gateway::new(&url, tls.clone())?;
+        Ok((
+            Self {
+                agent: loaded.file.agent.clone(),
+                state_dir: state_dir.to_path_buf(),
+                gateway: gw,
+                tls,
+                replication: loaded.file.replication.clone(),
+                hostname: crate::hostname(),
+                style,
+            },
+            loaded.file.disk.clone(),
+        ))
+    }
+
+    async fn plan(&self, disk: &DiskConfig) -> Result<ReplicationPlan, SyncError> {
+        self.gateway
+            .replication_plan(&disk.item)
+            .await
+            .map_err(|source| SyncError::PlanFetch {
+                disk: disk.label(),
+                item: disk.item.clone(),
+                source,
+            })
+    }
+}
+
+/// How one cycle runs.
+#[derive(Debug, Clone)]
+pub struct CycleOptions {
+    /// How long to wait for `PointCommitted` after the acknowledgement (0: not at all).
+    pub commit_timeout: Duration,
+    /// Failed attempts without progress before giving up (`None`: never).
+    pub max_failures: Option<usize>,
+    /// Take an application-consistent view (if the disk has app commands).
+    pub app: bool,
+}
+
+/// How a cycle ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CycleOutcome {
+    /// The operator paused the item: nothing was sent.
+    Paused,
+    /// The cycle's `EndOfCycle` is acknowledged.
+    Done {
+        /// The cycle.
+        cycle: u64,
+        /// Its kind.
+        kind: CycleKind,
+        /// Application-consistent.
+        app: bool,
+        /// Its data frames.
+        data_frames: u64,
+        /// Chunk bytes it carried.
+        chunk_bytes: u64,
+        /// What became of the point.
+        commit: Commit,
+    },
+}
+
+fn tracking(disk: &str) -> impl FnOnce(TrackingError) -> SyncError + '_ {
+    move |source| SyncError::Tracking {
+        disk: disk.to_string(),
+        source,
+    }
+}
+
+/// Runs one cycle of `disk` under `plan` (see the module documentation).
+pub async fn run_cycle(
+    ctx: &Context,
+    disk: &DiskConfig,
+    plan: &ReplicationPlan,
+    st: &DiskState,
+    opts: &CycleOptions,
+    stop: &Stop,
+) -> Result<CycleOutcome, SyncError> {
+    let label = disk.label();
+    if plan.paused {
+        return Ok(CycleOutcome::Paused);
+    }
+    let port = plan.data_port.ok_or_else(|| SyncError::NoProcessRole {
+        disk: label.clone(),
+        item: disk.item.clone(),
+    })?;
+    let pd = plan
+        .disks
+        .iter()
+        .find(|d| d.name == disk.name)
+        .ok_or_else(|| SyncError::UnknownDisk {
+            disk: label.clone(),
+            item: disk.item.clone(),
+            name: disk.name.clone(),
+            known: if plan.disks.is_empty() {
+                "none".into()
+            } else {
+                plan.disks
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        })?;
+    let cs = pd.chunk_size;
+    if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
+        return Err(SyncError::BadChunkSize {
+            disk: label,
+            chunk_size: cs,
+        });
+    }
+    let mut connector =
+        TlsConnector::new(ctx.gateway.host(), port, ctx.tls.clone()).map_err(|source| {
+            SyncError::Session {
+                disk: label.clone(),
+                cycle: 0,
+                source,
+            }
+        })?;
+    if let Some(a) = &ctx.replication.data_address
+        && let Ok((host, port)) = crate::disks::parse_address(a)
+    {
+        connector.dial_via(&host, port);
+    }
+    let c = Cycle {
+        ctx,
+        disk,
+        plan,
+        pd,
+        st,
+        opts,
+        stop,
+        label,
+    };
+    if let Some(rec) = st.settle().map_err(tracking(&c.label))?
+        && let Some(done) = c.resume_or_settle(rec, &mut connector).await?
+    {
+        return Ok(done);
+    }
+    let mut renumbered = 0;
+    loop {
+        match c.new_cycle(&mut connector).await {
+            Err(SyncError::Session {
+                source:
+                    SessionError::ForeignCycle {
+                        cycle,
+                        resume_from_seq,
+                    },
+                ..
+            }) if renumbered < MAX_RENUMBER => {
+                renumbered += 1;
+                let (cs, rs) = (cycle.to_string(), resume_from_seq.to_string());
+                progress::log(&[
+                    ("event", "cycle_renumbered"),
+                    ("disk", &c.label),
+                    ("cycle", &cs),
+                    ("gateway_resume_from_seq", &rs),
+                ]);
+                st.raise_floor(cycle).map_err(tracking(&c.label))?;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// One disk's cycle under way.
+struct Cycle<'a> {
+    ctx: &'a Context,
+    disk: &'a DiskConfig,
+    plan: &'a ReplicationPlan,
+    pd: &'a PlanDisk,
+    st: &'a DiskState,
+    opts: &'a CycleOptions,
+    stop: &'a Stop,
+    label: String,
+}
+
+impl Cycle<'_> {
+    /// Abandons the recorded cycle: its clone or snapshot volume removed, its directory too
+    /// (its number stays used: the floor).
+    async fn abandon(&self, rec: &CycleRecord, why: &str) -> Result<(), SyncError> {
+        let c = rec.cycle.to_string();
+        progress::log(&[
+            ("event", "cycle_abandoned"),
+            ("disk", &self.label),
+            ("cycle", &c),
+            ("reason", why),
+        ]);
+        if let Err(e) = view::release_handle(
+            &self.label,
+            self.disk.snapshot,
+            &self.st.cycle_dir(),
+            &rec.view,
+        )
+        .await
+        {
+            progress::log(&[
+                ("event", "view_release_failed"),
+                ("disk", &self.label),
+                ("error", &e.to_string()),
+            ]);
+        }
+        self.st
+            .raise_floor(rec.cycle)
+            .map_err(tracking(&self.label))?;
+        self.st.discard_cycle().map_err(tracking(&self.label))
+    }
+
+    /// A cycle an earlier run left: promoted, resumed, or abandoned. `Some` when it was
+    /// resumed to its end.
+    async fn resume_or_settle(
+        &self,
+        rec: CycleRecord,
+        connector: &mut TlsConnector,
+    ) -> Result<Option<CycleOutcome>, SyncError> {
+        let gateway_has = self.pd.last_complete_cycle;
+        if rec.phase == Phase::Preparing {
+            self.abandon(&rec, "it was never planned (interrupted while preparing)")
+                .await?;
+            return Ok(None);
+        }
+        if gateway_has == Some(rec.cycle) {
+            // Its EndOfCycle is durable at the gateway: the acknowledgement was lost.
+            let _ = view::release_handle(
+                &self.label,
+                self.disk.snapshot,
+                &self.st.cycle_dir(),
+                &rec.view,
+            )
+            .await;
+            match self.st.promote(&rec) {
+                Ok(_) => {
+                    let c = rec.cycle.to_string();
+                    progress::log(&[
+                        ("event", "cycle_committed_late"),
+                        ("disk", &self.label),
+                        ("cycle", &c),
+                    ]);
+                }
+                Err(e) => {
+                    self.st.drop_tracking().map_err(tracking(&self.label))?;
+                    self.abandon(&rec, &format!("its digests cannot be committed: {e}"))
+                        .await?;
+                }
+            }
+            return Ok(None);
+        }
+        if gateway_has.is_some_and(|g| g > rec.cycle) {
+            self.abandon(&rec, "the gateway holds a newer cycle")
+                .await?;
+            return Ok(None);
+        }
+        if rec.chunk_size != self.pd.chunk_size {
+            self.abandon(&rec, "the plan's chunk size changed").await?;
+            return Ok(None);
+        }
+        let cycle_dir = self.st.cycle_dir();
+        let view = match View::reopen(self.disk, &cycle_dir, &rec.view, rec.consistency) {
+            Ok(Some(v)) if v.size() == rec.disk_size => v,
+            Ok(Some(v)) => {
+                drop(v);
+                self.abandon(&rec, "the disk changed size").await?;
+                return Ok(None);
+            }
+            Ok(None) => {
+                self.abandon(&rec, "its point-in-time view is gone").await?;
+                return Ok(None);
+            }
+            Err(e) => {
+                self.abandon(&rec, &e.to_string()).await?;
+                return Ok(None);
+            }
+        };
+        let geo = Geometry {
+            disk_size: rec.disk_size,
+            chunk_size: rec.chunk_size,
+        };
+        let frames = view.try_clone_file().and_then(|f| {
+            CycleFrames::open(
+                &self.st.plan_path(),
+                true,
+                f,
+                view.path(),
+                &self.st.pending_digests_path(&rec),
+                geo,
+                Ending {
+                    consistency: rec.consistency,
+                    snapshot: rec.snapshot,
+                    tags: rec.tags.clone(),
+                },
+            )
+            .map_err(|e| ViewError::Io {
+                disk: self.label.clone(),
+                action: "resume the plan in",
+                path: self.st.cycle_dir(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        });
+        let frames = match frames {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = view.release(&cycle_dir, true).await;
+                self.abandon(&rec, &e.to_string()).await?;
+                return Ok(None);
+            }
+        };
+        let c = rec.cycle.to_string();
+        let a = rec.last_acked_seq.to_string();
+        progress::log(&[
+            ("event", "cycle_resumed"),
+            ("disk", &self.label),
+            ("cycle", &c),
+            ("last_acked_seq", &a),
+        ]);
+        self.send(rec, view, frames, connector, false)
+            .await
+            .map(Some)
+    }
+
+    /// Plans and sends a new cycle.
+    async fn new_cycle(&self, connector: &mut TlsConnector) -> Result<CycleOutcome, SyncError> {
+        let st = self.st;
+        let gateway_has = self.pd.last_complete_cycle;
+        let committed = match st.committed() {
+            Ok(h) => h,
+            Err(TrackingError::Damaged { .. } | TrackingError::Version { .. }) => {
+                st.drop_tracking().map_err(tracking(&self.label))?;
+                None
+            }
+            Err(e) => return Err(tracking(&self.label)(e)),
+        };
+        let floor = st.floor().unwrap_or(0);
+        let cycle = committed
+            .map_or(0, |h| h.cycle)
+            .max(gateway_has.unwrap_or(0))
+            .max(floor)
+            + 1;
+        let app = self.opts.app && self.disk.app_consistent();
+        let cycle_dir = st.cycle_dir();
+        let mut rec = CycleRecord {
+            chunk_size: self.pd.chunk_size,
+            disk_size: 0,
+            cycle,
+            base_cycle: 0,
+            data_frames: 0,
+            last_acked_seq: 0,
+            chunk_bytes: 0,
+            kind: CycleKind::Initial,
+            consistency: ferry_proto::frame::Consistency::Crash,
+            snapshot: self.disk.snapshot.wire(),
+            phase: Phase::Preparing,
+            view: predicted_handle(self.disk, cycle),
+            digests: "digests".into(),
+            tags: Vec::new(),
+        };
+        st.begin_cycle(&rec).map_err(tracking(&self.label))?;
+        let view = match View::take(self.disk, &cycle_dir, cycle, app).await {
+            Ok(v) => v,
+            Err(source) => {
+                let _ = st.discard_cycle();
+                return Err(SyncError::View { cycle, source });
+            }
+        };
+        let size = view.size();
+        if size != self.pd.size_bytes {
+            let (a, b) = (size.to_string(), self.pd.size_bytes.to_string());
+            progress::log(&[
+                ("event", "size_mismatch"),
+                ("disk", &self.label),
+                ("local_bytes", &a),
+                ("declared_bytes", &b),
+                ("note", "the local size is sent"),
+            ]);
+        }
+        let geo = Geometry {
+            disk_size: size,
+            chunk_size: self.pd.chunk_size,
+        };
+        let base = committed.filter(|h| {
+            Some(h.cycle) == gateway_has
+                && h.chunk_size == geo.chunk_size
+                && h.disk_size == geo.disk_size
+                && !self.plan.resync_requested
+        });
+        let mut kind = match (gateway_has, base) {
+            (None, _) => CycleKind::Initial,
+            (Some(_), Some(_)) => CycleKind::Delta,
+            (Some(_), None) => CycleKind::Resync,
+        };
+        let summary = match self.plan_frames(&view, geo, cycle, base.is_some()).await {
+            Ok(s) => s,
+            Err(PlanError::BaseDamaged(e)) => {
+                progress::log(&[
+                    ("event", "base_damaged"),
+                    ("disk", &self.label),
+                    ("error", &e.to_string()),
+                ]);
+                st.drop_tracking().map_err(tracking(&self.label))?;
+                if kind == CycleKind::Delta {
+                    kind = CycleKind::Resync;
+                }
+                match self.plan_frames(&view, geo, cycle, false).await {
+                    Ok(s) => s,
+                    Err(source) => return Err(self.fail_planning(view, cycle, source).await),
+                }
+            }
+            Err(source) => return Err(self.fail_planning(view, cycle, source).await),
+        };
+        let base_cycle = if kind == CycleKind::Delta {
+            base.map_or(0, |h| h.cycle)
+        } else {
+            0
+        };
+        if kind == CycleKind::Delta {
+            let limit = u128::from(self.plan.resync_threshold_percent.min(100)) * u128::from(size);
+            if u128::from(summary.changed_bytes) * 100 > limit {
+                kind = CycleKind::Resync;
+                let (c, p) = (
+                    summary.changed_bytes.to_string(),
+                    self.plan.resync_threshold_percent.to_string(),
+                );
+                progress::log(&[
+                    ("event", "resync_threshold"),
+                    ("disk", &self.label),
+                    ("changed_bytes", &c),
+                    ("threshold_percent", &p),
+                ]);
+            }
+        }
+        let mut tags = vec![
+            (
+                "ferry.agent_version".to_string(),
+                crate::VERSION.to_string(),
+            ),
+            ("ferry.host".to_string(), self.ctx.hostname.clone()),
+            ("ferry.kind".to_string(), kind.as_str().to_string()),
+        ];
+        if view.consistency() == ferry_proto::frame::Consistency::App {
+            tags.push(("ferry.app_pre".to_string(), self.disk.app_pre[0].clone()));
+        }
+        for (_, v) in &mut tags {
+            v.truncate(v.floor_char_boundary(1024));
+        }
+        rec.disk_size = size;
+        rec.base_cycle = base_cycle;
+        rec.data_frames = summary.data_frames;
+        rec.chunk_bytes = summary.chunk_bytes;
+        rec.kind = kind;
+        rec.consistency = view.consistency();
+        rec.phase = Phase::Planned;
+        rec.view = view.handle().to_string();
+        rec.tags = tags;
+        if let Err(e) = st.write_record(&rec) {
+            let _ = view.release(&cycle_dir, true).await;
+            let _ = st.discard_cycle();
+            return Err(tracking(&self.label)(e));
+        }
+        let opened = match view.try_clone_file() {
+            Ok(f) => CycleFrames::open(
+                &st.plan_path(),
+                false,
+                f,
+                view.path(),
+                &st.pending_digests_path(&rec),
+                geo,
+                Ending {
+                    consistency: rec.consistency,
+                    snapshot: rec.snapshot,
+                    tags: rec.tags.clone(),
+                },
+            )
+            .map_err(|source| SyncError::Plan {
+                disk: self.label.clone(),
+                cycle,
+                source,
+            }),
+            Err(source) => Err(SyncError::View { cycle, source }),
+        };
+        let frames = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = view.release(&cycle_dir, true).await;
+                let _ = st.discard_cycle();
+                return Err(e);
+            }
+        };
+        self.send(rec, view, frames, connector, true).await
+    }
+
+    async fn fail_planning(&self, view: View, cycle: u64, source: PlanError) -> SyncError {
+        let stopped = matches!(source, PlanError::Stopped);
+        let _ = view.release(&self.st.cycle_dir(), true).await;
+        if !stopped {
+            let _ = self.st.discard_cycle();
+        }
+        SyncError::Plan {
+            disk: self.label.clone(),
+            cycle,
+            source,
+        }
+    }
+
+    /// Plans the cycle's frames on a blocking thread.
+    async fn plan_frames(
+        &self,
+        view: &View,
+        geo: Geometry,
+        cycle: u64,
+        with_base: bool,
+    ) -> Result<plan::PlanSummary, PlanError> {
+        let file = view.try_clone_file().map_err(|e| PlanError::Read {
+            path: view.path().to_path_buf(),
+            offset: 0,
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let view_path = view.path().to_path_buf();
+        let base_path = self.st.digests_path();
+        let plan_path = self.st.plan_path();
+        let digests_path = self.st.cycle_dir().join("digests");
+        let flag = Arc::new(AtomicBool::new(self.stop.is_set()));
+        let watcher = {
+            let (flag, stop) = (flag.clone(), self.stop.clone());
+            tokio::spawn(async move {
+                stop.wait().await;
+                flag.store(true, Ordering::Relaxed);
+            })
+        };
+        let r = tokio::task::spawn_blocking(move || {
+            let base = if with_base {
+                Some(
+                    crate::tracking::DigestReader::open(&base_path)
+                        .map_err(PlanError::BaseDamaged)?,
+                )
+            } else {
+                None
+            };
+            plan::plan(
+                &file,
+                &view_path,
+                geo,
+                cycle,
+                base,
+                &plan_path,
+                &digests_path,
+                &flag,
+            )
+        })
+        .await;
+        watcher.abort();
+        r.unwrap_or_else(|e| {
+            Err(PlanError::Read {
+                path: view.path().to_path_buf(),
+                offset: 0,
+                source: std::io::Error::other(format!("the planning thread failed: {e}")),
+            })
+        })
+    }
+
+    /// Sends a planned cycle and settles it by the outcome.
+    async fn send(
+        &self,
+        mut rec: CycleRecord,
+        view: View,
+        frames: CycleFrames,
+        connector: &mut TlsConnector,
+        fresh: bool,
+    ) -> Result<CycleOutcome, SyncError> {
+        let r = &self.ctx.replication;
+        let cfg = SessionConfig {
+            window_bytes: r.window_bytes,
+            ack_timeout: Duration::from_secs(u64::from(r.ack_timeout_seconds)),
+            max_bytes_per_second: r.max_bytes_per_second,
+            retry_schedule: SessionConfig::schedule_from(&self.plan.retry_schedule_seconds),
+            max_failures: self.opts.max_failures,
+            busy_min: BUSY_MIN,
+            busy_max: BUSY_MAX,
+            // A frozen file system is never held across a wait.
+            retry_in_session: !view.holds_freeze(),
+        };
+        let hello = HelloParams {
+            agent: self.ctx.agent.clone(),
+            item: self.disk.item.clone(),
+            disk: self.disk.name.clone(),
+            disk_size: rec.disk_size,
+            chunk_size: rec.chunk_size,
+            cycle: rec.cycle,
+            kind: rec.kind,
+        };
+        // Frame bytes: chunks plus about 32 bytes of header per frame.
+        let total = rec.chunk_bytes + 32 * rec.end_seq();
+        let mut progress =
+            Progress::new(self.ctx.style, &self.label, rec.cycle, total, rec.end_seq());
+        progress.begin(rec.kind.as_str());
+        let mut state = SessionState {
+            last_acked: rec.last_acked_seq,
+            fresh,
+            connections: 0,
+        };
+        let result = session::replicate(
+            connector,
+            &frames,
+            &hello,
+            &cfg,
+            &mut state,
+            &mut progress,
+            self.stop,
+        )
+        .await;
+        drop(frames);
+        let cycle_dir = self.st.cycle_dir();
+        let cycle = rec.cycle;
+        let acked = match result {
+            Ok(a) => a,
+            Err(source) => {
+                progress.end(if matches!(source, SessionError::Stopped) {
+                    "stopped"
+                } else {
+                    "failed"
+                });
+                rec.last_acked_seq = state.last_acked;
+                let class = source.class();
+                match (&source, class) {
+                    (SessionError::ForeignCycle { .. }, _) | (_, Class::Fatal) => {
+                        let _ = view.release(&cycle_dir, true).await;
+                        let _ = self.st.discard_cycle();
+                    }
+                    (_, Class::Resync) => {
+                        let _ = view.release(&cycle_dir, true).await;
+                        let _ = self.st.discard_cycle();
+                        self.st.drop_tracking().map_err(tracking(&self.label))?;
+                    }
+                    (_, Class::Stopped) => {
+                        // The clone or snapshot stays for the resume; a freeze ends.
+                        let _ = self.st.write_record(&rec);
+                        let _ = view.release(&cycle_dir, false).await;
+                    }
+                    (_, Class::Transient { .. }) => {
+                        // Kept: the record, plan and pending digests (the gateway may hold
+                        // the EndOfCycle; the plan will say). A snapshot is not held for
+                        // long: it goes, and the cycle resumes only from a live view.
+                        let _ = self.st.write_record(&rec);
+                        let _ = view.release(&cycle_dir, true).await;
+                    }
+                }
+                return Err(SyncError::Session {
+                    disk: self.label.clone(),
+                    cycle,
+                    source,
+                });
+            }
+        };
+        progress.end("acknowledged");
+        let consistency = rec.consistency;
+        if let Err(e) = view.release(&cycle_dir, true).await {
+            progress::log(&[
+                ("event", "view_release_failed"),
+                ("disk", &self.label),
+                ("error", &e.to_string()),
+            ]);
+        }
+        if let Err(source) = self.st.promote(&rec) {
+            let _ = self.st.drop_tracking();
+            let _ = self.st.discard_cycle();
+            return Err(SyncError::Promote {
+                disk: self.label.clone(),
+                cycle,
+                source,
+            });
+        }
+        let commit = if self.opts.commit_timeout.is_zero() {
+            Commit::NotConfirmed("not waited for".into())
+        } else {
+            acked.wait_commit(self.opts.commit_timeout).await
+        };
+        Ok(CycleOutcome::Done {
+            cycle,
+            kind: rec.kind,
+            app: consistency == ferry_proto::frame::Consistency::App,
+            data_frames: rec.data_frames,
+            chunk_bytes: rec.chunk_bytes,
+            commit,
+        })
+    }
+}
+
+/// The view handle a cycle will record, known before the view is taken (so that a crash
+/// while taking it still finds what to remove).
+fn predicted_handle(disk: &DiskConfig, cycle: u64) -> String {
+    match disk.snapshot {
+        SnapshotMode::Reflink => VIEW_FILE.to_string(),
+        SnapshotMode::Lvm => lvm_volume(&disk.path)
+            .map(|(vg, lv)| format!("{vg}/{lv}-ferry-c{cycle}"))
+            .unwrap_or_default(),
+        SnapshotMode::None | SnapshotMode::Quiesce => String::new(),
+    }
+}
+
+// --- sync --once -------------------------------------------------------------------------------
+
+/// What `ferry-agent sync --once` is asked.
+#[derive(Debug, Clone)]
+pub struct SyncArgs {
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// Only this item's disks.
+    pub item: Option<String>,
+    /// Only disks of this name.
+    pub disk: Option<String>,
+    /// How long to wait for `PointCommitted`.
+    pub commit_timeout: Duration,
+}
+
+/// One disk's result, as `sync --once` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskReport {
+    /// The item.
+    pub item: String,
+    /// The disk.
+    pub disk: String,
+    /// `committed`, `acknowledged`, `paused` or `failed`.
+    pub status: &'static str,
+    /// The cycle.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cycle: Option<u64>,
+    /// Its kind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    /// `crash` or `app`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<&'static str>,
+    /// The recovery point.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub point_id: Option<String>,
+    /// Data frames of the cycle.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_frames: Option<u64>,
+    /// Chunk bytes the cycle carried.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunk_bytes: Option<u64>,
+    /// Why the point is not confirmed, or why the disk failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The exit status this result asks for (0 unless failed).
+    #[serde(skip)]
+    pub exit_code: u8,
+}
+
+impl DiskReport {
+    fn new(disk: &DiskConfig, status: &'static str) -> Self {
+        Self {
+            item: disk.item.clone(),
+            disk: disk.name.clone(),
+            status,
+            cycle: None,
+            kind: None,
+            consistency: None,
+            point_id: None,
+            data_frames: None,
+            chunk_bytes: None,
+            message: None,
+            exit_code: 0,
+        }
+    }
+
+    fn from_outcome(disk: &DiskConfig, o: CycleOutcome) -> Self {
+        match o {
+            CycleOutcome::Paused => {
+                let mut r = Self::new(disk, "paused");
+                r.message = Some(
+                    "replication of the item is paused by the operator; nothing was sent".into(),
+                );
+                r
+            }
+            CycleOutcome::Done {
+                cycle,
+                kind,
+                app,
+                data_frames,
+                chunk_bytes,
+                commit,
+            } => {
+                let mut r = match commit {
+                    Commit::Committed(p) => {
+                        let mut r = Self::new(disk, "committed");
+                        r.point_id = Some(p);
+                        r
+                    }
+                    Commit::NotConfirmed(why) => {
+                        let mut r = Self::new(disk, "acknowledged");
+                        r.message = Some(format!(
+                            "the gateway acknowledged the cycle; the point is not confirmed yet ({why})"
+                        ));
+                        r
+                    }
+                };
+                r.cycle = Some(cycle);
+                r.kind = Some(kind.as_str());
+                r.consistency = Some(if app { "app" } else { "crash" });
+                r.data_frames = Some(data_frames);
+                r.chunk_bytes = Some(chunk_bytes);
+                r
+            }
+        }
+    }
+
+    fn failed(disk: &DiskConfig, e: &SyncError) -> Self {
+        let mut r = Self::new(disk, "failed");
+        r.message = Some(e.to_string());
+        r.exit_code = e.exit_code();
+        if let SyncError::Session { cycle, .. } | SyncError::Plan { cycle, .. } = e {
+            r.cycle = Some(*cycle).filter(|c| *c > 0);
+        }
+        r
+    }
+
+    /// One line for people: `item/disk cycle N → point ID`, or what happened instead.
+    pub fn line(&self) -> String {
+        let who = format!("{}/{}", self.item, self.disk);
+        match (self.status, self.cycle, &self.point_id) {
+            ("committed", Some(c), Some(p)) => format!("{who} cycle {c} → point {p}"),
+            ("acknowledged", Some(c), _) => format!(
+                "{who} cycle {c} acknowledged; point not yet confirmed ({})",
+                self.message.as_deref().unwrap_or("")
+            ),
+            ("paused", ..) => format!("{who}: paused by the operator, nothing sent"),
+            _ => format!(
+                "{who}: failed: {}",
+                self.message.as_deref().unwrap_or("unknown error")
+            ),
+        }
+    }
+}
+
+/// Chooses the disks `item` / `disk` select; none configured (in `state_dir`) is a state
+/// problem.
+pub fn select<'a>(
+    state_dir: &Path,
+    disks: &'a [DiskConfig],
+    item: Option<&str>,
+    disk: Option<&str>,
+) -> Result<Vec<&'a DiskConfig>, AgentError> {
+    if disks.is_empty() {
+        return Err(StateError::Format {
+            path: state_dir.join(crate::state::CONFIG_FILE),
+            reason:
+                "no disk is configured: `ferry-agent disk add ITEM DISK PATH` (or `enroll --disk`)"
+                    .into(),
+        }
+        .into());
+    }
+    let chosen: Vec<&DiskConfig> = disks
+        .iter()
+        .filter(|d| item.is_none_or(|i| d.item == i) && disk.is_none_or(|n| d.name == n))
+        .collect();
+    if chosen.is_empty() {
+        let all: Vec<String> = disks.iter().map(DiskConfig::label).collect();
+        return Err(AgentError::Usage(format!(
+            "no configured disk matches{}{} (configured: {})",
+            item.map(|i| format!(" --item {i}")).unwrap_or_default(),
+            disk.map(|d| format!(" --disk {d}")).unwrap_or_default(),
+            all.join(", ")
+        )));
+    }
+    Ok(chosen)
+}
+
+/// `ferry-agent sync --once`: one cycle of each selected disk, one after the other. A disk's
+/// failure is in its report; the others still run.
+pub async fn sync_once(args: &SyncArgs, stop: &Stop) -> Result<Vec<DiskReport>, AgentError> {
+    let (ctx, disks) = Context::load(&args.state_dir, Style::detect())?;
+    let chosen = select(
+        &args.state_dir,
+        &disks,
+        args.item.as_deref(),
+        args.disk.as_deref(),
+    )?;
+    // Plans are read once per item; a failed read is tried again for the next disk.
+    let mut plans: HashMap<String, ReplicationPlan> = HashMap::new();
+    let mut reports = Vec::new();
+    for disk in chosen {
+        if stop.is_set() {
+            break;
+        }
+        let plan = match plans.get(&disk.item) {
+            Some(p) => p.clone(),
+            None => match ctx.plan(disk).await {
+                Ok(p) => {
+                    plans.insert(disk.item.clone(), p.clone());
+                    p
+                }
+                Err(e) => {
+                    reports.push(DiskReport::failed(disk, &e));
+                    continue;
+                }
+            },
+        };
+        let st = match DiskState::open(&ctx.state_dir, &disk.item, &disk.name) {
+            Ok(s) => s,
+            Err(e) => {
+                reports.push(DiskReport::failed(disk, &tracking(&disk.label())(e)));
+                continue;
+            }
+        };
+        let opts = CycleOptions {
+            commit_timeout: args.commit_timeout,
+            max_failures: Some(SessionConfig::schedule_from(&plan.retry_schedule_seconds).len()),
+            app: plan.app_consistent_frequency_minutes > 0,
+        };
+        let r = run_cycle(&ctx, disk, &plan, &st, &opts, stop).await;
+        reports.push(match r {
+            Ok(o) => DiskReport::from_outcome(disk, o),
+            Err(e) => DiskReport::failed(disk, &e),
+        });
+    }
+    Ok(reports)
+}
+
+// --- run ---------------------------------------------------------------------------------------
+
+/// `ferry-agent run`: every configured disk, a cycle every `cycle_interval_seconds` (the plan
+/// is read again each time), until `stop`. A disk's fatal error stops that disk only; the
+/// command fails when every disk stopped that way.
+pub async fn run_service(state_dir: &Path, stop: &Stop) -> Result<(), AgentError> {
+    let (ctx, disks) = Context::load(state_dir, Style::Log)?;
+    let chosen: Vec<DiskConfig> = select(state_dir, &disks, None, None)?
+        .into_iter()
+        .cloned()
+        .collect();
+    let ctx = Arc::new(ctx);
+    let n = chosen.len().to_string();
+    progress::log(&[
+        ("event", "service_start"),
+        ("agent", &ctx.agent),
+        ("disks", &n),
+        ("version", crate::VERSION),
+    ]);
+    let mut tasks = tokio::task::JoinSet::new();
+    for disk in chosen {
+        let (ctx, stop) = (ctx.clone(), stop.clone());
+        tasks.spawn(async move { disk_loop(&ctx, &disk, &stop).await });
+    }
+    let mut first_fatal = None;
+    let mut fatal = 0usize;
+    let total = tasks.len();
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Err(e)) = r {
+            fatal += 1;
+            first_fatal.get_or_insert(e);
+        }
+    }
+    progress::log(&[("event", "service_stop")]);
+    match first_fatal {
+        Some(e) if fatal == total && !stop.is_set() => Err(AgentError::Sync(Box::new(e))),
+        _ => Ok(()),
+    }
+}
+
+/// The retry delay after `failures` consecutive failures.
+fn retry_delay(plan_seconds: &[u32], failures: usize) -> Duration {
+    let s = SessionConfig::schedule_from(plan_seconds);
+    s[failures.saturating_sub(1).min(s.len() - 1)]
+}
+
+async fn sleep_or_stop(d: Duration, stop: &Stop) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => false,
+        () = stop.wait() => true,
+    }
+}
+
+/// One disk's cycles until stopped or a fatal error.
+async fn disk_loop(ctx: &Context, disk: &DiskConfig, stop: &Stop) -> Result<(), SyncError> {
+    let label = disk.label();
+    let st = loop {
+        match DiskState::open(&ctx.state_dir, &disk.item, &disk.name) {
+            Ok(s) => break s,
+            Err(e @ TrackingError::Locked { .. }) => {
+                progress::log(&[
+                    ("event", "disk_busy"),
+                    ("disk", &label),
+                    ("error", &e.to_string()),
+                ]);
+                if sleep_or_stop(LOCKED_RETRY, stop).await {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                let e = tracking(&label)(e);
+                progress::log(&[
+                    ("event", "disk_stopped"),
+                    ("disk", &label),
+                    ("error", &e.to_string()),
+                ]);
+                return Err(e);
+            }
+        }
+    };
+    let mut failures = 0usize;
+    let mut last_app: Option<Instant> = None;
+    let mut schedule: Vec<u32> = Vec::new();
+    loop {
+        if stop.is_set() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let result = match ctx.plan(disk).await {
+            Ok(plan) => {
+                schedule.clone_from(&plan.retry_schedule_seconds);
+                let freq =
+                    Duration::from_secs(u64::from(plan.app_consistent_frequency_minutes) * 60);
+                let app = disk.app_consistent()
+                    && plan.app_consistent_frequency_minutes > 0
+                    && last_app.is_none_or(|t| t.elapsed() >= freq);
+                let opts = CycleOptions {
+                    commit_timeout: Duration::from_secs(u64::from(
+                        ctx.replication.commit_timeout_seconds,
+                    )),
+                    max_failures: None,
+                    app,
+                };
+                let interval = Duration::from_secs(u64::from(plan.cycle_interval_seconds.max(1)));
+                run_cycle(ctx, disk, &plan, &st, &opts, stop)
+                    .await
+                    .map(|o| (o, interval, app))
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok((outcome, interval, app)) => {
+                failures = 0;
+                match &outcome {
+                    CycleOutcome::Paused => {
+                        progress::log(&[("event", "paused"), ("disk", &label)]);
+                    }
+                    CycleOutcome::Done {
+                        cycle,
+                        kind,
+                        commit,
+                        chunk_bytes,
+                        ..
+                    } => {
+                        if app {
+                            last_app = Some(started);
+                        }
+                        let (c, b) = (cycle.to_string(), chunk_bytes.to_string());
+                        let (status, point) = match commit {
+                            Commit::Committed(p) => ("committed", p.as_str()),
+                            Commit::NotConfirmed(_) => ("acknowledged", "-"),
+                        };
+                        progress::log(&[
+                            ("event", "cycle_done"),
+                            ("disk", &label),
+                            ("cycle", &c),
+                            ("kind", kind.as_str()),
+                            ("status", status),
+                            ("point", point),
+                            ("chunk_bytes", &b),
+                        ]);
+                    }
+                }
+                let next = started + interval;
+                if sleep_or_stop(next.saturating_duration_since(Instant::now()), stop).await {
+                    return Ok(());
+                }
+            }
+            Err(e) => match e.class() {
+                Class::Stopped => return Ok(()),
+                Class::Fatal => {
+                    progress::log(&[
+                        ("event", "disk_stopped"),
+                        ("disk", &label),
+                        ("error", &e.to_string()),
+                        (
+                            "note",
+                            "replication of this disk stops until the operator acts",
+                        ),
+                    ]);
+                    return Err(e);
+                }
+                Class::Resync | Class::Transient { .. } => {
+                    failures += 1;
+                    let wait = retry_delay(&schedule, failures);
+                    let w = wait.as_secs().to_string();
+                    progress::log(&[
+                        (
+                            "event",
+                            if e.class() == Class::Resync {
+                                "resync_needed"
+                            } else {
+                                "cycle_failed"
+                            },
+                        ),
+                        ("disk", &label),
+                        ("error", &e.to_string()),
+                        ("retry_in_seconds", &w),
+                    ]);
+                    if sleep_or_stop(wait, stop).await {
+                        return Ok(());
+                    }
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_names_what_is_configured() {
+        let disks = vec![
+            DiskConfig::new("web", "sda", "/dev/sda"),
+            DiskConfig::new("web", "sdb", "/dev/sdb"),
+            DiskConfig::new("db", "sda", "/dev/sdc"),
+        ];
+        let dir = Path::new("/s");
+        assert_eq!(select(dir, &disks, None, None).unwrap().len(), 3);
+        assert_eq!(select(dir, &disks, Some("web"), None).unwrap().len(), 2);
+        assert_eq!(select(dir, &disks, None, Some("sda")).unwrap().len(), 2);
+        let one = select(dir, &disks, Some("db"), Some("sda")).unwrap();
+        assert_eq!(one[0].path, PathBuf::from("/dev/sdc"));
+        let e = select(dir, &disks, Some("mail"), None).unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "no configured disk matches --item mail (configured: web/sda, web/sdb, db/sda)"
+            ),
+            "{e}"
+        );
+        let e = select(dir, &[], None, None).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("/s/agent.toml: no disk is configured"),
+            "{e}"
+        );
+        assert_eq!(e.exit_code(), EXIT_STATE);
+    }
+
+    #[test]
+    fn reports_read_as_promised() {
+        let d = DiskConfig::new("web", "sda", "/dev/sda");
+        let r = DiskReport::from_outcome(
+            &d,
+            CycleOutcome::Done {
+                cycle: 3,
+                kind: CycleKind::Delta,
+                app: false,
+                data_frames: 4,
+                chunk_bytes: 100,
+                commit: Commit::Committed("20261126T075405.135Z-1c866aa0".into()),
+            },
+        );
+        assert_eq!(
+            r.line(),
+            "web/sda cycle 3 → point 20261126T075405.135Z-1c866aa0"
+        );
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"item":"web","disk":"sda","status":"committed","cycle":3,"kind":"delta","consistency":"crash","point_id":"20261126T075405.135Z-1c866aa0","data_frames":4,"chunk_bytes":100}"#
+        );
+        let r = DiskReport::from_outcome(
+            &d,
+            CycleOutcome::Done {
+                cycle: 4,
+                kind: CycleKind::Initial,
+                app: true,
+                data_frames: 1,
+                chunk_bytes: 0,
+                commit: Commit::NotConfirmed("closed".into()),
+            },
+        );
+        assert_eq!(r.exit_code, 0);
+        assert!(
+            r.line()
+                .starts_with("web/sda cycle 4 acknowledged; point not yet confirmed")
+        );
+        let r = DiskReport::from_outcome(&d, CycleOutcome::Paused);
+        assert_eq!(r.line(), "web/sda: paused by the operator, nothing sent");
+        let e = SyncError::NoProcessRole {
+            disk: "web/sda".into(),
+            item: "web".into(),
+        };
+        let r = DiskReport::failed(&d, &e);
+        assert_eq!(r.exit_code, EXIT_OTHER);
+        assert!(
+            r.line().contains("the gateway has no process role"),
+            "{}",
+            r.line()
+        );
+        assert_eq!(retry_delay(&[], 1), Duration::from_secs(5));
+        assert_eq!(retry_delay(&[2, 7], 9), Duration::from_secs(7));
+    }
+
+    #[test]
+    fn lvm_handles_are_known_before_the_snapshot() {
+        let mut d = DiskConfig::new("web", "sda", "/dev/vg0/data");
+        d.snapshot = SnapshotMode::Lvm;
+        assert_eq!(predicted_handle(&d, 5), "vg0/data-ferry-c5");
+        d.snapshot = SnapshotMode::Reflink;
+        assert_eq!(predicted_handle(&d, 5), "view");
+        d.snapshot = SnapshotMode::None;
+        assert_eq!(predicted_handle(&d, 5), "");
+    }
+
+    use std::sync::Mutex;
+
+    use crate::testkit::{FakeDataPort, FakeGateway, TestCa, enroll_into, point_id};
+
+    #[derive(Debug, Default)]
+    struct Knobs {
+        paused: bool,
+        resync_requested: bool,
+        no_data_port: bool,
+    }
+
+    struct Setup {
+        _ca: Arc<TestCa>,
+        dp: FakeDataPort,
+        _api: FakeGateway,
+        knobs: Arc<Mutex<Knobs>>,
+        dir: tempfile::TempDir,
+        img: PathBuf,
+        disk: DiskConfig,
+    }
+
+    const CS: u64 = 65536;
+
+    async fn setup() -> Setup {
+        let ca = Arc::new(TestCa::new());
+        let dp = ca.data_port().await;
+        let knobs: Arc<Mutex<Knobs>> = Arc::default();
+        let (k, gw_state, port) = (knobs.clone(), dp.state.clone(), dp.port);
+        let size = 6 * CS - 123;
+        let api = ca
+            .serve(true, move |r| {
+                if r.target != "/api/v1/agent/items/web/replication" {
+                    return (
+                        404,
+                        r#"{"code":"not_found","message":"no such item"}"#.into(),
+                    );
+                }
+                let k = k.lock().unwrap();
+                let last = gw_state.lock().unwrap().complete.map(|(c, _)| c);
+                let plan = ReplicationPlan {
+                    item: "web".into(),
+                    data_port: (!k.no_data_port).then_some(port),
+                    paused: k.paused,
+                    resync_requested: k.resync_requested,
+                    cycle_interval_seconds: 60,
+                    app_consistent_frequency_minutes: 0,
+                    retry_schedule_seconds: vec![0],
+                    resync_threshold_percent: 50,
+                    disks: vec![PlanDisk {
+                        name: "sda".into(),
+                        size_bytes: size,
+                        chunk_size: 65536,
+                        last_complete_cycle: last,
+                    }],
+                };
+                (200, serde_json::to_string(&plan).unwrap())
+            })
+            .await;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        enroll_into(&ca, &state, "web-01", &api.url);
+        let img = dir.path().join("web-sda.img");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(size).unwrap();
+        for (i, b) in [1u8, 0, 2, 3, 0, 4].into_iter().enumerate() {
+            if b != 0 {
+                write(&img, i as u64 * CS, &vec![b; 1000]);
+            }
+        }
+        let disk = crate::disks::add(&state, DiskConfig::new("web", "sda", &img), false).unwrap();
+        Setup {
+            _ca: ca,
+            dp,
+            _api: api,
+            knobs,
+            dir,
+            img,
+            disk,
+        }
+    }
+
+    fn write(img: &Path, at: u64, bytes: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+        f.write_all_at(bytes, at).unwrap();
+    }
+
+    impl Setup {
+        fn state_dir(&self) -> PathBuf {
+            self.dir.path().join("state")
+        }
+
+        fn ctx(&self) -> Context {
+            Context::load(&self.state_dir(), Style::Quiet).unwrap().0
+        }
+
+        async fn cycle(&self, max_failures: Option<usize>) -> Result<CycleOutcome, SyncError> {
+            let ctx = self.ctx();
+            let plan = ctx.plan(&self.disk).await.unwrap();
+            let st = DiskState::open(&self.state_dir(), "web", "sda").unwrap();
+            let opts = CycleOptions {
+                commit_timeout: Duration::from_secs(5),
+                max_failures,
+                app: false,
+            };
+            run_cycle(&ctx, &self.disk, &plan, &st, &opts, &Stop::never()).await
+        }
+
+        fn replica_matches(&self) {
+            let want = std::fs::read(&self.img).unwrap();
+            let got = self.dp.state.lock().unwrap().replica.clone();
+            assert!(got == want, "the replica differs from the disk");
+        }
+
+        fn last_cycle(&self) -> (u64, CycleKind, u64) {
+            *self.dp.state.lock().unwrap().cycles.last().unwrap()
+        }
+
+        /// The committed cycle, read without taking the disk's lock.
+        fn committed(&self) -> Option<u64> {
+            let p = self.state_dir().join("disks/web/sda/digests");
+            p.exists()
+                .then(|| crate::tracking::read_digests_header(&p).unwrap().cycle)
+        }
+    }
+
+    fn done(o: CycleOutcome) -> (u64, CycleKind, u64, Commit) {
+        match o {
+            CycleOutcome::Done {
+                cycle,
+                kind,
+                data_frames,
+                commit,
+                ..
+            } => (cycle, kind, data_frames, commit),
+            CycleOutcome::Paused => panic!("paused"),
+        }
+    }
+
+    /// Cycles against a fake data port over real TLS: initial, deltas, a dropped connection,
+    /// a lost EndOfCycle ack (learned from the Welcome, or from the plan after giving up), a
+    /// requested resync; the gateway's replica equals the disk after each.
+    #[tokio::test]
+    async fn cycles_keep_the_replica_bit_exact() {
+        let s = setup().await;
+        let (c, kind, frames, commit) = done(s.cycle(Some(3)).await.unwrap());
+        assert_eq!((c, kind), (1, CycleKind::Initial));
+        // C0 Z1 C2 C3 Z4 C5.
+        assert_eq!(frames, 6);
+        assert_eq!(commit, Commit::Committed(point_id(1)));
+        s.replica_matches();
+        assert_eq!(s.committed(), Some(1));
+
+        // A changed chunk and a zeroed one.
+        write(&s.img, 3 * CS + 10, b"delta");
+        write(&s.img, 5 * CS, &[0; 1000]);
+        let (c, kind, frames, _) = done(s.cycle(Some(3)).await.unwrap());
+        assert_eq!((c, kind, frames), (2, CycleKind::Delta, 2));
+        assert_eq!(s.last_cycle(), (2, CycleKind::Delta, 2));
+        s.replica_matches();
+
+        // The gateway drops the connection after journaling the first frame, unacknowledged.
+        write(&s.img, 10, b"x");
+        write(&s.img, 2 * CS + 10, b"y");
+        s.dp.state.lock().unwrap().drop_after = Some(1);
+        let before = s.dp.state.lock().unwrap().connections;
+        let (c, kind, frames, commit) = done(s.cycle(Some(3)).await.unwrap());
+        assert_eq!((c, kind, frames), (3, CycleKind::Delta, 2));
+        assert_eq!(commit, Commit::Committed(point_id(3)));
+        assert_eq!(s.dp.state.lock().unwrap().connections, before + 2);
+        let hellos = s.dp.state.lock().unwrap().hellos.clone();
+        let n = hellos.len();
+        assert_eq!((hellos[n - 2].cycle, hellos[n - 1].cycle), (3, 3));
+        s.replica_matches();
+
+        // The EndOfCycle's ack is lost: the reconnect's Welcome says the cycle is complete.
+        write(&s.img, 4 * CS, b"z");
+        s.dp.state.lock().unwrap().lose_end_ack = true;
+        let (c, _, _, commit) = done(s.cycle(Some(3)).await.unwrap());
+        assert_eq!(c, 4);
+        assert_eq!(commit, Commit::Committed(point_id(4)));
+        assert_eq!(s.committed(), Some(4));
+        s.replica_matches();
+
+        // Lost again, and the agent gives up at once: the cycle stays pending (not
+        // promoted), and the next run learns from the plan that the gateway holds it.
+        write(&s.img, 4 * CS, b"w");
+        s.dp.state.lock().unwrap().lose_end_ack = true;
+        let e = s.cycle(Some(0)).await.unwrap_err();
+        assert!(matches!(e.class(), Class::Transient { .. }), "{e}");
+        assert_eq!(s.committed(), Some(4));
+        let (c, kind, frames, _) = done(s.cycle(Some(3)).await.unwrap());
+        assert_eq!(s.committed(), Some(6));
+        assert_eq!((c, kind, frames), (6, CycleKind::Delta, 0));
+        s.replica_matches();
+
+        // A resync asked by the operator sends every chunk.
+        s.knobs.lock().unwrap().resync_requested = true;
+        let (c, kind, frames, _) = done(s.cycle(Some(3)).await.unwrap());
+        assert_eq!((c, kind), (7, CycleKind::Resync));
+        // C0 Z1 C2 C3 C4 Z5.
+        assert_eq!(frames, 6);
+        s.replica_matches();
+        s.knobs.lock().unwrap().resync_requested = false;
+
+        // Paused: nothing sent. No process role: said so.
+        s.knobs.lock().unwrap().paused = true;
+        assert_eq!(s.cycle(Some(3)).await.unwrap(), CycleOutcome::Paused);
+        s.knobs.lock().unwrap().paused = false;
+        s.knobs.lock().unwrap().no_data_port = true;
+        let e = s.cycle(Some(3)).await.unwrap_err();
+        assert!(e.to_string().contains("no process role"), "{e}");
+        s.knobs.lock().unwrap().no_data_port = false;
+
+        // sync --once over every configured disk.
+        write(&s.img, 0, b"once");
+        let reports = sync_once(
+            &SyncArgs {
+                state_dir: s.state_dir(),
+                item: None,
+                disk: None,
+                commit_timeout: Duration::from_secs(5),
+            },
+            &Stop::never(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(reports.len(), 1);
+        assert_eq!(
+            reports[0].line(),
+            format!("web/sda cycle 8 → point {}", point_id(8))
+        );
+        s.replica_matches();
+    }
+
+    /// A changed disk beyond the plan's threshold is sent as a resync of the same frames, and
+    /// a disk the plan does not know is refused.
+    #[tokio::test]
+    async fn threshold_and_unknown_disks() {
+        let s = setup().await;
+        done(s.cycle(Some(3)).await.unwrap());
+        for i in 0..4 {
+            write(&s.img, i * CS + 500, b"changed");
+        }
+        let (c, kind, frames, _) = done(s.cycle(Some(3)).await.unwrap());
+        assert_eq!((c, kind, frames), (2, CycleKind::Resync, 4));
+        s.replica_matches();
+
+        let ctx = s.ctx();
+        let plan = ctx.plan(&s.disk).await.unwrap();
+        let other = DiskConfig::new("web", "sdz", &s.img);
+        let st = DiskState::open(&s.state_dir(), "web", "sdz").unwrap();
+        let opts = CycleOptions {
+            commit_timeout: Duration::ZERO,
+            max_failures: Some(1),
+            app: false,
+        };
+        let e = run_cycle(&ctx, &other, &plan, &st, &opts, &Stop::never())
+            .await
+            .unwrap_err();
+        assert_eq!(e.class(), Class::Fatal);
+        assert!(
+            e.to_string().contains("has no disk `sdz` (it has: sda)"),
+            "{e}"
+        );
+        // A plan for an item the gateway does not know is fatal for the disk.
+        let mut d = s.disk.clone();
+        d.item = "mail".into();
+        let e = ctx.plan(&d).await.unwrap_err();
+        assert_eq!(e.class(), Class::Fatal);
+    }
+
+    /// The service runs cycles until stopped, and stops cleanly.
+    #[tokio::test]
+    async fn run_cycles_until_stopped() {
+        let s = setup().await;
+        let (handle, stop) = Stop::new();
+        let dir = s.state_dir();
+        let svc = tokio::spawn(async move { run_service(&dir, &stop).await });
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while s.committed() != Some(1) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no cycle was committed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.replica_matches();
+        // While the service holds the disk, another process cannot replicate it.
+        let e = DiskState::open(&s.state_dir(), "web", "sda").unwrap_err();
+        assert!(e.to_string().contains("another ferry-agent process"), "{e}");
+        handle.stop();
+        tokio::time::timeout(Duration::from_secs(10), svc)
+            .await
+            .expect("the service stops")
+            .unwrap()
+            .unwrap();
+    }
+}
