@@ -41,14 +41,22 @@ impl Daemon {
     /// Starts `ferryd up --data-dir DATA --listen 127.0.0.1:0` with `env` added, and waits
     /// until it reports its port and has printed its whole banner.
     pub fn start(data: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_at(data, env, 0, 0)
+    }
+
+    /// [`Daemon::start`] on fixed ports (0: any): a restarted daemon keeps the addresses its
+    /// agents were given.
+    pub fn start_at(data: &Path, env: &[(&str, &str)], api_port: u16, data_port: u16) -> Self {
+        let listen = format!("127.0.0.1:{api_port}");
+        let data_listen = format!("127.0.0.1:{data_port}");
         let mut c = ferryd(&[
             "up",
             "--data-dir",
             data.to_str().unwrap(),
             "--listen",
-            "127.0.0.1:0",
+            &listen,
             "--data-listen",
-            "127.0.0.1:0",
+            &data_listen,
         ]);
         c.envs(env.iter().copied())
             .stdout(Stdio::piped())

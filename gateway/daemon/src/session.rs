@@ -165,13 +165,9 @@ pub fn on_hello(
                 session: Some(session(durable)),
             })
         }
-        Some((c, _)) if hello.cycle < c => Err(refuse(
-            error_code::BAD_SESSION,
-            format!(
-                "cycle {} of `{}`/`{}` is older than cycle {c} being received",
-                hello.cycle, hello.item, hello.disk
-            ),
-        )),
+        // Any other cycle after the newest complete one starts afresh and abandons the
+        // incomplete one — also a lower number: an agent that lost its state numbers its next
+        // cycle from the newest complete one and cannot know the one being received.
         receiving => {
             // A new cycle: nothing of it is durable, so the agent cannot have acks for it.
             if hello.last_acked_seq != 0 {
@@ -423,7 +419,11 @@ mod tests {
             complete: None,
             receiving: Some((3, 0)),
         };
-        let e = on_hello(&peer(), &hello(2, CycleKind::Delta, 0), &st, any_size).unwrap_err();
+        // An agent that lost its state numbers below the cycle being received: that one is
+        // abandoned.
+        let w = on_hello(&peer(), &hello(2, CycleKind::Delta, 0), &st, any_size).unwrap();
+        assert_eq!((w.resume_from_seq, w.abandon), (0, Some(3)));
+        let e = on_hello(&peer(), &hello(2, CycleKind::Delta, 1), &st, any_size).unwrap_err();
         assert_eq!(e.code, error_code::BAD_SESSION);
     }
 

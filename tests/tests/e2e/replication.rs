@@ -70,11 +70,18 @@ pub struct Site {
     pub data: PathBuf,
     pub daemon: Option<Daemon>,
     home: PathBuf,
+    /// Fixed (API, data) ports across restarts, or (0, 0) for new ones each time.
+    ports: (u16, u16),
 }
 
 impl Site {
     /// Starts `ferryd` on `dir/data` and logs the CLI in.
     pub fn start(dir: &Path) -> Site {
+        Self::start_at(dir, (0, 0))
+    }
+
+    /// [`Site::start`] with `ferryd` on fixed ports, kept across restarts.
+    pub fn start_at(dir: &Path, ports: (u16, u16)) -> Site {
         let data = dir.join("data");
         let home = dir.join("home");
         std::fs::create_dir_all(&home).unwrap();
@@ -83,6 +90,7 @@ impl Site {
             data,
             daemon: None,
             home,
+            ports,
         };
         s.restart();
         s
@@ -91,7 +99,7 @@ impl Site {
     /// (Re)starts `ferryd` on the same data directory (new ports) and logs in again.
     pub fn restart(&mut self) {
         self.daemon = None;
-        let d = Daemon::start(&self.data, ENV);
+        let d = Daemon::start_at(&self.data, ENV, self.ports.0, self.ports.1);
         let fp = d
             .stdout()
             .lines()
@@ -145,6 +153,11 @@ impl Site {
     /// Enrolls agent `name` for `items` into state directory `state` with the real
     /// `ferry-agent`.
     pub fn enroll(&self, name: &str, items: &[&str], state: &Path) {
+        self.enroll_with(name, items, state, &[]);
+    }
+
+    /// [`Site::enroll`] with `extra` arguments for `ferry-agent enroll` (`--disk …`).
+    pub fn enroll_with(&self, name: &str, items: &[&str], state: &Path, extra: &[&str]) {
         let mut args = vec!["agent", "token", "create", name];
         for i in items {
             args.extend(["--item", i]);
@@ -163,7 +176,7 @@ impl Site {
             .unwrap();
         assert_eq!(words.next(), Some("ferry-agent"));
         let mut c = Command::new(ferry_agent_bin());
-        c.args(words).env("FERRY_AGENT_DIR", state);
+        c.args(words).args(extra).env("FERRY_AGENT_DIR", state);
         let c_token = token.to_string();
         let (code, out, err) = {
             for (k, _) in std::env::vars_os() {
@@ -685,4 +698,234 @@ async fn data_port_journals_resumes_and_refuses() {
     // Two points exactly: no refused frame or session made one.
     let v = site.vault().await;
     assert_eq!(v.points(Some("web-01")).await.unwrap().len(), 2);
+}
+
+/// Sets `[replication]` keys in the agent's `agent.toml` (`data_address` through the fault
+/// proxy, short timeouts for the tests).
+fn agent_settings(state: &Path, proxy_port: u16) {
+    let p = state.join("agent.toml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let keys = format!(
+        "data_address = \"127.0.0.1:{proxy_port}\"\nack_timeout_seconds = 3\ncommit_timeout_seconds = 30\n"
+    );
+    let text = if text.contains("\n[replication]\n") {
+        text.replacen("\n[replication]\n", &format!("\n[replication]\n{keys}"), 1)
+    } else {
+        format!("{text}\n[replication]\n{keys}")
+    };
+    std::fs::write(&p, text).unwrap();
+}
+
+fn agent_cmd(state: &Path) -> Command {
+    let mut c = Command::new(ferry_agent_bin());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("FERRY_") {
+            c.env_remove(k);
+        }
+    }
+    c.args([
+        "sync",
+        "--once",
+        "--output",
+        "json",
+        "--commit-timeout",
+        "30",
+    ])
+    .env("FERRY_AGENT_DIR", state)
+    .stdin(Stdio::null());
+    c
+}
+
+/// The JSON lines `ferry-agent sync --once --output json` printed.
+fn sync_lines(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// `ferry-agent sync --once`, which must commit a point: (cycle kind, point id).
+fn sync_committed(state: &Path) -> (String, String) {
+    let o = agent_cmd(state).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "sync --once: {out}{err}");
+    let l = sync_lines(&out);
+    assert_eq!(l.len(), 1, "{out}");
+    assert_eq!(l[0]["status"], "committed", "{out}{err}");
+    (
+        l[0]["kind"].as_str().unwrap().to_string(),
+        l[0]["point_id"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Real writes into the image: `dd conv=notrunc` of `n` 64 KiB blocks of random data at
+/// seeded offsets in the file system's first 60 MiB.
+fn dd_writes(img: &Path, src: &Path, n: u64, seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for _ in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let seek = 16 + x % 944; // 64 KiB blocks, past the superblock, inside 60 MiB
+        let skip = (x >> 20) % 64;
+        let o = Command::new("dd")
+            .arg(format!("if={}", src.display()))
+            .arg(format!("of={}", img.display()))
+            .args(["bs=64k", "count=1", "conv=notrunc,fsync", "status=none"])
+            .arg(format!("seek={seek}"))
+            .arg(format!("skip={skip}"))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "dd: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+async fn point_ids(site: &Site) -> std::collections::BTreeSet<String> {
+    site.vault()
+        .await
+        .points(Some("web-01"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_replicates_an_ext4_image_through_faults_and_kills() {
+    use ferry_e2e::proxy::{Fault, FaultProxy};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut site = Site::start_at(tmp.path(), (ferry_e2e::free_port(), ferry_e2e::free_port()));
+    site.ferry_ok(&[
+        "policy",
+        "create",
+        "fast",
+        "--retry-schedule-seconds",
+        "1,1,2,2,2",
+        "--chunk-size",
+        "256K",
+    ]);
+    let img = tmp.path().join("os.img");
+    ferry_e2e::make_ext4(&img, "64M");
+    let src = tmp.path().join("random.bin");
+    {
+        let mut b = vec![0u8; 4 << 20];
+        for (i, v) in b.iter_mut().enumerate() {
+            *v = (i.wrapping_mul(2_654_435_761) >> 13) as u8;
+        }
+        std::fs::write(&src, b).unwrap();
+    }
+    site.ferry_ok(&[
+        "item", "create", "web-01", "--disk", "os=64M", "--policy", "fast", "--wait",
+    ]);
+    let state = tmp.path().join("agent");
+    let disk_arg = format!("web-01/os={}", img.display());
+    site.enroll_with("agent-1", &["web-01"], &state, &["--disk", &disk_arg]);
+    let proxy = FaultProxy::start(site.data_port());
+    agent_settings(&state, proxy.port);
+
+    // Initial replication, then a delta after real writes: each point bit-exact.
+    let (kind, p) = sync_committed(&state);
+    assert_eq!(kind, "initial");
+    assert_eq!(point_sha(&site, "web-01", &p).await, sha256_file(&img));
+    dd_writes(&img, &src, 8, 1);
+    let (kind, p) = sync_committed(&state);
+    assert_eq!(kind, "delta");
+    assert_eq!(point_sha(&site, "web-01", &p).await, sha256_file(&img));
+
+    // Network faults on the data path: a cut, a reset and a stall in the middle of a frame,
+    // a slow link. Each cycle still completes and restores bit-exact.
+    for (i, fault) in [
+        Fault::CutAfter(300_000),
+        Fault::ResetAfter(200_000),
+        Fault::StallAfter(150_000),
+        Fault::Slow(4 << 20),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        dd_writes(&img, &src, 12, 10 + i as u64);
+        let before = proxy.accepted.load(std::sync::atomic::Ordering::Relaxed);
+        proxy.push(fault);
+        let (_, p) = sync_committed(&state);
+        assert_eq!(
+            point_sha(&site, "web-01", &p).await,
+            sha256_file(&img),
+            "after {fault:?}"
+        );
+        let conns = proxy.accepted.load(std::sync::atomic::Ordering::Relaxed) - before;
+        if fault != Fault::Slow(4 << 20) {
+            assert!(
+                conns >= 2,
+                "{fault:?}: the agent reconnected ({conns} connections)"
+            );
+        }
+    }
+
+    // kill -9 of the agent or of ferryd at random moments, 20 times. Every point made in a
+    // round holds that round's image, reported or not, and the next sync carries on.
+    let mut rng_state = 0x5EED_u64;
+    let mut rnd = move |n: u64| {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state % n
+    };
+    let mut kills = (0, 0);
+    for round in 0..20u64 {
+        let before = point_ids(&site).await;
+        dd_writes(&img, &src, 6, 100 + round);
+        let want = sha256_file(&img);
+        let out_file = tmp.path().join(format!("sync-{round}.out"));
+        let mut child = agent_cmd(&state)
+            .stdout(std::fs::File::create(&out_file).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50 + rnd(900)));
+        if rnd(2) == 0 {
+            let _ = child.kill();
+            let _ = child.wait();
+            kills.0 += 1;
+        } else {
+            site.kill();
+            site.restart();
+            kills.1 += 1;
+            // The agent retries on the policy's schedule and finishes (or gives up).
+            let t = std::time::Instant::now();
+            while child.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(40) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let (_, p) = sync_committed(&state);
+        let after = point_ids(&site).await;
+        assert!(after.contains(&p));
+        for id in after.difference(&before) {
+            assert_eq!(
+                point_sha(&site, "web-01", id).await,
+                want,
+                "round {round}: point {id} restores bit-exact"
+            );
+        }
+        // What the killed run reported committed is among them.
+        for l in sync_lines(&std::fs::read_to_string(&out_file).unwrap()) {
+            if l["status"] == "committed" {
+                assert!(
+                    after.difference(&before).any(|id| l["point_id"] == **id),
+                    "{l}"
+                );
+            }
+        }
+    }
+    assert!(
+        kills.0 > 0 && kills.1 > 0,
+        "both victims were killed: {kills:?}"
+    );
 }

@@ -340,7 +340,10 @@ async fn count(State(s): State<ApiState>, req: Request, next: Next) -> Response 
 /// `GET /api/v1/metrics`: Prometheus' text exposition format.
 async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
     let m = s.0.metrics.clone();
-    let text = s.catalog(move |c| m.render(c)).await?;
+    let mut text = s.catalog(move |c| m.render(c)).await?;
+    if let Some(p) = s.process() {
+        text.push_str(&p.render_metrics());
+    }
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -622,6 +622,93 @@ impl ProcessRole {
         total
     }
 
+    /// The process role's part of `/api/v1/metrics` (Prometheus text 0.0.4): the cache (free
+    /// space, journals, alert level) and each item's backlog and rates.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
+            let _ = writeln!(s, "# HELP {name} {help}");
+            let _ = writeln!(s, "# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(s, "{name}{labels} {v}");
+            }
+        };
+        if let Ok(c) = self.cache_status() {
+            let level = match c.level {
+                journal::CacheLevel::Ok => 0,
+                journal::CacheLevel::Warn => 1,
+                journal::CacheLevel::Critical => 2,
+            };
+            metric(
+                "ferry_process_cache_level",
+                "gauge",
+                "The process cache's alert: 0 ok, 1 below the warning free space (30% by default), 2 below the critical one (25%: agents are told Busy).",
+                &[(String::new(), level.to_string())],
+            );
+            metric(
+                "ferry_process_cache_free_ratio",
+                "gauge",
+                "Free share of the process cache's filesystem.",
+                &[(String::new(), format!("{:.4}", c.free_percent() / 100.0))],
+            );
+            metric(
+                "ferry_process_journal_bytes",
+                "gauge",
+                "Bytes the process cache's journals hold (not yet in the vault).",
+                &[(String::new(), c.journal_bytes.to_string())],
+            );
+        }
+        let items: Vec<String> = {
+            let mut v: Vec<String> = lock(&self.inner.streams)
+                .keys()
+                .map(|(i, _)| i.clone())
+                .collect();
+            v.extend(lock(&self.inner.figures).keys().cloned());
+            v.sort();
+            v.dedup();
+            v
+        };
+        let figures: Vec<(String, ItemFigures)> = items
+            .into_iter()
+            .map(|i| {
+                let f = self.figures(&i);
+                (i, f)
+            })
+            .collect();
+        let per_item = |f: &dyn Fn(&ItemFigures) -> String| -> Vec<(String, String)> {
+            figures
+                .iter()
+                .map(|(i, fig)| (format!("{{item=\"{i}\"}}"), f(fig)))
+                .collect()
+        };
+        metric(
+            "ferry_item_backlog_bytes",
+            "gauge",
+            "Bytes of the item journaled on the process cache and not yet in the vault.",
+            &per_item(&|f| f.backlog_bytes.to_string()),
+        );
+        metric(
+            "ferry_item_ingest_bytes_per_second",
+            "gauge",
+            "Bytes received from the item's agent per second, over the last minute.",
+            &per_item(&|f| format!("{:.1}", f.ingest.per_second())),
+        );
+        metric(
+            "ferry_item_upload_bytes_per_second",
+            "gauge",
+            "Cycle bytes of the item drained into the vault per second, over the last minute.",
+            &per_item(&|f| format!("{:.1}", f.upload.per_second())),
+        );
+        metric(
+            "ferry_item_replication_sessions",
+            "gauge",
+            "Replication sessions of the item open now.",
+            &per_item(&|f| f.sessions.to_string()),
+        );
+        s
+    }
+
     /// The cache's state: free space, journals, level.
     pub fn cache_status(&self) -> Result<journal::CacheStatus, JournalError> {
         self.inner.guard.status()
