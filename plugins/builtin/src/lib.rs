@@ -1,5 +1,5 @@
-//! The plugins built into every gateway binary: their components (built for wasm32 by this
-//! crate's build script from `plugins/*`) and their manifests.
+//! The plugins built into every gateway binary: their components (built for wasm32 from
+//! `plugins/*` by `ferry-plugin-components`' build script) and their manifests.
 //!
 //! Built-in plugins are trusted to the same degree as third-party ones: they get the same
 //! sandbox and limits, and only the grants their world needs (related files only by the
@@ -26,7 +26,7 @@ pub const PHYSICAL: Builtin = Builtin {
     name: "physical",
     world: World::SourceAdapter,
     description: "raw block devices and raw disk images",
-    wasm: include_bytes!(concat!(env!("OUT_DIR"), "/ferry_plugin_physical.wasm")),
+    wasm: ferry_plugin_components::PHYSICAL,
     related: &[],
     http: false,
 };
@@ -35,7 +35,7 @@ pub const VMWARE: Builtin = Builtin {
     name: "vmware",
     world: World::SourceAdapter,
     description: "VMware VMDK: monolithicSparse, streamOptimized, flat, twoGbMaxExtent*, ESXi; CBT",
-    wasm: include_bytes!(concat!(env!("OUT_DIR"), "/ferry_plugin_vmware.wasm")),
+    wasm: ferry_plugin_components::VMWARE,
     related: &["*.vmdk"],
     http: false,
 };
@@ -44,7 +44,7 @@ pub const HYPERV: Builtin = Builtin {
     name: "hyperv",
     world: World::SourceAdapter,
     description: "Hyper-V VHDX and VHD: fixed, dynamic, differencing; RCT",
-    wasm: include_bytes!(concat!(env!("OUT_DIR"), "/ferry_plugin_hyperv.wasm")),
+    wasm: ferry_plugin_components::HYPERV,
     related: &["*.vhdx", "*.avhdx", "*.vhd"],
     http: false,
 };
@@ -53,7 +53,7 @@ pub const AWS: Builtin = Builtin {
     name: "aws",
     world: World::SourceAdapter,
     description: "AWS EBS snapshots through the EBS direct APIs (host-signed); ListChangedBlocks",
-    wasm: include_bytes!(concat!(env!("OUT_DIR"), "/ferry_plugin_aws.wasm")),
+    wasm: ferry_plugin_components::AWS,
     related: &[],
     http: true,
 };
@@ -62,7 +62,7 @@ pub const WEBHOOK: Builtin = Builtin {
     name: "webhook",
     world: World::FailoverHook,
     description: "POSTs a JSON event to an allow-listed URL at a recovery plan step",
-    wasm: include_bytes!(concat!(env!("OUT_DIR"), "/ferry_plugin_webhook.wasm")),
+    wasm: ferry_plugin_components::WEBHOOK,
     related: &[],
     http: true,
 };
