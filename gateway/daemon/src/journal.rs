@@ -767,6 +767,19 @@ impl Journal {
         self.segments.len()
     }
 
+    /// Whether an I/O failure made this handle unusable (reopen the journal to go on).
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// The newest modification time of its segments (the journal last written).
+    pub fn last_write(&self) -> Option<std::time::SystemTime> {
+        self.segments
+            .iter()
+            .filter_map(|s| fs::metadata(&s.path).and_then(|m| m.modified()).ok())
+            .max()
+    }
+
     fn check_usable(&self) -> Result<()> {
         if self.poisoned {
             return Err(JournalError::Poisoned {
@@ -1017,18 +1030,20 @@ impl Journal {
     }
 
     /// Deletes the whole journal (the cycle is in the vault, or abandoned) and its directory.
-    /// Returns the bytes freed. Parent directories (item, disk) are left in place.
+    /// Returns the bytes freed. Parent directories (item, disk) are left in place. Segments go
+    /// last first, so a crash half-way leaves a valid prefix of the journal (its first record
+    /// included), never a journal without its beginning.
     pub fn remove(mut self) -> Result<u64> {
         let freed = self.bytes;
         self.buf.clear();
         self.file = None;
-        while let Some(seg) = self.segments.front() {
+        while let Some(seg) = self.segments.back() {
             fs::remove_file(&seg.path).map_err(io_err("remove", &seg.path))?;
             self.bytes -= seg.len;
             if let Some(g) = &self.guard {
                 g.release(seg.len);
             }
-            self.segments.pop_front();
+            self.segments.pop_back();
         }
         if let Some(g) = &self.guard {
             g.release(self.bytes);

@@ -164,13 +164,14 @@ async fn up(args: UpArgs) -> Result<()> {
         .context("starting the process role")?;
         if report != StartReport::default() {
             eprintln!(
-                "ferryd: process cache {}: {} complete cycle(s) to drain, {} to resume, {} journal(s) removed, {} byte(s) of torn tail cut, {} damaged journal(s) set aside",
+                "ferryd: process cache {}: {} complete cycle(s) to drain, {} to resume, {} journal(s) removed, {} byte(s) of torn tail cut, {} damaged journal(s) set aside, {} stream(s) deferred",
                 role.cache_dir().display(),
                 report.pending_cycles,
                 report.receiving_cycles,
                 report.removed,
                 report.truncated_bytes,
-                report.damaged
+                report.damaged,
+                report.deferred
             );
         }
         let listener = tokio::net::TcpListener::bind(cfg.process.listen)

@@ -167,7 +167,7 @@ fn item_table(i: &Value) -> String {
                 .join(", ")
         })
         .unwrap_or_default();
-    pairs(&[
+    let mut rows = vec![
         ("name".into(), cell(&i["name"])),
         ("state".into(), cell(&i["state"])),
         ("vault".into(), cell(&i["vault"])),
@@ -192,7 +192,56 @@ fn item_table(i: &Value) -> String {
         ("revision".into(), cell(&i["revision"])),
         ("created".into(), cell(&i["created"])),
         ("updated".into(), cell(&i["updated"])),
-    ])
+    ];
+    rows.extend(replication_rows(&i["replication"]));
+    pairs(&rows)
+}
+
+/// The process role's figures of an item (absent when the appliance has no process role).
+fn replication_rows(r: &Value) -> Vec<(String, String)> {
+    if !r.is_object() {
+        return Vec::new();
+    }
+    let bytes = |v: &Value| v.as_u64().map_or_else(|| "-".to_string(), crate::human);
+    // A rate is a non-negative f64 rounded to 0.1: whole bytes are what people read.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let rate = |v: &Value| {
+        v.as_f64().map_or_else(
+            || "-".to_string(),
+            |b| format!("{}/s", crate::human(b as u64)),
+        )
+    };
+    let secs = |v: &Value| {
+        v.as_f64()
+            .map_or_else(|| "-".to_string(), |s| format!("{s:.0} s"))
+    };
+    vec![
+        ("backlog".into(), bytes(&r["backlog_bytes"])),
+        ("ingest rate".into(), rate(&r["ingest_bytes_per_second"])),
+        ("upload rate".into(), rate(&r["upload_bytes_per_second"])),
+        ("time to drain".into(), secs(&r["time_to_drain_seconds"])),
+        ("sessions".into(), cell(&r["sessions"])),
+        (
+            "last cycle".into(),
+            if r["last_cycle"].is_null() {
+                "-".to_string()
+            } else {
+                format!(
+                    "{} (point {})",
+                    cell(&r["last_cycle"]),
+                    cell(&r["last_cycle_point"])
+                )
+            },
+        ),
+        (
+            "last error".into(),
+            if r["last_error"].is_null() {
+                "-".to_string()
+            } else {
+                format!("{} ({})", cell(&r["last_error"]), cell(&r["last_error_at"]))
+            },
+        ),
+    ]
 }
 
 fn job_table(j: &Value) -> String {

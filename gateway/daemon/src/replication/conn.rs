@@ -38,6 +38,9 @@ use crate::session::{self, Accepted, Peer, Refusal, StreamState};
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// What `Busy` asks the agent to wait, milliseconds.
 const BUSY_RETRY_MS: u32 = 30_000;
+/// Longest wait for a complete cycle's point before the session closes (the agent learns
+/// the point from its next plan or Hello).
+const COMMIT_WAIT: Duration = Duration::from_secs(600);
 /// Bytes asked of the socket at a time.
 const READ_BYTES: usize = 256 << 10;
 
@@ -140,9 +143,15 @@ async fn upgrade(State(role): State<ProcessRole>, req: Request) -> Response {
         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     tokio::spawn(async move {
         if let Ok(upgraded) = on_upgrade.await {
-            run(role.clone(), TokioIo::new(upgraded), agent, cert.sha256).await;
+            run(
+                role.clone(),
+                TokioIo::new(upgraded),
+                agent,
+                cert.sha256,
+                permit,
+            )
+            .await;
         }
-        drop(permit);
         if role
             .inner
             .active
@@ -196,6 +205,9 @@ struct Wire<IO> {
     buf: BytesMut,
     limits: frame::Limits,
     idle: Duration,
+    /// The session's `process.max_sessions` permit, given back once the session only waits
+    /// for its point.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
@@ -235,12 +247,14 @@ async fn run<IO: AsyncRead + AsyncWrite + Unpin + Send>(
     io: IO,
     agent: String,
     cert: [u8; 32],
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let mut wire = Wire {
         io,
         buf: BytesMut::with_capacity(64 << 10),
         limits: frame::Limits::protocol(),
         idle: role.inner.idle,
+        permit: Some(permit),
     };
     let mut item_for_figures = None;
     let end = session(&role, &mut wire, agent, cert, &mut item_for_figures).await;
@@ -404,10 +418,31 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
             "the previous session of this disk did not end; try again",
         );
     };
-    let known = match role.load_known(&stream).await {
+    if role.is_deferred(&stream.id) {
+        // Its journals wait for the vault (or the cache) to answer at start.
+        return End::Send(GatewayFrame::Busy(Busy {
+            retry_after_ms: BUSY_RETRY_MS,
+        }));
+    }
+    if receiving.as_ref().is_some_and(|r| r.journal.is_poisoned()) {
+        // A failed write or sync: the handle is dropped and the journal reopened from disk,
+        // which says what is durable.
+        *receiving = None;
+    }
+    let mut known = match role.load_known(&stream).await {
         Ok(k) => k,
         Err(e) => return error(error_code::INTERNAL, e.to_string()),
     };
+    if receiving.is_none()
+        && known.complete.is_none_or(|(c, _)| hello.cycle > c)
+        && !lock(&stream.pending).contains_key(&hello.cycle)
+    {
+        match blocking(|| role.adopt(&stream, &hello)) {
+            Ok(r) => *receiving = r,
+            Err(e) => return error(error_code::INTERNAL, format!("reopening the journal: {e}")),
+        }
+        known = stream.known().unwrap_or(known);
+    }
     let state = StreamState {
         geometry: known.geometry,
         complete: known.complete,
@@ -569,9 +604,20 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
                 break;
             }
         }
-        flush!();
         if let Some(end_seq) = end_seq {
-            // Durable and acknowledged: the cycle is the gateway's now.
+            // Once the EndOfCycle is durable the cycle is the gateway's, whatever happens to
+            // the acknowledgement: it is queued for draining before the Ack is sent (a lost
+            // Ack is answered by the Welcome of the agent's next Hello).
+            match blocking(|| receiving.as_mut().expect("held").journal.sync()) {
+                Ok(Some(seq)) if seq >= end_seq => {}
+                Ok(other) => {
+                    return error(
+                        error_code::INTERNAL,
+                        format!("the journal holds up to {other:?}, not the EndOfCycle {end_seq}"),
+                    );
+                }
+                Err(e) => return error(error_code::INTERNAL, format!("syncing the journal: {e}")),
+            }
             let r = receiving.take().expect("held");
             let info = CycleInfo {
                 item: hello.item.clone(),
@@ -592,8 +638,16 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
             stream.update_known(|k| k.complete = Some((hello.cycle, end_seq)));
             inner.drain_wake.notify_one();
             drop(receiving);
+            if wire
+                .send(&GatewayFrame::Ack(Ack { seq: end_seq }))
+                .await
+                .is_err()
+            {
+                return End::Quiet;
+            }
             return wait_commit(role, wire, &stream, hello.cycle, &mut generation).await;
         }
+        flush!();
         let still = match inner.agents.check(&cert) {
             CertCheck::Agent(n) => n == agent,
             _ => false,
@@ -658,6 +712,10 @@ async fn wait_commit<IO: AsyncRead + AsyncWrite + Unpin>(
 ) -> End {
     let mut committed = stream.committed.subscribe();
     let mut stop = role.inner.stop.subscribe();
+    // Waiting holds no session slot, and not forever (a drain may wait for the vault).
+    wire.permit = None;
+    wire.buf.clear();
+    let deadline = tokio::time::Instant::now() + COMMIT_WAIT;
     loop {
         let point = stream
             .known()
@@ -686,6 +744,7 @@ async fn wait_commit<IO: AsyncRead + AsyncWrite + Unpin>(
             },
             _ = generation.changed() => return End::Quiet,
             _ = stop.changed() => return End::Quiet,
+            () = tokio::time::sleep_until(deadline) => return End::Quiet,
         }
     }
 }

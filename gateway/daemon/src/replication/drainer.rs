@@ -26,7 +26,12 @@ type Outcome = (Arc<Stream>, Pending, Result<String, String>);
 pub(super) async fn run(role: ProcessRole) {
     let inner = &role.inner;
     let mut running: JoinSet<Outcome> = JoinSet::new();
+    // Which stream each drain task drains (a panicked task returns nothing else).
+    let mut tasks: HashMap<tokio::task::Id, super::StreamId> = HashMap::new();
     let mut busy: HashSet<String> = HashSet::new();
+    // Items whose drain panicked: their later cycles must not be drained over the wrong
+    // point; they wait for a restart, which finds the cycle's journal again.
+    let mut blocked: HashSet<String> = HashSet::new();
     let mut retry_at: HashMap<super::StreamId, Instant> = HashMap::new();
     let mut stop = inner.stop.subscribe();
     loop {
@@ -42,6 +47,7 @@ pub(super) async fn run(role: ProcessRole) {
                     break;
                 }
                 if busy.contains(&stream.id.0)
+                    || blocked.contains(&stream.id.0)
                     || retry_at
                         .get(&stream.id)
                         .is_some_and(|t| *t > Instant::now())
@@ -53,17 +59,20 @@ pub(super) async fn run(role: ProcessRole) {
                 };
                 busy.insert(stream.id.0.clone());
                 let role = role.clone();
-                running.spawn(async move {
+                let id = stream.id.clone();
+                let handle = running.spawn(async move {
                     let r = drain_one(&role, &pending).await;
                     (stream, pending, r)
                 });
+                tasks.insert(handle.id(), id);
             }
         }
         tokio::select! {
             () = inner.drain_wake.notified() => {}
-            Some(done) = running.join_next(), if !running.is_empty() => {
+            Some(done) = running.join_next_with_id(), if !running.is_empty() => {
                 match done {
-                    Ok((stream, pending, result)) => {
+                    Ok((task, (stream, pending, result))) => {
+                        tasks.remove(&task);
                         busy.remove(&stream.id.0);
                         match result {
                             Ok(point) => {
@@ -82,13 +91,24 @@ pub(super) async fn run(role: ProcessRole) {
                     }
                     Err(e) => {
                         // A drain task panicked: its cycle stays on the cache and is found
-                        // again at the next start.
-                        eprintln!("ferryd: process role: a drain failed unexpectedly: {e}");
-                        busy.clear();
+                        // again at the next start; until then its item is not drained.
+                        let id = tasks.remove(&e.id());
+                        eprintln!(
+                            "ferryd: process role: draining {id:?} failed unexpectedly ({e}); the item's cycles wait for a restart of ferryd"
+                        );
+                        if let Some((item, _)) = id {
+                            role.with_figures(&item, |f| {
+                                f.last_error = Some((
+                                    ferry_store::point::now_ms(),
+                                    "a drain failed unexpectedly; its cycles wait for a restart of ferryd".into(),
+                                ));
+                            });
+                            blocked.insert(item);
+                        }
                     }
                 }
             }
-            () = tokio::time::sleep(TICK) => {}
+            () = tokio::time::sleep(TICK) => role.retry_deferred().await,
             _ = stop.changed(), if !stopping => {}
         }
     }

@@ -188,6 +188,7 @@ pub(crate) struct Inner {
     pub idle_notify: Notify,
     pub figures: Mutex<BTreeMap<String, ItemFigures>>,
     pub drain_workers: usize,
+    pub deferred: Mutex<BTreeMap<StreamId, Vec<StreamKey>>>,
 }
 
 /// The process role: cheap to clone, shared by the data port, the API and the drainer.
@@ -218,6 +219,8 @@ pub struct StartReport {
     pub truncated_bytes: u64,
     /// Damaged journals moved aside (their items need a resync).
     pub damaged: usize,
+    /// Streams left for later (their vault could not be read, or a journal not opened).
+    pub deferred: usize,
 }
 
 impl ProcessRole {
@@ -274,6 +277,7 @@ impl ProcessRole {
                 idle_notify: Notify::new(),
                 figures: Mutex::new(BTreeMap::new()),
                 drain_workers: p.drain_workers as usize,
+                deferred: Mutex::new(BTreeMap::new()),
             }),
         };
         let report = role.recover().await?;
@@ -328,11 +332,13 @@ impl ProcessRole {
 
     /// Reopens every journal on the cache (`docs/journal-format.md` §5): complete cycles are
     /// queued for draining, the newest incomplete one per stream is kept for its agent, and
-    /// journals the vault already holds or that hold nothing are removed.
+    /// journals the vault already holds or that hold nothing are removed. A stream whose vault
+    /// cannot be read now, or whose journals cannot be opened for another reason than damage,
+    /// is deferred: its journals stay as they are, its agent is told `Busy`, and the drainer
+    /// tries it again.
     async fn recover(&self) -> Result<StartReport, ReplicationError> {
         let mut report = StartReport::default();
-        let inner = &self.inner;
-        let keys = StreamKey::list(&inner.cache_dir)?;
+        let keys = StreamKey::list(&self.inner.cache_dir)?;
         let mut by_stream: BTreeMap<StreamId, Vec<StreamKey>> = BTreeMap::new();
         for k in keys {
             by_stream
@@ -340,99 +346,180 @@ impl ProcessRole {
                 .or_default()
                 .push(k);
         }
-        for ((item, disk), mut keys) in by_stream {
-            keys.sort_by_key(|k| k.cycle);
-            let stream = self.stream(&item, &disk);
-            // What the vault holds for this disk decides which journals are already drained.
-            let known = match self.load_known(&stream).await {
-                Ok(k) => k,
-                Err(e) => {
-                    // The vault is unreachable or the item is gone: keep the journals, the
-                    // next start (or the drainer) tries again.
-                    eprintln!("ferryd: process role: {e}; its journals are kept");
-                    Known::default()
-                }
-            };
-            let drained = known.committed.as_ref().map_or(0, |c| c.0);
-            let mut receiving: Option<Receiving> = None;
-            let newest = keys.last().map_or(0, |k| k.cycle);
-            for key in keys {
-                let dir = key.dir(&inner.cache_dir)?;
-                let opened = inner
-                    .guard
-                    .open_journal(&key, inner.journal_limits)
-                    .map_err(ReplicationError::from)
-                    .and_then(|(journal, rec)| {
-                        report.truncated_bytes += rec.truncated_bytes;
-                        if key.cycle <= drained || rec.records == 0 {
-                            return Ok(None);
-                        }
-                        let ends = read_ends(&journal, &dir)?;
-                        Ok(Some((journal, ends)))
-                    });
-                let (journal, (hello, end)) = match opened {
-                    Ok(Some(x)) => x,
-                    Ok(None) => {
-                        // Drained already (a crash between the commit and the removal), or
-                        // nothing of it was ever acknowledged.
-                        let (journal, _) = inner.guard.open_journal(&key, inner.journal_limits)?;
-                        journal.remove()?;
-                        report.removed += 1;
-                        continue;
-                    }
-                    Err(e) => {
-                        // Damage beyond a torn tail: acknowledged frames are lost. The journal
-                        // is moved aside for the operator, the item needs a resync (the agent's
-                        // next Hello is told its acknowledged frames are gone), and the
-                        // appliance starts.
-                        let aside = self.set_aside(&key, &dir);
-                        eprintln!(
-                            "ferryd: process role: {e}; moved to {}; `{item}` needs a resync",
-                            aside.display()
-                        );
-                        let _ = inner.catalog.apply_event(
-                            &item,
-                            crate::item::Event::TrackingLost,
-                            ferry_store::point::now_ms(),
-                        );
-                        report.damaged += 1;
-                        continue;
-                    }
-                };
-                let info = CycleInfo {
-                    item: item.clone(),
-                    disk: disk.clone(),
-                    cycle: key.cycle,
-                    kind: hello.cycle_kind,
-                    disk_size: hello.disk_size,
-                    chunk_size: hello.chunk_size,
-                    agent: hello.agent.clone(),
-                };
-                stream.update_known(|k| k.geometry = Some((hello.disk_size, hello.chunk_size)));
-                match end {
-                    Some(end_seq) => {
-                        stream.update_known(|k| {
-                            if k.complete.is_none_or(|(c, _)| c < key.cycle) {
-                                k.complete = Some((key.cycle, end_seq));
-                            }
-                        });
-                        lock(&stream.pending).insert(key.cycle, Pending { info, journal });
-                        report.pending_cycles += 1;
-                    }
-                    None if key.cycle == newest => {
-                        receiving = Some(Receiving { hello, journal });
-                        report.receiving_cycles += 1;
-                    }
-                    None => {
-                        // An incomplete cycle below a newer one was abandoned by its agent.
-                        journal.remove()?;
-                        report.removed += 1;
-                    }
-                }
+        for (id, keys) in by_stream {
+            if let Err(e) = self.recover_stream(&id, keys.clone(), &mut report).await {
+                eprintln!(
+                    "ferryd: process role: `{}`/`{}` deferred ({e}); its journals are kept and tried again",
+                    id.0, id.1
+                );
+                lock(&self.inner.deferred).insert(id, keys);
+                report.deferred += 1;
             }
-            *stream.receiving.lock().await = receiving;
         }
         Ok(report)
+    }
+
+    /// Retries the deferred streams (the drainer's tick).
+    pub(crate) async fn retry_deferred(&self) {
+        let deferred: Vec<(StreamId, Vec<StreamKey>)> = lock(&self.inner.deferred)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (id, keys) in deferred {
+            let mut report = StartReport::default();
+            if self.recover_stream(&id, keys, &mut report).await.is_ok() {
+                lock(&self.inner.deferred).remove(&id);
+                eprintln!(
+                    "ferryd: process role: `{}`/`{}` recovered: {} complete cycle(s) to drain, {} to resume",
+                    id.0, id.1, report.pending_cycles, report.receiving_cycles
+                );
+                self.inner.drain_wake.notify_one();
+            }
+        }
+    }
+
+    /// Whether the stream waits for its recovery (its agent is told `Busy`).
+    pub(crate) fn is_deferred(&self, id: &StreamId) -> bool {
+        lock(&self.inner.deferred).contains_key(id)
+    }
+
+    /// Recovers one stream's journals, all or nothing: on an error nothing of it is kept open
+    /// and nothing was removed that the vault does not hold.
+    async fn recover_stream(
+        &self,
+        id: &StreamId,
+        mut keys: Vec<StreamKey>,
+        report: &mut StartReport,
+    ) -> Result<(), ReplicationError> {
+        let inner = &self.inner;
+        let (item, disk) = id;
+        keys.sort_by_key(|k| k.cycle);
+        let stream = self.stream(item, disk);
+        // What the vault holds for this disk decides which journals are already drained; it
+        // must be known before anything is removed.
+        let known = self.load_known(&stream).await?;
+        let drained = known.committed.as_ref().map_or(0, |c| c.0);
+        let mut pending = Vec::new();
+        let mut incomplete: Vec<(Receiving, Option<std::time::SystemTime>)> = Vec::new();
+        let mut drop_now = Vec::new();
+        for key in keys {
+            let dir = key.dir(&inner.cache_dir)?;
+            let opened = inner
+                .guard
+                .open_journal(&key, inner.journal_limits)
+                .map_err(ReplicationError::from)
+                .and_then(|(journal, rec)| {
+                    report.truncated_bytes += rec.truncated_bytes;
+                    if key.cycle <= drained || rec.records == 0 {
+                        return Ok((journal, None));
+                    }
+                    let ends = read_ends(&journal, &dir)?;
+                    Ok((journal, Some(ends)))
+                });
+            match opened {
+                Ok((journal, None)) => drop_now.push(journal),
+                Ok((journal, Some((hello, Some(_))))) => {
+                    let info = cycle_info(item, disk, key.cycle, &hello);
+                    pending.push((key.cycle, hello, Pending { info, journal }));
+                }
+                Ok((journal, Some((hello, None)))) => {
+                    let t = journal.last_write();
+                    incomplete.push((Receiving { hello, journal }, t));
+                }
+                Err(
+                    e @ (ReplicationError::Foreign { .. }
+                    | ReplicationError::Journal(JournalError::Corrupt { .. })),
+                ) => {
+                    // Damage beyond a torn tail: acknowledged frames are lost. The journal is
+                    // moved aside for the operator, the item needs a resync (the agent's next
+                    // Hello is told its acknowledged frames are gone).
+                    let aside = self.set_aside(&key, &dir);
+                    eprintln!(
+                        "ferryd: process role: {e}; moved to {}; `{item}` needs a resync",
+                        aside.display()
+                    );
+                    let _ = inner.catalog.apply_event(
+                        item,
+                        crate::item::Event::TrackingLost,
+                        ferry_store::point::now_ms(),
+                    );
+                    report.damaged += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Everything opened: now change things.
+        for j in drop_now {
+            // Drained already (a crash between the commit and the removal), or nothing of it
+            // was ever acknowledged.
+            j.remove()?;
+            report.removed += 1;
+        }
+        for (cycle, hello, p) in pending {
+            stream.update_known(|k| {
+                k.geometry = Some((hello.disk_size, hello.chunk_size));
+                if k.complete.is_none_or(|(c, _)| c < cycle) {
+                    let end = p.journal.durable_seq().unwrap_or(0);
+                    k.complete = Some((cycle, end));
+                }
+            });
+            lock(&stream.pending).insert(cycle, p);
+            report.pending_cycles += 1;
+        }
+        // The incomplete cycle written last is the one its agent is sending (an agent that
+        // lost its state may number below an older one); the others were abandoned.
+        incomplete.sort_by_key(|(r, t)| (*t, r.hello.cycle));
+        let receiving = incomplete.pop().map(|(r, _)| r);
+        for (r, _) in incomplete {
+            r.journal.remove()?;
+            report.removed += 1;
+        }
+        if let Some(r) = &receiving {
+            stream.update_known(|k| k.geometry = Some((r.hello.disk_size, r.hello.chunk_size)));
+            report.receiving_cycles += 1;
+        }
+        *stream.receiving.lock().await = receiving;
+        Ok(())
+    }
+
+    /// A journal for `hello`'s cycle on the cache that the stream does not hold (one whose
+    /// handle failed and was dropped): adopted as the cycle being received, or queued for
+    /// draining when its `EndOfCycle` is durable; removed when it holds nothing acknowledged.
+    pub(crate) fn adopt(
+        &self,
+        stream: &Stream,
+        hello: &Hello,
+    ) -> Result<Option<Receiving>, ReplicationError> {
+        let inner = &self.inner;
+        let key = StreamKey::new(&hello.item, &hello.disk, hello.cycle)?;
+        let dir = key.dir(&inner.cache_dir)?;
+        if !dir.exists() {
+            return Ok(None);
+        }
+        let (journal, rec) = inner.guard.open_journal(&key, inner.journal_limits)?;
+        if rec.last_seq.unwrap_or(0) == 0 {
+            // Nothing but (at most) the Hello: nothing was acknowledged.
+            journal.remove()?;
+            return Ok(None);
+        }
+        let (stored, end) = read_ends(&journal, &dir)?;
+        match end {
+            Some(end_seq) => {
+                let info = cycle_info(&hello.item, &hello.disk, hello.cycle, &stored);
+                lock(&stream.pending).insert(hello.cycle, Pending { info, journal });
+                stream.update_known(|k| {
+                    if k.complete.is_none_or(|(c, _)| c < hello.cycle) {
+                        k.complete = Some((hello.cycle, end_seq));
+                    }
+                });
+                inner.drain_wake.notify_one();
+                Ok(None)
+            }
+            None => Ok(Some(Receiving {
+                hello: stored,
+                journal,
+            })),
+        }
     }
 
     /// Moves a damaged journal out of the journal tree, to `<cache>/damaged/`; where it went.
@@ -730,6 +817,18 @@ pub fn replicating(state: ItemState) -> bool {
             | ItemState::Resynchronizing
             | ItemState::Reprotecting
     )
+}
+
+fn cycle_info(item: &str, disk: &str, cycle: u64, hello: &Hello) -> CycleInfo {
+    CycleInfo {
+        item: item.to_string(),
+        disk: disk.to_string(),
+        cycle,
+        kind: hello.cycle_kind,
+        disk_size: hello.disk_size,
+        chunk_size: hello.chunk_size,
+        agent: hello.agent.clone(),
+    }
 }
 
 /// A journal's `Hello` (record 0) and, if its last record is an `EndOfCycle`, that `seq`.
