@@ -466,14 +466,14 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
     let Some(mut sess) = welcomed.session else {
         // The cycle is complete: the agent learns it from the Welcome, and may wait for its
         // point.
-        if let Err(e) = wire
+        if wire
             .send(&GatewayFrame::Welcome(Welcome {
                 version: frame::VERSION,
                 resume_from_seq: welcomed.resume_from_seq,
             }))
             .await
+            .is_err()
         {
-            let _ = e;
             return End::Quiet;
         }
         drop(receiving);
