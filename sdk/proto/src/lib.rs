@@ -17,6 +17,7 @@
 //! newer gateway. The served OpenAPI document (`/api/v1/openapi.json`) describes the same
 //! bodies.
 
+pub mod digests;
 pub mod enroll;
 pub mod frame;
 pub mod trust;
