@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferry_proto::frame::{self, AgentFrame, CycleKind, Decoded};
-use ferry_store::{Consistency, ImportOptions, PointRecord, Vault};
+use ferry_store::{Consistency, ImportOptions, PointMeta, PointRecord, Vault};
 
 use crate::journal::Journal;
 
@@ -225,6 +225,37 @@ fn materialise(
     Ok((normalise(changed), end))
 }
 
+/// What the point of cycle `info` says besides its disks: the gateway's tags (disk, cycle,
+/// `EndOfCycle` seq, snapshot provider), then the agent's own (never one of the gateway's: a
+/// point's cycle must be the one it was drained from), its consistency and source.
+pub fn point_meta(info: &CycleInfo, end: &frame::EndOfCycle) -> PointMeta {
+    let mut tags = vec![
+        (TAG_DISK.to_string(), info.disk.clone()),
+        (TAG_CYCLE.to_string(), info.cycle.to_string()),
+        (TAG_END_SEQ.to_string(), end.seq.to_string()),
+        ("snapshot".to_string(), end.snapshot.as_str().to_string()),
+    ];
+    tags.extend(
+        end.tags
+            .iter()
+            .filter(|(k, _)| !RESERVED_TAGS.contains(&k.as_str()))
+            .cloned(),
+    );
+    PointMeta {
+        consistency: match end.consistency {
+            frame::Consistency::Crash => Consistency::Crash,
+            frame::Consistency::App => Consistency::App,
+        },
+        source: format!(
+            "agent {} cycle {} ({})",
+            info.agent,
+            info.cycle,
+            info.kind.as_str()
+        ),
+        tags,
+    }
+}
+
 /// Drains the complete cycle `info` from `journal` into `vault`, using `scratch_dir` on the
 /// cache disk for the scratch image; returns the committed point. The caller removes the
 /// journal afterwards (the point is committed: the frames are the vault's now).
@@ -242,20 +273,7 @@ pub async fn drain_cycle(
     let _ = std::fs::remove_file(&scratch);
     let r = async {
         let (changed, end) = tokio::task::block_in_place(|| materialise(info, journal, &scratch))?;
-        let mut tags = vec![
-            (TAG_DISK.to_string(), info.disk.clone()),
-            (TAG_CYCLE.to_string(), info.cycle.to_string()),
-            (TAG_END_SEQ.to_string(), end.seq.to_string()),
-            ("snapshot".to_string(), end.snapshot.as_str().to_string()),
-        ];
-        // The agent's own tags, but never one of the gateway's (a point's cycle must be
-        // the one it was drained from).
-        tags.extend(
-            end.tags
-                .iter()
-                .filter(|(k, _)| !RESERVED_TAGS.contains(&k.as_str()))
-                .cloned(),
-        );
+        let meta = point_meta(info, &end);
         let opts = ImportOptions {
             item: info.item.clone(),
             disk_name: info.disk.clone(),
@@ -266,17 +284,9 @@ pub async fn drain_cycle(
                 CycleKind::Delta | CycleKind::Resync => Some(changed),
             },
             chunk_size: Some(info.chunk_size),
-            consistency: match end.consistency {
-                frame::Consistency::Crash => Consistency::Crash,
-                frame::Consistency::App => Consistency::App,
-            },
-            source: format!(
-                "agent {} cycle {} ({})",
-                info.agent,
-                info.cycle,
-                info.kind.as_str()
-            ),
-            tags,
+            consistency: meta.consistency,
+            source: meta.source,
+            tags: meta.tags,
         };
         vault
             .import(opts, Arc::default())

@@ -521,6 +521,28 @@ struct Segment {
     records: u64,
 }
 
+/// A begun sync ([`Journal::begin_sync`]): its records are written out, not yet durable.
+#[derive(Debug)]
+pub struct SyncTicket {
+    file: File,
+    path: PathBuf,
+    upto: u64,
+}
+
+impl SyncTicket {
+    /// Makes the records up to [`SyncTicket::upto`] durable (`fdatasync`; blocks). Returns
+    /// that number, for [`Journal::end_sync`].
+    pub fn run(self) -> Result<u64> {
+        self.file.sync_data().map_err(io_err("sync", &self.path))?;
+        Ok(self.upto)
+    }
+
+    /// The last record it covers.
+    pub fn upto(&self) -> u64 {
+        self.upto
+    }
+}
+
 /// One stream's journal. See the module documentation for the contract.
 pub struct Journal {
     dir: PathBuf,
@@ -539,6 +561,9 @@ pub struct Journal {
     unsynced: bool,
     /// A segment was created since the last directory sync.
     dir_dirty: bool,
+    /// Syncs begun ([`Journal::begin_sync`]) and not ended: until they end, a full sync
+    /// cannot tell what they have made durable, so it syncs again.
+    inflight: u32,
     poisoned: bool,
     /// Bytes of all segments, buffered bytes included.
     bytes: u64,
@@ -719,6 +744,7 @@ impl Journal {
             durable: last_seq,
             unsynced: false,
             dir_dirty: false,
+            inflight: 0,
             poisoned: false,
             bytes: rec.bytes,
             data_syncs: 0,
@@ -938,6 +964,71 @@ impl Journal {
         Ok(self.durable)
     }
 
+    /// The first half of a [`Journal::sync`] that lets appends go on while the disk syncs
+    /// (the session keeps reading frames meanwhile): writes the buffered records out (and
+    /// makes a new segment's name durable), and returns a ticket whose [`SyncTicket::run`],
+    /// on any thread, makes them durable; [`Journal::end_sync`] then records it. `None` when
+    /// nothing waits to be synced. An I/O error poisons the journal.
+    pub fn begin_sync(&mut self) -> Result<Option<SyncTicket>> {
+        self.check_usable()?;
+        let r = self.begin_sync_inner();
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    fn begin_sync_inner(&mut self) -> Result<Option<SyncTicket>> {
+        let (Some(file), Some(seg)) = (self.file.as_mut(), self.segments.back()) else {
+            return Ok(None);
+        };
+        if !self.buf.is_empty() {
+            file.write_all(&self.buf)
+                .map_err(io_err("write", &seg.path))?;
+            self.buf.clear();
+        }
+        if self.dir_dirty {
+            self.dir_handle
+                .sync_all()
+                .map_err(io_err("sync directory", &self.dir))?;
+            self.dir_dirty = false;
+        }
+        if !self.unsynced {
+            return Ok(None);
+        }
+        let Some(upto) = self.last_seq else {
+            return Ok(None);
+        };
+        let file = file.try_clone().map_err(io_err("open", &seg.path))?;
+        self.unsynced = false;
+        self.inflight += 1;
+        Ok(Some(SyncTicket {
+            file,
+            path: seg.path.clone(),
+            upto,
+        }))
+    }
+
+    /// The second half of [`Journal::begin_sync`]: what the ticket's run returned. Returns
+    /// the highest durable sequence number, as [`Journal::sync`] does; a failed run poisons
+    /// the journal.
+    pub fn end_sync(&mut self, ran: Result<u64>) -> Result<Option<u64>> {
+        self.inflight = self.inflight.saturating_sub(1);
+        match ran {
+            Ok(upto) => {
+                self.data_syncs += 1;
+                if self.durable.is_none_or(|d| d < upto) {
+                    self.durable = Some(upto);
+                }
+                Ok(self.durable)
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
     fn sync_inner(&mut self) -> Result<()> {
         if let (Some(file), Some(seg)) = (self.file.as_mut(), self.segments.back()) {
             if !self.buf.is_empty() {
@@ -945,7 +1036,7 @@ impl Journal {
                     .map_err(io_err("write", &seg.path))?;
                 self.buf.clear();
             }
-            if self.unsynced {
+            if self.unsynced || self.inflight > 0 {
                 file.sync_data().map_err(io_err("sync", &seg.path))?;
                 self.data_syncs += 1;
                 self.unsynced = false;
@@ -1913,6 +2004,36 @@ mod tests {
             (j.first_seq(), j.durable_seq(), j.next_seq()),
             (Some(1), Some(3), Some(4))
         );
+    }
+
+    #[test]
+    fn a_sync_in_two_halves_lets_appends_go_on() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(d.path(), limits(64 << 20)).unwrap();
+        for s in 1..=3 {
+            j.append(s, &payload(s, 100)).unwrap();
+        }
+        let t = j.begin_sync().unwrap().expect("records wait");
+        assert_eq!(t.upto(), 3);
+        // Appends go on while the ticket runs elsewhere; they are not covered by it.
+        j.append(4, &payload(4, 100)).unwrap();
+        let ran = std::thread::spawn(move || t.run()).join().unwrap();
+        assert_eq!(j.end_sync(ran).unwrap(), Some(3));
+        assert_eq!(j.durable_seq(), Some(3));
+        // A full sync covers the rest; nothing left, no ticket.
+        assert_eq!(j.sync().unwrap(), Some(4));
+        assert!(j.begin_sync().unwrap().is_none());
+        let got: Vec<u64> = j.replay(1).unwrap().map(|r| r.unwrap().0).collect();
+        assert_eq!(got, vec![1, 2, 3, 4]);
+        // A failed run poisons the journal.
+        j.append(5, &payload(5, 100)).unwrap();
+        let t = j.begin_sync().unwrap().unwrap();
+        drop(t);
+        let e = j.end_sync(Err(JournalError::Poisoned {
+            dir: d.path().to_path_buf(),
+        }));
+        assert!(e.is_err());
+        assert!(j.is_poisoned());
     }
 
     #[test]

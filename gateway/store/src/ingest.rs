@@ -80,6 +80,52 @@ impl ImportOptions {
     }
 }
 
+/// What a point says besides its disks: given to [`Vault::commit_import`].
+#[derive(Debug, Clone)]
+pub struct PointMeta {
+    /// Consistency of the new point.
+    pub consistency: Consistency,
+    /// Free text recorded as the point's source.
+    pub source: String,
+    /// Tags recorded with the point.
+    pub tags: Vec<(String, String)>,
+}
+
+impl PointMeta {
+    fn check(&self) -> Result<()> {
+        for (k, v) in &self.tags {
+            if k.len() > 256 || v.len() > 1024 {
+                return Err(StoreError::InvalidArgument("tag too long".into()));
+            }
+        }
+        if self.source.len() > 1024 {
+            return Err(StoreError::InvalidArgument("source text too long".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A disk whose chunks and tree are in the vault but in no point yet ([`Vault::stage_import`]).
+#[derive(Debug, Clone)]
+pub struct StagedImport {
+    item: String,
+    /// The point whose tree an incremental import was built over.
+    base_point: Option<String>,
+    disk: DiskRecord,
+    chunks: u64,
+    chunks_zero: u64,
+    chunks_new: u64,
+    pages_written: u64,
+    packs: u64,
+}
+
+impl StagedImport {
+    /// The staged disk.
+    pub fn disk(&self) -> &DiskRecord {
+        &self.disk
+    }
+}
+
 /// Live counters of an import, for progress display.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -185,16 +231,27 @@ impl Vault {
         opts: ImportOptions,
         progress: Arc<Progress>,
     ) -> Result<ImportReport> {
+        let meta = PointMeta {
+            consistency: opts.consistency,
+            source: opts.source.clone(),
+            tags: opts.tags.clone(),
+        };
+        meta.check()?;
+        let staged = self.stage_import(opts, progress).await?;
+        self.commit_import(staged, meta).await
+    }
+
+    /// The first half of [`Vault::import`]: stores the disk's chunks and tree (durable, but
+    /// part of no point yet: garbage until [`Vault::commit_import`] names it). `opts`'
+    /// consistency, source and tags are not used; the commit takes them, so a caller may
+    /// learn them only once the data is in (a replication cycle's `EndOfCycle`).
+    pub async fn stage_import(
+        &self,
+        opts: ImportOptions,
+        progress: Arc<Progress>,
+    ) -> Result<StagedImport> {
         check_name("item name", &opts.item)?;
         check_name("disk name", &opts.disk_name)?;
-        for (k, v) in &opts.tags {
-            if k.len() > 256 || v.len() > 1024 {
-                return Err(StoreError::InvalidArgument("tag too long".into()));
-            }
-        }
-        if opts.source.len() > 1024 {
-            return Err(StoreError::InvalidArgument("source text too long".into()));
-        }
         let disk: Arc<dyn DiskSource> = match &opts.disk {
             Some(d) => d.clone(),
             None => Arc::new(SourceDisk::open(&opts.disk_path)?),
@@ -295,28 +352,68 @@ impl Vault {
         let packs = uploaded?;
         let (root, levels, pages_written) = built??;
 
-        let bytes_read = shared.bytes_read.load(Ordering::Relaxed);
-        let bytes_stored = shared.bytes_stored.load(Ordering::Relaxed);
-        let new_disk = DiskRecord {
-            name: opts.disk_name.clone(),
-            size,
-            chunk_size,
-            levels,
-            root,
-            bytes_read,
-            bytes_stored,
+        Ok(StagedImport {
+            item: opts.item,
+            base_point: match &opts.changes {
+                Some(_) => prev.as_ref().map(|p| p.id.clone()),
+                None => None,
+            },
+            disk: DiskRecord {
+                name: opts.disk_name,
+                size,
+                chunk_size,
+                levels,
+                root,
+                bytes_read: shared.bytes_read.load(Ordering::Relaxed),
+                bytes_stored: shared.bytes_stored.load(Ordering::Relaxed),
+            },
+            chunks: chunks_planned,
+            chunks_zero: shared.chunks_zero.load(Ordering::Relaxed),
+            chunks_new: shared.chunks_new.load(Ordering::Relaxed),
+            pages_written,
+            packs,
+        })
+    }
+
+    /// The second half of [`Vault::import`]: makes a staged disk a recovery point of its
+    /// item. The point holds the item's other disks as its newest point has them now (so
+    /// disks staged side by side each land); a disk staged incrementally over a point is
+    /// refused if the item gained another point since (its tree would undo that point).
+    pub async fn commit_import(
+        &self,
+        staged: StagedImport,
+        meta: PointMeta,
+    ) -> Result<ImportReport> {
+        meta.check()?;
+        let prev = match self.point(&staged.item, &PointSelector::Latest).await {
+            Ok(p) => Some(p),
+            Err(StoreError::NoSuchPoint { .. }) => None,
+            Err(e) => return Err(e),
         };
+        if let Some(base) = &staged.base_point
+            && prev.as_ref().map(|p| &p.id) != Some(base)
+        {
+            return Err(StoreError::InvalidArgument(format!(
+                "disk `{}` of `{}` was imported over point {base}, but the item's newest point is now {}: import it again",
+                staged.disk.name,
+                staged.item,
+                prev.as_ref().map_or("none", |p| p.id.as_str())
+            )));
+        }
+        let bytes_read = staged.disk.bytes_read;
+        let bytes_stored = staged.disk.bytes_stored;
+        let disk_name = staged.disk.name.clone();
         let mut disks: Vec<DiskRecord> = prev
             .as_ref()
             .map(|p| {
                 p.disks
                     .iter()
-                    .filter(|d| d.name != opts.disk_name)
+                    .filter(|d| d.name != disk_name)
                     .cloned()
                     .collect()
             })
             .unwrap_or_default();
-        disks.push(new_disk);
+        disks.push(staged.disk);
         disks.sort_by(|a, b| a.name.cmp(&b.name));
         // Point ids sort by time; keep them after the previous one even if the clock stepped
         // back.
@@ -324,24 +421,24 @@ impl Vault {
         let id = new_point_id(created_ms);
         let record = PointRecord {
             id,
-            item: opts.item.clone(),
+            item: staged.item,
             created_ms,
-            consistency: opts.consistency,
+            consistency: meta.consistency,
             parent: prev.as_ref().map(|p| p.id.clone()),
-            source: opts.source.clone(),
+            source: meta.source,
             disks,
-            tags: opts.tags.clone(),
+            tags: meta.tags,
         };
         self.commit_point(&record).await?;
         Ok(ImportReport {
             point: record,
             bytes_read,
             bytes_stored,
-            chunks: chunks_planned,
-            chunks_zero: shared.chunks_zero.load(Ordering::Relaxed),
-            chunks_new: shared.chunks_new.load(Ordering::Relaxed),
-            pages_written,
-            packs,
+            chunks: staged.chunks,
+            chunks_zero: staged.chunks_zero,
+            chunks_new: staged.chunks_new,
+            pages_written: staged.pages_written,
+            packs: staged.packs,
         })
     }
 
@@ -401,7 +498,15 @@ fn run_pipeline(
                         return Ok(());
                     }
                     let off = index * u64::from(chunk_size);
-                    if !overlaps(extents, off, off + u64::from(chunk_size)) {
+                    let hole = !overlaps(extents, off, off + u64::from(chunk_size))
+                        || match disk.is_hole(off, u64::from(chunk_size)) {
+                            Ok(h) => h,
+                            Err(e) => {
+                                sh.abort.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                        };
+                    if hole {
                         // A hole: zero without reading.
                         sh.chunks_zero.fetch_add(1, Ordering::Relaxed);
                         sh.progress

@@ -12,7 +12,7 @@
 //! - [`config`], [`pack`], [`sealed`], [`index`], [`tree`], [`point`]: the persisted formats
 //!   (documented byte by byte in `docs/vault-format.md`);
 //! - [`vault`]: opening and initialising a vault, reading blobs, listing points;
-//! - [`ingest`], [`restore`], [`verify`]: the data paths;
+//! - [`ingest`], [`restore`], [`verify`], [`digests`]: the data paths;
 //! - [`source`], [`changes`]: reading disks and change lists.
 
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))] // tests build small fixtures
@@ -22,6 +22,7 @@ pub mod changes;
 pub mod codec;
 pub mod config;
 pub mod crypto;
+pub mod digests;
 pub mod error;
 pub mod fuzzing;
 pub mod index;
@@ -37,8 +38,9 @@ pub mod verify;
 
 pub use backend::{Backend, BackendOptions, UploadTuning};
 pub use crypto::Secret;
+pub use digests::{DigestOptions, DigestReport};
 pub use error::{Result, StoreError};
-pub use ingest::{ImportOptions, ImportReport, Progress};
+pub use ingest::{ImportOptions, ImportReport, PointMeta, Progress, StagedImport};
 pub use point::{Consistency, DiskRecord, PointRecord};
 pub use restore::{ExportOptions, ExportReport};
 pub use vault::{InitOptions, OpenOptions, PointSelector, Tuning, Vault};

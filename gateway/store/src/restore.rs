@@ -7,9 +7,15 @@
 //! decompress). Zero chunks are never written: the output is a sparse file whose holes read as
 //! zero. Every blob is authenticated and its id recomputed before a byte of it is written; the
 //! output appears under its final name only when it is complete (and, with `sync`, flushed).
+//!
+//! The walk, the reads and the decoding are shared: decoded chunks go to a [`ChunkSink`], the
+//! image file for an export, the per-chunk digests for [`Vault::chunk_digests`]
+//! (`crate::digests`), so every path that reads a disk back keeps the same guarantees (every
+//! blob authenticated, memory bounded by the read window and the fetch concurrency).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions as FsOpen};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,6 +64,52 @@ pub struct ExportReport {
     pub chunks_written: u64,
     /// Ranged reads made.
     pub reads: u64,
+}
+
+/// Where restore's decoded chunks go. Called from the blocking pool, concurrently, and for
+/// chunks in any order: a sink writes each chunk at its own offset.
+pub(crate) trait ChunkSink: Send + Sync + 'static {
+    /// A decoded chunk that chunks `indexes` of the disk hold. `plain` is its bytes as stored:
+    /// chunk `i` is `plain[..span(i)]` (see [`chunk_span`]) followed by zeros up to the
+    /// chunk's length within the disk.
+    fn chunk(&self, plain: &[u8], indexes: &[u64]) -> Result<()>;
+    /// Chunks `chunks` are zero (zero chunks and holes); never read. Called from the tree
+    /// walker, in increasing order, each chunk of the disk at most once.
+    fn zeros(&self, chunks: Range<u64>) -> Result<()>;
+}
+
+/// How many bytes of a stored chunk of `stored` bytes chunk `index` uses: up to the disk's
+/// end.
+pub(crate) fn chunk_span(size: u64, cs: u64, index: u64, stored: usize) -> usize {
+    let off = index * cs;
+    usize::try_from(size.saturating_sub(off).min(stored as u64)).expect("chunk fits memory")
+}
+
+/// The export's sink: the (sparse) image file; zero chunks stay holes.
+struct ImageSink {
+    file: Arc<File>,
+    path: PathBuf,
+    size: u64,
+    cs: u64,
+}
+
+impl ChunkSink for ImageSink {
+    fn chunk(&self, plain: &[u8], indexes: &[u64]) -> Result<()> {
+        for &index in indexes {
+            let len = chunk_span(self.size, self.cs, index, plain.len());
+            self.file
+                .write_all_at(&plain[..len], index * self.cs)
+                .map_err(|source| StoreError::OutputIo {
+                    path: self.path.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn zeros(&self, _chunks: Range<u64>) -> Result<()> {
+        Ok(())
+    }
 }
 
 struct Want {
@@ -111,9 +163,13 @@ impl Vault {
             })?;
         progress.total.store(disk.size, Ordering::Relaxed);
         let file = Arc::new(file);
-        let res = self
-            .write_disk(&point.id, &disk, &file, &partial, &progress)
-            .await;
+        let sink = Arc::new(ImageSink {
+            file: file.clone(),
+            path: partial.clone(),
+            size: disk.size,
+            cs: u64::from(disk.chunk_size),
+        });
+        let res = self.read_disk(&point.id, &disk, sink, &progress).await;
         let (chunks_written, reads) = match res {
             Ok(x) => x,
             Err(e) => {
@@ -139,13 +195,14 @@ impl Vault {
 
     /// Walks the tree on a blocking thread, planning coalesced reads batch by batch, while
     /// this task fetches and decodes the planned windows `fetch_concurrency` at a time: the
-    /// walk, the reads and the decoding overlap, with no barrier between batches.
-    async fn write_disk(
+    /// walk, the reads and the decoding overlap, with no barrier between batches. Every
+    /// non-zero chunk goes to `sink` once decoded, every zero one as a range of zeros.
+    /// Returns the non-zero chunks decoded and the ranged reads made.
+    pub(crate) async fn read_disk(
         &self,
         point_id: &str,
         disk: &DiskRecord,
-        file: &Arc<File>,
-        path: &Path,
+        sink: Arc<dyn ChunkSink>,
         progress: &Arc<Progress>,
     ) -> Result<(u64, u64)> {
         let conc = self.tuning.fetch_concurrency.max(1);
@@ -154,11 +211,14 @@ impl Vault {
         let d = disk.clone();
         let context = format!("point {point_id} disk `{}`", disk.name);
         let handle = tokio::runtime::Handle::current();
-        let walker = tokio::task::spawn_blocking(move || me.plan_reads(handle, &d, &context, &tx));
+        let zeros = sink.clone();
+        let walker = tokio::task::spawn_blocking(move || {
+            me.plan_reads(handle, &d, &context, &tx, zeros.as_ref())
+        });
         let windows = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         let cs = u64::from(disk.chunk_size);
         let mut decoded = windows
-            .map(|wants| self.fetch_window(wants, file.clone(), path, disk.size, cs, progress))
+            .map(|wants| self.fetch_window(wants, sink.clone(), disk.size, cs, progress))
             .buffer_unordered(conc);
         let mut written = 0u64;
         let mut failed = None;
@@ -182,15 +242,20 @@ impl Vault {
         Ok((written, walked?))
     }
 
-    /// Walks the tree and sends coalesced read windows; returns the number of windows.
+    /// Walks the tree and sends coalesced read windows; tells `sink` of the zero chunks
+    /// between them, in order. Returns the number of windows.
     fn plan_reads(
         &self,
         handle: tokio::runtime::Handle,
         disk: &DiskRecord,
         context: &str,
         tx: &tokio::sync::mpsc::Sender<Vec<Want>>,
+        sink: &dyn ChunkSink,
     ) -> Result<u64> {
         let cs = u64::from(disk.chunk_size);
+        let count = disk.chunks();
+        // The first chunk not yet sent for reading nor told to the sink as zero.
+        let mut next = 0u64;
         // Chunks per batch: enough to keep every fetch slot busy with full windows.
         let batch_chunks = ((self.tuning.read_window * self.tuning.fetch_concurrency * 2)
             / disk.chunk_size as usize)
@@ -220,6 +285,10 @@ impl Vault {
                 for (i, id) in entries.iter().enumerate() {
                     let index = first + i as u64;
                     if !id.is_zero() && index * cs < disk.size {
+                        if index > next {
+                            sink.zeros(next..index)?;
+                        }
+                        next = index + 1;
                         batch.push((index, *id));
                     }
                 }
@@ -230,6 +299,9 @@ impl Vault {
             },
         )?;
         if open {
+            if count > next {
+                sink.zeros(next..count)?;
+            }
             send(&mut batch)?;
         }
         Ok(reads)
@@ -292,13 +364,12 @@ impl Vault {
         Ok(windows)
     }
 
-    /// Fetches one window with a single ranged read, then authenticates, decodes and writes
-    /// its blobs on the blocking pool. Returns the chunks written.
+    /// Fetches one window with a single ranged read, then authenticates and decodes its blobs
+    /// on the blocking pool, handing each to `sink`. Returns the chunks decoded.
     async fn fetch_window(
         &self,
         wants: Vec<Want>,
-        file: Arc<File>,
-        path: &Path,
+        sink: Arc<dyn ChunkSink>,
         size: u64,
         cs: u64,
         progress: &Arc<Progress>,
@@ -310,7 +381,6 @@ impl Vault {
         let name = first.pack.object_name(first.kind);
         let bytes = self.backend.get_range(&name, start..end).await?;
         let me = self.clone();
-        let path = path.to_path_buf();
         let progress = progress.clone();
         tokio::task::spawn_blocking(move || -> Result<u64> {
             // Decrypt in place: no copy when the window's buffer is ours alone.
@@ -323,16 +393,9 @@ impl Vault {
                 let a = usize::try_from(w.loc.entry.offset - start).expect("window fits memory");
                 let b = a + w.loc.entry.stored_len as usize;
                 me.open_located_into(&w.loc, &w.info, &mut window[a..b], &mut plain)?;
+                sink.chunk(&plain, &w.indexes)?;
                 for &index in &w.indexes {
-                    let off = index * cs;
-                    let len = usize::try_from((size - off).min(plain.len() as u64))
-                        .expect("chunk fits memory");
-                    file.write_all_at(&plain[..len], off).map_err(|source| {
-                        StoreError::OutputIo {
-                            path: path.clone(),
-                            source,
-                        }
-                    })?;
+                    let len = chunk_span(size, cs, index, plain.len());
                     progress.done.fetch_add(len as u64, Ordering::Relaxed);
                     n += 1;
                 }

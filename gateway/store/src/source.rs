@@ -28,6 +28,14 @@ pub trait DiskSource: Send + Sync + std::fmt::Debug {
     fn prefetch(&self, offset: u64, len: u64) {
         let _ = (offset, len);
     }
+    /// Whether `[offset, offset + len)` is known to be zero without reading it, beyond what
+    /// [`DiskSource::data_extents`] said (a source that learns its extents as it goes, like a
+    /// replication stream, says so here; ingest then stores a hole without reading). Asked in
+    /// the same order as reads, before each.
+    fn is_hole(&self, offset: u64, len: u64) -> Result<bool> {
+        let _ = (offset, len);
+        Ok(false)
+    }
 }
 
 impl DiskSource for SourceDisk {

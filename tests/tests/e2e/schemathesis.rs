@@ -519,7 +519,7 @@ async fn schemathesis_finds_nothing() {
         .unwrap()
     };
     let expected: BTreeSet<String> = all_agent_ops(&doc);
-    assert_eq!(expected.len(), 5, "{expected:?}");
+    assert_eq!(expected.len(), 6, "{expected:?}");
     check(&agent_run, "agent", &expected);
 
     // The run's token survived every run; the appliance stops cleanly and logged no

@@ -8,14 +8,32 @@
 //! Enrollment (`POST /enroll`) needs no credential but the one-time token in its body; every
 //! refusal (unknown, spent, expired or revoked token; a bad CSR; a name in use) changes
 //! nothing. Agent endpoints (`GET /agent`, `GET /agent/items[/{name}]`, `POST
-//! /agent/heartbeat`) need the client certificate issued at enrollment and see only the
-//! agent's own items: another item is 403 `forbidden_item` whether it exists or not.
+//! /agent/heartbeat`, `GET /agent/items/{name}/replication`, `GET
+//! /agent/items/{name}/disks/{disk}/digests`) need the client certificate issued at
+//! enrollment and see only the agent's own items: another item is 403 `forbidden_item`
+//! whether it exists or not.
+//!
+//! The digests (`docs/agent-protocol.md` §9) are what a checksum-based resync compares the
+//! source with: one SHA-256 per chunk of the replica's newest point, read back from the vault.
+//! A list grows with the disk (32 bytes a chunk), so it is computed into a file on the cache
+//! disk and streamed from it, never held in memory; and computing one reads a whole disk from
+//! the vault, so at most [`MAX_DIGEST_JOBS`] run at once (an agent over the limit is told 503
+//! `digests_busy` and retries later).
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::Response;
 use axum::{Extension, Json};
+use ferry_proto::digests::{DIGEST_LEN, Header as DigestsHeader, Writer as DigestsWriter};
 use ferry_proto::enroll::{EnrollRequest, EnrollResponse, Heartbeat};
+use ferry_store::{DigestOptions, DiskRecord, PointRecord, PointSelector, StoreError, Vault};
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tokio::sync::Semaphore;
 
 use super::extract::{ApiJson, ApiPath, ApiQuery, PageQuery, encode_cursor};
 use super::items::ItemJson;
@@ -29,6 +47,12 @@ use crate::catalog::{MAX_MEMBERS, MIN_TOKEN_TTL_SECS};
 pub const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
 /// Longest id looked up.
 const MAX_ID_LEN: usize = 128;
+/// Digest lists computed at once, appliance-wide: each reads a whole disk from the vault.
+pub const MAX_DIGEST_JOBS: usize = 2;
+/// The permits of [`MAX_DIGEST_JOBS`].
+pub(super) static DIGEST_JOBS: Semaphore = Semaphore::const_new(MAX_DIGEST_JOBS);
+/// Bytes read from the digest list per body chunk.
+const STREAM_CHUNK: usize = 64 << 10;
 
 #[derive(Debug, Serialize)]
 pub(super) struct CertJson {
@@ -484,15 +508,263 @@ pub(super) async fn my_item_plan(
         .ok_or_else(|| forbidden_item(&name))?;
     let settings = policy.map(|p| p.settings).unwrap_or_default();
     let Some(role) = s.process() else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_process_role",
-            "this appliance does not have the process role: it takes no replication".to_string(),
-        ));
+        return Err(no_process_role());
     };
     let plan = role
         .plan(&item, &settings)
         .await
         .map_err(ApiError::internal)?;
     Ok(Json(plan))
+}
+
+fn no_process_role() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_process_role",
+        "this appliance does not have the process role: it takes no replication".to_string(),
+    )
+}
+
+fn no_point(message: String) -> ApiError {
+    ApiError::not_found("no_point", message)
+}
+
+/// Why a digest list could not be made. Each names the item and disk, or the file.
+#[derive(Debug, thiserror::Error)]
+enum DigestsError {
+    /// Reading the disk back from the vault failed.
+    #[error("digests of `{item}` disk `{disk}`: {source}")]
+    Store {
+        /// Item.
+        item: String,
+        /// Disk.
+        disk: String,
+        /// What the vault said.
+        #[source]
+        source: Box<StoreError>,
+    },
+    /// A temporary file on the cache disk.
+    #[error("digest list {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Encoding the list (the point's geometry does not fit the protocol).
+    #[error("digest list {}: {source}", path.display())]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What the codec said.
+        #[source]
+        source: ferry_proto::digests::DigestsError,
+    },
+    /// The encoding task panicked.
+    #[error("digest list {}: encoding task failed: {message}", path.display())]
+    Task {
+        /// The file.
+        path: PathBuf,
+        /// The join error.
+        message: String,
+    },
+}
+
+impl From<DigestsError> for ApiError {
+    fn from(e: DigestsError) -> Self {
+        match e {
+            // The store's codes (`vault_damaged`, `vault_backend_error`, …), logged with
+            // the item and disk they are about.
+            DigestsError::Store { item, disk, source } => {
+                eprintln!("ferryd: digests of `{item}` disk `{disk}`: {source}");
+                (*source).into()
+            }
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+/// Temporary files removed when dropped (on every path out, error or panic included).
+struct TempFiles(Vec<PathBuf>);
+
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Distinguishes the temporary files of concurrent requests.
+static DIGEST_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Computes the digest list of `disk` of `point` under `dir`; returns it opened for reading
+/// with its length. Its name is already gone: the open file is all that is left of it, freed
+/// when the response body is dropped, however the download ends.
+async fn digest_list(
+    vault: &Vault,
+    point: &PointRecord,
+    disk: &DiskRecord,
+    dir: &Path,
+) -> Result<(std::fs::File, u64), DigestsError> {
+    let n = DIGEST_SEQ.fetch_add(1, Ordering::Relaxed);
+    let raw = dir.join(format!(".digests-{}-{n}.raw", std::process::id()));
+    let list = dir.join(format!(".digests-{}-{n}.list", std::process::id()));
+    let _tmp = TempFiles(vec![raw.clone(), list.clone()]);
+    let report = vault
+        .chunk_digests(
+            DigestOptions {
+                item: point.item.clone(),
+                point: PointSelector::Id(point.id.clone()),
+                disk: Some(disk.name.clone()),
+                out: raw.clone(),
+            },
+            std::sync::Arc::default(),
+        )
+        .await
+        .map_err(|source| DigestsError::Store {
+            item: point.item.clone(),
+            disk: disk.name.clone(),
+            source: Box::new(source),
+        })?;
+    let header = DigestsHeader {
+        chunk_size: report.disk.chunk_size,
+        disk_size: report.disk.size,
+        point: report.point.id.clone(),
+    };
+    let count = report.disk.chunks();
+    let path = list.clone();
+    tokio::task::spawn_blocking(move || encode_list(&raw, &list, &header, count))
+        .await
+        .map_err(|e| DigestsError::Task {
+            path,
+            message: e.to_string(),
+        })?
+}
+
+/// Wraps the raw digests at `raw` (32 bytes per chunk) in the digest-list format at `list`,
+/// one digest at a time, and opens the result for reading.
+fn encode_list(
+    raw: &Path,
+    list: &Path,
+    header: &DigestsHeader,
+    count: u64,
+) -> Result<(std::fs::File, u64), DigestsError> {
+    use std::io::Read;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DigestsError::Io { path, source }
+    };
+    let fmt = |source| DigestsError::Format {
+        path: list.to_path_buf(),
+        source,
+    };
+    let mut input =
+        std::io::BufReader::with_capacity(STREAM_CHUNK, std::fs::File::open(raw).map_err(io(raw))?);
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(list)
+        .map_err(io(list))?;
+    let mut w = DigestsWriter::new(std::io::BufWriter::with_capacity(STREAM_CHUNK, out), header)
+        .map_err(fmt)?;
+    let mut d = [0u8; DIGEST_LEN];
+    for _ in 0..count {
+        input.read_exact(&mut d).map_err(io(raw))?;
+        w.push(&d).map_err(fmt)?;
+    }
+    let out = w.finish().map_err(fmt)?;
+    out.into_inner().map_err(|e| io(list)(e.into_error()))?;
+    let f = std::fs::File::open(list).map_err(io(list))?;
+    let len = f.metadata().map_err(io(list))?.len();
+    Ok((f, len))
+}
+
+/// `GET /api/v1/agent/items/{name}/disks/{disk}/digests`: the digest list
+/// (`application/vnd.ferry.digests`, `docs/agent-protocol.md` §9) of disk `disk` in the newest
+/// recovery point of one of the agent's items; any other item is 403, a disk no point holds
+/// 404 `no_point`.
+pub(super) async fn my_disk_digests(
+    State(s): State<ApiState>,
+    Extension(id): Extension<AgentId>,
+    ApiPath((name, disk)): ApiPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let a = me(&s, &id).await?;
+    if !a.items.contains(&name) {
+        return Err(forbidden_item(&name));
+    }
+    let n = name.clone();
+    let item = s
+        .catalog(move |c| c.item(&n))
+        .await?
+        .ok_or_else(|| forbidden_item(&name))?;
+    let Some(role) = s.process() else {
+        return Err(no_process_role());
+    };
+    let shown: String = disk.chars().take(100).collect();
+    if ferry_store::check_name("disk name", &disk).is_err() {
+        return Err(no_point(format!(
+            "no recovery point of `{name}` holds a disk `{shown}`"
+        )));
+    }
+    let vault = s.vault(&item.vault).cloned().ok_or_else(|| {
+        ApiError::internal(format!(
+            "the vault `{}` of item `{name}` is not open",
+            item.vault
+        ))
+    })?;
+    let point = match vault.point(&name, &PointSelector::Latest).await {
+        Ok(p) => p,
+        Err(StoreError::NoSuchPoint { .. }) => {
+            return Err(no_point(format!("item `{name}` has no recovery point yet")));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Some(d) = point
+        .disks
+        .iter()
+        .find(|d| d.name == disk && d.size > 0)
+        .cloned()
+    else {
+        return Err(no_point(format!(
+            "the newest recovery point of `{name}` ({}) holds no disk `{shown}`",
+            point.id
+        )));
+    };
+    let Ok(permit) = DIGEST_JOBS.try_acquire() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "digests_busy",
+            format!("{MAX_DIGEST_JOBS} digest lists are being computed already; retry in a minute"),
+        ));
+    };
+    // The raw digests and the list, side by side on the cache disk.
+    let needed = d.chunks().saturating_mul(2 * DIGEST_LEN as u64);
+    match role.inner.guard.check(needed) {
+        Ok(_) => {}
+        Err(crate::journal::JournalError::Backpressure { reason, .. }) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cache_full",
+                format!(
+                    "the appliance's cache cannot take a digest list of {needed} bytes now ({reason}); retry later"
+                ),
+            ));
+        }
+        Err(e) => return Err(ApiError::internal(e)),
+    }
+    let (file, len) = digest_list(&vault, &point, &d, &role.inner.scratch_dir).await?;
+    drop(permit);
+    let body = futures::stream::try_unfold(tokio::fs::File::from_std(file), |mut f| async move {
+        let mut buf = bytes::BytesMut::with_capacity(STREAM_CHUNK);
+        let n = f.read_buf(&mut buf).await?;
+        Ok::<_, std::io::Error>((n > 0).then(|| (buf.freeze(), f)))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, ferry_proto::digests::CONTENT_TYPE)
+        .header(header::CONTENT_LENGTH, len)
+        .body(Body::from_stream(body))
+        .map_err(ApiError::internal)
 }

@@ -99,6 +99,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/agent/items/{name}"),
     ("POST", "/api/v1/agent/heartbeat"),
     ("GET", "/api/v1/agent/items/{name}/replication"),
+    ("GET", "/api/v1/agent/items/{name}/disks/{disk}/digests"),
 ];
 
 /// What handlers share.
@@ -314,6 +315,10 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/api/v1/agent/items/{name}/replication",
             get(agents::my_item_plan),
+        )
+        .route(
+            "/api/v1/agent/items/{name}/disks/{disk}/digests",
+            get(agents::my_disk_digests),
         )
         .route("/api/v1/agent/heartbeat", post(agents::heartbeat))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_agent));

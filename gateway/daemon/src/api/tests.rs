@@ -19,11 +19,19 @@ struct Fixture {
     app: Router,
     admin: String,
     agents: Arc<crate::agents::Agents>,
+    vault: ferry_store::Vault,
+    process: Option<crate::replication::ProcessRole>,
     _runners: tokio::task::JoinSet<()>,
     _dir: tempfile::TempDir,
 }
 
 async fn fixture(points: &[&str]) -> Fixture {
+    fixture_with(points, false).await
+}
+
+/// [`fixture`], with the process role when `process` (its cache under the fixture's
+/// directory, free-space thresholds off so the test machine's disk does not matter).
+async fn fixture_with(points: &[&str], process: bool) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (catalog, _) = Catalog::open(&dir.path().join("catalog.redb")).unwrap();
     let catalog = Arc::new(catalog);
@@ -52,19 +60,41 @@ async fn fixture(points: &[&str]) -> Fixture {
     let mut vaults = BTreeMap::new();
     vaults.insert("default".to_string(), vault);
     let vaults = Arc::new(vaults);
-    let (runner, runners) = JobRunner::start(catalog, vaults.clone(), 1).unwrap();
+    let (runner, runners) = JobRunner::start(catalog.clone(), vaults.clone(), 1).unwrap();
+    let role = if process {
+        let mut cfg = crate::config::Config {
+            data_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        cfg.process.cache.warn_free_percent = 0;
+        cfg.process.cache.critical_free_percent = 0;
+        let (role, _, _drainer) =
+            crate::replication::ProcessRole::start(&cfg, catalog, agents.clone(), vaults.clone())
+                .await
+                .unwrap();
+        Some(role)
+    } else {
+        None
+    };
+    let vault = vaults["default"].clone();
+    let mut state = ApiState::new(
+        tokens,
+        agents.clone(),
+        vaults,
+        Some(runner),
+        Arc::default(),
+        1024,
+        &crate::config::Roles::default(),
+    );
+    if let Some(r) = &role {
+        state = state.with_process(r.clone());
+    }
     Fixture {
-        app: router(ApiState::new(
-            tokens,
-            agents.clone(),
-            vaults,
-            Some(runner),
-            Arc::default(),
-            1024,
-            &crate::config::Roles::default(),
-        )),
+        app: router(state),
         admin: admin.expose().to_string(),
         agents,
+        vault,
+        process: role,
         _runners: runners,
         _dir: dir,
     }
@@ -150,6 +180,26 @@ impl Fixture {
         }
         assert!(is_json, "{status}: every answer is JSON: {bytes:?}");
         (status, headers, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    /// `GET uri` with a client certificate, answering the raw body (binary answers).
+    async fn get_raw_with_cert(
+        &self,
+        uri: &str,
+        cert: [u8; 32],
+    ) -> (StatusCode, HeaderMap, axum::body::Bytes) {
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(uri)
+            .extension(crate::server::ClientCert { sha256: cert })
+            .body(Body::empty())
+            .unwrap();
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let bytes = axum::body::to_bytes(resp.into_body(), 16 << 20)
+            .await
+            .unwrap();
+        (status, headers, bytes)
     }
 
     async fn get(&self, uri: &str) -> (StatusCode, Value) {
@@ -1698,4 +1748,143 @@ async fn metrics_in_prometheus_text() {
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
     }
+}
+
+/// `GET /agent/items/{name}/disks/{disk}/digests`: the digest list of the item's newest point
+/// decodes with the protocol's reader and holds the SHA-256 of each chunk of the disk (a
+/// hole, a zero chunk and a short last chunk included); its temporary files are gone once
+/// it is served. A disk or item without a point is 404 `no_point`, another agent's item 403,
+/// a full house of computations 503 `digests_busy`, no process role 503 `no_process_role`.
+#[tokio::test]
+async fn agent_disk_digests() {
+    use sha2::Digest;
+    use std::os::unix::fs::FileExt;
+
+    let f = fixture_with(&[], true).await;
+    for item in ["web-01", "empty-01", "db-01"] {
+        let body = json!({"name": item, "disks": [{"name": "disk0", "size_bytes": 1048576}]});
+        let (s, v) = f
+            .send(Method::POST, "/api/v1/items", Some(&body.to_string()))
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    }
+    let web = f.enroll("web-agent", &["web-01", "empty-01"]).await;
+    let db = f.enroll("db-agent", &["db-01"]).await;
+
+    // Two points of web-01; the newest counts. Chunks of 256 KiB: data, a hole, zeros
+    // written, data, and a short last chunk.
+    let cs = 256u64 << 10;
+    let img = f._dir.path().join("web.img");
+    let size = 4 * cs + 1000;
+    std::fs::write(&img, vec![5u8; 4096]).unwrap();
+    f.vault
+        .import(ImportOptions::full("web-01", &img), Default::default())
+        .await
+        .unwrap();
+    let file = std::fs::File::create(&img).unwrap();
+    file.set_len(size).unwrap();
+    file.write_all_at(&vec![1u8; 4096], 0).unwrap();
+    file.write_all_at(&vec![0u8; 1 << 18], 2 * cs).unwrap();
+    file.write_all_at(&[3u8; 70_000], 3 * cs + 100).unwrap();
+    file.write_all_at(&[4u8; 999], 4 * cs).unwrap();
+    drop(file);
+    let point = f
+        .vault
+        .import(ImportOptions::full("web-01", &img), Default::default())
+        .await
+        .unwrap()
+        .point;
+
+    let uri = "/api/v1/agent/items/web-01/disks/disk0/digests";
+    let (s, h, body) = f.get_raw_with_cert(uri, web).await;
+    assert_eq!(s, StatusCode::OK, "{body:?}");
+    assert_eq!(h[header::CONTENT_TYPE], ferry_proto::digests::CONTENT_TYPE);
+    assert_eq!(h[header::CONTENT_LENGTH], body.len().to_string().as_str());
+    let mut r = ferry_proto::digests::Reader::new(&body[..]).unwrap();
+    assert_eq!(
+        r.header(),
+        &ferry_proto::digests::Header {
+            chunk_size: u32::try_from(cs).unwrap(),
+            disk_size: size,
+            point: point.id.clone(),
+        }
+    );
+    let image = std::fs::read(&img).unwrap();
+    let mut got = Vec::new();
+    while let Some(d) = r.next_digest().unwrap() {
+        got.push(d);
+    }
+    let want: Vec<[u8; 32]> = image
+        .chunks(usize::try_from(cs).unwrap())
+        .map(|c| sha2::Sha256::digest(c).into())
+        .collect();
+    assert_eq!(got.len(), 5);
+    assert_eq!(got, want);
+    assert_eq!(got[1], ferry_proto::digests::zero_digest(cs));
+    assert_eq!(got[2], got[1]);
+    // Nothing is left on the cache disk.
+    let scratch = f.process.as_ref().unwrap().cache_dir().join("scratch");
+    let left: Vec<_> = std::fs::read_dir(&scratch).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // No point holds the disk, or the item has no point: 404 `no_point`.
+    for uri in [
+        "/api/v1/agent/items/web-01/disks/disk9/digests",
+        "/api/v1/agent/items/web-01/disks/..%2Fx/digests",
+        "/api/v1/agent/items/empty-01/disks/disk0/digests",
+    ] {
+        let (s, _, v) = f
+            .request_with_cert(Method::GET, uri, None, Some(web), &[], None)
+            .await;
+        assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "no_point"), "{uri}");
+    }
+    // Another agent's item, or an item that does not exist: 403, as for the item itself.
+    for (cert, uri) in [
+        (db, uri),
+        (web, "/api/v1/agent/items/db-01/disks/disk0/digests"),
+        (web, "/api/v1/agent/items/nothing-here/disks/disk0/digests"),
+    ] {
+        let (s, _, v) = f
+            .request_with_cert(Method::GET, uri, None, Some(cert), &[], None)
+            .await;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::FORBIDDEN, "forbidden_item"),
+            "{uri}"
+        );
+    }
+    // An admin token is not an agent.
+    let (s, v) = f.get(uri).await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "agent_only"));
+
+    // Every computation slot taken: 503 `digests_busy`, until one is free.
+    let held = super::agents::DIGEST_JOBS
+        .try_acquire_many(u32::try_from(super::agents::MAX_DIGEST_JOBS).unwrap())
+        .unwrap();
+    let (s, _, v) = f
+        .request_with_cert(Method::GET, uri, None, Some(web), &[], None)
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "digests_busy")
+    );
+    drop(held);
+    let (s, _, again) = f.get_raw_with_cert(uri, web).await;
+    assert_eq!((s, &again), (StatusCode::OK, &body));
+
+    // Without the process role: 503 `no_process_role`.
+    let g = fixture(&[]).await;
+    let body = json!({"name": "web-01", "disks": [{"name": "disk0", "size_bytes": 1048576}]});
+    let (s, _) = g
+        .send(Method::POST, "/api/v1/items", Some(&body.to_string()))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let web = g.enroll("web-agent", &["web-01"]).await;
+    let (s, _, v) = g
+        .request_with_cert(Method::GET, uri, None, Some(web), &[], None)
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "no_process_role")
+    );
 }

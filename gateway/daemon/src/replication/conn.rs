@@ -424,6 +424,14 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
             retry_after_ms: BUSY_RETRY_MS,
         }));
     }
+    // The older session may have ended with frames appended and not yet synced (its syncs
+    // run beside the reading): they are made durable now, so the Welcome's resume point and
+    // the journal's next number agree.
+    if let Some(r) = receiving.as_mut()
+        && !r.journal.is_poisoned()
+    {
+        let _ = blocking(|| r.journal.sync());
+    }
     if receiving.as_ref().is_some_and(|r| r.journal.is_poisoned()) {
         // A failed write or sync: the handle is dropped and the journal reopened from disk,
         // which says what is durable.
@@ -487,6 +495,7 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
                 .apply_event(&item.name, crate::item::Event::ResyncStarted, now)
         });
     }
+    let mut fresh = false;
     if receiving.is_none() {
         let opened = blocking(|| -> Result<Receiving, JournalError> {
             let key = StreamKey::new(&hello.item, &hello.disk, hello.cycle)?;
@@ -506,7 +515,10 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
             })
         });
         match opened {
-            Ok(r) => *receiving = Some(r),
+            Ok(r) => {
+                *receiving = Some(r);
+                fresh = true;
+            }
             Err(JournalError::Backpressure { reason, .. }) => {
                 role.with_figures(&item.name, |f| {
                     f.last_error = Some((ferry_store::point::now_ms(), format!("cache: {reason}")));
@@ -518,6 +530,29 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
             Err(e) => return error(error_code::INTERNAL, format!("opening the journal: {e}")),
         }
     }
+    // An initial cycle is drained while it comes (`live`), when nothing is queued before it.
+    let mut live_on = {
+        let mut live = stream.live.lock().await;
+        if live
+            .as_ref()
+            .is_some_and(|l| l.cycle != hello.cycle || l.next_seq() != welcomed.resume_from_seq + 1)
+        {
+            *live = None;
+        }
+        if fresh
+            && hello.cycle_kind == frame::CycleKind::Initial
+            && live.is_none()
+            && lock(&stream.pending).is_empty()
+            && let Some(vault) = inner.vaults.get(&item.vault)
+        {
+            *live = Some(super::live::Live::start(
+                vault,
+                &super::cycle_info(&hello.item, &hello.disk, hello.cycle, &hello),
+            ));
+        }
+        live.is_some()
+    };
+    let mut batch: Vec<(u64, AgentFrame)> = Vec::new();
     stream.update_known(|k| k.geometry = Some((hello.disk_size, hello.chunk_size)));
     if wire
         .send(&GatewayFrame::Welcome(Welcome {
@@ -533,13 +568,51 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut stop = inner.stop.subscribe();
     let mut unsynced = false;
     let mut end_seq = None;
+    // The journal's sync in flight (`Journal::begin_sync`): frames keep coming while the disk
+    // syncs, and the next sync covers all that came meanwhile.
+    let mut inflight: Option<tokio::task::JoinHandle<Result<u64, JournalError>>> = None;
+    // Ends the sync in flight: acknowledges what it made durable and hands it to the live
+    // drain.
+    macro_rules! settle {
+        ($ran:expr) => {{
+            let ran = match $ran {
+                Ok(r) => r,
+                Err(e) => Err(JournalError::Io {
+                    action: "sync",
+                    path: receiving
+                        .as_ref()
+                        .expect("held")
+                        .journal
+                        .dir()
+                        .to_path_buf(),
+                    source: std::io::Error::other(e.to_string()),
+                }),
+            };
+            match receiving.as_mut().expect("held").journal.end_sync(ran) {
+                Ok(Some(seq)) => {
+                    if wire.send(&GatewayFrame::Ack(Ack { seq })).await.is_err() {
+                        return End::Quiet;
+                    }
+                    forward_live(&stream, hello.cycle, seq, &mut batch, &mut live_on).await;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return error(error_code::INTERNAL, format!("syncing the journal: {e}"));
+                }
+            }
+        }};
+    }
     // Makes the journal durable and acknowledges it (before any refusal, so the agent
     // learns how far it got).
     macro_rules! flush {
         () => {
+            if let Some(h) = inflight.take() {
+                settle!(h.await);
+            }
             if let Err(e) = flush(wire, receiving.as_mut().expect("held"), &mut unsynced).await {
                 return e;
             }
+            forward_live(&stream, hello.cycle, u64::MAX, &mut batch, &mut live_on).await;
         };
     }
     loop {
@@ -564,7 +637,12 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
                 Accepted::End(s) => (s, true),
             };
             match blocking(|| receiving.as_mut().expect("held").journal.append(seq, &raw)) {
-                Ok(_) => unsynced = true,
+                Ok(_) => {
+                    unsynced = true;
+                    if live_on {
+                        batch.push((seq, f));
+                    }
+                }
                 Err(JournalError::Backpressure {
                     reason: BackpressureReason::JournalFull { limit, .. },
                     ..
@@ -608,6 +686,9 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
             // Once the EndOfCycle is durable the cycle is the gateway's, whatever happens to
             // the acknowledgement: it is queued for draining before the Ack is sent (a lost
             // Ack is answered by the Welcome of the agent's next Hello).
+            if let Some(h) = inflight.take() {
+                settle!(h.await);
+            }
             match blocking(|| receiving.as_mut().expect("held").journal.sync()) {
                 Ok(Some(seq)) if seq >= end_seq => {}
                 Ok(other) => {
@@ -618,6 +699,7 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
                 }
                 Err(e) => return error(error_code::INTERNAL, format!("syncing the journal: {e}")),
             }
+            forward_live(&stream, hello.cycle, u64::MAX, &mut batch, &mut live_on).await;
             let r = receiving.take().expect("held");
             let info = CycleInfo {
                 item: hello.item.clone(),
@@ -647,7 +729,16 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
             }
             return wait_commit(role, wire, &stream, hello.cycle, &mut generation).await;
         }
-        flush!();
+        if inflight.is_none() && unsynced {
+            unsynced = false;
+            match blocking(|| receiving.as_mut().expect("held").journal.begin_sync()) {
+                Ok(Some(t)) => inflight = Some(tokio::task::spawn_blocking(move || t.run())),
+                Ok(None) => {}
+                Err(e) => {
+                    return error(error_code::INTERNAL, format!("syncing the journal: {e}"));
+                }
+            }
+        }
         let still = match inner.agents.check(&cert) {
             CertCheck::Agent(n) => n == agent,
             _ => false,
@@ -669,11 +760,44 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
                     );
                 }
             },
+            ran = async { inflight.as_mut().expect("guarded").await }, if inflight.is_some() => {
+                inflight = None;
+                settle!(ran);
+            }
             _ = generation.changed() => return End::Quiet,
             _ = stop.changed() => {
                 return error(error_code::SHUTTING_DOWN, "the gateway is stopping");
             }
         }
+    }
+}
+
+/// Hands the frames of `batch` up to `durable` to the stream's live drain of `cycle`, and
+/// drops the live drain if it cannot take them (the ordinary drain follows).
+async fn forward_live(
+    stream: &super::Stream,
+    cycle: u64,
+    durable: u64,
+    batch: &mut Vec<(u64, AgentFrame)>,
+    live_on: &mut bool,
+) {
+    let n = batch.partition_point(|(seq, _)| *seq <= durable);
+    if n == 0 {
+        return;
+    }
+    let mut live = stream.live.lock().await;
+    let ok = match live.as_mut() {
+        Some(l) if l.cycle == cycle => l.forward(batch.drain(..n)).await,
+        _ => false,
+    };
+    if !ok {
+        batch.clear();
+    }
+    if !ok {
+        if live.as_ref().is_some_and(|l| l.cycle == cycle) {
+            *live = None;
+        }
+        *live_on = false;
     }
 }
 

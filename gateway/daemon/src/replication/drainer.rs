@@ -61,7 +61,7 @@ pub(super) async fn run(role: ProcessRole) {
                 let role = role.clone();
                 let id = stream.id.clone();
                 let handle = running.spawn(async move {
-                    let r = drain_one(&role, &pending).await;
+                    let r = drain_one(&role, &stream, &pending).await;
                     (stream, pending, r)
                 });
                 tasks.insert(handle.id(), id);
@@ -115,7 +115,7 @@ pub(super) async fn run(role: ProcessRole) {
 }
 
 /// Drains one cycle; the point id, or why not.
-async fn drain_one(role: &ProcessRole, p: &Pending) -> Result<String, String> {
+async fn drain_one(role: &ProcessRole, stream: &Stream, p: &Pending) -> Result<String, String> {
     let inner = &role.inner;
     let info = &p.info;
     let item = {
@@ -139,6 +139,31 @@ async fn drain_one(role: &ProcessRole, p: &Pending) -> Result<String, String> {
         ));
     };
     let started = Instant::now();
+    let live = stream.live.lock().await.take_if(|l| l.cycle == info.cycle);
+    if let Some(live) = live {
+        // Staged while it was received: only the point is left to commit.
+        let committed = match live.finish().await {
+            Ok((staged, end)) => vault
+                .commit_import(staged, crate::drain::point_meta(info, &end))
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match committed {
+            Ok(report) => {
+                let bytes = p.journal.bytes();
+                role.with_figures(&info.item, |f| {
+                    f.upload.add(bytes);
+                    f.last_drain_secs = Some(started.elapsed().as_secs_f64());
+                });
+                return Ok(report.point.id);
+            }
+            Err(why) => eprintln!(
+                "ferryd: process role: the live drain of cycle {} of `{}`/`{}` gave up ({why}); draining it from its journal",
+                info.cycle, info.item, info.disk
+            ),
+        }
+    }
     let point = crate::drain::drain_cycle(vault, info, &p.journal, &inner.scratch_dir)
         .await
         .map_err(|e| e.to_string())?;

@@ -38,6 +38,7 @@
 mod conn;
 mod drainer;
 mod figures;
+mod live;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -140,6 +141,8 @@ pub(crate) struct Stream {
     pub pending: Mutex<BTreeMap<u64, Pending>>,
     /// The newest (cycle, point) drained, for sessions waiting to tell their agent.
     pub committed: watch::Sender<Option<(u64, String)>>,
+    /// The initial cycle being drained while it is received, if any (`live`).
+    pub live: tokio::sync::Mutex<Option<live::Live>>,
 }
 
 impl Stream {
@@ -151,6 +154,7 @@ impl Stream {
             known: Mutex::new(None),
             pending: Mutex::new(BTreeMap::new()),
             committed: watch::channel(None).0,
+            live: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -819,7 +823,7 @@ pub fn replicating(state: ItemState) -> bool {
     )
 }
 
-fn cycle_info(item: &str, disk: &str, cycle: u64, hello: &Hello) -> CycleInfo {
+pub(super) fn cycle_info(item: &str, disk: &str, cycle: u64, hello: &Hello) -> CycleInfo {
     CycleInfo {
         item: item.to_string(),
         disk: disk.to_string(),
