@@ -328,6 +328,18 @@ pub struct Item {
     pub created_ms: u64,
     /// Last change, Unix milliseconds.
     pub updated_ms: u64,
+    /// The operator paused its replication (`ferry item pause`): its agents start no new
+    /// cycle until it is resumed (a cycle already running completes).
+    pub paused: Option<Paused>,
+}
+
+/// Who paused an item's replication, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paused {
+    /// The admin token that paused it.
+    pub by: String,
+    /// When, Unix milliseconds.
+    pub at_ms: u64,
 }
 
 /// Checks an item or disk name against the vault's naming rule (the item's name is its name

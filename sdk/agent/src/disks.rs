@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::AgentError;
 use crate::state::{AgentFile, StateDir};
+use crate::throttle::{Schedule, ThrottleWindow};
 
 /// Default window of unacknowledged frame bytes (`docs/agent-protocol.md` §7.5 suggests 16 MiB).
 pub const DEFAULT_WINDOW_BYTES: u64 = 16 << 20;
@@ -253,7 +254,8 @@ pub struct ReplicationConfig {
     /// (default 60).
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout_seconds: u32,
-    /// Most frame bytes sent per second, per session (default: unlimited).
+    /// Most frame bytes sent per second, per session (default: unlimited), outside every
+    /// `throttle` window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bytes_per_second: Option<u64>,
     /// Seconds `ferry-agent run` waits for `PointCommitted` after a cycle's last ack
@@ -264,6 +266,10 @@ pub struct ReplicationConfig {
     /// port (a relay or NAT in between). TLS still verifies the gateway's own name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_address: Option<String>,
+    /// `[[replication.throttle]]`: rates by time of day, the first matching window winning
+    /// over `max_bytes_per_second` ([`crate::throttle`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub throttle: Vec<ThrottleWindow>,
 }
 
 fn default_window() -> u64 {
@@ -284,6 +290,7 @@ impl Default for ReplicationConfig {
             max_bytes_per_second: None,
             commit_timeout_seconds: DEFAULT_RUN_COMMIT_TIMEOUT_SECONDS,
             data_address: None,
+            throttle: Vec::new(),
         }
     }
 }
@@ -309,7 +316,14 @@ impl ReplicationConfig {
         if let Some(a) = &self.data_address {
             parse_address(a).map_err(|e| format!("[replication] data_address: {e}"))?;
         }
+        self.schedule()?;
         Ok(())
+    }
+
+    /// The rates by time of day: the `throttle` windows over `max_bytes_per_second`. The
+    /// message names the window and the key.
+    pub fn schedule(&self) -> Result<Schedule, String> {
+        Schedule::parse(self.max_bytes_per_second, &self.throttle)
     }
 }
 
@@ -613,6 +627,69 @@ mod tests {
         r.window_bytes = MIN_WINDOW_BYTES;
         r.max_bytes_per_second = Some(0);
         assert!(r.check().unwrap_err().contains("max_bytes_per_second"));
+        r.max_bytes_per_second = Some(100);
+        r.throttle = vec![ThrottleWindow {
+            days: Some(vec!["sat".into(), "someday".into()]),
+            from: "22:00".into(),
+            to: "06:00".into(),
+            max_bytes_per_second: 0,
+        }];
+        let e = r.check().unwrap_err();
+        assert!(
+            e.contains("[[replication.throttle]] #1: `days`: \"someday\" is not a day"),
+            "{e}"
+        );
+        r.throttle[0].days = None;
+        r.check().unwrap();
+    }
+
+    /// `[[replication.throttle]]` reads from and writes back to `agent.toml`; a bad window
+    /// refuses the file, naming the key.
+    #[test]
+    fn throttle_windows_in_agent_toml() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path();
+        crate::testkit::enroll_into(
+            &crate::testkit::TestCa::new(),
+            dir,
+            "web-01",
+            "https://gw:8443",
+        );
+        let path = dir.join(crate::state::CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let with = format!(
+            "{text}\n[replication]\nmax_bytes_per_second = 50000000\n\n\
+             [[replication.throttle]]\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\"]\n\
+             from = \"08:00\"\nto = \"18:00\"\nmax_bytes_per_second = 10000000\n\n\
+             [[replication.throttle]]\nfrom = \"22:00\"\nto = \"06:00\"\nmax_bytes_per_second = 0\n"
+        );
+        std::fs::write(&path, &with).unwrap();
+        let r = StateDir::new(dir).read_config().unwrap().replication;
+        assert_eq!(r.throttle.len(), 2);
+        assert_eq!(r.throttle[0].days.as_ref().unwrap().len(), 5);
+        let s = r.schedule().unwrap();
+        use crate::throttle::LocalTime;
+        assert_eq!(s.rate_at(LocalTime::new(1, 9, 0, 0)), Some(10_000_000));
+        assert_eq!(s.rate_at(LocalTime::new(5, 9, 0, 0)), Some(50_000_000));
+        assert_eq!(s.rate_at(LocalTime::new(5, 3, 0, 0)), None);
+        // A rewrite (disk add) keeps the windows.
+        add(dir, DiskConfig::new("web", "sda", "/dev/sda"), false).unwrap();
+        let again = StateDir::new(dir).read_config().unwrap().replication;
+        assert_eq!(again, r);
+        // A bad time refuses the file, naming the file, the window and the key.
+        std::fs::write(&path, with.replace("\"18:00\"", "\"18:0\"")).unwrap();
+        let e = StateDir::new(dir).read_config().unwrap_err().to_string();
+        assert!(
+            e.contains("[[replication.throttle]] #1: `to` = \"18:0\" is not a time of day"),
+            "{e}"
+        );
+        assert!(e.contains("agent.toml"), "{e}");
+        std::fs::write(&path, with.replace("from = \"22:00\"", "from = \"06:00\"")).unwrap();
+        let e = StateDir::new(dir).read_config().unwrap_err().to_string();
+        assert!(e.contains("#2: `from` and `to` are both"), "{e}");
+        std::fs::write(&path, with.replace("from = \"22:00\"", "form = \"22:00\"")).unwrap();
+        let e = StateDir::new(dir).read_config().unwrap_err().to_string();
+        assert!(e.contains("form"), "{e}");
     }
 
     #[test]

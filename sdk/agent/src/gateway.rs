@@ -31,6 +31,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most pages of `GET /api/v1/agent/items` followed.
 pub const MAX_PAGES: usize = 100;
+/// Longest pause between two pieces of a streamed body before the transfer is given up.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `GET /api/v1/agent/items/{item}/disks/{disk}/digests`: the replica's chunk digests
+/// (`docs/agent-protocol.md` §9).
+pub fn digests_path(item: &str, disk: &str) -> String {
+    format!("{AGENT_ITEMS_PATH}/{item}/disks/{disk}/digests")
+}
 
 /// What can go wrong talking to the gateway. No variant holds a request body.
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +158,37 @@ struct Page {
 pub struct Answer {
     /// The JSON text as the gateway sent it.
     pub json: Box<RawValue>,
+}
+
+/// A streamed answer: its body is read piece by piece ([`Body::chunk`]), never whole.
+#[derive(Debug)]
+pub struct Body<'a> {
+    gw: &'a Gateway,
+    what: &'static str,
+    resp: reqwest::Response,
+}
+
+impl Body<'_> {
+    /// The length the gateway announced, if it did.
+    pub fn content_length(&self) -> Option<u64> {
+        self.resp.content_length()
+    }
+
+    /// The next piece of the body; `None` at its end. A pause longer than
+    /// [`STALL_TIMEOUT`] is an error.
+    pub async fn chunk(&mut self) -> Result<Option<bytes::Bytes>, GatewayError> {
+        match tokio::time::timeout(STALL_TIMEOUT, self.resp.chunk()).await {
+            Err(_) => Err(GatewayError::Unreachable {
+                url: self.gw.shown_url(),
+                reason: format!(
+                    "{} stalled: nothing received for {} s",
+                    self.what,
+                    STALL_TIMEOUT.as_secs()
+                ),
+            }),
+            Ok(r) => r.map_err(|e| self.gw.unreachable(&e)),
+        }
+    }
 }
 
 /// A client of one gateway.
@@ -348,6 +387,58 @@ impl Gateway {
         Ok(plan)
     }
 
+    /// `GET /api/v1/agent/items/{item}/disks/{disk}/digests`: the replica's digest list,
+    /// streamed (`application/vnd.ferry.digests`; any other media type is refused). The whole
+    /// request may take `timeout` (the gateway reads a recovery point to answer); the body
+    /// may pause at most [`STALL_TIMEOUT`]. `404` with `no_point` says no point holds the disk.
+    pub async fn replica_digests(
+        &self,
+        item: &str,
+        disk: &str,
+        timeout: Duration,
+    ) -> Result<Body<'_>, GatewayError> {
+        const WHAT: &str = "GET /api/v1/agent/items/{item}/disks/{disk}/digests";
+        let want = ferry_proto::digests::CONTENT_TYPE;
+        let mut resp = self
+            .http
+            .get(self.url(&digests_path(item, disk), None))
+            .header(ACCEPT, HeaderValue::from_static(want))
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(&e))?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            // The API's JSON error, read up to MAX_BODY (a longer one is cut: no code).
+            let mut bytes = Vec::new();
+            while let Ok(Ok(Some(chunk))) = tokio::time::timeout(STALL_TIMEOUT, resp.chunk()).await
+            {
+                if bytes.len() + chunk.len() > MAX_BODY {
+                    break;
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            return Err(api_error(self.shown_url(), WHAT, status, &bytes));
+        }
+        let ct = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let media = ct.split(';').next().unwrap_or("").trim();
+        if !media.eq_ignore_ascii_case(want) {
+            return Err(self.bad(
+                WHAT,
+                format!("HTTP {status} with Content-Type `{ct}`, not `{want}`"),
+            ));
+        }
+        Ok(Body {
+            gw: self,
+            what: WHAT,
+            resp,
+        })
+    }
+
     /// The gateway's host, as its URL names it (`[…]` for IPv6).
     pub fn host(&self) -> &str {
         self.base.host_str().unwrap_or_default()
@@ -482,6 +573,10 @@ mod tests {
         assert_eq!(
             g.url(AGENT_ITEMS_PATH, Some("a b/c")).as_str(),
             "https://gw.example:8443/api/v1/agent/items?cursor=a+b%2Fc"
+        );
+        assert_eq!(
+            g.url(&digests_path("web", "sda"), None).as_str(),
+            "https://gw.example:8443/api/v1/agent/items/web/disks/sda/digests"
         );
     }
 }

@@ -22,6 +22,9 @@
 //! - [`session`] — the data port: TLS, the HTTP upgrade, `Hello`/`Welcome`, the window of
 //!   unacknowledged frames, acks, `Busy`, errors, reconnects.
 //! - [`sync`] — cycles: `sync --once` and the `run` service.
+//! - [`resync`] — checksum-based resync: the replica's digests fetched from the gateway,
+//!   checked whole, and used as the base of a `Resync` cycle.
+//! - [`throttle`] — the bandwidth limit by local time of day, and the pacing of frames.
 //! - [`progress`] — log lines and the terminal progress bar.
 //! - [`error`] — [`AgentError`], what the binary reports, and its exit code.
 //!
@@ -36,10 +39,12 @@ pub mod gateway;
 pub mod identity;
 pub mod plan;
 pub mod progress;
+pub mod resync;
 pub mod session;
 pub mod state;
 pub mod status;
 pub mod sync;
+pub mod throttle;
 pub mod tracking;
 pub mod view;
 

@@ -16,8 +16,14 @@
 //! - without a base (initial cycle, or a resync that lost its base) every chunk is sent:
 //!   zeros as `Zero` frames (consecutive zero chunks coalesced into one range), data as
 //!   `Chunk` frames;
-//! - with a base (delta, or a resync forced by the change threshold) only chunks whose digest
-//!   differs from the base's are sent, zeros again as coalesced `Zero` ranges.
+//! - with a base only chunks whose digest differs from the base's are sent, zeros again as
+//!   coalesced `Zero` ranges. The base ([`Base`]) is the committed digests of the last
+//!   acknowledged cycle (a delta, or a resync forced by the change threshold), or the
+//!   replica's own digests fetched from the gateway (a checksum-based resync,
+//!   [`crate::resync`]). Both are SHA-256 of each chunk's bytes at its own length, a zero
+//!   chunk's being the digest of that many zeros, so one comparison serves both: a source
+//!   chunk of zeros goes as (part of) a `Zero` range only when the replica's chunk is not
+//!   already zero, and nothing goes where they match.
 //!
 //! The digest recorded for each chunk is that of what the gateway will hold for it after this
 //! cycle: the base's for an unsent chunk, the zero chunk's for a `Zero`, and the digest of the
@@ -25,13 +31,14 @@
 //! between planning and sending still leaves true digests). Memory is one chunk plus buffers.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
+use ferry_proto::digests::{DigestsError, Reader as ReplicaDigests};
 use ferry_proto::frame::{self, AgentFrame, Chunk, Consistency, EndOfCycle, Snapshot, Zero};
 use sha2::{Digest, Sha256};
 
@@ -73,6 +80,15 @@ pub enum PlanError {
     /// The base digests turned out damaged while planning against them.
     #[error("the digests of the last acknowledged cycle are damaged: {0}")]
     BaseDamaged(TrackingError),
+    /// The replica's digest list turned out unusable while planning against it (damaged
+    /// since it was checked, or of another geometry).
+    #[error("the replica's digests in {} are unusable: {source}", path.display())]
+    ReplicaDigests {
+        /// The downloaded list.
+        path: PathBuf,
+        /// What is wrong.
+        source: DigestsError,
+    },
     /// A planned frame cannot be encoded (a bug or a damaged plan).
     #[error("cannot encode frame {seq}: {source}")]
     Encode {
@@ -105,6 +121,110 @@ pub struct PlanSummary {
     pub hole_chunks: u64,
     /// Chunks read from the view.
     pub read_chunks: u64,
+    /// Chunks compared with a base's digest (every chunk with a base, 0 without).
+    pub compared_chunks: u64,
+}
+
+impl PlanSummary {
+    /// Chunks the cycle sends: `Chunk` frames and chunks in `Zero` ranges.
+    pub fn sent_chunks(&self) -> u64 {
+        self.chunk_frames + self.zero_chunks
+    }
+}
+
+/// The replica's digest list, read one digest at a time.
+pub type ReplicaReader = ReplicaDigests<BufReader<File>>;
+
+/// What a cycle is planned against: the digests of what the gateway holds.
+#[derive(Debug)]
+pub enum Base {
+    /// The committed digests of the last acknowledged cycle (a delta).
+    Committed(DigestReader),
+    /// The replica's digest list from the gateway, checked whole beforehand (a
+    /// checksum-based resync; its trailer is checked again at the end).
+    Replica {
+        /// The list.
+        reader: ReplicaReader,
+        /// Where it is, for messages.
+        path: PathBuf,
+    },
+}
+
+impl From<DigestReader> for Base {
+    fn from(r: DigestReader) -> Self {
+        Self::Committed(r)
+    }
+}
+
+impl Base {
+    /// The replica's digest list at `path`.
+    pub fn replica(path: &Path) -> Result<Self, PlanError> {
+        let bad = |source| PlanError::ReplicaDigests {
+            path: path.to_path_buf(),
+            source,
+        };
+        let f = File::open(path).map_err(|e| bad(DigestsError::Io(e)))?;
+        let reader = ReplicaDigests::new(BufReader::with_capacity(64 << 10, f)).map_err(bad)?;
+        Ok(Self::Replica {
+            reader,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn check(&self, geo: Geometry, view_path: &Path) -> Result<(), PlanError> {
+        let (size, cs) = match self {
+            Self::Committed(b) => (b.header().disk_size, b.header().chunk_size),
+            Self::Replica { reader, .. } => (reader.header().disk_size, reader.header().chunk_size),
+        };
+        if (size, cs) == (geo.disk_size, geo.chunk_size) {
+            return Ok(());
+        }
+        let reason = format!(
+            "the base digests are for {size} bytes in chunks of {cs}, the disk is {} in chunks of {}",
+            geo.disk_size, geo.chunk_size
+        );
+        Err(match self {
+            Self::Committed(_) => PlanError::BaseDamaged(TrackingError::Damaged {
+                path: view_path.to_path_buf(),
+                reason,
+            }),
+            Self::Replica { path, .. } => PlanError::ReplicaDigests {
+                path: path.clone(),
+                source: DigestsError::Invalid(reason),
+            },
+        })
+    }
+
+    fn next_digest(&mut self) -> Result<ChunkDigest, PlanError> {
+        match self {
+            Self::Committed(b) => b.next_digest().map_err(PlanError::BaseDamaged),
+            Self::Replica { reader, path } => match reader.next_digest() {
+                Ok(Some(d)) => Ok(d),
+                Ok(None) => Err(PlanError::ReplicaDigests {
+                    path: path.clone(),
+                    source: DigestsError::Invalid("fewer digests than chunks".into()),
+                }),
+                Err(source) => Err(PlanError::ReplicaDigests {
+                    path: path.clone(),
+                    source,
+                }),
+            },
+        }
+    }
+
+    fn finish(self) -> Result<(), PlanError> {
+        match self {
+            Self::Committed(b) => b.finish().map_err(PlanError::BaseDamaged),
+            Self::Replica { mut reader, path } => match reader.next_digest() {
+                Ok(None) => Ok(()),
+                Ok(Some(_)) => Err(PlanError::ReplicaDigests {
+                    path,
+                    source: DigestsError::Invalid("more digests than chunks".into()),
+                }),
+                Err(source) => Err(PlanError::ReplicaDigests { path, source }),
+            },
+        }
+    }
 }
 
 /// The geometry of a disk for one cycle.
@@ -196,31 +316,22 @@ fn read_at(f: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), Pla
         })
 }
 
-/// Plans cycle `cycle` of the view `view` (at `view_path`), against `base` (the committed
-/// digests; `None`: every chunk is sent): writes the plan at `plan_out` and the pending
-/// digests at `digests_out`. `stop` is checked between chunks.
+/// Plans cycle `cycle` of the view `view` (at `view_path`), against `base` (the digests of
+/// what the gateway holds; `None`: every chunk is sent): writes the plan at `plan_out` and
+/// the pending digests at `digests_out`. `stop` is checked between chunks.
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     view: &File,
     view_path: &Path,
     geo: Geometry,
     cycle: u64,
-    mut base: Option<DigestReader>,
+    mut base: Option<Base>,
     plan_out: &Path,
     digests_out: &Path,
     stop: &AtomicBool,
 ) -> Result<PlanSummary, PlanError> {
     if let Some(b) = &base {
-        let h = b.header();
-        if (h.disk_size, h.chunk_size) != (geo.disk_size, geo.chunk_size) {
-            return Err(PlanError::BaseDamaged(TrackingError::Damaged {
-                path: view_path.to_path_buf(),
-                reason: format!(
-                    "the base digests are for {} bytes in chunks of {}, the disk is {} in chunks of {}",
-                    h.disk_size, h.chunk_size, geo.disk_size, geo.chunk_size
-                ),
-            }));
-        }
+        b.check(geo, view_path)?;
     }
     let chunks = geo.chunks();
     let mut plan = PlanWriter::create(plan_out, cycle)?;
@@ -271,7 +382,10 @@ pub fn plan(
         };
         let send = match base.as_mut() {
             None => true,
-            Some(b) => b.next_digest().map_err(PlanError::BaseDamaged)? != d,
+            Some(b) => {
+                s.compared_chunks += 1;
+                b.next_digest()? != d
+            }
         };
         if send {
             s.changed_bytes += len as u64;
@@ -295,7 +409,7 @@ pub fn plan(
     }
     flush(&mut zero_run, &mut plan, &mut s)?;
     if let Some(b) = base {
-        b.finish().map_err(PlanError::BaseDamaged)?;
+        b.finish()?;
     }
     digests.finish()?;
     plan.finish()?;
@@ -487,8 +601,19 @@ pub(crate) mod tests {
         base: Option<&Path>,
         cycle: u64,
     ) -> Planned1 {
+        let base = base.map(|p| Base::from(DigestReader::open(p).unwrap()));
+        plan_with(dir, img, geo, base, cycle)
+    }
+
+    /// Plans `img` into `dir` against `base`, then produces every frame.
+    pub(crate) fn plan_with(
+        dir: &Path,
+        img: &Path,
+        geo: Geometry,
+        base: Option<Base>,
+        cycle: u64,
+    ) -> Planned1 {
         let f = File::open(img).unwrap();
-        let base = base.map(|p| DigestReader::open(p).unwrap());
         let summary = plan(
             &f,
             img,
@@ -743,7 +868,7 @@ pub(crate) mod tests {
                 &img,
                 geo,
                 2,
-                Some(DigestReader::open(&base).unwrap()),
+                Some(DigestReader::open(&base).unwrap().into()),
                 &t.path().join("plan"),
                 &t.path().join("digests"),
                 &AtomicBool::new(stop),
@@ -763,7 +888,7 @@ pub(crate) mod tests {
             &img,
             other,
             2,
-            Some(DigestReader::open(&c1.join("digests")).unwrap()),
+            Some(DigestReader::open(&c1.join("digests")).unwrap().into()),
             &t.path().join("plan"),
             &t.path().join("digests"),
             &AtomicBool::new(false),

@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use crate::error::{EXIT_OTHER, EXIT_REFUSED, EXIT_UNREACHABLE};
 use crate::plan::{FrameSource, PlanError};
 use crate::progress::Progress;
+use crate::throttle::{Pacer, Throttle};
 
 /// Longest HTTP response head read before the upgrade.
 pub const MAX_RESPONSE_HEAD: usize = 16 << 10;
@@ -255,8 +256,9 @@ pub struct SessionConfig {
     /// Time without an acknowledgement, frames in flight, before reconnecting; also the wait
     /// for `Welcome`.
     pub ack_timeout: Duration,
-    /// Most frame bytes per second (`None`: unlimited).
-    pub max_bytes_per_second: Option<u64>,
+    /// Most frame bytes per second, by local time of day; read again every
+    /// [`crate::throttle::RECHECK`] while frames are sent.
+    pub throttle: Throttle,
     /// Delays between retries without progress; the last repeats.
     pub retry_schedule: Vec<Duration>,
     /// Consecutive failed attempts (without an ack advancing) before giving up; `None`:
@@ -769,7 +771,7 @@ async fn send_frames<W: AsyncWrite + Unpin>(
     let mut next_seq = first;
     let mut sent_max = first - 1;
     let mut deadline = Instant::now() + cfg.ack_timeout;
-    let mut next_send_at = Instant::now();
+    let mut pacer = Pacer::new(&cfg.throttle, Instant::now());
     let mut early = None;
     let lost = |e: std::io::Error| SessionError::Lost {
         reason: format!("write failed: {e}"),
@@ -777,6 +779,13 @@ async fn send_frames<W: AsyncWrite + Unpin>(
 
     while state.last_acked < last {
         let now = Instant::now();
+        if pacer.refresh(now) {
+            let r = pacer
+                .rate()
+                .map_or_else(|| "unlimited".to_string(), |r| r.to_string());
+            progress.note(&[("event", "throttle_changed"), ("max_bytes_per_second", &r)]);
+        }
+        let send_at = pacer.ready_at(now);
         let fits = pending.as_ref().is_some_and(|(_, b)| {
             inflight.is_empty()
                 || (inflight_bytes + b.len() as u64 <= cfg.window_bytes
@@ -830,8 +839,8 @@ async fn send_frames<W: AsyncWrite + Unpin>(
                 Some((_, Err(e))) => return Err(SessionError::Source(e)),
                 None => return Err(SessionError::Protocol { reason: "the frame reader ended early".into() }),
             },
-            () = tokio::time::sleep_until(next_send_at), if fits && next_send_at > now => {}
-            () = std::future::ready(()), if fits && next_send_at <= now => {
+            () = tokio::time::sleep_until(send_at), if fits && send_at > now => {}
+            () = std::future::ready(()), if fits && send_at <= now => {
                 let (seq, bytes) = pending.take().expect("fits implies pending");
                 let n = bytes.len() as u64;
                 wr.write_all(&bytes).await.map_err(lost)?;
@@ -844,10 +853,7 @@ async fn send_frames<W: AsyncWrite + Unpin>(
                 inflight.push_back((seq, n));
                 inflight_bytes += n;
                 sent_max = seq;
-                if let Some(rate) = cfg.max_bytes_per_second {
-                    let cost = Duration::from_secs_f64(n as f64 / rate as f64);
-                    next_send_at = next_send_at.max(Instant::now()) + cost;
-                }
+                pacer.sent(n, Instant::now());
                 progress.sent(n);
             },
             () = tokio::time::sleep_until(deadline), if !inflight.is_empty() => {

@@ -246,6 +246,9 @@ const HEADER: &str = "\
 #   app_pre, app_post    app-consistent cycles: commands around taking the view (argv)
 # [replication]        window_bytes (16 MiB), ack_timeout_seconds (60),
 #                      max_bytes_per_second (none), commit_timeout_seconds (60, `run`)
+# [[replication.throttle]]  a rate by local time of day; the first matching window wins over
+#                      max_bytes_per_second: days (mon..sun, default every day), from, to
+#                      (HH:MM; to < from wraps past midnight), max_bytes_per_second (0: none)
 
 ";
 

@@ -5,18 +5,22 @@
 //!
 //! 1. the item's replication plan (`GET /api/v1/agent/items/{item}/replication`): paused, no
 //!    data port, or no such disk end it here;
-//! 2. a cycle left by an earlier run is settled first ([`resume_or_settle`]): promoted if the
-//!    plan says the gateway holds it complete, resumed if its view is still there, else
-//!    abandoned (its number stays used: the disk's floor);
+//! 2. a cycle left by an earlier run is settled first (`Cycle::resume_or_settle`): promoted
+//!    if the plan says the gateway holds it complete, resumed if its view is still there,
+//!    else abandoned (its number stays used: the disk's floor);
 //! 3. a new cycle: number `max(committed, gateway's last complete, floor) + 1`; kind
 //!    `Initial` when the gateway holds nothing, `Delta` when the committed digests describe the
 //!    gateway's last complete cycle with the same geometry (and no resync was asked), else
-//!    `Resync` (every chunk, no base); a delta changing more than the plan's
-//!    `resync_threshold_percent` of the disk is sent as `Resync` (same frames: the digests are
-//!    trusted, so the differing chunks are exactly what must go);
-//! 4. the view is taken, the frames planned ([`crate::plan`]), the record marked planned;
-//! 5. the session ([`crate::session::replicate`]) until the `EndOfCycle` is acknowledged;
-//! 6. the view released, the pending digests promoted, and (if asked) a bounded wait for
+//!    `Resync`; a delta changing more than the plan's `resync_threshold_percent` of the disk
+//!    is sent as `Resync` (same frames: the digests are trusted, so the differing chunks are
+//!    exactly what must go);
+//! 4. a `Resync` without trusted digests is planned against the replica's own digests, asked
+//!    of the gateway ([`crate::resync`]; before the view is taken, so no freeze or snapshot
+//!    is held while the gateway reads its point): only the chunks that differ are sent. When
+//!    they cannot be had or used, it sends every chunk (`event=resync_digests_unusable`);
+//! 5. the view is taken, the frames planned ([`crate::plan`]), the record marked planned;
+//! 6. the session ([`crate::session::replicate`]) until the `EndOfCycle` is acknowledged;
+//! 7. the view released, the pending digests promoted, and (if asked) a bounded wait for
 //!    `PointCommitted`.
 //!
 //! Failures are classed as in `docs/agent-protocol.md` §7.6: fatal ones stop the disk (and
@@ -40,13 +44,15 @@ use tokio::time::Instant;
 use crate::disks::{DiskConfig, ReplicationConfig, SnapshotMode, lvm_volume};
 use crate::error::{AgentError, EXIT_OTHER, EXIT_STATE};
 use crate::gateway::{self, Gateway, GatewayError};
-use crate::plan::{self, CycleFrames, Ending, Geometry, PlanError};
+use crate::plan::{self, Base, CycleFrames, Ending, Geometry, PlanError};
 use crate::progress::{self, Progress, Style};
+use crate::resync::{self, Unusable};
 use crate::session::{
     self, Class, Commit, HelloParams, SessionConfig, SessionError, SessionState, Stop, TlsConnector,
 };
 use crate::state::{StateDir, StateError};
-use crate::tracking::{CycleRecord, DiskState, Phase, TrackingError, VIEW_FILE};
+use crate::throttle::{Clock, Throttle};
+use crate::tracking::{CycleRecord, DigestsHeader, DiskState, Phase, TrackingError, VIEW_FILE};
 use crate::view::{self, View, ViewError};
 
 /// Most times a cycle takes a new number because the gateway held frames of the one chosen.
@@ -214,6 +220,8 @@ pub struct Context {
     pub tls: rustls::ClientConfig,
     /// `[replication]`.
     pub replication: ReplicationConfig,
+    /// The bandwidth limit by local time of day (`[replication]`'s rates), for the sessions.
+    pub throttle: Throttle,
     /// This machine's host name (a tag of every point).
     pub hostname: String,
     /// How progress is shown.
@@ -225,6 +233,14 @@ impl Context {
     pub fn load(state_dir: &Path, style: Style) -> Result<(Self, Vec<DiskConfig>), AgentError> {
         let loaded = StateDir::new(state_dir).load()?;
         let config = state_dir.join(crate::state::CONFIG_FILE);
+        let schedule = loaded
+            .file
+            .replication
+            .schedule()
+            .map_err(|reason| StateError::Format {
+                path: config.clone(),
+                reason,
+            })?;
         let url: Url =
             gateway::parse_base_url(&loaded.file.gateway).map_err(|e| StateError::Format {
                 path: config,
@@ -239,6 +255,7 @@ impl Context {
                 gateway: gw,
                 tls,
                 replication: loaded.file.replication.clone(),
+                throttle: Throttle::new(schedule, Clock::system()),
                 hostname: crate::hostname(),
                 style,
             },
@@ -269,6 +286,27 @@ pub struct CycleOptions {
     pub app: bool,
 }
 
+/// What a resync compared and sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncCount {
+    /// Chunks compared with digests of what the gateway holds (the replica's own, or the
+    /// committed ones of a delta turned resync by the threshold); 0 when every chunk was sent.
+    pub compared_chunks: u64,
+    /// Chunks sent: `Chunk` frames and chunks in `Zero` ranges.
+    pub sent_chunks: u64,
+}
+
+/// What a new cycle is planned against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PlanBase {
+    /// Nothing: every chunk is sent.
+    None,
+    /// The committed digests (a delta).
+    Committed,
+    /// The replica's digests in the cycle directory (a checksum-based resync).
+    Replica,
+}
+
 /// How a cycle ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CycleOutcome {
@@ -286,6 +324,8 @@ pub enum CycleOutcome {
         data_frames: u64,
         /// Chunk bytes it carried.
         chunk_bytes: u64,
+        /// A resync planned by this run: what it compared and sent.
+        resync: Option<ResyncCount>,
         /// What became of the point.
         commit: Commit,
     },
@@ -543,7 +583,7 @@ impl Cycle<'_> {
             ("cycle", &c),
             ("last_acked_seq", &a),
         ]);
-        self.send(rec, view, frames, connector, false)
+        self.send(rec, view, frames, connector, false, None)
             .await
             .map(Some)
     }
@@ -585,6 +625,20 @@ impl Cycle<'_> {
             tags: Vec::new(),
         };
         st.begin_cycle(&rec).map_err(tracking(&self.label))?;
+        // A resync is planned against the replica's digests, asked for before the view is
+        // taken: the gateway reads its point to answer, and no freeze or snapshot is held
+        // meanwhile. The disk's live size stands for the view's (checked again after).
+        let mut replica: Option<Option<ferry_proto::digests::Header>> = None;
+        if gateway_has.is_some()
+            && let Ok(live) = view::disk_size(&self.label, &self.disk.path)
+            && !committed.as_ref().is_some_and(|h| self.base_fits(h, live))
+        {
+            let geo = Geometry {
+                disk_size: live,
+                chunk_size: self.pd.chunk_size,
+            };
+            replica = Some(self.fetch_replica(geo).await);
+        }
         let view = match View::take(self.disk, &cycle_dir, cycle, app).await {
             Ok(v) => v,
             Err(source) => {
@@ -607,36 +661,50 @@ impl Cycle<'_> {
             disk_size: size,
             chunk_size: self.pd.chunk_size,
         };
-        let base = committed.filter(|h| {
-            Some(h.cycle) == gateway_has
-                && h.chunk_size == geo.chunk_size
-                && h.disk_size == geo.disk_size
-                && !self.plan.resync_requested
-        });
+        let base = committed.filter(|h| self.base_fits(h, geo.disk_size));
         let mut kind = match (gateway_has, base) {
             (None, _) => CycleKind::Initial,
             (Some(_), Some(_)) => CycleKind::Delta,
             (Some(_), None) => CycleKind::Resync,
         };
-        let summary = match self.plan_frames(&view, geo, cycle, base.is_some()).await {
-            Ok(s) => s,
-            Err(PlanError::BaseDamaged(e)) => {
-                progress::log(&[
-                    ("event", "base_damaged"),
-                    ("disk", &self.label),
-                    ("error", &e.to_string()),
-                ]);
-                st.drop_tracking().map_err(tracking(&self.label))?;
-                if kind == CycleKind::Delta {
-                    kind = CycleKind::Resync;
+        let replica_path = st.replica_digests_path();
+        let mut choice = if base.is_some() {
+            PlanBase::Committed
+        } else if kind == CycleKind::Resync {
+            self.replica_base(geo, replica.take()).await
+        } else {
+            PlanBase::None
+        };
+        if choice != PlanBase::Replica {
+            resync::remove(&replica_path);
+        }
+        let summary = loop {
+            match self.plan_frames(&view, geo, cycle, choice).await {
+                Ok(s) => break s,
+                Err(PlanError::BaseDamaged(e)) if choice == PlanBase::Committed => {
+                    progress::log(&[
+                        ("event", "base_damaged"),
+                        ("disk", &self.label),
+                        ("error", &e.to_string()),
+                    ]);
+                    st.drop_tracking().map_err(tracking(&self.label))?;
+                    if kind == CycleKind::Delta {
+                        kind = CycleKind::Resync;
+                    }
+                    choice = self.replica_base(geo, None).await;
                 }
-                match self.plan_frames(&view, geo, cycle, false).await {
-                    Ok(s) => s,
-                    Err(source) => return Err(self.fail_planning(view, cycle, source).await),
+                Err(PlanError::ReplicaDigests { path, source }) if choice == PlanBase::Replica => {
+                    self.unusable(&Unusable::Refused { path, source });
+                    resync::remove(&replica_path);
+                    choice = PlanBase::None;
+                }
+                Err(source) => {
+                    resync::remove(&replica_path);
+                    return Err(self.fail_planning(view, cycle, source).await);
                 }
             }
-            Err(source) => return Err(self.fail_planning(view, cycle, source).await),
         };
+        resync::remove(&replica_path);
         let base_cycle = if kind == CycleKind::Delta {
             base.map_or(0, |h| h.cycle)
         } else {
@@ -658,6 +726,10 @@ impl Cycle<'_> {
                 ]);
             }
         }
+        let resync = (kind == CycleKind::Resync).then(|| ResyncCount {
+            compared_chunks: summary.compared_chunks,
+            sent_chunks: summary.sent_chunks(),
+        });
         let mut tags = vec![
             (
                 "ferry.agent_version".to_string(),
@@ -715,7 +787,89 @@ impl Cycle<'_> {
                 return Err(e);
             }
         };
-        self.send(rec, view, frames, connector, true).await
+        self.send(rec, view, frames, connector, true, resync).await
+    }
+
+    /// Whether the committed digests `h` describe what the gateway holds of the disk, at
+    /// `disk_size` bytes: a delta can be planned against them.
+    fn base_fits(&self, h: &DigestsHeader, disk_size: u64) -> bool {
+        Some(h.cycle) == self.pd.last_complete_cycle
+            && h.chunk_size == self.pd.chunk_size
+            && h.disk_size == disk_size
+            && !self.plan.resync_requested
+    }
+
+    /// Says why the replica's digests are not used (the resync sends every chunk).
+    fn unusable(&self, e: &Unusable) {
+        progress::log(&[
+            ("event", "resync_digests_unusable"),
+            ("disk", &self.label),
+            ("reason", e.reason()),
+            ("error", &e.to_string()),
+            ("note", "the resync sends every chunk"),
+        ]);
+    }
+
+    /// Fetches and checks the replica's digests for `geo` into the cycle directory; `None`
+    /// (said why) when they cannot be had.
+    async fn fetch_replica(&self, geo: Geometry) -> Option<ferry_proto::digests::Header> {
+        let path = self.st.replica_digests_path();
+        match resync::fetch(
+            &self.ctx.gateway,
+            &self.disk.item,
+            &self.disk.name,
+            geo,
+            &path,
+            self.stop,
+        )
+        .await
+        {
+            Ok(h) => {
+                let n = h.count().to_string();
+                progress::log(&[
+                    ("event", "resync_digests"),
+                    ("disk", &self.label),
+                    ("point", &h.point),
+                    ("chunks", &n),
+                ]);
+                Some(h)
+            }
+            Err(e) => {
+                resync::remove(&path);
+                self.unusable(&e);
+                None
+            }
+        }
+    }
+
+    /// The base of a resync of `geo`: the replica's digests (`fetched` before the view was
+    /// taken, else fetched now) when they describe `geo`, else nothing.
+    async fn replica_base(
+        &self,
+        geo: Geometry,
+        fetched: Option<Option<ferry_proto::digests::Header>>,
+    ) -> PlanBase {
+        let h = match fetched {
+            Some(h) => h,
+            None => self.fetch_replica(geo).await,
+        };
+        match h {
+            Some(h) if (h.disk_size, h.chunk_size) == (geo.disk_size, geo.chunk_size) => {
+                PlanBase::Replica
+            }
+            Some(h) => {
+                self.unusable(&Unusable::Geometry {
+                    point: h.point,
+                    found_size: h.disk_size,
+                    found_chunk: h.chunk_size,
+                    disk_size: geo.disk_size,
+                    chunk_size: geo.chunk_size,
+                });
+                resync::remove(&self.st.replica_digests_path());
+                PlanBase::None
+            }
+            None => PlanBase::None,
+        }
     }
 
     async fn fail_planning(&self, view: View, cycle: u64, source: PlanError) -> SyncError {
@@ -737,7 +891,7 @@ impl Cycle<'_> {
         view: &View,
         geo: Geometry,
         cycle: u64,
-        with_base: bool,
+        base: PlanBase,
     ) -> Result<plan::PlanSummary, PlanError> {
         let file = view.try_clone_file().map_err(|e| PlanError::Read {
             path: view.path().to_path_buf(),
@@ -746,6 +900,7 @@ impl Cycle<'_> {
         })?;
         let view_path = view.path().to_path_buf();
         let base_path = self.st.digests_path();
+        let replica_path = self.st.replica_digests_path();
         let plan_path = self.st.plan_path();
         let digests_path = self.st.cycle_dir().join("digests");
         let flag = Arc::new(AtomicBool::new(self.stop.is_set()));
@@ -757,13 +912,13 @@ impl Cycle<'_> {
             })
         };
         let r = tokio::task::spawn_blocking(move || {
-            let base = if with_base {
-                Some(
+            let base = match base {
+                PlanBase::None => None,
+                PlanBase::Committed => Some(Base::Committed(
                     crate::tracking::DigestReader::open(&base_path)
                         .map_err(PlanError::BaseDamaged)?,
-                )
-            } else {
-                None
+                )),
+                PlanBase::Replica => Some(Base::replica(&replica_path)?),
             };
             plan::plan(
                 &file,
@@ -795,12 +950,13 @@ impl Cycle<'_> {
         frames: CycleFrames,
         connector: &mut TlsConnector,
         fresh: bool,
+        resync: Option<ResyncCount>,
     ) -> Result<CycleOutcome, SyncError> {
         let r = &self.ctx.replication;
         let cfg = SessionConfig {
             window_bytes: r.window_bytes,
             ack_timeout: Duration::from_secs(u64::from(r.ack_timeout_seconds)),
-            max_bytes_per_second: r.max_bytes_per_second,
+            throttle: self.ctx.throttle.clone(),
             retry_schedule: SessionConfig::schedule_from(&self.plan.retry_schedule_seconds),
             max_failures: self.opts.max_failures,
             busy_min: BUSY_MIN,
@@ -909,6 +1065,7 @@ impl Cycle<'_> {
             app: consistency == ferry_proto::frame::Consistency::App,
             data_frames: rec.data_frames,
             chunk_bytes: rec.chunk_bytes,
+            resync,
             commit,
         })
     }
@@ -968,6 +1125,13 @@ pub struct DiskReport {
     /// Chunk bytes the cycle carried.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chunk_bytes: Option<u64>,
+    /// A resync: chunks compared with the digests of what the gateway holds (0 when the
+    /// replica's digests could not be used and every chunk was sent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resync_compared_chunks: Option<u64>,
+    /// A resync: chunks sent (`Chunk` frames and chunks in `Zero` ranges).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resync_sent_chunks: Option<u64>,
     /// Why the point is not confirmed, or why the disk failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -988,6 +1152,8 @@ impl DiskReport {
             point_id: None,
             data_frames: None,
             chunk_bytes: None,
+            resync_compared_chunks: None,
+            resync_sent_chunks: None,
             message: None,
             exit_code: 0,
         }
@@ -1008,6 +1174,7 @@ impl DiskReport {
                 app,
                 data_frames,
                 chunk_bytes,
+                resync,
                 commit,
             } => {
                 let mut r = match commit {
@@ -1029,6 +1196,8 @@ impl DiskReport {
                 r.consistency = Some(if app { "app" } else { "crash" });
                 r.data_frames = Some(data_frames);
                 r.chunk_bytes = Some(chunk_bytes);
+                r.resync_compared_chunks = resync.map(|c| c.compared_chunks);
+                r.resync_sent_chunks = resync.map(|c| c.sent_chunks);
                 r
             }
         }
@@ -1268,6 +1437,7 @@ async fn disk_loop(ctx: &Context, disk: &DiskConfig, stop: &Stop) -> Result<(), 
                         kind,
                         commit,
                         chunk_bytes,
+                        resync,
                         ..
                     } => {
                         if app {
@@ -1278,15 +1448,22 @@ async fn disk_loop(ctx: &Context, disk: &DiskConfig, stop: &Stop) -> Result<(), 
                             Commit::Committed(p) => ("committed", p.as_str()),
                             Commit::NotConfirmed(_) => ("acknowledged", "-"),
                         };
-                        progress::log(&[
+                        let mut fields = vec![
                             ("event", "cycle_done"),
-                            ("disk", &label),
-                            ("cycle", &c),
+                            ("disk", label.as_str()),
+                            ("cycle", c.as_str()),
                             ("kind", kind.as_str()),
                             ("status", status),
                             ("point", point),
-                            ("chunk_bytes", &b),
-                        ]);
+                            ("chunk_bytes", b.as_str()),
+                        ];
+                        let counts = resync
+                            .map(|r| (r.compared_chunks.to_string(), r.sent_chunks.to_string()));
+                        if let Some((compared, sent)) = &counts {
+                            fields.push(("resync_compared_chunks", compared));
+                            fields.push(("resync_sent_chunks", sent));
+                        }
+                        progress::log(&fields);
                     }
                 }
                 let next = started + interval;
@@ -1378,6 +1555,7 @@ mod tests {
                 app: false,
                 data_frames: 4,
                 chunk_bytes: 100,
+                resync: None,
                 commit: Commit::Committed("20261126T075405.135Z-1c866aa0".into()),
             },
         );
@@ -1393,10 +1571,14 @@ mod tests {
             &d,
             CycleOutcome::Done {
                 cycle: 4,
-                kind: CycleKind::Initial,
+                kind: CycleKind::Resync,
                 app: true,
                 data_frames: 1,
                 chunk_bytes: 0,
+                resync: Some(ResyncCount {
+                    compared_chunks: 10,
+                    sent_chunks: 1,
+                }),
                 commit: Commit::NotConfirmed("closed".into()),
             },
         );
@@ -1404,6 +1586,12 @@ mod tests {
         assert!(
             r.line()
                 .starts_with("web/sda cycle 4 acknowledged; point not yet confirmed")
+        );
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            json.contains(r#""kind":"resync","consistency":"app""#)
+                && json.contains(r#""chunk_bytes":0,"resync_compared_chunks":10,"resync_sent_chunks":1,"message""#),
+            "{json}"
         );
         let r = DiskReport::from_outcome(&d, CycleOutcome::Paused);
         assert_eq!(r.line(), "web/sda: paused by the operator, nothing sent");
@@ -1435,19 +1623,106 @@ mod tests {
 
     use std::sync::Mutex;
 
-    use crate::testkit::{FakeDataPort, FakeGateway, TestCa, enroll_into, point_id};
+    use crate::testkit::{FakeDataPort, FakeGateway, Reply, TestCa, enroll_into, point_id};
+
+    /// How the fake gateway answers the replica's digests.
+    #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+    enum Digests {
+        /// The digests of its replica, as the real gateway computes them.
+        #[default]
+        Serve,
+        /// 404 `no_point`.
+        NoPoint,
+        /// A byte flipped.
+        Damaged,
+        /// The last 40 bytes missing.
+        Truncated,
+        /// A list for a disk one byte shorter.
+        OtherGeometry,
+        /// 200 with an HTML page.
+        Html,
+        /// 503 `digests_busy`.
+        Busy,
+    }
 
     #[derive(Debug, Default)]
     struct Knobs {
         paused: bool,
         resync_requested: bool,
         no_data_port: bool,
+        digests: Digests,
+    }
+
+    const DIGESTS_PATH: &str = "/api/v1/agent/items/web/disks/sda/digests";
+
+    /// The fake gateway's answer to `GET …/digests`: the list of its replica after its
+    /// last complete cycle, or what `mode` asks for.
+    fn digests_reply(mode: Digests, dp: &crate::testkit::DataPortState) -> Reply {
+        use ferry_proto::digests::{CONTENT_TYPE, Header, Writer, digest};
+        let json = |status: u16, body: &str| Reply {
+            status,
+            content_type: "application/json".into(),
+            body: body.as_bytes().to_vec(),
+        };
+        let Some((cycle, _)) = dp.complete else {
+            return json(
+                404,
+                r#"{"code":"no_point","message":"item `web` has no recovery point yet"}"#,
+            );
+        };
+        match mode {
+            Digests::NoPoint => {
+                return json(404, r#"{"code":"no_point","message":"no point holds sda"}"#);
+            }
+            Digests::Busy => {
+                return json(
+                    503,
+                    r#"{"code":"digests_busy","message":"retry in a minute"}"#,
+                );
+            }
+            Digests::Html => {
+                return Reply {
+                    status: 200,
+                    content_type: "text/html".into(),
+                    body: b"<html>hello</html>".to_vec(),
+                };
+            }
+            _ => {}
+        }
+        let replica = if mode == Digests::OtherGeometry {
+            &dp.replica[..dp.replica.len() - 1]
+        } else {
+            &dp.replica[..]
+        };
+        let h = Header {
+            chunk_size: u32::try_from(CS).unwrap(),
+            disk_size: replica.len() as u64,
+            point: point_id(cycle),
+        };
+        let mut w = Writer::new(Vec::new(), &h).unwrap();
+        for c in replica.chunks(usize::try_from(CS).unwrap()) {
+            w.push(&digest(c)).unwrap();
+        }
+        let mut body = w.finish().unwrap();
+        match mode {
+            Digests::Damaged => {
+                let at = body.len() / 2;
+                body[at] ^= 0x10;
+            }
+            Digests::Truncated => body.truncate(body.len() - 40),
+            _ => {}
+        }
+        Reply {
+            status: 200,
+            content_type: CONTENT_TYPE.into(),
+            body,
+        }
     }
 
     struct Setup {
         _ca: Arc<TestCa>,
         dp: FakeDataPort,
-        _api: FakeGateway,
+        api: FakeGateway,
         knobs: Arc<Mutex<Knobs>>,
         dir: tempfile::TempDir,
         img: PathBuf,
@@ -1463,12 +1738,17 @@ mod tests {
         let (k, gw_state, port) = (knobs.clone(), dp.state.clone(), dp.port);
         let size = 6 * CS - 123;
         let api = ca
-            .serve(true, move |r| {
+            .serve_raw(true, move |r| {
+                if r.target == DIGESTS_PATH {
+                    let mode = k.lock().unwrap().digests;
+                    return digests_reply(mode, &gw_state.lock().unwrap());
+                }
                 if r.target != "/api/v1/agent/items/web/replication" {
-                    return (
-                        404,
-                        r#"{"code":"not_found","message":"no such item"}"#.into(),
-                    );
+                    return Reply {
+                        status: 404,
+                        content_type: "application/json".into(),
+                        body: br#"{"code":"not_found","message":"no such item"}"#.to_vec(),
+                    };
                 }
                 let k = k.lock().unwrap();
                 let last = gw_state.lock().unwrap().complete.map(|(c, _)| c);
@@ -1488,7 +1768,11 @@ mod tests {
                         last_complete_cycle: last,
                     }],
                 };
-                (200, serde_json::to_string(&plan).unwrap())
+                Reply {
+                    status: 200,
+                    content_type: "application/json".into(),
+                    body: serde_json::to_vec(&plan).unwrap(),
+                }
             })
             .await;
         let dir = tempfile::tempdir().unwrap();
@@ -1506,7 +1790,7 @@ mod tests {
         Setup {
             _ca: ca,
             dp,
-            _api: api,
+            api,
             knobs,
             dir,
             img,
@@ -1545,6 +1829,14 @@ mod tests {
             let want = std::fs::read(&self.img).unwrap();
             let got = self.dp.state.lock().unwrap().replica.clone();
             assert!(got == want, "the replica differs from the disk");
+        }
+
+        fn digests_requests(&self) -> usize {
+            self.api
+                .requests()
+                .iter()
+                .filter(|r| r.target == DIGESTS_PATH)
+                .count()
         }
 
         fn last_cycle(&self) -> (u64, CycleKind, u64) {
@@ -1629,14 +1921,15 @@ mod tests {
         assert_eq!((c, kind, frames), (6, CycleKind::Delta, 0));
         s.replica_matches();
 
-        // A resync asked by the operator sends every chunk.
+        // A resync asked by the operator compares with the replica's digests: nothing
+        // differs, nothing is sent.
         s.knobs.lock().unwrap().resync_requested = true;
         let (c, kind, frames, _) = done(s.cycle(Some(3)).await.unwrap());
-        assert_eq!((c, kind), (7, CycleKind::Resync));
-        // C0 Z1 C2 C3 C4 Z5.
-        assert_eq!(frames, 6);
+        assert_eq!((c, kind, frames), (7, CycleKind::Resync, 0));
         s.replica_matches();
         s.knobs.lock().unwrap().resync_requested = false;
+        // Deltas never asked for the replica's digests.
+        assert_eq!(s.digests_requests(), 1);
 
         // Paused: nothing sent. No process role: said so.
         s.knobs.lock().unwrap().paused = true;
@@ -1665,6 +1958,92 @@ mod tests {
             reports[0].line(),
             format!("web/sda cycle 8 → point {}", point_id(8))
         );
+        s.replica_matches();
+    }
+
+    fn resync_counts(o: &CycleOutcome) -> (u64, u64) {
+        match o {
+            CycleOutcome::Done {
+                kind: CycleKind::Resync,
+                resync: Some(r),
+                ..
+            } => (r.compared_chunks, r.sent_chunks),
+            o => panic!("not a resync: {o:?}"),
+        }
+    }
+
+    /// A resync (tracking lost, or asked by the operator) is planned against the gateway's
+    /// digests of its replica: only the chunks that differ are sent, zeros both ways; when
+    /// the digests cannot be used (no point, damaged, truncated, another geometry, not a
+    /// digest list, the gateway busy) every chunk is sent and the cycle still succeeds.
+    #[tokio::test]
+    async fn checksum_resync_sends_only_what_differs() {
+        let s = setup().await;
+        done(s.cycle(Some(3)).await.unwrap());
+        assert_eq!(s.digests_requests(), 0, "an initial cycle asks nothing");
+        // The state directory loses the disk's tracking; meanwhile the disk changes: chunk
+        // 1 (a hole) gets data, chunk 3 changes, chunk 5's data is overwritten with zeros.
+        std::fs::remove_file(s.state_dir().join("disks/web/sda/digests")).unwrap();
+        write(&s.img, CS + 7, b"new");
+        write(&s.img, 3 * CS + 1, b"changed");
+        write(&s.img, 5 * CS, &[0; 1000]);
+        let o = s.cycle(Some(3)).await.unwrap();
+        assert_eq!(resync_counts(&o), (6, 3));
+        let (c, kind, frames, _) = done(o);
+        assert_eq!((c, kind, frames), (2, CycleKind::Resync, 3));
+        s.replica_matches();
+        assert_eq!(s.digests_requests(), 1);
+        // Only chunks 1 and 3 carried bytes, chunk 5 went as a Zero range.
+        let dp = s.dp.state.lock().unwrap().cycles.clone();
+        assert_eq!(dp.last(), Some(&(2, CycleKind::Resync, 3)));
+        // The list was only kept while planning; the committed digests are the source's:
+        // the next cycle is a delta sending nothing.
+        assert!(!s.state_dir().join("disks/web/sda/cycle").exists());
+        assert_eq!(s.committed(), Some(2));
+        let (_, kind, frames, _) = done(s.cycle(Some(3)).await.unwrap());
+        assert_eq!((kind, frames), (CycleKind::Delta, 0));
+
+        // Unusable digests: every chunk is sent (C0 C1 C2 C3 Z4+2), the replica is right.
+        s.knobs.lock().unwrap().resync_requested = true;
+        let mut cycle = 3;
+        for mode in [
+            Digests::NoPoint,
+            Digests::Damaged,
+            Digests::Truncated,
+            Digests::OtherGeometry,
+            Digests::Html,
+            Digests::Busy,
+        ] {
+            s.knobs.lock().unwrap().digests = mode;
+            write(&s.img, 2 * CS + 3, &[u8::try_from(cycle).unwrap()]);
+            let o = s.cycle(Some(3)).await.unwrap();
+            cycle += 1;
+            assert_eq!(resync_counts(&o), (0, 6), "{mode:?}");
+            let (c, kind, frames, _) = done(o);
+            assert_eq!((c, kind, frames), (cycle, CycleKind::Resync, 5), "{mode:?}");
+            s.replica_matches();
+        }
+        assert_eq!(s.digests_requests(), 7);
+
+        // sync --once reports what the resync compared and sent.
+        s.knobs.lock().unwrap().digests = Digests::Serve;
+        write(&s.img, 4 * CS + 9, b"four");
+        let reports = sync_once(
+            &SyncArgs {
+                state_dir: s.state_dir(),
+                item: None,
+                disk: None,
+                commit_timeout: Duration::from_secs(5),
+            },
+            &Stop::never(),
+        )
+        .await
+        .unwrap();
+        let json = serde_json::to_value(&reports[0]).unwrap();
+        assert_eq!(json["kind"], "resync");
+        assert_eq!(json["resync_compared_chunks"], 6);
+        assert_eq!(json["resync_sent_chunks"], 1);
+        assert_eq!(json["data_frames"], 1);
         s.replica_matches();
     }
 

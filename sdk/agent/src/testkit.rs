@@ -113,11 +113,29 @@ impl TestCa {
     }
 
     /// A fake gateway on a loopback port: answers each request with `handler`'s status and
-    /// body. With `client_auth`, the handshake requires a client certificate this CA signed.
+    /// JSON body. With `client_auth`, the handshake requires a client certificate this CA
+    /// signed.
     pub async fn serve(
         &self,
         client_auth: bool,
         handler: impl Fn(&Request) -> (u16, String) + Send + Sync + 'static,
+    ) -> FakeGateway {
+        self.serve_raw(client_auth, move |r| {
+            let (status, body) = handler(r);
+            Reply {
+                status,
+                content_type: "application/json".into(),
+                body: body.into_bytes(),
+            }
+        })
+        .await
+    }
+
+    /// [`Self::serve`] with any media type and body.
+    pub async fn serve_raw(
+        &self,
+        client_auth: bool,
+        handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
     ) -> FakeGateway {
         let acceptor = self.acceptor(client_auth);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -140,15 +158,19 @@ impl TestCa {
                         return;
                     };
                     req.client_cert = client_cert;
-                    let (status, body) = handler(&req);
+                    let Reply {
+                        status,
+                        content_type,
+                        body,
+                    } = handler(&req);
                     seen.lock().unwrap().push(req);
                     let head = format!(
-                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
+                        "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\n\
                          content-length: {}\r\nconnection: close\r\n\r\n",
                         body.len()
                     );
                     let _ = tls.write_all(head.as_bytes()).await;
-                    let _ = tls.write_all(body.as_bytes()).await;
+                    let _ = tls.write_all(&body).await;
                     let _ = tls.shutdown().await;
                 });
             }
@@ -159,6 +181,14 @@ impl TestCa {
             task,
         }
     }
+}
+
+/// What the fake gateway answers.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
 }
 
 /// One request the fake gateway received.

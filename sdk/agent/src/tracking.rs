@@ -20,6 +20,8 @@
 //!         plan                      its data frames, one fixed-size record per seq
 //!         digests                   its digests, pending
 //!         view                      the reflink clone read (snapshot `reflink` only)
+//!         replica-digests           the gateway's digests of its replica, while a resync
+//!                                   is planned against them (`crate::resync`)
 //! ```
 //!
 //! Memory stays bounded whatever the disk's size: digests and plan records are streamed
@@ -53,6 +55,9 @@ const RECORD_FILE: &str = "record";
 const PLAN_FILE: &str = "plan";
 /// The reflink clone of a cycle, in the cycle directory.
 pub const VIEW_FILE: &str = "view";
+/// The replica's digest list downloaded for a checksum-based resync, in the cycle directory
+/// (`ferry_proto::digests` format, kept only while the cycle is planned).
+pub const REPLICA_DIGESTS_FILE: &str = "replica-digests";
 
 const DIGESTS_MAGIC: [u8; 8] = *b"FERRYDGS";
 const RECORD_MAGIC: [u8; 8] = *b"FERRYCYC";
@@ -1017,6 +1022,11 @@ impl DiskState {
     /// The plan of the cycle in progress.
     pub fn plan_path(&self) -> PathBuf {
         self.cycle_dir().join(PLAN_FILE)
+    }
+
+    /// The replica's digest list of the cycle being planned (a checksum-based resync).
+    pub fn replica_digests_path(&self) -> PathBuf {
+        self.cycle_dir().join(REPLICA_DIGESTS_FILE)
     }
 
     /// The pending digests of the cycle in progress (as its record names them).

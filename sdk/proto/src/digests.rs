@@ -68,7 +68,9 @@ impl Header {
     /// Length of chunk `index` (the last one may be shorter).
     pub fn chunk_len(&self, index: u64) -> u64 {
         let cs = u64::from(self.chunk_size);
-        self.disk_size.saturating_sub(index.saturating_mul(cs)).min(cs)
+        self.disk_size
+            .saturating_sub(index.saturating_mul(cs))
+            .min(cs)
     }
 
     /// The encoded header (fixed part and point id).
@@ -252,7 +254,10 @@ impl<R: Read> Reader<R> {
             return Err(DigestsError::FutureVersion(fixed[4]));
         }
         if fixed[4] != VERSION {
-            return Err(DigestsError::Invalid(format!("version {} is not 1", fixed[4])));
+            return Err(DigestsError::Invalid(format!(
+                "version {} is not 1",
+                fixed[4]
+            )));
         }
         if fixed[5..8] != [0; 3] || fixed[12..16] != [0; 4] {
             return Err(DigestsError::Invalid("reserved bytes are not zero".into()));
@@ -416,7 +421,9 @@ mod tests {
         }
         let mut longer = good.clone();
         longer.push(0);
-        let e = Reader::new(&longer[..]).and_then(Reader::verify).unwrap_err();
+        let e = Reader::new(&longer[..])
+            .and_then(Reader::verify)
+            .unwrap_err();
         assert!(e.to_string().contains("after the trailer"), "{e}");
         let mut future = good.clone();
         future[4] = 2;
@@ -427,7 +434,10 @@ mod tests {
         let e = Reader::new(&good[..good.len() - 40])
             .and_then(Reader::verify)
             .unwrap_err();
-        assert!(matches!(e, DigestsError::Truncated { got: 3, want: 4 }), "{e}");
+        assert!(
+            matches!(e, DigestsError::Truncated { got: 3, want: 4 }),
+            "{e}"
+        );
     }
 
     #[test]

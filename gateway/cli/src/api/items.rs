@@ -105,6 +105,27 @@ pub enum ItemCmd {
         #[command(flatten)]
         op: OpArgs,
     },
+    /// Pause the item's replication: its agents start no new cycle until it is resumed (a
+    /// cycle already running completes).
+    Pause {
+        /// Item name.
+        name: String,
+        /// Only if the item is still at this revision.
+        #[arg(long, value_name = "REV", value_parser = parse_if_match)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Resume the item's replication after `ferry item pause`.
+    Resume {
+        /// Item name.
+        name: String,
+        /// Only if the item is still at this revision.
+        #[arg(long, value_name = "REV", value_parser = parse_if_match)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Start a resynchronisation by hand (queues a `resync` job).
     Resync {
         /// Item name.
@@ -170,6 +191,18 @@ fn item_table(i: &Value) -> String {
     let mut rows = vec![
         ("name".into(), cell(&i["name"])),
         ("state".into(), cell(&i["state"])),
+        (
+            "paused".into(),
+            if i["paused"].is_object() {
+                format!(
+                    "yes, since {} (by token {})",
+                    cell(&i["paused"]["at"]),
+                    cell(&i["paused"]["by"])
+                )
+            } else {
+                "no".to_string()
+            },
+        ),
         ("vault".into(), cell(&i["vault"])),
         ("policy".into(), cell(&i["policy"])),
         ("disks".into(), disks),
@@ -446,6 +479,38 @@ pub(super) async fn item(cmd: ItemCmd) -> Result<(), ClientError> {
                 )
                 .await?;
             operation(&c, a, &op).await?;
+        }
+        ItemCmd::Pause {
+            name,
+            if_match,
+            out,
+        } => {
+            let a = c
+                .send(
+                    Method::POST,
+                    &["items", &name, "pause"],
+                    &[],
+                    if_match.as_deref(),
+                    None,
+                )
+                .await?;
+            print_answer(&out, &a, item_table);
+        }
+        ItemCmd::Resume {
+            name,
+            if_match,
+            out,
+        } => {
+            let a = c
+                .send(
+                    Method::POST,
+                    &["items", &name, "resume"],
+                    &[],
+                    if_match.as_deref(),
+                    None,
+                )
+                .await?;
+            print_answer(&out, &a, item_table);
         }
         ItemCmd::Resync { name, if_match, op } => {
             let a = c

@@ -708,6 +708,17 @@ pub(super) async fn my_disk_digests(
             "no recovery point of `{name}` holds a disk `{shown}`"
         )));
     }
+    if role.has_undrained(&name, &disk) {
+        // The newest point is older than what the gateway holds: a resync compared with it
+        // would be applied over the newer cycles and could undo them.
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "cycles_pending",
+            format!(
+                "complete cycles of `{name}`/`{shown}` are not in the vault yet; the digests would describe an older point"
+            ),
+        ));
+    }
     let vault = s.vault(&item.vault).cloned().ok_or_else(|| {
         ApiError::internal(format!(
             "the vault `{}` of item `{name}` is not open",

@@ -72,6 +72,15 @@ pub(super) struct ItemJson {
     revision: u64,
     created: String,
     updated: String,
+    /// Who paused its replication and when (`null`: not paused).
+    paused: Option<PausedJson>,
+}
+
+/// Who paused an item's replication, and when.
+#[derive(Debug, Serialize)]
+pub(super) struct PausedJson {
+    by: String,
+    at: String,
 }
 
 /// The process role's figures of an item.
@@ -166,6 +175,10 @@ impl ItemJson {
             revision: i.revision,
             created: time(i.created_ms),
             updated: time(i.updated_ms),
+            paused: i.paused.map(|p| PausedJson {
+                by: p.by,
+                at: time(p.at_ms),
+            }),
         }
     }
 }
@@ -368,4 +381,52 @@ pub(super) async fn resync(
     headers: HeaderMap,
 ) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>), ApiError> {
     operation(&s, &by, name, &headers, Operation::Resync).await
+}
+
+pub(super) async fn pause(
+    State(s): State<ApiState>,
+    Extension(by): Extension<AdminId>,
+    ApiPath(name): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<([(HeaderName, HeaderValue); 1], Json<ItemJson>), ApiError> {
+    set_paused(&s, &by, name, &headers, true).await
+}
+
+pub(super) async fn resume(
+    State(s): State<ApiState>,
+    Extension(by): Extension<AdminId>,
+    ApiPath(name): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<([(HeaderName, HeaderValue); 1], Json<ItemJson>), ApiError> {
+    set_paused(&s, &by, name, &headers, false).await
+}
+
+/// Pauses or resumes the item's replication: its agents read `paused` in their plan and
+/// start no new cycle while it is set (a cycle already running completes). 200 with the item;
+/// pausing a paused item (or resuming a running one) changes nothing.
+async fn set_paused(
+    s: &ApiState,
+    by: &AdminId,
+    name: String,
+    headers: &HeaderMap,
+    pause: bool,
+) -> Result<([(HeaderName, HeaderValue); 1], Json<ItemJson>), ApiError> {
+    let name = path_name(name)?;
+    let expect = if_match(headers)?;
+    let now = ferry_store::point::now_ms();
+    let who = by.0.clone();
+    let it = s
+        .catalog(move |c| {
+            let by = pause.then_some(who.as_str());
+            ItemJson::of(c, c.set_paused(&name, by, expect.as_deref(), now)?)
+        })
+        .await?
+        .with_figures(s);
+    eprintln!(
+        "ferryd: replication of item {} {} by token {}",
+        it.name,
+        if pause { "paused" } else { "resumed" },
+        by.0
+    );
+    Ok(([(header::ETAG, etag(it.revision))], Json(it)))
 }

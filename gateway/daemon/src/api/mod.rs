@@ -77,6 +77,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/api/v1/items/{name}"),
     ("DELETE", "/api/v1/items/{name}"),
     ("POST", "/api/v1/items/{name}/resync"),
+    ("POST", "/api/v1/items/{name}/pause"),
+    ("POST", "/api/v1/items/{name}/resume"),
     ("GET", "/api/v1/jobs"),
     ("GET", "/api/v1/jobs/{id}"),
     ("POST", "/api/v1/jobs/{id}/cancel"),
@@ -281,6 +283,8 @@ pub fn router(state: ApiState) -> Router {
                 .delete(items::delete),
         )
         .route("/api/v1/items/{name}/resync", post(items::resync))
+        .route("/api/v1/items/{name}/pause", post(items::pause))
+        .route("/api/v1/items/{name}/resume", post(items::resume))
         .route("/api/v1/jobs", get(jobs::list))
         .route("/api/v1/jobs/{id}", get(jobs::get_one))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))

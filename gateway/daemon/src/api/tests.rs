@@ -1888,3 +1888,72 @@ async fn agent_disk_digests() {
         (StatusCode::SERVICE_UNAVAILABLE, "no_process_role")
     );
 }
+
+/// Pause and resume: the item says who paused it and when, its agent's plan says `paused`,
+/// both are idempotent, and a stale `If-Match` or an unknown item changes nothing.
+#[tokio::test]
+async fn pause_and_resume() {
+    let f = fixture_with(&[], true).await;
+    let body = json!({"name": "web-01", "disks": [{"name": "disk0", "size_bytes": 1048576}]});
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/items", Some(&body.to_string()))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    let agent = f.enroll("web-agent", &["web-01"]).await;
+    let plan = || async {
+        let (s, _, body) = f
+            .get_raw_with_cert("/api/v1/agent/items/web-01/replication", agent)
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        serde_json::from_slice::<Value>(&body).unwrap()
+    };
+    assert_eq!(plan().await["paused"], false);
+    let (_, item) = f.get("/api/v1/items/web-01").await;
+    assert_eq!(item["paused"], Value::Null);
+    let rev = item["revision"].as_u64().unwrap();
+
+    // A stale If-Match is refused and pauses nothing.
+    let (s, _, v) = f
+        .request(
+            Method::POST,
+            "/api/v1/items/web-01/pause",
+            Some(&f.admin.clone()),
+            &[("if-match", "\"1\"")],
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::PRECONDITION_FAILED, "{v}");
+    assert_eq!(plan().await["paused"], false);
+
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/items/web-01/pause", None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["paused"]["by"].is_string(), "{v}");
+    assert!(v["paused"]["at"].as_str().unwrap().ends_with('Z'), "{v}");
+    let paused_rev = v["revision"].as_u64().unwrap();
+    assert!(paused_rev > rev);
+    assert_eq!(plan().await["paused"], true);
+    // Again: nothing changes.
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/items/web-01/pause", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["revision"].as_u64().unwrap(), paused_rev);
+
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/items/web-01/resume", None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["paused"], Value::Null);
+    assert_eq!(plan().await["paused"], false);
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/items/web-01/resume", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["revision"], json!(paused_rev + 1));
+
+    let (s, v) = f.send(Method::POST, "/api/v1/items/nope/pause", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+}

@@ -326,6 +326,25 @@ impl ProcessRole {
         let _ = tokio::time::timeout(grace, wait).await;
     }
 
+    /// Whether disk `disk` of `item` has complete cycles the vault does not hold yet (queued
+    /// or draining): the newest point is then not what the gateway holds of the disk.
+    pub fn has_undrained(&self, item: &str, disk: &str) -> bool {
+        let Some(s) = lock(&self.inner.streams)
+            .get(&(item.to_string(), disk.to_string()))
+            .cloned()
+        else {
+            return false;
+        };
+        if !lock(&s.pending).is_empty() {
+            return true;
+        }
+        s.known().is_some_and(|k| match (k.complete, k.committed) {
+            (Some((c, _)), Some((d, _))) => c > d,
+            (Some(_), None) => true,
+            _ => false,
+        })
+    }
+
     pub(crate) fn stream(&self, item: &str, disk: &str) -> Arc<Stream> {
         let id = (item.to_string(), disk.to_string());
         lock(&self.inner.streams)
@@ -664,7 +683,7 @@ impl ProcessRole {
         Ok(ReplicationPlan {
             item: item.name.clone(),
             data_port: self.data_port(),
-            paused: !replicating(item.state),
+            paused: !replicating(item.state) || item.paused.is_some(),
             resync_requested: matches!(
                 item.state,
                 ItemState::ResyncRequired | ItemState::Resynchronizing

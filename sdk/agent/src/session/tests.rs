@@ -169,7 +169,7 @@ fn cfg() -> SessionConfig {
     SessionConfig {
         window_bytes: 1 << 20,
         ack_timeout: Duration::from_secs(10),
-        max_bytes_per_second: None,
+        throttle: Throttle::fixed(None),
         retry_schedule: vec![Duration::from_millis(10)],
         max_failures: Some(3),
         busy_min: Duration::from_millis(10),
@@ -570,7 +570,7 @@ async fn the_throttle_paces_frame_bytes() {
     let total: usize = (1..=11).map(|s| src.bytes(s).len()).sum();
     let mut c = cfg();
     // About 400 ms for the whole cycle.
-    c.max_bytes_per_second = Some((total as u64 * 10) / 4);
+    c.throttle = Throttle::fixed(Some((total as u64 * 10) / 4));
     let (h, mut rx) = agent(&src, c, state(), Stop::never());
     let mut gw = accept(&mut rx).await;
     gw.hello().await;
