@@ -928,4 +928,60 @@ async fn agent_replicates_an_ext4_image_through_faults_and_kills() {
         kills.0 > 0 && kills.1 > 0,
         "both victims were killed: {kills:?}"
     );
+
+    // Paused by the operator: the agent sends nothing; resumed: it carries on.
+    site.ferry_ok(&["item", "pause", "web-01"]);
+    let shown = site.ferry_ok(&["item", "show", "web-01"]);
+    assert!(shown.contains("yes, since"), "{shown}");
+    dd_writes(&img, &src, 4, 500);
+    let before = point_ids(&site).await;
+    let l = sync_line(&state);
+    assert_eq!(l["status"], "paused", "{l}");
+    assert_eq!(point_ids(&site).await, before, "nothing sent while paused");
+    site.ferry_ok(&["item", "resume", "web-01"]);
+    let (kind, p) = sync_committed(&state);
+    assert_eq!(kind, "delta");
+    assert_eq!(point_sha(&site, "web-01", &p).await, sha256_file(&img));
+
+    // Tracking lost (the agent's committed digests gone): the resync compares the disk with
+    // the replica's digests and sends only the chunks that differ.
+    std::fs::remove_file(state.join("disks/web-01/os/digests")).unwrap();
+    dd_writes(&img, &src, 3, 600);
+    let l = sync_line(&state);
+    assert_eq!(
+        (&l["status"], &l["kind"]),
+        (&"committed".into(), &"resync".into()),
+        "{l}"
+    );
+    assert_eq!(l["resync_compared_chunks"], 256, "{l}");
+    let sent = l["resync_sent_chunks"].as_u64().unwrap();
+    assert!((1..=3).contains(&sent), "{l}");
+    let p = l["point_id"].as_str().unwrap();
+    assert_eq!(point_sha(&site, "web-01", p).await, sha256_file(&img));
+    // A resync by hand of an unchanged disk: everything compared, nothing sent.
+    site.ferry_ok(&["item", "resync", "web-01", "--wait"]);
+    let l = sync_line(&state);
+    assert_eq!(
+        (&l["status"], &l["kind"]),
+        (&"committed".into(), &"resync".into()),
+        "{l}"
+    );
+    assert_eq!(
+        (&l["resync_compared_chunks"], &l["resync_sent_chunks"]),
+        (&256.into(), &0.into()),
+        "{l}"
+    );
+    let p = l["point_id"].as_str().unwrap();
+    assert_eq!(point_sha(&site, "web-01", p).await, sha256_file(&img));
+    let shown = site.ferry_ok(&["item", "show", "web-01"]);
+    assert!(shown.contains("protected"), "{shown}");
+}
+
+/// `ferry-agent sync --once` for the one disk: its JSON line.
+fn sync_line(state: &Path) -> serde_json::Value {
+    let o = agent_cmd(state).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let l = sync_lines(&out);
+    assert_eq!(l.len(), 1, "{out}{}", String::from_utf8_lossy(&o.stderr));
+    l.into_iter().next().unwrap()
 }
