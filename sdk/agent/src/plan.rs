@@ -368,7 +368,12 @@ pub fn plan(
         } else {
             &full_zero
         };
-        let (zero, d) = if extents.has_data(off, len as u64) {
+        let (zero, d) = if base.is_none() && extents.has_data(off, len as u64) {
+            // Every allocated chunk is sent when there is no base, and its digest is taken
+            // from the bytes that leave (`CycleFrames::frame`, which also sends a chunk of
+            // zeros as a zero range): not read here, so sending starts at once.
+            (false, [0u8; 32])
+        } else if extents.has_data(off, len as u64) {
             s.read_chunks += 1;
             read_at(view, view_path, &mut buf[..len], off)?;
             if is_zero(&buf[..len]) {
@@ -525,11 +530,20 @@ impl FrameSource for CycleFrames {
                     let mut buf = vec![0u8; len];
                     read_at(&i.view, &i.view_path, &mut buf, off)?;
                     tracking::write_digest_at(&i.digests, &i.digests_path, index, &digest(&buf))?;
-                    AgentFrame::Chunk(Chunk {
-                        seq,
-                        index,
-                        bytes: Bytes::from(buf),
-                    })
+                    if is_zero(&buf) {
+                        // Allocated but zero (an initial cycle does not read before it sends).
+                        AgentFrame::Zero(Zero {
+                            seq,
+                            first_index: index,
+                            count: 1,
+                        })
+                    } else {
+                        AgentFrame::Chunk(Chunk {
+                            seq,
+                            index,
+                            bytes: Bytes::from(buf),
+                        })
+                    }
                 }
                 Planned::Zero { first, count } => AgentFrame::Zero(Zero {
                     seq,
@@ -686,37 +700,49 @@ pub(crate) mod tests {
     #[test]
     fn initial_sends_data_as_chunks_and_holes_and_zeros_as_coalesced_zero_ranges() {
         let t = tempfile::tempdir().unwrap();
+        let holes = holes_supported(t.path());
         let img = t.path().join("disk.img");
         // Chunks: data, hole, hole, data, hole; written zeros are a zero chunk read from data.
         let geo = image(&img, &[1, 0, 0, 2, 0, 0, 3], 1000);
-        // Chunk 5 is data that is all zeros (allocated, read, found zero).
+        // Chunk 5 is data that is all zeros (allocated: planned as a chunk without being
+        // read, found zero when it is sent, and sent as a zero range of one chunk).
         let f = OpenOptions::new().write(true).open(&img).unwrap();
         f.write_all_at(&vec![0u8; CS as usize], 5 * u64::from(CS))
             .unwrap();
         f.sync_all().unwrap();
         let p = plan_and_produce(t.path(), &img, geo, None, 1);
-        assert_eq!(shape(&p.frames), ["C0", "Z1+2", "C3", "Z4+2", "C6", "E"]);
-        assert_eq!(p.summary.data_frames, 5);
-        assert_eq!(p.summary.chunk_frames, 3);
-        assert_eq!(p.summary.zero_chunks, 4);
-        assert_eq!(p.summary.chunk_bytes, 3 * u64::from(CS) - 1000);
-        assert_eq!(p.summary.changed_bytes, geo.disk_size);
-        if holes_supported(t.path()) {
-            // Chunks 1, 2 and 4 are holes, never read; chunk 5 was read and found zero.
+        if holes {
+            assert_eq!(
+                shape(&p.frames),
+                ["C0", "Z1+2", "C3", "Z4+1", "Z5+1", "C6", "E"]
+            );
+            assert_eq!(p.summary.data_frames, 6);
+            assert_eq!(p.summary.chunk_frames, 4);
+            assert_eq!(p.summary.zero_chunks, 3);
+            assert_eq!(p.summary.chunk_bytes, 4 * u64::from(CS) - 1000);
+            // Chunks 1, 2 and 4 are holes; nothing is read before sending.
             assert_eq!(p.summary.hole_chunks, 3, "{:?}", p.summary);
-            assert_eq!(p.summary.read_chunks, 4);
+            assert_eq!(p.summary.read_chunks, 0);
+        } else {
+            // Without hole reporting every chunk is data; the zero ones go as zero ranges.
+            assert_eq!(
+                shape(&p.frames),
+                ["C0", "Z1+1", "Z2+1", "C3", "Z4+1", "Z5+1", "C6", "E"]
+            );
         }
+        assert_eq!(p.summary.changed_bytes, geo.disk_size);
         // The short last chunk carries exactly the disk's remaining bytes.
-        let AgentFrame::Chunk(last) = &p.frames[4] else {
+        let n = p.frames.len();
+        let AgentFrame::Chunk(last) = &p.frames[n - 2] else {
             panic!()
         };
         assert_eq!(last.bytes.len(), CS as usize - 1000);
         assert!(last.bytes.iter().all(|&b| b == 3));
-        let AgentFrame::EndOfCycle(e) = &p.frames[5] else {
+        let AgentFrame::EndOfCycle(e) = &p.frames[n - 1] else {
             panic!()
         };
         assert_eq!(e.tags, [("k".to_string(), "v".to_string())]);
-        // The pending digests were sealed with the EndOfCycle.
+        // The pending digests were sealed with the EndOfCycle, the zero chunk's included.
         let h = tracking::verify_digests(&t.path().join("digests")).unwrap();
         assert_eq!((h.cycle, h.chunks), (1, 7));
     }
