@@ -92,7 +92,8 @@ pub struct CacheConfig {
     /// Most bytes all journals together may hold.
     pub max_journal_bytes: u64,
     /// Most bytes one cycle's journal may hold. A cycle is drained once complete, so a larger
-    /// one is refused (`internal`, naming this key): keep it above a disk's largest cycle.
+    /// one is refused (`too_large`, naming this key; the agent stops the disk): keep it above a
+    /// disk's largest cycle.
     pub max_cycle_bytes: u64,
 }
 

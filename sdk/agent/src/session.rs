@@ -165,12 +165,13 @@ pub enum Class {
 }
 
 /// Fatal error codes (`docs/agent-protocol.md` §7.6).
-const FATAL_CODES: [&str; 5] = [
+const FATAL_CODES: [&str; 6] = [
     error_code::BAD_FRAME,
     error_code::UNSUPPORTED_VERSION,
     error_code::FORBIDDEN,
     error_code::UNKNOWN_ITEM,
     error_code::OUT_OF_RANGE,
+    error_code::TOO_LARGE,
 ];
 
 impl SessionError {

@@ -92,6 +92,11 @@ pub mod error_code {
     pub const SHUTTING_DOWN: &str = "shutting_down";
     /// The gateway failed (its journal could not be written, …). Transient.
     pub const INTERNAL: &str = "internal";
+    /// The cycle is larger than the gateway takes in one cycle (its
+    /// `process.cache.max_cycle_bytes`): nothing more of it is taken. Fatal until the operator
+    /// raises the limit (retrying would send the same cycle again). Added in version 1 after
+    /// its first gateways: an agent that does not know it treats it as transient.
+    pub const TOO_LARGE: &str = "too_large";
 }
 
 /// Who sends a frame.

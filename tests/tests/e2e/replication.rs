@@ -72,6 +72,8 @@ pub struct Site {
     home: PathBuf,
     /// Fixed (API, data) ports across restarts, or (0, 0) for new ones each time.
     ports: (u16, u16),
+    /// `ferryd`'s environment: [`ENV`] and what a test adds.
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl Site {
@@ -82,6 +84,11 @@ impl Site {
 
     /// [`Site::start`] with `ferryd` on fixed ports, kept across restarts.
     pub fn start_at(dir: &Path, ports: (u16, u16)) -> Site {
+        Self::start_with(dir, ports, &[])
+    }
+
+    /// [`Site::start_at`] with more environment for `ferryd` (configuration keys).
+    pub fn start_with(dir: &Path, ports: (u16, u16), env: &[(&'static str, &'static str)]) -> Site {
         let data = dir.join("data");
         let home = dir.join("home");
         std::fs::create_dir_all(&home).unwrap();
@@ -91,6 +98,7 @@ impl Site {
             daemon: None,
             home,
             ports,
+            env: ENV.iter().chain(env).copied().collect(),
         };
         s.restart();
         s
@@ -99,7 +107,7 @@ impl Site {
     /// (Re)starts `ferryd` on the same data directory (new ports) and logs in again.
     pub fn restart(&mut self) {
         self.daemon = None;
-        let d = Daemon::start_at(&self.data, ENV, self.ports.0, self.ports.1);
+        let d = Daemon::start_at(&self.data, &self.env, self.ports.0, self.ports.1);
         let fp = d
             .stdout()
             .lines()
@@ -984,4 +992,49 @@ fn sync_line(state: &Path) -> serde_json::Value {
     let l = sync_lines(&out);
     assert_eq!(l.len(), 1, "{out}{}", String::from_utf8_lossy(&o.stderr));
     l.into_iter().next().unwrap()
+}
+
+/// A cycle larger than the gateway takes in one cycle (`process.cache.max_cycle_bytes`) is
+/// refused with `too_large`, naming the key: the agent stops the disk at once instead of
+/// sending the same cycle again and again, and no point is made of part of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cycle_larger_than_the_gateway_takes_stops_the_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let site = Site::start_with(
+        tmp.path(),
+        (0, 0),
+        &[("FERRY_PROCESS__CACHE__MAX_CYCLE_BYTES", "67108864")],
+    );
+    // 96 MiB of data that does not compress or dedup: more than the 64 MiB a cycle may hold.
+    let img = tmp.path().join("big.img");
+    let o = Command::new("head")
+        .args(["-c", "100663296", "/dev/urandom"])
+        .stdout(std::fs::File::create(&img).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    site.ferry_ok(&["item", "create", "web-01", "--disk", "os=96M", "--wait"]);
+    let state = tmp.path().join("agent");
+    let disk_arg = format!("web-01/os={}", img.display());
+    site.enroll_with("agent-1", &["web-01"], &state, &["--disk", &disk_arg]);
+    let o = agent_cmd(&state).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let l = sync_lines(&out);
+    assert_eq!(l.len(), 1, "{out}{err}");
+    assert_eq!(l[0]["status"], "failed", "{}", l[0]);
+    let msg = l[0]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("max_cycle_bytes"), "{msg}");
+    assert!(
+        !err.contains("event=reconnect"),
+        "a refused cycle is not sent again: {err}"
+    );
+    assert!(!o.status.success());
+    assert!(
+        point_ids(&site).await.is_empty(),
+        "no point of part of a cycle"
+    );
+    // The item says why.
+    let shown = site.ferry_ok(&["item", "show", "web-01"]);
+    assert!(shown.contains("max_cycle_bytes"), "{shown}");
 }

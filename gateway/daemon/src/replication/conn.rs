@@ -267,10 +267,34 @@ async fn run<IO: AsyncRead + AsyncWrite + Unpin + Send>(
                 ));
             });
         }
-        let _ = wire.send(&f).await;
+        if wire.send(&f).await.is_ok() {
+            // The agent may be writing frames still: closing now would reset the connection
+            // and could discard the answer before it reads it. Its writes are read and dropped
+            // until it closes, for a short while.
+            let _ = tokio::time::timeout(Duration::from_secs(5), wire.io.shutdown()).await;
+            let _ = tokio::time::timeout(LINGER, async {
+                loop {
+                    wire.buf.clear();
+                    if !matches!(wire.fill().await, Ok(true)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+            return finish(&role, item_for_figures.as_deref());
+        }
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), wire.io.shutdown()).await;
-    if let Some(item) = &item_for_figures {
+    finish(&role, item_for_figures.as_deref());
+}
+
+/// How long a refused session's incoming bytes are read and dropped after its `Error` (so the
+/// agent reads the answer instead of a reset).
+const LINGER: Duration = Duration::from_secs(3);
+
+/// A session is over: the item's figures learn it.
+fn finish(role: &ProcessRole, item: Option<&str>) {
+    if let Some(item) = item {
         role.with_figures(item, |f| {
             f.sessions = f.sessions.saturating_sub(1);
             f.receiving_bytes = 0;
@@ -649,7 +673,7 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
                 }) => {
                     flush!();
                     return error(
-                        error_code::INTERNAL,
+                        error_code::TOO_LARGE,
                         format!(
                             "cycle {} of `{}`/`{}` is larger than the gateway takes in one cycle ({limit} bytes, process.cache.max_cycle_bytes)",
                             hello.cycle, hello.item, hello.disk

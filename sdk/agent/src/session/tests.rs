@@ -729,3 +729,22 @@ fn tls_connector_names_the_server_as_the_url_does() {
     assert!(matches!(c.server_name, ServerName::DnsName(_)));
     assert_eq!(c.host, "gw.example");
 }
+
+#[tokio::test]
+async fn too_large_stops_without_retry() {
+    let src = VecSource::new(3);
+    let (h, mut rx) = agent(&src, cfg(), state(), Stop::never());
+    let mut gw = accept(&mut rx).await;
+    gw.hello().await;
+    gw.error(
+        "too_large",
+        "cycle 1 of `web`/`sda` is larger than the gateway takes in one cycle",
+    )
+    .await;
+    let (r, st) = h.await.unwrap();
+    let e = r.unwrap_err();
+    assert_eq!(e.class(), Class::Fatal, "{e:?}");
+    assert!(e.to_string().contains("larger than"), "{e}");
+    assert_eq!(st.connections, 1);
+    assert!(rx.try_recv().is_err(), "no second connection");
+}
