@@ -14,6 +14,13 @@
 //! Every refusal is a [`PolicyError`] naming the field (dotted for nested members:
 //! `retention.hourly_days`, indexed for list entries: `retry_schedule_seconds[2]`) and the
 //! rule.
+//!
+//! The optional [`ResyncWindow`] (`resync_window`) schedules resyncs for off-hours: a resync
+//! an agent decides itself (tracking lost, changed geometry, changes over the threshold) waits
+//! until the agent's local time is inside it; one the operator asks for starts at once. Its
+//! times and days follow the agent's `[[replication.throttle]]` windows (`HH:MM`, `to` before
+//! `from` wrapping past midnight, `mon` … `sun`), since the agent evaluates it with the same
+//! code (`ferry_agent::throttle::TimeWindow`).
 
 use std::fmt;
 
@@ -47,6 +54,12 @@ pub const RETRY_DELAY_SECONDS: (u32, u32) = (1, 86_400);
 pub const MAX_RETRY_ENTRIES: usize = 32;
 /// `resync_threshold_percent`.
 pub const RESYNC_THRESHOLD_PERCENT: (u32, u32) = (1, 100);
+
+/// The days of a [`ResyncWindow`], Monday first, as they are stored and shown (the full names
+/// are also accepted, any case: `ferry_proto::schedule`, which the agent reads them with).
+pub use ferry_proto::schedule::DAY_NAMES;
+/// Longest part of a refused value quoted back in an error.
+const MAX_QUOTED: usize = 40;
 
 /// Default `chunk_size`: the store's (256 KiB), chosen by the vault benchmarks (smaller
 /// incrementals than 1 MiB chunks, faster restores).
@@ -131,6 +144,114 @@ pub struct PolicySettings {
     /// Changes pending above this share of a disk's size force a resync of the disk
     /// (1–100; default 50).
     pub resync_threshold_percent: u32,
+    /// When resyncs the agent decides itself may run (`None`, the default: whenever needed).
+    pub resync_window: Option<ResyncWindow>,
+}
+
+/// `resync_window`: the off-hours window of automatic resyncs (see the module documentation).
+/// Built only by [`ResyncWindow::parse`]; [`PolicySettings::validate`] checks it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncWindow {
+    /// Start, minutes since local midnight (included; 0–1439).
+    pub from_minute: u16,
+    /// End, minutes since local midnight (excluded; 0–1439, not `from_minute`); before
+    /// `from_minute`: the next day.
+    pub to_minute: u16,
+    /// The days the window starts on, Monday first; `None`: every day (`days` left out).
+    pub days: Option<[bool; 7]>,
+}
+
+impl ResyncWindow {
+    /// Checks `from` and `to` (`HH:MM` or `H:MM`, 00:00 to 23:59, different) and `days`
+    /// (`mon` … `sun` or the full names, any case, each once, at least one; `None`: every
+    /// day), naming the member refused: `resync_window.from`, `resync_window.days[2]`.
+    pub fn parse(from: &str, to: &str, days: Option<&[String]>) -> Result<Self, PolicyError> {
+        let time = |key: &'static str, v: &str| {
+            ferry_proto::schedule::parse_time(v).ok_or_else(|| PolicyError::ResyncWindowTime {
+                key,
+                got: quoted(v),
+            })
+        };
+        let from_minute = time("from", from)?;
+        let to_minute = time("to", to)?;
+        if from_minute == to_minute {
+            return Err(PolicyError::ResyncWindowEmpty {
+                at: hhmm(from_minute),
+            });
+        }
+        let days = match days {
+            None => None,
+            Some([]) => return Err(PolicyError::ResyncWindowNoDays),
+            Some(list) => {
+                let mut on = [false; 7];
+                for (index, d) in list.iter().enumerate() {
+                    let n = ferry_proto::schedule::parse_day(d)
+                        .map(usize::from)
+                        .ok_or_else(|| PolicyError::ResyncWindowDay {
+                            index,
+                            got: quoted(d),
+                        })?;
+                    if on[n] {
+                        return Err(PolicyError::ResyncWindowDayRepeated {
+                            index,
+                            day: DAY_NAMES[n],
+                        });
+                    }
+                    on[n] = true;
+                }
+                Some(on)
+            }
+        };
+        Ok(Self {
+            from_minute,
+            to_minute,
+            days,
+        })
+    }
+
+    /// `from` as stored and shown: `HH:MM`.
+    pub fn from_text(&self) -> String {
+        hhmm(self.from_minute)
+    }
+
+    /// `to` as stored and shown: `HH:MM`.
+    pub fn to_text(&self) -> String {
+        hhmm(self.to_minute)
+    }
+
+    /// `days` as stored and shown: short names in week order (`None`: every day).
+    pub fn day_names(&self) -> Option<Vec<String>> {
+        self.days.map(|on| {
+            DAY_NAMES
+                .iter()
+                .zip(on)
+                .filter(|(_, on)| *on)
+                .map(|(d, _)| (*d).to_string())
+                .collect()
+        })
+    }
+
+    /// Checks what the narrow types can hold but [`Self::parse`] never builds.
+    fn check(&self) -> Result<(), PolicyError> {
+        let days = self.day_names();
+        Self::parse(&self.from_text(), &self.to_text(), days.as_deref()).map(drop)
+    }
+}
+
+/// Minutes since midnight as `HH:MM` (values past a day show as such, and are refused when
+/// parsed back).
+fn hhmm(minutes: u16) -> String {
+    format!("{:02}:{:02}", minutes / 60, minutes % 60)
+}
+
+/// A refused text value as an error quotes it: at most [`MAX_QUOTED`] characters.
+fn quoted(v: &str) -> String {
+    if v.chars().count() <= MAX_QUOTED {
+        return v.to_string();
+    }
+    let mut q: String = v.chars().take(MAX_QUOTED).collect();
+    q.push('…');
+    q
 }
 
 impl Default for PolicySettings {
@@ -145,6 +266,7 @@ impl Default for PolicySettings {
             compression_level: DEFAULT_COMPRESSION_LEVEL,
             retry_schedule_seconds: DEFAULT_RETRY_SCHEDULE_SECONDS.to_vec(),
             resync_threshold_percent: 50,
+            resync_window: None,
         }
     }
 }
@@ -276,6 +398,48 @@ pub enum PolicyError {
         /// The delay before it.
         previous: u32,
     },
+    /// A time of `resync_window` is not a time of day.
+    #[error(
+        "`resync_window.{key}` must be a time of day HH:MM from 00:00 to 23:59 (the agent's \
+         local time), got {got:?}"
+    )]
+    ResyncWindowTime {
+        /// `from` or `to`.
+        key: &'static str,
+        /// The value given (its first 40 characters).
+        got: String,
+    },
+    /// `resync_window.to` equals `resync_window.from`.
+    #[error(
+        "`resync_window.to` must differ from `resync_window.from` (both {at}): the window \
+         would be empty (for no window, set `resync_window` to null)"
+    )]
+    ResyncWindowEmpty {
+        /// The time given twice, `HH:MM`.
+        at: String,
+    },
+    /// `resync_window.days` is an empty list.
+    #[error("`resync_window.days` must list at least one day (leave it out for every day)")]
+    ResyncWindowNoDays,
+    /// An entry of `resync_window.days` is not a day.
+    #[error(
+        "`resync_window.days[{index}]` must be a day: mon, tue, wed, thu, fri, sat or sun (or \
+         the full name), got {got:?}"
+    )]
+    ResyncWindowDay {
+        /// Position in the list.
+        index: usize,
+        /// The value given (its first 40 characters).
+        got: String,
+    },
+    /// A day is listed twice in `resync_window.days`.
+    #[error("`resync_window.days[{index}]` lists `{day}` again: each day at most once")]
+    ResyncWindowDayRepeated {
+        /// Position of the repeat in the list.
+        index: usize,
+        /// The day.
+        day: &'static str,
+    },
 }
 
 impl PolicyError {
@@ -299,6 +463,13 @@ impl PolicyError {
             }
             PolicyError::RetryDelay { index, .. } | PolicyError::RetryDecreasing { index, .. } => {
                 format!("retry_schedule_seconds[{index}]")
+            }
+            PolicyError::ResyncWindowTime { key, .. } => format!("resync_window.{key}"),
+            PolicyError::ResyncWindowEmpty { .. } => "resync_window.to".into(),
+            PolicyError::ResyncWindowNoDays => "resync_window.days".into(),
+            PolicyError::ResyncWindowDay { index, .. }
+            | PolicyError::ResyncWindowDayRepeated { index, .. } => {
+                format!("resync_window.days[{index}]")
             }
         }
     }
@@ -442,6 +613,9 @@ impl PolicySettings {
             self.resync_threshold_percent.into(),
             RESYNC_THRESHOLD_PERCENT,
         )?;
+        if let Some(w) = &self.resync_window {
+            w.check()?;
+        }
 
         if u64::from(self.cycle_interval_seconds) > u64::from(self.rpo_threshold_minutes) * 60 {
             return Err(PolicyError::CycleExceedsRpo {
@@ -482,6 +656,19 @@ pub struct PolicyPatch {
     pub retry_schedule_seconds: Option<Vec<i64>>,
     /// New resync threshold.
     pub resync_threshold_percent: Option<i64>,
+    /// New resync window, replaced whole: `Some(None)` removes it.
+    pub resync_window: Option<Option<ResyncWindowPatch>>,
+}
+
+/// A resync window as a client gives it (checked by [`ResyncWindow::parse`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResyncWindowPatch {
+    /// `resync_window.from`.
+    pub from: String,
+    /// `resync_window.to`.
+    pub to: String,
+    /// `resync_window.days` (`None`: every day).
+    pub days: Option<Vec<String>>,
 }
 
 /// Changes to a policy's retention: `None` leaves a member as it is.
@@ -552,6 +739,12 @@ impl PolicyPatch {
             self.resync_threshold_percent,
             &|v| range("resync_threshold_percent", v, RESYNC_THRESHOLD_PERCENT),
         )?;
+        if let Some(w) = &self.resync_window {
+            s.resync_window = w
+                .as_ref()
+                .map(|w| ResyncWindow::parse(&w.from, &w.to, w.days.as_deref()))
+                .transpose()?;
+        }
         s.validate()?;
         Ok(s)
     }
@@ -913,6 +1106,158 @@ mod tests {
         };
         assert_eq!(bad.apply(&base).unwrap_err().field(), "compression_level");
         assert_eq!(base.compression_level, DEFAULT_COMPRESSION_LEVEL);
+    }
+
+    fn window(from: &str, to: &str, days: Option<&[&str]>) -> ResyncWindowPatch {
+        ResyncWindowPatch {
+            from: from.into(),
+            to: to.into(),
+            days: days.map(|d| d.iter().map(|s| (*s).to_string()).collect()),
+        }
+    }
+
+    /// `resync_window`: off by default; set, shown canonically, replaced whole and removed
+    /// by a patch; every refusal names the member.
+    #[test]
+    fn resync_windows() {
+        assert_eq!(PolicySettings::default().resync_window, None);
+        let set = |w: ResyncWindowPatch| with(|p| p.resync_window = Some(Some(w)));
+        let s = set(window("22:00", "6:00", None)).unwrap();
+        let w = s.resync_window.unwrap();
+        assert_eq!(
+            (w.from_minute, w.to_minute, w.days),
+            (22 * 60, 6 * 60, None)
+        );
+        assert_eq!(
+            (w.from_text(), w.to_text()),
+            ("22:00".into(), "06:00".into())
+        );
+        assert_eq!(w.day_names(), None);
+        // Days in any case and spelling are kept in week order, short names.
+        let w = set(window(
+            "08:30",
+            "17:45",
+            Some(&["Sunday", " sat ", "FRI", "mon"]),
+        ))
+        .unwrap()
+        .resync_window
+        .unwrap();
+        assert_eq!(
+            w.day_names().unwrap(),
+            ["mon", "fri", "sat", "sun"].map(String::from)
+        );
+        set(window("00:00", "23:59", Some(&DAY_NAMES))).unwrap();
+
+        let long = "x".repeat(100);
+        for (w, field, needle) in [
+            (
+                window("25:00", "06:00", None),
+                "resync_window.from",
+                "\"25:00\"",
+            ),
+            (window("22:00", "6:60", None), "resync_window.to", "6:60"),
+            (window("2200", "06:00", None), "resync_window.from", "HH:MM"),
+            (
+                window("22:00 ", "06:00", None),
+                "resync_window.from",
+                "HH:MM",
+            ),
+            (window("", "06:00", None), "resync_window.from", "HH:MM"),
+            (window("22:00", "-1:00", None), "resync_window.to", "HH:MM"),
+            (
+                window("22:00", "22:00", None),
+                "resync_window.to",
+                "both 22:00",
+            ),
+            (
+                window("7:00", "07:00", None),
+                "resync_window.to",
+                "would be empty",
+            ),
+            (
+                window("22:00", "06:00", Some(&[])),
+                "resync_window.days",
+                "at least one",
+            ),
+            (
+                window("22:00", "06:00", Some(&["mon", "fry"])),
+                "resync_window.days[1]",
+                "\"fry\"",
+            ),
+            (
+                window("22:00", "06:00", Some(&["fri", "sat", "Friday"])),
+                "resync_window.days[2]",
+                "`fri` again",
+            ),
+            (window(&long, "06:00", None), "resync_window.from", "x…"),
+        ] {
+            let e = set(w.clone()).unwrap_err();
+            assert_eq!(e.field(), field, "{w:?}: {e}");
+            assert!(e.to_string().contains(needle), "{w:?}: {e}");
+            assert!(e.to_string().contains(field), "{w:?}: {e}");
+        }
+        // An overlong value is quoted in part only.
+        let e = set(window(&long, "06:00", None)).unwrap_err();
+        assert!(e.to_string().len() < 200, "{e}");
+
+        // A patch replaces the window whole, leaves it alone when silent, removes it with
+        // `Some(None)`.
+        let base = set(window("22:00", "06:00", Some(&["fri"]))).unwrap();
+        let other = PolicyPatch {
+            resync_window: Some(Some(window("23:00", "05:00", None))),
+            ..Default::default()
+        }
+        .apply(&base)
+        .unwrap();
+        assert_eq!(other.resync_window.unwrap().days, None);
+        let silent = PolicyPatch {
+            compression_level: Some(5),
+            ..Default::default()
+        }
+        .apply(&base)
+        .unwrap();
+        assert_eq!(silent.resync_window, base.resync_window);
+        let cleared = PolicyPatch {
+            resync_window: Some(None),
+            ..Default::default()
+        }
+        .apply(&base)
+        .unwrap();
+        assert_eq!(cleared.resync_window, None);
+
+        // What a record could hold and `parse` never builds.
+        let d = PolicySettings::default;
+        let bad = |w: ResyncWindow| {
+            PolicySettings {
+                resync_window: Some(w),
+                ..d()
+            }
+            .validate()
+            .unwrap_err()
+            .field()
+        };
+        let ok = ResyncWindow::parse("22:00", "06:00", None).unwrap();
+        assert_eq!(
+            bad(ResyncWindow {
+                from_minute: 1440,
+                ..ok
+            }),
+            "resync_window.from"
+        );
+        assert_eq!(
+            bad(ResyncWindow {
+                to_minute: 22 * 60,
+                ..ok
+            }),
+            "resync_window.to"
+        );
+        assert_eq!(
+            bad(ResyncWindow {
+                days: Some([false; 7]),
+                ..ok
+            }),
+            "resync_window.days"
+        );
     }
 
     #[test]

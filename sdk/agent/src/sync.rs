@@ -23,6 +23,19 @@
 //! 7. the view released, the pending digests promoted, and (if asked) a bounded wait for
 //!    `PointCommitted`.
 //!
+//! A resync the agent decides itself (steps 3 and 5: tracking lost or damaged, changed
+//! geometry, changes over the threshold) waits for the policy's `resync_window` when the plan
+//! has one and the agent's local time ([`Context::clock`], the throttle windows' clock) is
+//! outside it: no frame and no `Hello` is sent, the cycle's directory goes (the committed
+//! digests stay as they were, so the next attempt plans again), `event=resync_deferred` is
+//! logged and the cycle ends as [`CycleOutcome::Deferred`] (`sync --once`: status
+//! `deferred`). `run` tries again on its interval, and at the latest when the window opens.
+//! A resync the operator asked for (`resync_requested`) is never deferred, nor is a cycle
+//! resumed from an earlier run (it began inside its window). When it can be told before the
+//! view is taken (the committed digests cannot describe the gateway's cycle at the disk's live
+//! size), nothing is taken, fetched or planned at all; a resync by the threshold is known only
+//! once planned.
+//!
 //! Failures are classed as in `docs/agent-protocol.md` §7.6: fatal ones stop the disk (and
 //! only that disk in `run`), `bad_session` drops the change tracking (the next cycle is a
 //! resync), transient ones are retried on the plan's schedule — a bounded number of times by
@@ -51,7 +64,7 @@ use crate::session::{
     self, Class, Commit, HelloParams, SessionConfig, SessionError, SessionState, Stop, TlsConnector,
 };
 use crate::state::{StateDir, StateError};
-use crate::throttle::{Clock, Throttle};
+use crate::throttle::{Clock, Throttle, TimeWindow};
 use crate::tracking::{CycleRecord, DigestsHeader, DiskState, Phase, TrackingError, VIEW_FILE};
 use crate::view::{self, View, ViewError};
 
@@ -222,6 +235,9 @@ pub struct Context {
     pub replication: ReplicationConfig,
     /// The bandwidth limit by local time of day (`[replication]`'s rates), for the sessions.
     pub throttle: Throttle,
+    /// The local time the plan's `resync_window` is read with (the throttle's; tests set
+    /// their own).
+    pub clock: Clock,
     /// This machine's host name (a tag of every point).
     pub hostname: String,
     /// How progress is shown.
@@ -248,6 +264,7 @@ impl Context {
             })?;
         let tls = loaded.tls_config()?;
         let gw = Gateway::new(&url, tls.clone())?;
+        let clock = Clock::system();
         Ok((
             Self {
                 agent: loaded.file.agent.clone(),
@@ -255,7 +272,8 @@ impl Context {
                 gateway: gw,
                 tls,
                 replication: loaded.file.replication.clone(),
-                throttle: Throttle::new(schedule, Clock::system()),
+                throttle: Throttle::new(schedule, clock.clone()),
+                clock,
                 hostname: crate::hostname(),
                 style,
             },
@@ -307,11 +325,60 @@ enum PlanBase {
     Replica,
 }
 
+/// Why a new cycle is a resync the agent decided itself (one the operator asked for is not
+/// deferred, so it needs no reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncReason {
+    /// No committed digests describe the gateway's last cycle (never kept, lost, or dropped
+    /// after a failure).
+    TrackingLost,
+    /// The committed digests are damaged.
+    BaseDamaged,
+    /// The disk's size or the chunk size changed.
+    Geometry,
+    /// The changes exceed the plan's `resync_threshold_percent` of the disk.
+    Threshold,
+}
+
+impl ResyncReason {
+    /// The log's and the report's name: `tracking_lost`, `base_damaged`, `geometry_changed`,
+    /// `threshold`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TrackingLost => "tracking_lost",
+            Self::BaseDamaged => "base_damaged",
+            Self::Geometry => "geometry_changed",
+            Self::Threshold => "threshold",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::TrackingLost => "change tracking lost",
+            Self::BaseDamaged => "change tracking damaged",
+            Self::Geometry => "the disk's size or chunk size changed",
+            Self::Threshold => "changes over the resync threshold",
+        }
+    }
+}
+
 /// How a cycle ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CycleOutcome {
     /// The operator paused the item: nothing was sent.
     Paused,
+    /// The cycle would be a resync for `reason`, and the local time is outside the plan's
+    /// resync window: nothing was sent (no `Hello`); the next attempt plans again.
+    Deferred {
+        /// Why the cycle would be a resync.
+        reason: ResyncReason,
+        /// The window, as [`TimeWindow::describe`] shows it (`fri 22:00-06:00`).
+        window: String,
+        /// When it opens next, local time (`fri 22:00`).
+        opens_at: String,
+        /// Seconds until then.
+        opens_in_seconds: u32,
+    },
     /// The cycle's `EndOfCycle` is acknowledged.
     Done {
         /// The cycle.
@@ -592,14 +659,26 @@ impl Cycle<'_> {
     async fn new_cycle(&self, connector: &mut TlsConnector) -> Result<CycleOutcome, SyncError> {
         let st = self.st;
         let gateway_has = self.pd.last_complete_cycle;
+        let mut damaged = false;
         let committed = match st.committed() {
             Ok(h) => h,
             Err(TrackingError::Damaged { .. } | TrackingError::Version { .. }) => {
                 st.drop_tracking().map_err(tracking(&self.label))?;
+                damaged = true;
                 None
             }
             Err(e) => return Err(tracking(&self.label)(e)),
         };
+        // A resync known now (the committed digests cannot describe the gateway's cycle at
+        // the disk's live size) waits for its window before anything is taken or asked.
+        let live = gateway_has.and_then(|_| view::disk_size(&self.label, &self.disk.path).ok());
+        let resync_ahead = gateway_has.is_some()
+            && live.is_some_and(|l| !committed.as_ref().is_some_and(|h| self.base_fits(h, l)));
+        if resync_ahead
+            && let Some(d) = self.deferral(self.resync_reason(committed.as_ref(), damaged))
+        {
+            return Ok(d);
+        }
         let floor = st.floor().unwrap_or(0);
         let cycle = committed
             .map_or(0, |h| h.cycle)
@@ -629,10 +708,7 @@ impl Cycle<'_> {
         // taken: the gateway reads its point to answer, and no freeze or snapshot is held
         // meanwhile. The disk's live size stands for the view's (checked again after).
         let mut replica: Option<Option<ferry_proto::digests::Header>> = None;
-        if gateway_has.is_some()
-            && let Ok(live) = view::disk_size(&self.label, &self.disk.path)
-            && !committed.as_ref().is_some_and(|h| self.base_fits(h, live))
-        {
+        if resync_ahead && let Some(live) = live {
             let geo = Geometry {
                 disk_size: live,
                 chunk_size: self.pd.chunk_size,
@@ -667,6 +743,13 @@ impl Cycle<'_> {
             (Some(_), Some(_)) => CycleKind::Delta,
             (Some(_), None) => CycleKind::Resync,
         };
+        // Not foreseen above (the live size could not be read, or the view's differs).
+        if kind == CycleKind::Resync
+            && !resync_ahead
+            && let Some(d) = self.deferral(self.resync_reason(committed.as_ref(), damaged))
+        {
+            return self.defer_taken(view, d).await;
+        }
         let replica_path = st.replica_digests_path();
         let mut choice = if base.is_some() {
             PlanBase::Committed
@@ -690,6 +773,9 @@ impl Cycle<'_> {
                     st.drop_tracking().map_err(tracking(&self.label))?;
                     if kind == CycleKind::Delta {
                         kind = CycleKind::Resync;
+                        if let Some(d) = self.deferral(ResyncReason::BaseDamaged) {
+                            return self.defer_taken(view, d).await;
+                        }
                     }
                     choice = self.replica_base(geo, None).await;
                 }
@@ -724,6 +810,10 @@ impl Cycle<'_> {
                     ("changed_bytes", &c),
                     ("threshold_percent", &p),
                 ]);
+                // The committed digests stay: the next attempt plans the delta again.
+                if let Some(d) = self.deferral(ResyncReason::Threshold) {
+                    return self.defer_taken(view, d).await;
+                }
             }
         }
         let resync = (kind == CycleKind::Resync).then(|| ResyncCount {
@@ -788,6 +878,78 @@ impl Cycle<'_> {
             }
         };
         self.send(rec, view, frames, connector, true, resync).await
+    }
+
+    /// Why a new cycle with the committed digests `committed` (`damaged`: dropped because they
+    /// were) is a resync, the operator not having asked for one.
+    fn resync_reason(&self, committed: Option<&DigestsHeader>, damaged: bool) -> ResyncReason {
+        match committed {
+            _ if damaged => ResyncReason::BaseDamaged,
+            Some(h) if Some(h.cycle) == self.pd.last_complete_cycle => ResyncReason::Geometry,
+            _ => ResyncReason::TrackingLost,
+        }
+    }
+
+    /// `Some` (said in the log) when a resync for `reason` must wait: the plan has a resync
+    /// window, the operator did not ask for the resync, and the local time is outside the
+    /// window. A window this agent cannot read is said and ignored (the resync runs).
+    fn deferral(&self, reason: ResyncReason) -> Option<CycleOutcome> {
+        if self.plan.resync_requested {
+            return None;
+        }
+        let w = self.plan.resync_window.as_ref()?;
+        let window = match TimeWindow::parse(&w.from, &w.to, w.days.as_deref()) {
+            Ok(window) => window,
+            Err(e) => {
+                progress::log(&[
+                    ("event", "resync_window_unusable"),
+                    ("disk", &self.label),
+                    ("error", &e.to_string()),
+                    ("note", "the resync is not deferred"),
+                ]);
+                return None;
+            }
+        };
+        let now = self.ctx.clock.now();
+        let (at, secs) = window.next_opening(now)?;
+        let outcome = CycleOutcome::Deferred {
+            reason,
+            window: window.describe(),
+            opens_at: at.describe(),
+            opens_in_seconds: secs,
+        };
+        let (n, i) = (now.describe(), secs.to_string());
+        progress::log(&[
+            ("event", "resync_deferred"),
+            ("disk", &self.label),
+            ("reason", reason.as_str()),
+            ("window", &window.describe()),
+            ("local_time", &n),
+            ("opens_at", &at.describe()),
+            ("opens_in_seconds", &i),
+        ]);
+        Some(outcome)
+    }
+
+    /// Ends a cycle deferred after its view was taken: the view released, the cycle
+    /// directory (record, plan, pending and replica digests) removed. The committed digests
+    /// and the floor stay, so the next attempt plans anew with a new number.
+    async fn defer_taken(
+        &self,
+        view: View,
+        deferred: CycleOutcome,
+    ) -> Result<CycleOutcome, SyncError> {
+        let cycle_dir = self.st.cycle_dir();
+        if let Err(e) = view.release(&cycle_dir, true).await {
+            progress::log(&[
+                ("event", "view_release_failed"),
+                ("disk", &self.label),
+                ("error", &e.to_string()),
+            ]);
+        }
+        resync::remove(&self.st.replica_digests_path());
+        self.st.discard_cycle().map_err(tracking(&self.label))?;
+        Ok(deferred)
     }
 
     /// Whether the committed digests `h` describe what the gateway holds of the disk, at
@@ -1105,7 +1267,7 @@ pub struct DiskReport {
     pub item: String,
     /// The disk.
     pub disk: String,
-    /// `committed`, `acknowledged`, `paused` or `failed`.
+    /// `committed`, `acknowledged`, `paused`, `deferred` or `failed`.
     pub status: &'static str,
     /// The cycle.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1132,6 +1294,13 @@ pub struct DiskReport {
     /// A resync: chunks sent (`Chunk` frames and chunks in `Zero` ranges).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resync_sent_chunks: Option<u64>,
+    /// A deferred resync: why it is needed (`tracking_lost`, `base_damaged`,
+    /// `geometry_changed`, `threshold`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resync_reason: Option<&'static str>,
+    /// A deferred resync: seconds until the resync window opens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resync_window_opens_in_seconds: Option<u32>,
     /// Why the point is not confirmed, or why the disk failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -1154,6 +1323,8 @@ impl DiskReport {
             chunk_bytes: None,
             resync_compared_chunks: None,
             resync_sent_chunks: None,
+            resync_reason: None,
+            resync_window_opens_in_seconds: None,
             message: None,
             exit_code: 0,
         }
@@ -1166,6 +1337,24 @@ impl DiskReport {
                 r.message = Some(
                     "replication of the item is paused by the operator; nothing was sent".into(),
                 );
+                r
+            }
+            CycleOutcome::Deferred {
+                reason,
+                window,
+                opens_at,
+                opens_in_seconds,
+            } => {
+                let mut r = Self::new(disk, "deferred");
+                r.kind = Some(CycleKind::Resync.as_str());
+                r.resync_reason = Some(reason.as_str());
+                r.resync_window_opens_in_seconds = Some(opens_in_seconds);
+                r.message = Some(format!(
+                    "the resync ({}) waits for the resync window {window} (local time): it opens \
+                     {opens_at}, in {}; nothing was sent",
+                    reason.describe(),
+                    span(opens_in_seconds)
+                ));
                 r
             }
             CycleOutcome::Done {
@@ -1223,11 +1412,25 @@ impl DiskReport {
                 self.message.as_deref().unwrap_or("")
             ),
             ("paused", ..) => format!("{who}: paused by the operator, nothing sent"),
+            ("deferred", ..) => format!(
+                "{who}: resync deferred: {}",
+                self.message.as_deref().unwrap_or("")
+            ),
             _ => format!(
                 "{who}: failed: {}",
                 self.message.as_deref().unwrap_or("unknown error")
             ),
         }
+    }
+}
+
+/// `2h 05m`, `7m`, `1d 3h`: a wait for people.
+fn span(seconds: u32) -> String {
+    let m = seconds.div_ceil(60);
+    match (m / 1440, m / 60 % 24, m % 60) {
+        (0, 0, m) => format!("{m}m"),
+        (0, h, m) => format!("{h}h {m:02}m"),
+        (d, h, _) => format!("{d}d {h}h"),
     }
 }
 
@@ -1361,6 +1564,12 @@ fn retry_delay(plan_seconds: &[u32], failures: usize) -> Duration {
     s[failures.saturating_sub(1).min(s.len() - 1)]
 }
 
+/// How long `run` waits for a resync window opening in `opens_in_seconds` (local times have
+/// whole seconds: one more makes sure the next attempt is inside).
+fn window_wait(opens_in_seconds: u32) -> Duration {
+    Duration::from_secs(u64::from(opens_in_seconds) + 1)
+}
+
 async fn sleep_or_stop(d: Duration, stop: &Stop) -> bool {
     tokio::select! {
         () = tokio::time::sleep(d) => false,
@@ -1428,9 +1637,17 @@ async fn disk_loop(ctx: &Context, disk: &DiskConfig, stop: &Stop) -> Result<(), 
         match result {
             Ok((outcome, interval, app)) => {
                 failures = 0;
+                let mut next = started + interval;
                 match &outcome {
                     CycleOutcome::Paused => {
                         progress::log(&[("event", "paused"), ("disk", &label)]);
+                    }
+                    CycleOutcome::Deferred {
+                        opens_in_seconds, ..
+                    } => {
+                        // Said by `event=resync_deferred`; tried again on the interval, or
+                        // as the window opens if that is sooner.
+                        next = next.min(Instant::now() + window_wait(*opens_in_seconds));
                     }
                     CycleOutcome::Done {
                         cycle,
@@ -1466,7 +1683,6 @@ async fn disk_loop(ctx: &Context, disk: &DiskConfig, stop: &Stop) -> Result<(), 
                         progress::log(&fields);
                     }
                 }
-                let next = started + interval;
                 if sleep_or_stop(next.saturating_duration_since(Instant::now()), stop).await {
                     return Ok(());
                 }
@@ -1595,6 +1811,34 @@ mod tests {
         );
         let r = DiskReport::from_outcome(&d, CycleOutcome::Paused);
         assert_eq!(r.line(), "web/sda: paused by the operator, nothing sent");
+        let r = DiskReport::from_outcome(
+            &d,
+            CycleOutcome::Deferred {
+                reason: ResyncReason::Threshold,
+                window: "22:00-06:00".into(),
+                opens_at: "mon 22:00".into(),
+                opens_in_seconds: 2 * 3600 + 5 * 60,
+            },
+        );
+        assert_eq!(r.exit_code, 0);
+        assert_eq!(
+            r.line(),
+            "web/sda: resync deferred: the resync (changes over the resync threshold) waits for \
+             the resync window 22:00-06:00 (local time): it opens mon 22:00, in 2h 05m; nothing \
+             was sent"
+        );
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({
+                "item": "web", "disk": "sda", "status": "deferred", "kind": "resync",
+                "resync_reason": "threshold", "resync_window_opens_in_seconds": 7500,
+                "message": r.message.clone().unwrap(),
+            })
+        );
+        assert_eq!(span(1), "1m");
+        assert_eq!(span(3600), "1h 00m");
+        assert_eq!(span(6 * 86_400 + 3 * 3600), "6d 3h");
+        assert_eq!(window_wait(59), Duration::from_secs(60));
         let e = SyncError::NoProcessRole {
             disk: "web/sda".into(),
             item: "web".into(),
@@ -1624,6 +1868,7 @@ mod tests {
     use std::sync::Mutex;
 
     use crate::testkit::{FakeDataPort, FakeGateway, Reply, TestCa, enroll_into, point_id};
+    use crate::throttle::LocalTime;
 
     /// How the fake gateway answers the replica's digests.
     #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -1651,6 +1896,7 @@ mod tests {
         resync_requested: bool,
         no_data_port: bool,
         digests: Digests,
+        resync_window: Option<ferry_proto::enroll::ResyncWindow>,
     }
 
     const DIGESTS_PATH: &str = "/api/v1/agent/items/web/disks/sda/digests";
@@ -1767,6 +2013,7 @@ mod tests {
                         chunk_size: 65536,
                         last_complete_cycle: last,
                     }],
+                    resync_window: k.resync_window.clone(),
                 };
                 Reply {
                     status: 200,
@@ -1814,7 +2061,21 @@ mod tests {
         }
 
         async fn cycle(&self, max_failures: Option<usize>) -> Result<CycleOutcome, SyncError> {
-            let ctx = self.ctx();
+            self.cycle_with(self.ctx(), max_failures).await
+        }
+
+        /// [`Self::cycle`] at the local time `t` (the clock the resync window is read with).
+        async fn cycle_at(&self, t: LocalTime) -> Result<CycleOutcome, SyncError> {
+            let mut ctx = self.ctx();
+            ctx.clock = Clock::from_fn(move || t);
+            self.cycle_with(ctx, Some(3)).await
+        }
+
+        async fn cycle_with(
+            &self,
+            ctx: Context,
+            max_failures: Option<usize>,
+        ) -> Result<CycleOutcome, SyncError> {
             let plan = ctx.plan(&self.disk).await.unwrap();
             let st = DiskState::open(&self.state_dir(), "web", "sda").unwrap();
             let opts = CycleOptions {
@@ -1860,7 +2121,7 @@ mod tests {
                 commit,
                 ..
             } => (cycle, kind, data_frames, commit),
-            CycleOutcome::Paused => panic!("paused"),
+            o => panic!("not done: {o:?}"),
         }
     }
 
@@ -2084,6 +2345,130 @@ mod tests {
         d.item = "mail".into();
         let e = ctx.plan(&d).await.unwrap_err();
         assert_eq!(e.class(), Class::Fatal);
+    }
+
+    fn deferred(o: &CycleOutcome) -> (ResyncReason, &str, u32) {
+        match o {
+            CycleOutcome::Deferred {
+                reason,
+                opens_at,
+                opens_in_seconds,
+                ..
+            } => (*reason, opens_at.as_str(), *opens_in_seconds),
+            o => panic!("not deferred: {o:?}"),
+        }
+    }
+
+    /// With a resync window in the plan, a resync the agent decides itself (tracking lost,
+    /// over the threshold) waits outside the window — no Hello, no digest request, the
+    /// committed digests as they were, no cycle directory — and runs inside it; a resync
+    /// asked for by hand runs at once; deltas and initial cycles never wait.
+    #[tokio::test]
+    async fn resyncs_wait_for_their_window() {
+        const MON: u8 = 0;
+        const TUE: u8 = 1;
+        let s = setup().await;
+        s.knobs.lock().unwrap().resync_window = Some(ferry_proto::enroll::ResyncWindow {
+            from: "22:00".into(),
+            to: "06:00".into(),
+            days: None,
+        });
+        let noon = LocalTime::new(MON, 12, 0, 0);
+        let night = LocalTime::new(MON, 23, 0, 0);
+        // An initial cycle and a delta run at noon.
+        assert_eq!(done(s.cycle_at(noon).await.unwrap()).1, CycleKind::Initial);
+        write(&s.img, CS + 1, b"d");
+        assert_eq!(done(s.cycle_at(noon).await.unwrap()).1, CycleKind::Delta);
+        assert_eq!(s.committed(), Some(2));
+        let sent = |s: &Setup| {
+            let dp = s.dp.state.lock().unwrap();
+            (dp.hellos.len(), dp.connections)
+        };
+        let before = sent(&s);
+        let cycle_dir = s.state_dir().join("disks/web/sda/cycle");
+
+        // Tracking lost: deferred until 22:00 (10 hours), before anything is asked or sent.
+        std::fs::remove_file(s.state_dir().join("disks/web/sda/digests")).unwrap();
+        write(&s.img, 3 * CS + 2, b"lost");
+        let o = s.cycle_at(noon).await.unwrap();
+        assert_eq!(
+            deferred(&o),
+            (ResyncReason::TrackingLost, "mon 22:00", 10 * 3600)
+        );
+        assert_eq!(sent(&s), before);
+        assert_eq!(s.digests_requests(), 0);
+        assert!(!cycle_dir.exists());
+        // Again at 21:59:30: still waiting, 30 s.
+        let o = s.cycle_at(LocalTime::new(MON, 21, 59, 30)).await.unwrap();
+        assert_eq!(deferred(&o).2, 30);
+        assert_eq!(sent(&s), before);
+        // Inside the window: the resync runs, against the replica's digests.
+        let o = s.cycle_at(night).await.unwrap();
+        assert_eq!(resync_counts(&o), (6, 1));
+        s.replica_matches();
+        let committed = s.committed().unwrap();
+
+        // Over the threshold (4 of 6 chunks changed): deferred once planned, the committed
+        // digests untouched; past midnight the window (Monday's, wrapping) lets it run.
+        for i in 0..4 {
+            write(&s.img, i * CS + 700, b"threshold");
+        }
+        let before = sent(&s);
+        let o = s.cycle_at(LocalTime::new(TUE, 6, 0, 0)).await.unwrap();
+        assert_eq!(
+            deferred(&o),
+            (ResyncReason::Threshold, "tue 22:00", 16 * 3600)
+        );
+        assert_eq!(sent(&s), before);
+        assert_eq!(s.committed(), Some(committed));
+        assert!(!cycle_dir.exists());
+        let (_, kind, frames, _) = done(s.cycle_at(LocalTime::new(TUE, 5, 59, 0)).await.unwrap());
+        assert_eq!((kind, frames), (CycleKind::Resync, 4));
+        s.replica_matches();
+
+        // Asked for by hand: at once, whatever the time.
+        s.knobs.lock().unwrap().resync_requested = true;
+        let (_, kind, _, _) = done(s.cycle_at(noon).await.unwrap());
+        assert_eq!(kind, CycleKind::Resync);
+        s.knobs.lock().unwrap().resync_requested = false;
+
+        // A window only on another day: sync --once (the system clock) reports it deferred.
+        let today = LocalTime::now().weekday;
+        let other = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][usize::from((today + 2) % 7)];
+        s.knobs.lock().unwrap().resync_window = Some(ferry_proto::enroll::ResyncWindow {
+            from: "00:00".into(),
+            to: "00:01".into(),
+            days: Some(vec![other.into()]),
+        });
+        std::fs::remove_file(s.state_dir().join("disks/web/sda/digests")).unwrap();
+        let before = sent(&s);
+        let reports = sync_once(
+            &SyncArgs {
+                state_dir: s.state_dir(),
+                item: None,
+                disk: None,
+                commit_timeout: Duration::from_secs(5),
+            },
+            &Stop::never(),
+        )
+        .await
+        .unwrap();
+        let json = serde_json::to_value(&reports[0]).unwrap();
+        assert_eq!(json["status"], "deferred", "{json}");
+        assert_eq!(json["resync_reason"], "tracking_lost");
+        assert!(
+            reports[0]
+                .line()
+                .contains(&format!("waits for the resync window {other} 00:00-00:01")),
+            "{}",
+            reports[0].line()
+        );
+        assert_eq!(sent(&s), before);
+        // No window: the resync runs.
+        s.knobs.lock().unwrap().resync_window = None;
+        let (_, kind, _, _) = done(s.cycle_at(noon).await.unwrap());
+        assert_eq!(kind, CycleKind::Resync);
+        s.replica_matches();
     }
 
     /// The service runs cycles until stopped, and stops cleanly.

@@ -21,6 +21,10 @@
 //! the time to the next recheck, so a rate that goes up (or becomes unlimited) applies at
 //! once to the frame that is waiting. Memory is constant. The local time comes from a
 //! [`Clock`], injected by the tests.
+//!
+//! The window itself ([`TimeWindow`]: days, `from`, `to`, the wrap past midnight) is also the
+//! policy's `resync_window` (`crate::sync` defers an automatic resync outside it), read with
+//! the same [`Clock`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -32,16 +36,7 @@ use tokio::time::Instant;
 /// How often a session reads the rate in force again.
 pub const RECHECK: Duration = Duration::from_secs(1);
 
-const DAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
-const FULL_DAY_NAMES: [&str; 7] = [
-    "monday",
-    "tuesday",
-    "wednesday",
-    "thursday",
-    "friday",
-    "saturday",
-    "sunday",
-];
+use ferry_proto::schedule::{DAY_NAMES, parse_day};
 const SECONDS_PER_DAY: u32 = 24 * 3600;
 
 /// One `[[replication.throttle]]` entry of `agent.toml`, as written (checked by
@@ -117,21 +112,86 @@ impl fmt::Debug for Clock {
     }
 }
 
-/// A checked window.
+/// A span of the local week: `from`–`to` on some days, `to` before `from` wrapping past
+/// midnight into the next day (which belongs to the day the span *started*). The times of a
+/// `[[replication.throttle]]` entry and of a policy's `resync_window` (the replication plan's
+/// [`ferry_proto::enroll::ResyncWindow`]) are both this, parsed by [`TimeWindow::parse`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Window {
+pub struct TimeWindow {
     /// Bit `d` set: the window starts on weekday `d` (0 Monday).
     days: u8,
     /// Seconds since midnight, `from` included.
     from: u32,
     /// Seconds since midnight, `to` excluded; `to < from` wraps.
     to: u32,
-    /// `None`: unlimited.
-    rate: Option<u64>,
 }
 
-impl Window {
-    fn matches(&self, t: LocalTime) -> bool {
+/// Why a window's `from`, `to` or `days` is refused (the caller names the window).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WindowError {
+    /// `from` or `to` is not `HH:MM` from 00:00 to 23:59.
+    #[error("`{key}` = {value:?} is not a time of day (HH:MM, from 00:00 to 23:59)")]
+    Time {
+        /// `from` or `to`.
+        key: &'static str,
+        /// What was given.
+        value: String,
+    },
+    /// `from` equals `to`.
+    #[error("`from` and `to` are both {value:?}: the window would be empty")]
+    Empty {
+        /// The time given twice.
+        value: String,
+    },
+    /// `days` is an empty list.
+    #[error("`days` is empty (leave it out for every day)")]
+    NoDays,
+    /// An entry of `days` is not a day.
+    #[error("`days`: {value:?} is not a day (mon, tue, wed, thu, fri, sat, sun)")]
+    Day {
+        /// What was given.
+        value: String,
+    },
+}
+
+impl TimeWindow {
+    /// Checks a window's `from` and `to` (`HH:MM`) and `days` (`mon` … `sun` or the full
+    /// names, any case; `None`: every day).
+    pub fn parse(from: &str, to: &str, days: Option<&[String]>) -> Result<Self, WindowError> {
+        let time = |key: &'static str, v: &str| {
+            parse_time(v).ok_or_else(|| WindowError::Time {
+                key,
+                value: v.to_string(),
+            })
+        };
+        let (f, t) = (time("from", from)?, time("to", to)?);
+        if f == t {
+            return Err(WindowError::Empty {
+                value: from.to_string(),
+            });
+        }
+        let days = match days {
+            None => 0x7f,
+            Some([]) => return Err(WindowError::NoDays),
+            Some(list) => {
+                let mut mask = 0u8;
+                for d in list {
+                    let n = parse_day(d).ok_or_else(|| WindowError::Day { value: d.clone() })?;
+                    mask |= 1 << n;
+                }
+                mask
+            }
+        };
+        Ok(Self {
+            days,
+            from: f,
+            to: t,
+        })
+    }
+
+    /// Whether `t` is inside the window.
+    pub fn contains(&self, t: LocalTime) -> bool {
         let on = |d: u8| self.days & (1 << (d % 7)) != 0;
         if self.from < self.to {
             on(t.weekday) && (self.from..self.to).contains(&t.second)
@@ -140,6 +200,63 @@ impl Window {
                 || (on((t.weekday + 6) % 7) && t.second < self.to)
         }
     }
+
+    /// When the window next opens after `t`, if `t` is outside it: the local time of its
+    /// next start and the seconds until then (`None` when `t` is inside).
+    pub fn next_opening(&self, t: LocalTime) -> Option<(LocalTime, u32)> {
+        if self.contains(t) {
+            return None;
+        }
+        // A start is `from` on a listed day; the next one is at most a week away.
+        (0..=7u8).find_map(|k| {
+            let day = (t.weekday + k) % 7;
+            let at = u32::from(k) * SECONDS_PER_DAY + self.from;
+            (self.days & (1 << day) != 0 && at > t.second).then(|| {
+                (
+                    LocalTime {
+                        weekday: day,
+                        second: self.from,
+                    },
+                    at - t.second,
+                )
+            })
+        })
+    }
+
+    /// `HH:MM-HH:MM`, with the days first when not every day (`fri,sat 22:00-06:00`).
+    pub fn describe(&self) -> String {
+        let hm = |s: u32| format!("{:02}:{:02}", s / 3600, s / 60 % 60);
+        let span = format!("{}-{}", hm(self.from), hm(self.to));
+        if self.days == 0x7f {
+            return span;
+        }
+        let days: Vec<&str> = (0..7)
+            .filter(|d| self.days & (1 << d) != 0)
+            .map(|d| DAY_NAMES[d])
+            .collect();
+        format!("{} {span}", days.join(","))
+    }
+}
+
+impl LocalTime {
+    /// `ddd HH:MM` (`fri 22:00`).
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {:02}:{:02}",
+            DAY_NAMES[usize::from(self.weekday % 7)],
+            self.second / 3600,
+            self.second / 60 % 60
+        )
+    }
+}
+
+/// A checked throttle window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Window {
+    /// When it applies.
+    span: TimeWindow,
+    /// `None`: unlimited.
+    rate: Option<u64>,
 }
 
 /// The rates of `[replication]`: the windows in order, and the rate outside them.
@@ -150,25 +267,9 @@ pub struct Schedule {
 }
 
 /// `HH:MM` (or `H:MM`), 00:00 to 23:59, as seconds since midnight.
+/// `HH:MM` as seconds since midnight (the syntax is `ferry_proto::schedule`'s, the gateway's).
 fn parse_time(s: &str) -> Option<u32> {
-    let (h, m) = s.split_once(':')?;
-    let digits = |p: &str, n: std::ops::RangeInclusive<usize>| {
-        n.contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit())
-    };
-    if !digits(h, 1..=2) || !digits(m, 2..=2) {
-        return None;
-    }
-    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
-    (h < 24 && m < 60).then_some(h * 3600 + m * 60)
-}
-
-fn parse_day(s: &str) -> Option<u8> {
-    let l = s.trim().to_ascii_lowercase();
-    DAY_NAMES
-        .iter()
-        .position(|d| *d == l)
-        .or_else(|| FULL_DAY_NAMES.iter().position(|d| *d == l))
-        .and_then(|i| u8::try_from(i).ok())
+    ferry_proto::schedule::parse_time(s).map(|m| u32::from(m) * 60)
 }
 
 impl Schedule {
@@ -187,45 +288,14 @@ impl Schedule {
         let mut out = Vec::with_capacity(windows.len());
         for (i, w) in windows.iter().enumerate() {
             let who = format!("[[replication.throttle]] #{}", i + 1);
-            let time = |key: &str, v: &str| {
-                parse_time(v).ok_or_else(|| {
-                    format!(
-                        "{who}: `{key}` = {v:?} is not a time of day (HH:MM, from 00:00 to 23:59)"
-                    )
-                })
-            };
-            let from = time("from", &w.from)?;
-            let to = time("to", &w.to)?;
-            if from == to {
-                return Err(format!(
-                    "{who}: `from` and `to` are both {:?}: the window would be empty (for all day, leave the window out and set `[replication] max_bytes_per_second`)",
-                    w.from
-                ));
-            }
-            let days = match &w.days {
-                None => 0x7f,
-                Some(list) if list.is_empty() => {
-                    return Err(format!(
-                        "{who}: `days` is empty (leave it out for every day)"
-                    ));
-                }
-                Some(list) => {
-                    let mut mask = 0u8;
-                    for d in list {
-                        let n = parse_day(d).ok_or_else(|| {
-                            format!(
-                                "{who}: `days`: {d:?} is not a day (mon, tue, wed, thu, fri, sat, sun)"
-                            )
-                        })?;
-                        mask |= 1 << n;
-                    }
-                    mask
-                }
-            };
+            let span = TimeWindow::parse(&w.from, &w.to, w.days.as_deref()).map_err(|e| match e {
+                WindowError::Empty { .. } => format!(
+                    "{who}: {e} (for all day, leave the window out and set `[replication] max_bytes_per_second`)"
+                ),
+                e => format!("{who}: {e}"),
+            })?;
             out.push(Window {
-                days,
-                from,
-                to,
+                span,
                 rate: Some(w.max_bytes_per_second).filter(|r| *r > 0),
             });
         }
@@ -245,7 +315,7 @@ impl Schedule {
     pub fn rate_at(&self, t: LocalTime) -> Option<u64> {
         self.windows
             .iter()
-            .find(|w| w.matches(t))
+            .find(|w| w.span.contains(t))
             .map_or(self.default, |w| w.rate)
     }
 }
@@ -480,6 +550,63 @@ mod tests {
             assert!(e.contains(want), "{bad:?}: {e}");
         }
         Schedule::parse(None, &[w(None, "0:00", "23:59", 1)]).unwrap();
+    }
+
+    /// A window alone (what the resync window is): inside or not, when it opens next, how
+    /// it is shown; refusals are typed.
+    #[test]
+    fn time_windows_say_when_they_open() {
+        let days = |d: &[&str]| d.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
+        let night = TimeWindow::parse("22:00", "6:00", None).unwrap();
+        assert_eq!(night.describe(), "22:00-06:00");
+        let at = |d, h, m, sec| LocalTime::new(d, h, m, sec);
+        assert!(night.contains(at(MON, 23, 0, 0)) && night.contains(at(SAT, 5, 59, 59)));
+        assert_eq!(night.next_opening(at(MON, 23, 0, 0)), None);
+        assert_eq!(
+            night.next_opening(at(MON, 6, 0, 0)),
+            Some((at(MON, 22, 0, 0), 16 * 3600))
+        );
+        assert_eq!(
+            night.next_opening(at(SUN, 21, 59, 59)),
+            Some((at(SUN, 22, 0, 0), 1))
+        );
+        // Friday night only: from Saturday morning, six days and some hours.
+        let fri = TimeWindow::parse("22:00", "06:00", Some(&days(&["Friday"]))).unwrap();
+        assert_eq!(fri.describe(), "fri 22:00-06:00");
+        assert!(fri.contains(at(SAT, 5, 0, 0)));
+        assert_eq!(
+            fri.next_opening(at(SAT, 6, 0, 0)),
+            Some((at(FRI, 22, 0, 0), 6 * 86_400 + 16 * 3600))
+        );
+        // Later the same day, or a week later at the same time of day.
+        assert_eq!(
+            fri.next_opening(at(FRI, 21, 0, 0)),
+            Some((at(FRI, 22, 0, 0), 3600))
+        );
+        let mon = TimeWindow::parse("08:00", "09:00", Some(&days(&["mon", "sun"]))).unwrap();
+        assert_eq!(mon.describe(), "mon,sun 08:00-09:00");
+        assert_eq!(
+            mon.next_opening(at(MON, 9, 0, 0)),
+            Some((at(SUN, 8, 0, 0), 6 * 86_400 - 3600))
+        );
+        assert_eq!(at(FRI, 22, 0, 0).describe(), "fri 22:00");
+        assert_eq!(
+            TimeWindow::parse("22:00", "22:00", None).unwrap_err(),
+            WindowError::Empty {
+                value: "22:00".into()
+            }
+        );
+        assert_eq!(
+            TimeWindow::parse("22:00", "24:00", None).unwrap_err(),
+            WindowError::Time {
+                key: "to",
+                value: "24:00".into()
+            }
+        );
+        assert_eq!(
+            TimeWindow::parse("1:00", "2:00", Some(&[])).unwrap_err(),
+            WindowError::NoDays
+        );
     }
 
     /// A clock the test moves; the pacer is driven with explicit instants (no sleeping).

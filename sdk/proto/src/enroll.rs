@@ -113,6 +113,29 @@ pub struct ReplicationPlan {
     pub resync_threshold_percent: u32,
     /// The item's disks.
     pub disks: Vec<PlanDisk>,
+    /// The policy's off-hours window for resyncs the agent decides itself (tracking lost or
+    /// damaged, changed geometry, changes over `resync_threshold_percent`): outside it such a
+    /// resync waits, in the agent's local time. A resync the operator asked for
+    /// (`resync_requested`) starts at once. Absent: a resync starts whenever it is needed.
+    /// Added after the first plans: absent when the policy has none, and an older agent
+    /// ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_window: Option<ResyncWindow>,
+}
+
+/// A policy's resync window, as the gateway checked it: `from`–`to` (`HH:MM`, local time of
+/// the agent; `to` before `from` wraps past midnight, the part after midnight belonging to
+/// the day the window started) on `days` (`mon` … `sun`; absent: every day). The same rules
+/// as the agent's `[[replication.throttle]]` windows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncWindow {
+    /// Start, `HH:MM` (included).
+    pub from: String,
+    /// End, `HH:MM` (excluded); before `from`: the next day.
+    pub to: String,
+    /// The days the window starts on; absent: every day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days: Option<Vec<String>>,
 }
 
 /// One disk of a [`ReplicationPlan`].
@@ -146,6 +169,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.items, ["x"]);
+    }
+
+    /// The resync window is an optional member: a plan without it reads (older gateways) and
+    /// is written without it, one with it round-trips.
+    #[test]
+    fn plans_carry_an_optional_resync_window() {
+        let old = r#"{"item":"web","data_port":9443,"paused":false,"resync_requested":false,
+            "cycle_interval_seconds":300,"app_consistent_frequency_minutes":0,
+            "retry_schedule_seconds":[60],"resync_threshold_percent":50,"disks":[]}"#;
+        let p: ReplicationPlan = serde_json::from_str(old).unwrap();
+        assert_eq!(p.resync_window, None);
+        assert!(!serde_json::to_string(&p).unwrap().contains("resync_window"));
+        let with = ReplicationPlan {
+            resync_window: Some(ResyncWindow {
+                from: "22:00".into(),
+                to: "06:00".into(),
+                days: Some(vec!["fri".into()]),
+            }),
+            ..p
+        };
+        let j = serde_json::to_string(&with).unwrap();
+        assert!(
+            j.ends_with(r#""resync_window":{"from":"22:00","to":"06:00","days":["fri"]}}"#),
+            "{j}"
+        );
+        assert_eq!(serde_json::from_str::<ReplicationPlan>(&j).unwrap(), with);
     }
 
     #[test]

@@ -20,4 +20,5 @@
 pub mod digests;
 pub mod enroll;
 pub mod frame;
+pub mod schedule;
 pub mod trust;

@@ -484,34 +484,12 @@ pub(super) async fn item(cmd: ItemCmd) -> Result<(), ClientError> {
             name,
             if_match,
             out,
-        } => {
-            let a = c
-                .send(
-                    Method::POST,
-                    &["items", &name, "pause"],
-                    &[],
-                    if_match.as_deref(),
-                    None,
-                )
-                .await?;
-            print_answer(&out, &a, item_table);
-        }
+        } => set_paused(&c, &name, "pause", if_match.as_deref(), &out).await?,
         ItemCmd::Resume {
             name,
             if_match,
             out,
-        } => {
-            let a = c
-                .send(
-                    Method::POST,
-                    &["items", &name, "resume"],
-                    &[],
-                    if_match.as_deref(),
-                    None,
-                )
-                .await?;
-            print_answer(&out, &a, item_table);
-        }
+        } => set_paused(&c, &name, "resume", if_match.as_deref(), &out).await?,
         ItemCmd::Resync { name, if_match, op } => {
             let a = c
                 .send(
@@ -525,6 +503,21 @@ pub(super) async fn item(cmd: ItemCmd) -> Result<(), ClientError> {
             operation(&c, a, &op).await?;
         }
     }
+    Ok(())
+}
+
+/// `ferry item pause|resume`: `verb` is the path's last segment; prints the item.
+async fn set_paused(
+    c: &Client,
+    name: &str,
+    verb: &str,
+    if_match: Option<&str>,
+    out: &OutputArgs,
+) -> Result<(), ClientError> {
+    let a = c
+        .send(Method::POST, &["items", name, verb], &[], if_match, None)
+        .await?;
+    print_answer(out, &a, item_table);
     Ok(())
 }
 

@@ -211,6 +211,28 @@ pub struct SettingsArgs {
     /// Resynchronise a disk when pending changes exceed this percentage of it (1 to 100).
     #[arg(long, value_name = "PCT", allow_negative_numbers = true)]
     resync_threshold_percent: Option<i64>,
+    /// Off-hours for resyncs the agent decides itself (tracking lost, over the threshold):
+    /// FROM-TO in the agent's local time, `22:00-06:00` wrapping past midnight. A resync
+    /// asked for by hand (`ferry item resync`) starts at once.
+    #[arg(
+        long,
+        value_name = "HH:MM-HH:MM",
+        value_parser = parse_window,
+        conflicts_with = "no_resync_window"
+    )]
+    resync_window: Option<(String, String)>,
+    /// With --resync-window: only on these days (the day a window wrapping past midnight
+    /// starts), comma-separated: mon,tue,…,sun. Default every day.
+    #[arg(
+        long,
+        value_name = "DAY,…",
+        value_delimiter = ',',
+        requires = "resync_window"
+    )]
+    resync_window_days: Option<Vec<String>>,
+    /// Remove the resync window: resyncs start whenever they are needed.
+    #[arg(long)]
+    no_resync_window: bool,
 }
 
 /// `ferry token …`.
@@ -284,6 +306,16 @@ fn parse_if_match(s: &str) -> Result<String, String> {
         Ok(format!("\"{inner}\""))
     } else {
         Err("a revision number as `ferry policy show` prints it (or `\"N\"`, or `*`)".into())
+    }
+}
+
+/// `FROM-TO` of `--resync-window`, split (the appliance checks the times).
+fn parse_window(s: &str) -> Result<(String, String), String> {
+    match s.trim().split_once('-') {
+        Some((from, to)) if !from.trim().is_empty() && !to.trim().is_empty() => {
+            Ok((from.trim().to_string(), to.trim().to_string()))
+        }
+        _ => Err("FROM-TO in local time of day, such as 22:00-06:00".into()),
     }
 }
 
@@ -470,7 +502,7 @@ async fn login(a: LoginArgs) -> Result<(), ClientError> {
     Ok(())
 }
 
-const POLICY_KEYS: [&str; 10] = [
+const POLICY_KEYS: [&str; 11] = [
     "description",
     "rpo_threshold_minutes",
     "cycle_interval_seconds",
@@ -480,6 +512,7 @@ const POLICY_KEYS: [&str; 10] = [
     "compression_level",
     "retry_schedule_seconds",
     "resync_threshold_percent",
+    "resync_window",
     "revision",
 ];
 
@@ -513,6 +546,7 @@ fn policy_block(p: &Value) -> String {
                 k.to_string(),
                 a.iter().map(cell).collect::<Vec<_>>().join(","),
             )),
+            ("resync_window", w) => rows.push((k.to_string(), window_cell(w))),
             (_, v) => rows.push((k.to_string(), cell(v))),
         }
     }
@@ -520,6 +554,29 @@ fn policy_block(p: &Value) -> String {
         rows.push((k.to_string(), cell(&p[k])));
     }
     pairs(&rows)
+}
+
+/// A resync window as `--resync-window` takes it, days first (`fri,sat 22:00-06:00`);
+/// `none` when there is none.
+fn window_cell(w: &Value) -> String {
+    match w {
+        Value::Object(o) => {
+            let span = format!(
+                "{}-{}",
+                cell(o.get("from").unwrap_or(&Value::Null)),
+                cell(o.get("to").unwrap_or(&Value::Null))
+            );
+            match o.get("days") {
+                Some(Value::Array(d)) => format!(
+                    "{} {span}",
+                    d.iter().map(cell).collect::<Vec<_>>().join(",")
+                ),
+                _ => span,
+            }
+        }
+        Value::Null => "none".into(),
+        other => cell(other),
+    }
 }
 
 fn policy_row(p: &Value) -> Vec<String> {
@@ -600,6 +657,16 @@ fn settings_body(s: &SettingsArgs) -> Result<Map<String, Value>, ClientError> {
     }
     if let Some(r) = &s.retry_schedule_seconds {
         m.insert("retry_schedule_seconds".into(), json!(r));
+    }
+    if let Some((from, to)) = &s.resync_window {
+        let mut w = json!({ "from": from, "to": to });
+        if let Some(days) = &s.resync_window_days {
+            w["days"] = json!(days);
+        }
+        m.insert("resync_window".into(), w);
+    }
+    if s.no_resync_window {
+        m.insert("resync_window".into(), Value::Null);
     }
     let retention: Vec<(&str, i64)> = [
         ("keep_all_hours", s.keep_all_hours),
@@ -823,6 +890,9 @@ mod tests {
             compression_level: None,
             retry_schedule_seconds: Some(vec![30, 60]),
             resync_threshold_percent: None,
+            resync_window: None,
+            resync_window_days: None,
+            no_resync_window: true,
         };
         let m = settings_body(&s).unwrap();
         assert_eq!(
@@ -834,8 +904,61 @@ mod tests {
                 "rpo_threshold_minutes": -1,
                 "chunk_size": 1048576,
                 "retry_schedule_seconds": [30, 60],
+                "resync_window": null,
             })
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `--resync-window FROM-TO` (with `--resync-window-days`) sets the member whole,
+    /// `--no-resync-window` removes it; the two conflict; a window shows as the flag takes it.
+    #[test]
+    fn resync_window_flags() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            s: SettingsArgs,
+        }
+        let body = |args: &[&str]| {
+            let t = T::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(Value::Object(settings_body(&t.s).unwrap()))
+        };
+        assert_eq!(
+            body(&["--resync-window", "22:00-06:00"]).unwrap(),
+            json!({"resync_window": {"from": "22:00", "to": "06:00"}})
+        );
+        assert_eq!(
+            body(&[
+                "--resync-window",
+                "1:00-5:30",
+                "--resync-window-days",
+                "sat,sun"
+            ])
+            .unwrap(),
+            json!({"resync_window": {"from": "1:00", "to": "5:30", "days": ["sat", "sun"]}})
+        );
+        assert_eq!(
+            body(&["--no-resync-window"]).unwrap(),
+            json!({"resync_window": null})
+        );
+        for bad in [
+            &["--resync-window", "22:00"][..],
+            &["--resync-window", "-06:00"],
+            &["--resync-window", "22:00-06:00", "--no-resync-window"],
+            &["--resync-window-days", "fri"],
+        ] {
+            assert!(body(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            window_cell(&json!({"from": "22:00", "to": "06:00", "days": ["fri", "sat"]})),
+            "fri,sat 22:00-06:00"
+        );
+        assert_eq!(
+            window_cell(&json!({"from": "22:00", "to": "06:00"})),
+            "22:00-06:00"
+        );
+        assert_eq!(window_cell(&Value::Null), "none");
     }
 }

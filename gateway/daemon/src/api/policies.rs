@@ -7,6 +7,10 @@
 //! (`invalid_value`). Integers are taken as `i64` so that a negative or huge value is
 //! refused by its rule, with the rule in the message.
 //!
+//! `resync_window` (`{"from": "22:00", "to": "06:00", "days": ["fri"]}`, `days` optional) is
+//! `null` in a record without one; a body sets it whole, or removes it with `null` (`PATCH`;
+//! in a `POST`, `null` is the default: none).
+//!
 //! Records carry `revision`, also sent as the `ETag` (`"<revision>"`); `PATCH` and `DELETE`
 //! honour `If-Match` (a list of such tags, or `*`): the comparison happens in the writing
 //! catalog transaction, and a mismatch is 412 `revision_mismatch` with nothing changed.
@@ -20,7 +24,7 @@ use serde_json::{Map, Value};
 use super::extract::{ApiJson, ApiPath, ApiQuery, PageQuery, encode_cursor, unknown_field};
 use super::{AdminId, ApiError, ApiState, PageJson, time};
 use crate::catalog::CatalogError;
-use crate::policy::{self, Policy, PolicyPatch, PolicySettings, RetentionPatch};
+use crate::policy::{self, Policy, PolicyPatch, PolicySettings, ResyncWindowPatch, RetentionPatch};
 
 /// Settings members a body may set.
 const SETTINGS: &[&str] = &[
@@ -33,9 +37,12 @@ const SETTINGS: &[&str] = &[
     "compression_level",
     "retry_schedule_seconds",
     "resync_threshold_percent",
+    "resync_window",
 ];
 /// Members of `retention` a body may set.
 const RETENTION: &[&str] = &["keep_all_hours", "hourly_days", "every_hours", "for_days"];
+/// Members of `resync_window`.
+const RESYNC_WINDOW: &[&str] = &["from", "to", "days"];
 /// Members of a record the appliance sets.
 const READ_ONLY: &[&str] = &["revision", "created", "updated"];
 
@@ -46,6 +53,14 @@ pub(super) struct RetentionJson {
     every_hours: u32,
     for_days: u32,
     max_age_hours: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct ResyncWindowJson {
+    from: String,
+    to: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    days: Option<Vec<String>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -60,6 +75,7 @@ pub(super) struct PolicyJson {
     compression_level: u32,
     retry_schedule_seconds: Vec<u32>,
     resync_threshold_percent: u32,
+    resync_window: Option<ResyncWindowJson>,
     revision: u64,
     created: String,
     updated: String,
@@ -86,6 +102,11 @@ impl From<Policy> for PolicyJson {
             compression_level: s.compression_level,
             retry_schedule_seconds: s.retry_schedule_seconds,
             resync_threshold_percent: s.resync_threshold_percent,
+            resync_window: s.resync_window.map(|w| ResyncWindowJson {
+                from: w.from_text(),
+                to: w.to_text(),
+                days: w.day_names(),
+            }),
             revision: p.revision,
             created: time(p.created_ms),
             updated: time(p.updated_ms),
@@ -259,6 +280,71 @@ fn check_members(
     Ok(())
 }
 
+/// `resync_window` of a body: an object with `from`, `to` and optionally `days`, or `null`
+/// (none).
+fn resync_window(v: &Value) -> Result<Option<ResyncWindowPatch>, ApiError> {
+    const F: &str = "resync_window";
+    let w = match v {
+        Value::Null => return Ok(None),
+        Value::Object(w) => w,
+        other => {
+            return Err(invalid(
+                F,
+                format!(
+                    "`{F}` must be an object such as {{\"from\": \"22:00\", \"to\": \"06:00\"}}, \
+                     or null for none, got {}",
+                    kind(other)
+                ),
+            ));
+        }
+    };
+    check_members(w, "resync_window.", RESYNC_WINDOW, &[])?;
+    let time = |m: &str| {
+        let field = format!("{F}.{m}");
+        match w.get(m) {
+            Some(Value::String(t)) => Ok(t.clone()),
+            None | Some(Value::Null) => Err(invalid(
+                &field,
+                format!("`{field}` is required: a time of day HH:MM"),
+            )),
+            Some(other) => Err(invalid(
+                &field,
+                format!("`{field}` must be a string (HH:MM), got {}", kind(other)),
+            )),
+        }
+    };
+    let (from, to) = (time("from")?, time("to")?);
+    let days = match w.get("days") {
+        None => None,
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .enumerate()
+                .map(|(i, d)| match d {
+                    Value::String(d) => Ok(d.clone()),
+                    other => {
+                        let field = format!("{F}.days[{i}]");
+                        Err(invalid(
+                            &field,
+                            format!("`{field}` must be a day name, got {}", kind(other)),
+                        ))
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        Some(other) => {
+            let field = format!("{F}.days");
+            return Err(invalid(
+                &field,
+                format!(
+                    "`{field}` must be an array of day names (leave it out for every day), got {}",
+                    kind(other)
+                ),
+            ));
+        }
+    };
+    Ok(Some(ResyncWindowPatch { from, to, days }))
+}
+
 /// The settings members of a create or patch body.
 fn patch_from(mode: Mode, obj: &Map<String, Value>) -> Result<PolicyPatch, ApiError> {
     let mut p = PolicyPatch::default();
@@ -285,6 +371,7 @@ fn patch_from(mode: Mode, obj: &Map<String, Value>) -> Result<PolicyPatch, ApiEr
             "chunk_size" => p.chunk_size = Some(int(mode, f, v)?),
             "compression_level" => p.compression_level = Some(int(mode, f, v)?),
             "resync_threshold_percent" => p.resync_threshold_percent = Some(int(mode, f, v)?),
+            "resync_window" => p.resync_window = Some(resync_window(v)?),
             "retry_schedule_seconds" => {
                 let Value::Array(a) = v else {
                     return Err(match v {
@@ -559,6 +646,31 @@ mod tests {
                 "description",
                 "a string or null",
             ),
+            (
+                serde_json::json!({"resync_window": "22:00-06:00"}),
+                "resync_window",
+                "an object",
+            ),
+            (
+                serde_json::json!({"resync_window": {"to": "06:00"}}),
+                "resync_window.from",
+                "is required",
+            ),
+            (
+                serde_json::json!({"resync_window": {"from": "22:00", "to": 6}}),
+                "resync_window.to",
+                "a number",
+            ),
+            (
+                serde_json::json!({"resync_window": {"from": "22:00", "to": "06:00", "days": "fri"}}),
+                "resync_window.days",
+                "an array",
+            ),
+            (
+                serde_json::json!({"resync_window": {"from": "22:00", "to": "06:00", "days": ["fri", 5]}}),
+                "resync_window.days[1]",
+                "a number",
+            ),
         ] {
             let e = patch_from(Mode::Patch, &obj(body.clone())).unwrap_err();
             assert_eq!(
@@ -591,6 +703,35 @@ mod tests {
         assert_eq!(
             object(serde_json::json!([1])).unwrap_err().code,
             "invalid_request"
+        );
+        // The resync window: set whole (days optional), removed with null, no other members.
+        let p = patch_from(
+            Mode::Patch,
+            &obj(serde_json::json!({"resync_window": {"from": "22:00", "to": "06:00"}})),
+        )
+        .unwrap();
+        assert_eq!(
+            p.resync_window,
+            Some(Some(ResyncWindowPatch {
+                from: "22:00".into(),
+                to: "06:00".into(),
+                days: None
+            }))
+        );
+        let p = patch_from(
+            Mode::Patch,
+            &obj(serde_json::json!({"resync_window": null})),
+        )
+        .unwrap();
+        assert_eq!(p.resync_window, Some(None));
+        let e = patch_from(
+            Mode::Patch,
+            &obj(serde_json::json!({"resync_window": {"from": "1:00", "to": "2:00", "at": 1}})),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            ("unknown_field", Some("resync_window.at"))
         );
     }
 }

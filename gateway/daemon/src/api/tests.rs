@@ -1957,3 +1957,115 @@ async fn pause_and_resume() {
     let (s, v) = f.send(Method::POST, "/api/v1/items/nope/pause", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
 }
+
+/// A policy's `resync_window`: `null` by default; set by `POST`, replaced and removed by
+/// `PATCH`; refusals name the member and change nothing; the plan of an item following the
+/// policy carries it (and leaves it out when the policy has none).
+#[tokio::test]
+async fn policy_resync_window() {
+    let f = fixture_with(&[], true).await;
+    let (_, d) = f.get("/api/v1/policies/default").await;
+    assert_eq!(d["resync_window"], Value::Null);
+
+    let (s, p) = f
+        .send(
+            Method::POST,
+            "/api/v1/policies",
+            Some(r#"{"name":"night","resync_window":{"from":"22:00","to":"6:00","days":["Sunday","fri"]}}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    assert_eq!(
+        p["resync_window"],
+        json!({"from": "22:00", "to": "06:00", "days": ["fri", "sun"]})
+    );
+    let (_, got) = f.get("/api/v1/policies/night").await;
+    assert_eq!(got, p);
+    let rev = p["revision"].as_u64().unwrap();
+
+    // Refused, naming the member; nothing changes.
+    for (body, field) in [
+        (
+            r#"{"resync_window":{"from":"24:00","to":"06:00"}}"#,
+            "resync_window.from",
+        ),
+        (
+            r#"{"resync_window":{"from":"22:00","to":"22:00"}}"#,
+            "resync_window.to",
+        ),
+        (r#"{"resync_window":{"from":"22:00"}}"#, "resync_window.to"),
+        (
+            r#"{"resync_window":{"from":"22:00","to":"06:00","days":[]}}"#,
+            "resync_window.days",
+        ),
+        (
+            r#"{"resync_window":{"from":"22:00","to":"06:00","days":["fri","someday"]}}"#,
+            "resync_window.days[1]",
+        ),
+        (
+            r#"{"resync_window":{"from":"22:00","to":"06:00","at":1}}"#,
+            "resync_window.at",
+        ),
+        (r#"{"resync_window":"22:00-06:00"}"#, "resync_window"),
+    ] {
+        let (s, v) = f
+            .send(Method::PATCH, "/api/v1/policies/night", Some(body))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert_eq!(v["field"], field, "{body}: {v}");
+    }
+    let (_, same) = f.get("/api/v1/policies/night").await;
+    assert_eq!(same["revision"].as_u64(), Some(rev));
+
+    // Replaced whole (no days: every day), then the item's plan carries it.
+    let (s, p) = f
+        .send(
+            Method::PATCH,
+            "/api/v1/policies/night",
+            Some(r#"{"resync_window":{"from":"23:30","to":"05:00"}}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{p}");
+    assert_eq!(p["resync_window"], json!({"from": "23:30", "to": "05:00"}));
+    let body = json!({"name": "web-01", "policy": "night",
+        "disks": [{"name": "disk0", "size_bytes": 1048576}]});
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/items", Some(&body.to_string()))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    let agent = f.enroll("web-agent", &["web-01"]).await;
+    let plan = || async {
+        let (s, _, body) = f
+            .get_raw_with_cert("/api/v1/agent/items/web-01/replication", agent)
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        serde_json::from_slice::<ferry_proto::enroll::ReplicationPlan>(&body).unwrap()
+    };
+    assert_eq!(
+        plan().await.resync_window,
+        Some(ferry_proto::enroll::ResyncWindow {
+            from: "23:30".into(),
+            to: "05:00".into(),
+            days: None,
+        })
+    );
+
+    // Removed with null: the record says null, the plan leaves the member out.
+    let (s, p) = f
+        .send(
+            Method::PATCH,
+            "/api/v1/policies/night",
+            Some(r#"{"resync_window":null}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{p}");
+    assert_eq!(p["resync_window"], Value::Null);
+    let (s, _, raw) = f
+        .get_raw_with_cert("/api/v1/agent/items/web-01/replication", agent)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let raw: Value = serde_json::from_slice(&raw).unwrap();
+    assert!(raw.get("resync_window").is_none(), "{raw}");
+    assert_eq!(plan().await.resync_window, None);
+}

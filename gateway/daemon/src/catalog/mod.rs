@@ -440,6 +440,20 @@ pub mod record {
         revision: u64,
         created_ms: u64,
         updated_ms: u64,
+        /// Added after version 1's first policies: absent when the policy has no resync
+        /// window (so older records read unchanged and policies without one are written as
+        /// before, byte for byte).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resync_window: Option<ResyncWindowV1>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ResyncWindowV1 {
+        from: String,
+        to: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        days: Option<Vec<String>>,
     }
 
     pub(super) fn to_vec<T: Serialize>(r: &T) -> Vec<u8> {
@@ -637,6 +651,11 @@ pub mod record {
             revision: p.revision,
             created_ms: p.created_ms,
             updated_ms: p.updated_ms,
+            resync_window: s.resync_window.map(|w| ResyncWindowV1 {
+                from: w.from_text(),
+                to: w.to_text(),
+                days: w.day_names(),
+            }),
         })
     }
 
@@ -655,6 +674,11 @@ pub mod record {
         if r.name != key {
             return Err(bad(format!("holds name `{}`", r.name)));
         }
+        let resync_window = r
+            .resync_window
+            .map(|w| policy::ResyncWindow::parse(&w.from, &w.to, w.days.as_deref()))
+            .transpose()
+            .map_err(|e| bad(e.to_string()))?;
         let p = Policy {
             name: r.name,
             settings: PolicySettings {
@@ -672,6 +696,7 @@ pub mod record {
                 compression_level: r.compression_level,
                 retry_schedule_seconds: r.retry_schedule_seconds,
                 resync_threshold_percent: r.resync_threshold_percent,
+                resync_window,
             },
             revision: r.revision,
             created_ms: r.created_ms,
@@ -1286,6 +1311,7 @@ mod tests {
                 compression_level: 6,
                 retry_schedule_seconds: vec![30, 60, 120, 300],
                 resync_threshold_percent: 40,
+                resync_window: None,
             },
             revision: 3,
             created_ms: 1_795_688_300_000,
@@ -1422,6 +1448,57 @@ mod tests {
             fixture("policy-default.json")
         );
         assert_eq!(record::encode_policy(&v1_policy()), fixture("policy.json"));
+    }
+
+    /// A policy with a resync window (a member added later in version 1) round-trips, its
+    /// member last; one without is written as before (above); a record whose window breaks a
+    /// rule, or holds an unknown member, is refused naming the table, key and field.
+    #[test]
+    fn policy_resync_window_round_trips() {
+        let mut p = v1_policy();
+        p.settings.resync_window =
+            Some(policy::ResyncWindow::parse("22:00", "6:00", None).unwrap());
+        let b = record::encode_policy(&p);
+        let text = String::from_utf8(b.clone()).unwrap();
+        assert!(
+            text.ends_with(
+                r#""updated_ms":1795688400000,"resync_window":{"from":"22:00","to":"06:00"}}"#
+            ),
+            "{text}"
+        );
+        assert_eq!(record::decode_policy("gold", &b).unwrap(), p);
+        // The fixture's bytes, the member appended: what this build writes.
+        let old = String::from_utf8(fixture("policy.json")).unwrap();
+        let appended = format!(
+            "{},\"resync_window\":{{\"from\":\"22:00\",\"to\":\"06:00\"}}}}",
+            old.strip_suffix('}').unwrap()
+        );
+        assert_eq!(text, appended);
+
+        let days: Vec<String> = ["sat", "sun"].map(String::from).to_vec();
+        p.settings.resync_window =
+            Some(policy::ResyncWindow::parse("01:00", "05:30", Some(&days)).unwrap());
+        let b = record::encode_policy(&p);
+        assert!(
+            String::from_utf8_lossy(&b).ends_with(
+                r#""resync_window":{"from":"01:00","to":"05:30","days":["sat","sun"]}}"#
+            ),
+            "{}",
+            String::from_utf8_lossy(&b)
+        );
+        assert_eq!(record::decode_policy("gold", &b).unwrap(), p);
+
+        for (from, to) in [
+            (r#""days":["sat","sun"]"#, r#""days":["sat","noday"]"#),
+            (r#""from":"01:00""#, r#""from":"01:00","extra":1"#),
+            (r#""to":"05:30""#, r#""to":"01:00""#),
+        ] {
+            let broken = String::from_utf8(b.clone()).unwrap().replace(from, to);
+            let e = record::decode_policy("gold", broken.as_bytes()).unwrap_err();
+            let m = e.to_string();
+            assert!(m.contains("policies/gold"), "{m}");
+            assert!(m.contains("resync_window") || m.contains("extra"), "{m}");
+        }
     }
 
     /// A whole catalog written by version 1 opens and reads back (table names, key and value

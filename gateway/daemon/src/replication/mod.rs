@@ -693,6 +693,13 @@ impl ProcessRole {
             retry_schedule_seconds: policy.retry_schedule_seconds.clone(),
             resync_threshold_percent: policy.resync_threshold_percent,
             disks,
+            resync_window: policy
+                .resync_window
+                .map(|w| ferry_proto::enroll::ResyncWindow {
+                    from: w.from_text(),
+                    to: w.to_text(),
+                    days: w.day_names(),
+                }),
         })
     }
 
