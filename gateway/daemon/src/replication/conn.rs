@@ -568,10 +568,12 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
             && live.is_none()
             && lock(&stream.pending).is_empty()
             && let Some(vault) = inner.vaults.get(&item.vault)
+            && let Ok(permit) = inner.live_permits.clone().try_acquire_owned()
         {
             *live = Some(super::live::Live::start(
                 vault,
                 &super::cycle_info(&hello.item, &hello.disk, hello.cycle, &hello),
+                permit,
             ));
         }
         live.is_some()

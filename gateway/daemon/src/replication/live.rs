@@ -53,9 +53,12 @@ pub(crate) struct Live {
     task: JoinHandle<LiveResult>,
 }
 
+/// A live drain's share of `process.drain_workers`, held until its staging ends.
+pub(crate) type LivePermit = tokio::sync::OwnedSemaphorePermit;
+
 impl Live {
     /// Starts draining cycle `info` (an initial cycle, nothing received yet) into `vault`.
-    pub fn start(vault: &Vault, info: &CycleInfo) -> Self {
+    pub fn start(vault: &Vault, info: &CycleInfo, permit: LivePermit) -> Self {
         let (tx, rx) = mpsc::channel(channel_capacity(info.chunk_size));
         let source = Arc::new(LiveSource {
             name: format!("cycle {} of `{}`/`{}`", info.cycle, info.item, info.disk),
@@ -84,6 +87,7 @@ impl Live {
         };
         let vault = vault.clone();
         let task = tokio::spawn(async move {
+            let _permit = permit;
             let staged = vault
                 .stage_import(opts, Arc::new(Progress::default()))
                 .await
@@ -300,6 +304,12 @@ mod tests {
 
     const CS: u32 = 64 << 10;
 
+    fn permit() -> LivePermit {
+        Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap()
+    }
+
     fn info(size: u64) -> CycleInfo {
         CycleInfo {
             item: "web-01".into(),
@@ -354,7 +364,7 @@ mod tests {
         disk[2 * cs..3 * cs].fill(0);
         disk[5 * cs..8 * cs].fill(0);
         let info = info(size as u64);
-        let mut live = Live::start(&vault, &info);
+        let mut live = Live::start(&vault, &info, permit());
         assert!(live.forward([chunk(1, 0, &disk), chunk(2, 1, &disk)]).await);
         let zero = (
             3,
@@ -407,16 +417,16 @@ mod tests {
         let disk = vec![7u8; cs * 4];
         let info = info(disk.len() as u64);
 
-        let mut live = Live::start(&vault, &info);
+        let mut live = Live::start(&vault, &info, permit());
         assert!(live.forward([chunk(1, 2, &disk), chunk(2, 1, &disk)]).await);
         let e = live.finish().await.unwrap_err();
         assert!(e.contains("out of disk order"), "{e}");
 
-        let mut live = Live::start(&vault, &info);
+        let mut live = Live::start(&vault, &info, permit());
         // The session refuses a gap itself.
         assert!(!live.forward([chunk(1, 0, &disk), chunk(3, 1, &disk)]).await);
 
-        let mut live2 = Live::start(&vault, &info);
+        let mut live2 = Live::start(&vault, &info, permit());
         assert!(live2.forward([chunk(1, 0, &disk)]).await);
         drop(live);
         let e = live2.finish().await.unwrap_err();

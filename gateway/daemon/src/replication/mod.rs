@@ -192,6 +192,9 @@ pub(crate) struct Inner {
     pub idle_notify: Notify,
     pub figures: Mutex<BTreeMap<String, ItemFigures>>,
     pub drain_workers: usize,
+    /// Live drains (`live`) running at once: at most `process.drain_workers`, like the
+    /// drainer's (a session past them is drained after its cycle, as before).
+    pub live_permits: Arc<Semaphore>,
     pub deferred: Mutex<BTreeMap<StreamId, Vec<StreamKey>>>,
 }
 
@@ -281,6 +284,7 @@ impl ProcessRole {
                 idle_notify: Notify::new(),
                 figures: Mutex::new(BTreeMap::new()),
                 drain_workers: p.drain_workers as usize,
+                live_permits: Arc::new(Semaphore::new(p.drain_workers as usize)),
                 deferred: Mutex::new(BTreeMap::new()),
             }),
         };
