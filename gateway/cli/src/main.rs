@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use ferry_store::{
-    Backend, Consistency, ExportOptions, ImportOptions, InitOptions, OpenOptions, PointSelector,
-    Progress, Secret, UploadTuning, Vault,
+    Backend, Consistency, ExportFormat, ExportOptions, FormatOptions, ImportOptions, InitOptions,
+    OpenOptions, PointSelector, Progress, Secret, UploadTuning, Vault,
 };
 use serde_json::json;
 
@@ -215,7 +215,8 @@ enum VaultCmd {
         #[arg(long)]
         item: Option<String>,
     },
-    /// Write a recovery point's disk out as a raw (sparse) image.
+    /// Write a recovery point's disk out as a raw (sparse) image, a VHD fixed, a qcow2 or a
+    /// VMDK. Zero chunks are never written; the file takes its name only once complete.
     Export {
         #[command(flatten)]
         repo: RepoArgs,
@@ -231,8 +232,18 @@ enum VaultCmd {
         /// Output file.
         #[arg(long)]
         out: PathBuf,
-        /// Replace the output file if it exists.
+        /// Output format: `raw` (sparse image), `vhd` (VHD fixed, the format Azure accepts
+        /// for uploaded disks), `qcow2` (version 3, 64 KiB clusters) or `vmdk`
+        /// (monolithicSparse, 64 KiB grains). Not supported yet: VHDX and streamOptimized VMDK.
+        #[arg(long, default_value = "raw", value_parser = parse_export_format)]
+        format: ExportFormat,
+        /// With --format vhd: Azure requires a virtual size that is a whole MiB, and a disk
+        /// that is not is refused; with this flag its VHD is padded with zeros up to the next
+        /// MiB instead (the guest sees a disk up to 1 MiB larger, its data unchanged).
         #[arg(long)]
+        vhd_round_up: bool,
+        /// Replace the output file if it exists.
+        #[arg(long, visible_alias = "overwrite")]
         force: bool,
         /// Flush the image to stable storage (fsync) before giving it its final name.
         #[arg(long)]
@@ -287,6 +298,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Parses `--format` of `ferry vault export`; an unknown or unsupported name is refused with
+/// the list of formats.
+fn parse_export_format(s: &str) -> Result<ExportFormat, String> {
+    s.parse()
 }
 
 /// Parses `65536`, `64K`, `64KiB`, `1M`, `4MiB`, `2G`.
@@ -715,9 +732,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             point,
             disk,
             out: path,
+            format,
+            vhd_round_up,
             force,
             sync,
         } => {
+            if vhd_round_up && format != ExportFormat::Vhd {
+                bail!("--vhd-round-up applies only to --format vhd");
+            }
             let v = open(&repo).await?;
             let progress = Arc::new(Progress::default());
             let o = ExportOptions {
@@ -729,13 +751,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 sync,
             };
             let t0 = Instant::now();
-            let r =
-                with_progress(repo.json, "export", progress.clone(), v.export(o, progress)).await?;
+            let f = FormatOptions {
+                format,
+                vhd_round_up,
+            };
+            let r = with_progress(
+                repo.json,
+                "export",
+                progress.clone(),
+                v.export_as(o, f, progress),
+            )
+            .await?;
             if repo.json {
                 out(&json!({
                     "point": r.point.id,
                     "disk": r.disk.name,
                     "size": r.disk.size,
+                    "format": r.format.as_str(),
                     "out": path,
                     "chunks_written": r.chunks_written,
                     "reads": r.reads,
@@ -743,10 +775,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }));
             } else {
                 line(&format!(
-                    "exported {} disk {} ({}) to {}",
+                    "exported {} disk {} ({}) as {} to {}",
                     r.point.id,
                     r.disk.name,
                     human(r.disk.size),
+                    r.format,
                     path.display()
                 ));
             }

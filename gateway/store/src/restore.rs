@@ -4,19 +4,21 @@
 //! grouped by pack and fetched with coalesced ranged reads (neighbouring blobs of one pack in
 //! one request, up to `read_window` bytes). Windows are fetched and decoded concurrently
 //! (`fetch_concurrency` at a time, decoding on the blocking pool so all cores decrypt and
-//! decompress). Zero chunks are never written: the output is a sparse file whose holes read as
-//! zero. Every blob is authenticated and its id recomputed before a byte of it is written; the
-//! output appears under its final name only when it is complete (and, with `sync`, flushed).
+//! decompress). Zero chunks are never written: the output's holes (or unallocated clusters)
+//! read as zero. Every blob is authenticated and its id recomputed before a byte of it is
+//! written; the output appears under its final name only when it is complete (and, with
+//! `sync`, flushed).
 //!
 //! The walk, the reads and the decoding are shared: decoded chunks go to a [`ChunkSink`], the
-//! image file for an export, the per-chunk digests for [`Vault::chunk_digests`]
-//! (`crate::digests`), so every path that reads a disk back keeps the same guarantees (every
-//! blob authenticated, memory bounded by the read window and the fetch concurrency).
+//! format writer for an export (raw, VHD fixed, qcow2 or VMDK: `crate::formats`, each
+//! written in place as chunks complete, zero clusters never written), the per-chunk digests
+//! for [`Vault::chunk_digests`] (`crate::digests`), so every path that reads a disk back keeps
+//! the same guarantees (every blob authenticated, memory bounded by the read window and the
+//! fetch concurrency).
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions as FsOpen};
+use std::fs::OpenOptions as FsOpen;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,6 +27,7 @@ use futures::StreamExt;
 
 use crate::ChunkId;
 use crate::error::{Result, StoreError};
+use crate::formats::{ExportFormat, FormatOptions, Output, Plan};
 use crate::index::{Location, PackInfo};
 use crate::ingest::Progress;
 use crate::pack::PackId;
@@ -44,7 +47,7 @@ pub struct ExportOptions {
     pub point: PointSelector,
     /// Which disk (may be omitted when the point has one).
     pub disk: Option<String>,
-    /// Output file (raw image).
+    /// Output file (a raw image, or the container [`Vault::export_as`] is asked for).
     pub out: PathBuf,
     /// Replace an existing file.
     pub overwrite: bool,
@@ -64,6 +67,8 @@ pub struct ExportReport {
     pub chunks_written: u64,
     /// Ranged reads made.
     pub reads: u64,
+    /// The format written.
+    pub format: ExportFormat,
 }
 
 /// Where restore's decoded chunks go. Called from the blocking pool, concurrently, and for
@@ -85,33 +90,6 @@ pub(crate) fn chunk_span(size: u64, cs: u64, index: u64, stored: usize) -> usize
     usize::try_from(size.saturating_sub(off).min(stored as u64)).expect("chunk fits memory")
 }
 
-/// The export's sink: the (sparse) image file; zero chunks stay holes.
-struct ImageSink {
-    file: Arc<File>,
-    path: PathBuf,
-    size: u64,
-    cs: u64,
-}
-
-impl ChunkSink for ImageSink {
-    fn chunk(&self, plain: &[u8], indexes: &[u64]) -> Result<()> {
-        for &index in indexes {
-            let len = chunk_span(self.size, self.cs, index, plain.len());
-            self.file
-                .write_all_at(&plain[..len], index * self.cs)
-                .map_err(|source| StoreError::OutputIo {
-                    path: self.path.clone(),
-                    source,
-                })?;
-        }
-        Ok(())
-    }
-
-    fn zeros(&self, _chunks: Range<u64>) -> Result<()> {
-        Ok(())
-    }
-}
-
 struct Want {
     loc: Location,
     info: PackInfo,
@@ -124,6 +102,22 @@ impl Vault {
     pub async fn export(
         &self,
         opts: ExportOptions,
+        progress: Arc<Progress>,
+    ) -> Result<ExportReport> {
+        self.export_as(opts, FormatOptions::default(), progress)
+            .await
+    }
+
+    /// Exports one disk of a point in `format` (raw, VHD fixed, qcow2, VMDK
+    /// monolithicSparse; see `crate::formats`). The file is written under a temporary name
+    /// (`<out>.ferry-partial`) and renamed to `out` only once complete; on failure the
+    /// temporary file is removed and `out` is untouched. A disk the format cannot hold (a
+    /// VHD that is not a whole MiB without `vhd_round_up`, a VMDK over 2 TiB) is refused
+    /// before any file is created.
+    pub async fn export_as(
+        &self,
+        opts: ExportOptions,
+        format: FormatOptions,
         progress: Arc<Progress>,
     ) -> Result<ExportReport> {
         let point = self.point(&opts.item, &opts.point).await?;
@@ -147,6 +141,11 @@ impl Vault {
             }
             _ => {}
         }
+        let file_name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let plan = Plan::new(format, disk.size, &disk.name, &file_name)?;
         let file = FsOpen::new()
             .write(true)
             .create(true)
@@ -156,20 +155,22 @@ impl Vault {
                 path: partial.clone(),
                 source,
             })?;
-        file.set_len(disk.size)
-            .map_err(|source| StoreError::OutputIo {
-                path: partial.clone(),
-                source,
-            })?;
-        progress.total.store(disk.size, Ordering::Relaxed);
-        let file = Arc::new(file);
-        let sink = Arc::new(ImageSink {
-            file: file.clone(),
+        let output = Output {
+            file: Arc::new(file),
             path: partial.clone(),
-            size: disk.size,
-            cs: u64::from(disk.chunk_size),
-        });
-        let res = self.read_disk(&point.id, &disk, sink, &progress).await;
+        };
+        progress.total.store(disk.size, Ordering::Relaxed);
+        let res = async {
+            let writer = plan.writer(output.clone(), disk.size, u64::from(disk.chunk_size))?;
+            let sink: Arc<dyn ChunkSink> = writer.clone();
+            let done = self.read_disk(&point.id, &disk, sink, &progress).await?;
+            writer.finish()?;
+            if opts.sync {
+                output.file.sync_all().map_err(|e| output.io(e))?;
+            }
+            Ok(done)
+        }
+        .await;
         let (chunks_written, reads) = match res {
             Ok(x) => x,
             Err(e) => {
@@ -177,19 +178,14 @@ impl Vault {
                 return Err(e);
             }
         };
-        if opts.sync {
-            file.sync_all().map_err(|source| StoreError::OutputIo {
-                path: partial.clone(),
-                source,
-            })?;
-        }
-        drop(file);
+        drop(output);
         std::fs::rename(&partial, &out).map_err(out_io)?;
         Ok(ExportReport {
             point,
             disk,
             chunks_written,
             reads,
+            format: format.format,
         })
     }
 

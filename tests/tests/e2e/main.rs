@@ -9,6 +9,7 @@ mod appliance;
 mod cli;
 mod control_cli;
 mod ebs;
+mod export_formats;
 mod format_v1;
 mod plugin_cli;
 mod plugin_formats;
