@@ -295,6 +295,22 @@ pub fn azurite_create_container(port: u16, name: &str) {
     );
 }
 
+/// Runs `qemu-img` (installed by `scripts/install-test-tools.sh`) with `args`, failing the
+/// test with its output unless it succeeds; returns its standard output.
+pub fn qemu_img(args: &[&str]) -> String {
+    let o = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (installed by scripts/install-test-tools.sh)");
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).expect("qemu-img prints UTF-8")
+}
+
 /// Builds a real ext4 image of `size` (e.g. "256M") at `out` with `scripts/make-ext4-image.sh`
 /// (a debootstrap minbase root when a mirror answers, real files from /usr otherwise).
 pub fn make_ext4(out: &Path, size: &str) {

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use ferry_e2e::{ferry_bin, make_ext4, sha256_file};
+use ferry_e2e::{ferry_bin, make_ext4, qemu_img, sha256_file};
 
 struct Vault {
     dir: tempfile::TempDir,
@@ -70,20 +70,6 @@ impl Vault {
         a.extend_from_slice(extra);
         self.run(&a)
     }
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    let o = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (installed by scripts/install-test-tools.sh)");
-    assert!(
-        o.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
 }
 
 fn virtual_size(format: &str, file: &Path) -> u64 {

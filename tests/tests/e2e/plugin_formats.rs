@@ -6,19 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use ferry_e2e::{ferry_bin, make_ext4, sha256_file};
-
-fn qemu_img(args: &[&str]) {
-    let o = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (installed by scripts/install-test-tools.sh)");
-    assert!(
-        o.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
+use ferry_e2e::{ferry_bin, make_ext4, qemu_img, sha256_file};
 
 fn ferry_run(plugin: &str, disk: &Path, out: &Path, cache: &Path) -> serde_json::Value {
     let o = Command::new(ferry_bin())
