@@ -1,10 +1,11 @@
-//! `ferry vault export --format raw|vhd|qcow2|vmdk` with the real `ferry` binary, checked by
-//! `qemu-img`: a real ext4 image is imported, exported in every format, and each export is
-//! compared with the raw export (`qemu-img compare`, identical), checked (`qemu-img check`,
-//! no errors and no leaks for qcow2 and VMDK) and sized (`qemu-img info`). Bad input: an
-//! existing output without `--force`/`--overwrite` (refused, file untouched), unknown and
-//! unsupported formats (refused with the list), and a disk that is not a whole MiB as VHD
-//! (refused naming its size unless `--vhd-round-up`).
+//! `ferry vault export --format raw|vhd|vhdx|qcow2|vmdk|vmdk-stream` with the real `ferry`
+//! binary, checked by `qemu-img`: a real ext4 image is imported, exported in every format,
+//! and each export is compared with the raw export (`qemu-img compare`, identical), checked
+//! (`qemu-img check`, no errors and no leaks for VHDX, qcow2 and both VMDKs) and sized
+//! (`qemu-img info`, which also names the streamOptimized create type). Bad input: an
+//! existing output without `--force`/`--overwrite` (refused, file untouched), an unknown
+//! format (refused with the list), and a disk that is not a whole MiB as VHD (refused naming
+//! its size unless `--vhd-round-up`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -121,8 +122,10 @@ fn every_format_matches_the_raw_export() {
     for (format, qemu, name, check) in [
         ("raw", "raw", "vm1-explicit.raw", false),
         ("vhd", "vpc", "vm1.vhd", false),
+        ("vhdx", "vhdx", "vm1.vhdx", true),
         ("qcow2", "qcow2", "vm1.qcow2", true),
         ("vmdk", "vmdk", "vm1.vmdk", true),
+        ("vmdk-stream", "vmdk", "vm1-stream.vmdk", true),
     ] {
         let out = v.path(name);
         let r = v.ok(&[
@@ -152,10 +155,24 @@ fn every_format_matches_the_raw_export() {
             assert!(!c.contains("leaked"), "{format}: {c}");
         }
         // Sparse containers hold only the data: less than the disk.
-        if matches!(format, "qcow2" | "vmdk") {
+        if matches!(format, "qcow2" | "vmdk" | "vmdk-stream") {
             assert!(std::fs::metadata(&out).unwrap().len() < size, "{format}");
         }
     }
+    let info = qemu_img(&[
+        "info",
+        "-f",
+        "vmdk",
+        v.path("vm1-stream.vmdk").to_str().unwrap(),
+    ]);
+    assert!(info.contains("create type: streamOptimized"), "{info}");
+    // A VHDX's blocks are allocated only for data: the file holds no more than the disk's
+    // blocks in use (plus its 4 MiB of headers, log, metadata and BAT).
+    let vhdx_len = std::fs::metadata(v.path("vm1.vhdx")).unwrap().len();
+    assert!(
+        vhdx_len <= size.div_ceil(1 << 20) * (1 << 20) + (4 << 20),
+        "{vhdx_len}"
+    );
     // A fixed VHD is the raw disk plus a 512-byte footer.
     assert_eq!(
         std::fs::metadata(v.path("vm1.vhd")).unwrap().len(),
@@ -184,12 +201,10 @@ fn every_format_matches_the_raw_export() {
     ]);
     assert!(cmp.contains("Images are identical"), "{cmp}");
 
-    // Unknown and not-yet-supported formats: usage errors listing the formats.
+    // An unknown format: a usage error listing the formats.
     let nope = v.path("nope");
     let o = v.export("vm1", "zip", &nope, &[]);
-    fails_with(&o, 2, &["zip", "raw, vhd, qcow2, vmdk"]);
-    let o = v.export("vm1", "vhdx", &nope, &[]);
-    fails_with(&o, 2, &["not supported yet", "raw, vhd, qcow2, vmdk"]);
+    fails_with(&o, 2, &["zip", "raw, vhd, vhdx, qcow2, vmdk, vmdk-stream"]);
     assert!(!nope.exists());
 }
 

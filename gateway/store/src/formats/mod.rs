@@ -5,19 +5,23 @@
 //! by a [`FormatWriter`] that places each decoded chunk as it arrives, with `pwrite`, and
 //! keeps in memory only what is proportional to nothing or to a tiny fraction of the disk
 //! (the qcow2 L1 table: 8 bytes per 512 MiB; the qcow2 refcount table: 8 bytes per 2 GiB of
-//! file). Zero chunks are never written, and neither is an all-zero 64 KiB cluster or grain
-//! inside a non-zero chunk: holes stay holes in raw and VHD, and stay unallocated clusters or
-//! grains in qcow2 and VMDK. The metadata that can only be known at the end (qcow2 header
-//! and refcounts, VMDK header and grain directory, VHD footer) is written by
-//! [`FormatWriter::finish`], after the last chunk; until then the file has its temporary name.
+//! file; the streamOptimized grain directory at `finish`: 4 bytes per 32 MiB). Zero chunks
+//! are never written, and neither is an all-zero 64 KiB cluster or grain inside a non-zero
+//! chunk: holes stay holes in raw and VHD, and stay unallocated clusters, grains or blocks in
+//! qcow2, VMDK and VHDX. The metadata that can only be known at the end (qcow2 header and
+//! refcounts, VMDK header and grain directory, streamOptimized grain tables and footer, VHD
+//! footer, VHDX file identifier) is written by [`FormatWriter::finish`], after the last
+//! chunk; until then the file has its temporary name.
 //!
 //! - [`raw`]: the sparse image, byte for byte.
 //! - [`vhd`]: VHD fixed (the raw image plus a 512-byte footer), the format Azure accepts.
+//! - [`vhdx`]: VHDX dynamic (Hyper-V), blocks of the chunk size (at least 1 MiB) appended as
+//!   their first data arrives, the BAT in the file.
 //! - [`qcow2`]: qcow2 version 3, 64 KiB clusters, 16-bit refcounts, clusters appended in the
 //!   order chunks complete.
 //! - [`vmdk`]: VMDK monolithicSparse (embedded descriptor), 64 KiB grains.
-//!
-//! Not supported yet: VHDX and streamOptimized VMDK.
+//! - [`vmdk_stream`]: VMDK streamOptimized (OVF/OVA, vSphere), 64 KiB grains deflated on the
+//!   decode threads and appended in the order chunks complete, tables and footer at the end.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -30,7 +34,9 @@ use crate::restore::ChunkSink;
 pub mod qcow2;
 pub mod raw;
 pub mod vhd;
+pub mod vhdx;
 pub mod vmdk;
+pub mod vmdk_stream;
 
 /// Cluster (qcow2) and grain (VMDK) size: 64 KiB. The smallest chunk size, so every chunk
 /// is a whole number of clusters and starts on a cluster boundary.
@@ -50,15 +56,21 @@ pub enum ExportFormat {
     Qcow2,
     /// VMDK monolithicSparse.
     Vmdk,
+    /// VHDX dynamic.
+    Vhdx,
+    /// VMDK streamOptimized.
+    VmdkStream,
 }
 
 impl ExportFormat {
     /// Every supported format, by its command-line name.
-    pub const ALL: [ExportFormat; 4] = [
+    pub const ALL: [ExportFormat; 6] = [
         ExportFormat::Raw,
         ExportFormat::Vhd,
+        ExportFormat::Vhdx,
         ExportFormat::Qcow2,
         ExportFormat::Vmdk,
+        ExportFormat::VmdkStream,
     ];
 
     /// The command-line name.
@@ -68,6 +80,8 @@ impl ExportFormat {
             ExportFormat::Vhd => "vhd",
             ExportFormat::Qcow2 => "qcow2",
             ExportFormat::Vmdk => "vmdk",
+            ExportFormat::Vhdx => "vhdx",
+            ExportFormat::VmdkStream => "vmdk-stream",
         }
     }
 
@@ -96,10 +110,8 @@ impl std::str::FromStr for ExportFormat {
             "vhd" | "vpc" => Ok(ExportFormat::Vhd),
             "qcow2" => Ok(ExportFormat::Qcow2),
             "vmdk" => Ok(ExportFormat::Vmdk),
-            "vhdx" | "vmdk-stream" | "streamoptimized" | "stream-optimized" => Err(format!(
-                "export format `{s}` is not supported yet; supported: {}",
-                Self::names()
-            )),
+            "vhdx" => Ok(ExportFormat::Vhdx),
+            "vmdk-stream" | "streamoptimized" | "stream-optimized" => Ok(ExportFormat::VmdkStream),
             _ => Err(format!(
                 "unknown export format `{s}`; supported: {}",
                 Self::names()
@@ -163,6 +175,8 @@ pub(crate) enum Plan {
     Vhd(vhd::Layout),
     Qcow2(qcow2::Layout),
     Vmdk(vmdk::Layout),
+    Vhdx(vhdx::Layout),
+    VmdkStream(vmdk_stream::Layout),
 }
 
 impl Plan {
@@ -174,6 +188,10 @@ impl Plan {
             ExportFormat::Vhd => Plan::Vhd(vhd::Layout::new(size, opts.vhd_round_up, disk)?),
             ExportFormat::Qcow2 => Plan::Qcow2(qcow2::Layout::new(size, disk)?),
             ExportFormat::Vmdk => Plan::Vmdk(vmdk::Layout::new(size, disk, file_name)?),
+            ExportFormat::Vhdx => Plan::Vhdx(vhdx::Layout::new(size, disk)?),
+            ExportFormat::VmdkStream => {
+                Plan::VmdkStream(vmdk_stream::Layout::new(size, disk, file_name)?)
+            }
         })
     }
 
@@ -185,6 +203,8 @@ impl Plan {
             Plan::Vhd(l) => Arc::new(vhd::VhdWriter::new(out, size, cs, l)?),
             Plan::Qcow2(l) => Arc::new(qcow2::Qcow2Writer::new(out, size, cs, l)?),
             Plan::Vmdk(l) => Arc::new(vmdk::VmdkWriter::new(out, size, cs, l)?),
+            Plan::Vhdx(l) => Arc::new(vhdx::VhdxWriter::new(out, size, cs, l)?),
+            Plan::VmdkStream(l) => Arc::new(vmdk_stream::VmdkStreamWriter::new(out, size, cs, l)?),
         })
     }
 }
@@ -335,10 +355,12 @@ mod tests {
             assert_eq!(f.as_str().parse::<ExportFormat>().unwrap(), f);
         }
         assert_eq!("VPC".parse::<ExportFormat>().unwrap(), ExportFormat::Vhd);
-        let e = "vhdx".parse::<ExportFormat>().unwrap_err();
-        assert!(e.contains("not supported yet") && e.contains("raw, vhd, qcow2, vmdk"));
+        assert_eq!(
+            "streamOptimized".parse::<ExportFormat>().unwrap(),
+            ExportFormat::VmdkStream
+        );
         let e = "zip".parse::<ExportFormat>().unwrap_err();
-        assert!(e.contains("unknown") && e.contains("raw, vhd, qcow2, vmdk"));
+        assert!(e.contains("unknown") && e.contains("raw, vhd, vhdx, qcow2, vmdk, vmdk-stream"));
     }
 
     #[test]

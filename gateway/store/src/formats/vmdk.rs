@@ -90,7 +90,12 @@ impl Layout {
                  (grains are addressed by 32-bit sector numbers, under 2 TiB)"
             )));
         }
-        let descriptor = descriptor(capacity, file_name, crate::crypto::random_bytes::<4>());
+        let descriptor = descriptor(
+            capacity,
+            file_name,
+            crate::crypto::random_bytes::<4>(),
+            "monolithicSparse",
+        );
         debug_assert!(descriptor.len() as u64 <= DESC_SECTORS * SECTOR);
         Ok(Self {
             capacity,
@@ -103,9 +108,10 @@ impl Layout {
     }
 }
 
-/// The embedded descriptor of a monolithicSparse disk of `capacity` sectors in the file
-/// named `file_name`, with content id `cid`.
-pub fn descriptor(capacity: u64, file_name: &str, cid: [u8; 4]) -> String {
+/// The embedded descriptor of a sparse disk of `capacity` sectors in the file named
+/// `file_name`, with content id `cid`; `create_type` is `monolithicSparse` or
+/// `streamOptimized`.
+pub fn descriptor(capacity: u64, file_name: &str, cid: [u8; 4], create_type: &str) -> String {
     // The name is quoted in the descriptor: keep it printable and unquoted, and short
     // enough that the descriptor fits its 20 sectors.
     let name: String = file_name
@@ -123,7 +129,7 @@ pub fn descriptor(capacity: u64, file_name: &str, cid: [u8; 4]) -> String {
          version=1\n\
          CID={cid:08x}\n\
          parentCID=ffffffff\n\
-         createType=\"monolithicSparse\"\n\
+         createType=\"{create_type}\"\n\
          \n\
          # Extent description\n\
          RW {capacity} SPARSE \"{name}\"\n\
@@ -141,18 +147,47 @@ pub fn descriptor(capacity: u64, file_name: &str, cid: [u8; 4]) -> String {
 
 /// The SparseExtentHeader.
 pub(crate) fn header(layout: &Layout) -> [u8; HEADER_LEN] {
+    sparse_header(&SparseHeader {
+        version: 1,
+        flags: 1,
+        capacity: layout.capacity,
+        gd: layout.gd,
+        overhead: layout.overhead,
+        compression: 0,
+    })
+}
+
+/// The fields of a SparseExtentHeader that differ between monolithicSparse and
+/// streamOptimized (the grain size, descriptor and grain table size are the same).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SparseHeader {
+    pub version: u32,
+    pub flags: u32,
+    /// Capacity in sectors.
+    pub capacity: u64,
+    /// Grain directory sector (or `GD_AT_END`).
+    pub gd: u64,
+    /// The first grain's sector.
+    pub overhead: u64,
+    /// 0 none, 1 deflate.
+    pub compression: u16,
+}
+
+/// A SparseExtentHeader (one sector); no redundant grain directory.
+pub(crate) fn sparse_header(f: &SparseHeader) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(b"KDMV");
-    h[4..8].copy_from_slice(&1u32.to_le_bytes());
-    h[8..12].copy_from_slice(&1u32.to_le_bytes());
-    h[12..20].copy_from_slice(&layout.capacity.to_le_bytes());
+    h[4..8].copy_from_slice(&f.version.to_le_bytes());
+    h[8..12].copy_from_slice(&f.flags.to_le_bytes());
+    h[12..20].copy_from_slice(&f.capacity.to_le_bytes());
     h[20..28].copy_from_slice(&GRAIN_SECTORS.to_le_bytes());
     h[28..36].copy_from_slice(&DESC_OFFSET.to_le_bytes());
     h[36..44].copy_from_slice(&DESC_SECTORS.to_le_bytes());
     h[44..48].copy_from_slice(&512u32.to_le_bytes()); // GT_ENTRIES
-    h[56..64].copy_from_slice(&layout.gd.to_le_bytes());
-    h[64..72].copy_from_slice(&layout.overhead.to_le_bytes());
+    h[56..64].copy_from_slice(&f.gd.to_le_bytes());
+    h[64..72].copy_from_slice(&f.overhead.to_le_bytes());
     h[73..77].copy_from_slice(b"\n \r\n");
+    h[77..79].copy_from_slice(&f.compression.to_le_bytes());
     h
 }
 
