@@ -88,6 +88,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: api::GroupCmd,
     },
+    /// Failover of protected items (target role): test, unplanned, commit, cleanup.
+    Failover {
+        #[command(subcommand)]
+        cmd: api::FailoverCmd,
+    },
     /// Jobs of the appliance, with their logs.
     Job {
         #[command(subcommand)]
@@ -215,15 +220,17 @@ enum VaultCmd {
         #[arg(long)]
         item: Option<String>,
     },
-    /// Write a recovery point's disk out as a raw (sparse) image, a VHD fixed, a qcow2 or a
-    /// VMDK. Zero chunks are never written; the file takes its name only once complete.
+    /// Write a recovery point's disk out as a raw (sparse) image, a VHD fixed, a VHDX, a qcow2
+    /// or a VMDK (monolithicSparse or streamOptimized). Zero chunks are never written; the
+    /// file takes its name only once complete.
     Export {
         #[command(flatten)]
         repo: RepoArgs,
         /// Item.
         #[arg(long)]
         item: String,
-        /// Point id, or `latest`.
+        /// Which point: `latest`, `latest-app-consistent`, a time (RFC 3339, e.g.
+        /// 2026-11-27T05:20:00Z: the newest point at or before it) or a point id.
         #[arg(long, default_value = "latest")]
         point: String,
         /// Disk name (needed when the point has several disks).
@@ -233,8 +240,10 @@ enum VaultCmd {
         #[arg(long)]
         out: PathBuf,
         /// Output format: `raw` (sparse image), `vhd` (VHD fixed, the format Azure accepts
-        /// for uploaded disks), `qcow2` (version 3, 64 KiB clusters) or `vmdk`
-        /// (monolithicSparse, 64 KiB grains). Not supported yet: VHDX and streamOptimized VMDK.
+        /// for uploaded disks), `vhdx` (dynamic, Hyper-V; blocks of the chunk size, at least
+        /// 1 MiB), `qcow2` (version 3, 64 KiB clusters), `vmdk` (monolithicSparse, 64 KiB
+        /// grains) or `vmdk-stream` (streamOptimized: compressed grains, for OVF/OVA and
+        /// vSphere).
         #[arg(long, default_value = "raw", value_parser = parse_export_format)]
         format: ExportFormat,
         /// With --format vhd: Azure requires a virtual size that is a whole MiB, and a disk
@@ -514,6 +523,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Token { cmd } => return Ok(api::run(api::Command::Token(cmd)).await),
         Cmd::Item { cmd } => return Ok(api::run(api::Command::Item(cmd)).await),
         Cmd::Job { cmd } => return Ok(api::run(api::Command::Job(cmd)).await),
+        Cmd::Failover { cmd } => return Ok(api::run(api::Command::Failover(cmd)).await),
         Cmd::Agent { cmd } => return Ok(api::run(api::Command::Agent(cmd)).await),
         Cmd::Group { cmd } => return Ok(api::run(api::Command::Group(cmd)).await),
     };

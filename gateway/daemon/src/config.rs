@@ -53,6 +53,31 @@ pub struct Config {
     pub vault: VaultConfig,
     /// The process role: the data port agents replicate to, and its cache.
     pub process: ProcessConfig,
+    /// The target role: where failovers put machines.
+    pub target: TargetConfig,
+}
+
+/// `[target]`: where failovers materialise recovery points.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TargetConfig {
+    /// Directory failovers write disks and machine definitions into: a test failover into
+    /// `<dir>/test/<item>/<job id>/`, a failover into `<dir>/failover/<item>/<job id>/`.
+    /// Default: `<data_dir>/target`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// A test failover not cleaned up after this many hours is flagged `stale` (item view,
+    /// metric `ferry_item_test_failover_stale`).
+    pub test_failover_max_age_hours: u64,
+}
+
+impl Default for TargetConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            test_failover_max_age_hours: 72,
+        }
+    }
 }
 
 /// Default address of the data port (`docs/agent-protocol.md` §2).
@@ -456,6 +481,17 @@ impl Config {
         {
             return Err(bad("data_dir", "is empty".into()));
         }
+        range(
+            "target.test_failover_max_age_hours",
+            self.target.test_failover_max_age_hours,
+            1,
+            24 * 365,
+        )?;
+        if let Some(d) = &self.target.dir
+            && d.as_os_str().is_empty()
+        {
+            return Err(bad("target.dir", "is empty".into()));
+        }
         let p = &self.process;
         range("process.max_sessions", u64::from(p.max_sessions), 1, 65_536)?;
         range("process.idle_timeout_secs", p.idle_timeout_secs, 5, 3600)?;
@@ -576,6 +612,14 @@ impl Config {
         match &self.process.cache_dir {
             Some(d) => Ok(d.clone()),
             None => Ok(self.data_dir()?.join("process")),
+        }
+    }
+
+    /// The target role's directory: configured, or `<data_dir>/target`. Always absolute.
+    pub fn target_dir(&self) -> Result<PathBuf> {
+        match &self.target.dir {
+            Some(d) => std::path::absolute(d).map_err(|e| DaemonError::io("resolve", d, e)),
+            None => Ok(self.data_dir()?.join("target")),
         }
     }
 

@@ -16,6 +16,8 @@
 //!   resync-required / protected ─resync─▶ resynchronizing ─(point)─▶ protected
 //!   resync-required ─(the agent starts a resync cycle)─▶ resynchronizing
 //!   protected / resync-required ─failover─▶ failover-pending-commit ─commit─▶ failed-over
+//!   protected / resync-required / resynchronizing ─test-failover─▶ (unchanged; a test copy
+//!       exists until test-failover-cleanup removes it)
 //!   failed-over ─reprotect─▶ reprotecting ─(point)─▶ protected (direction reversed)
 //!   any settled state ─disable─▶ disabling ─▶ (removed; its points stay in the vault)
 //! ```
@@ -147,17 +149,23 @@ pub enum Operation {
     Commit,
     /// Replicate the failed-over copy back to the original site.
     Reprotect,
+    /// Materialise a recovery point into an isolated location while replication goes on.
+    TestFailover,
+    /// Remove a test failover's copy.
+    TestFailoverCleanup,
 }
 
 impl Operation {
     /// Every operation.
-    pub const ALL: [Operation; 6] = [
+    pub const ALL: [Operation; 8] = [
         Operation::Enable,
         Operation::Disable,
         Operation::Resync,
         Operation::Failover,
         Operation::Commit,
         Operation::Reprotect,
+        Operation::TestFailover,
+        Operation::TestFailoverCleanup,
     ];
 
     /// The name used in the API, the catalog and job kinds.
@@ -169,6 +177,8 @@ impl Operation {
             Operation::Failover => "failover",
             Operation::Commit => "commit",
             Operation::Reprotect => "reprotect",
+            Operation::TestFailover => "test-failover",
+            Operation::TestFailoverCleanup => "test-failover-cleanup",
         }
     }
 
@@ -195,6 +205,17 @@ impl Operation {
             Operation::Failover => &[S::Protected, S::ResyncRequired],
             Operation::Commit => &[S::FailoverPendingCommit],
             Operation::Reprotect => &[S::FailedOver],
+            Operation::TestFailover => &[S::Protected, S::ResyncRequired, S::Resynchronizing],
+            // Whether there is a test failover to clean up is the item's, not its state's.
+            Operation::TestFailoverCleanup => &[
+                S::InitialReplication,
+                S::Protected,
+                S::ResyncRequired,
+                S::Resynchronizing,
+                S::FailoverPendingCommit,
+                S::FailedOver,
+                S::Reprotecting,
+            ],
         }
     }
 
@@ -214,9 +235,10 @@ impl Operation {
             (Operation::Resync, ItemState::Resynchronizing) => {
                 "a resync is already running".to_string()
             }
-            (Operation::Resync | Operation::Failover, ItemState::InitialReplication) => {
-                "initial replication has not produced a recovery point yet".to_string()
-            }
+            (
+                Operation::Resync | Operation::Failover | Operation::TestFailover,
+                ItemState::InitialReplication,
+            ) => "initial replication has not produced a recovery point yet".to_string(),
             (Operation::Commit, _) => "there is no failover to commit".to_string(),
             (Operation::Reprotect, _) => {
                 "only a failed-over (committed) item can be reprotected".to_string()
@@ -242,8 +264,21 @@ impl Operation {
             Operation::Enable => Some(ItemState::Enabling),
             Operation::Disable => Some(ItemState::Disabling),
             Operation::Resync => Some(ItemState::Resynchronizing),
-            Operation::Failover | Operation::Commit | Operation::Reprotect => None,
+            Operation::Failover
+            | Operation::Commit
+            | Operation::Reprotect
+            | Operation::TestFailover
+            | Operation::TestFailoverCleanup => None,
         }
+    }
+
+    /// Whether the item returns to the state it had before the job, whatever the outcome
+    /// (a test failover and its cleanup leave replication alone).
+    pub fn keeps_state(self) -> bool {
+        matches!(
+            self,
+            Operation::TestFailover | Operation::TestFailoverCleanup
+        )
     }
 
     /// The state after the job succeeded (`None`: the item is removed).
@@ -256,6 +291,8 @@ impl Operation {
             Operation::Failover => Some(ItemState::FailoverPendingCommit),
             Operation::Commit => Some(ItemState::FailedOver),
             Operation::Reprotect => Some(ItemState::Reprotecting),
+            // Not used: these keep the state they started from (`keeps_state`).
+            Operation::TestFailover | Operation::TestFailoverCleanup => None,
         }
     }
 }
@@ -331,6 +368,10 @@ pub struct Item {
     /// The operator paused its replication (`ferry item pause`): its agents start no new
     /// cycle until it is resumed (a cycle already running completes).
     pub paused: Option<Paused>,
+    /// The test failover's copy, until `test-failover-cleanup` removes it.
+    pub test_failover: Option<FailoverRecord>,
+    /// The failover pending commit or committed (where the machine now runs from).
+    pub failover: Option<FailoverRecord>,
 }
 
 /// Who paused an item's replication, and when.
@@ -339,6 +380,61 @@ pub struct Paused {
     /// The admin token that paused it.
     pub by: String,
     /// When, Unix milliseconds.
+    pub at_ms: u64,
+}
+
+/// How a failover was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailoverMode {
+    /// A drill: a copy in an isolated location; replication goes on.
+    Test,
+    /// From a chosen recovery point with the source unreachable.
+    Unplanned,
+}
+
+impl FailoverMode {
+    /// The name used in the API and the catalog.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailoverMode::Test => "test",
+            FailoverMode::Unplanned => "unplanned",
+        }
+    }
+
+    /// The mode named `s`.
+    pub fn parse(s: &str) -> Option<FailoverMode> {
+        [FailoverMode::Test, FailoverMode::Unplanned]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+    }
+}
+
+/// What a failover job is asked to do (kept with the job, so a requeued job does the same).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverRequest {
+    /// Test or unplanned.
+    pub mode: FailoverMode,
+    /// Which recovery point: `latest`, `latest-app-consistent`, an RFC 3339 time or a
+    /// point id (`ferry_store::PointSelector::parse`).
+    pub point: String,
+    /// The disks' output format (`ferry_store::ExportFormat`'s names).
+    pub format: String,
+}
+
+/// Where a failover put the machine: kept on the item until cleaned up (a test failover) or
+/// for as long as the item is failed over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverRecord {
+    /// The job that made it.
+    pub job: String,
+    /// Test or unplanned.
+    pub mode: FailoverMode,
+    /// The recovery point materialised.
+    pub point: String,
+    /// The directory holding the disks and `machine.json`.
+    pub location: String,
+    /// When it was completed, Unix milliseconds.
     pub at_ms: u64,
 }
 
@@ -429,6 +525,16 @@ mod tests {
         );
         assert_eq!(allowed(Operation::Commit), vec![S::FailoverPendingCommit]);
         assert_eq!(allowed(Operation::Reprotect), vec![S::FailedOver]);
+        assert_eq!(
+            allowed(Operation::TestFailover),
+            vec![S::Protected, S::ResyncRequired, S::Resynchronizing]
+        );
+        assert_eq!(
+            allowed(Operation::TestFailoverCleanup).len(),
+            7,
+            "every settled state"
+        );
+        assert!(Operation::TestFailover.keeps_state() && !Operation::Failover.keeps_state());
         assert_eq!(
             allowed(Operation::Disable),
             vec![

@@ -14,14 +14,24 @@
 //! What each operation does here is the control role's part: `enable` checks the vault
 //! (reachable, and whether it already holds points of the item: then the item is protected
 //! at once), `disable` removes the item (its points stay in the vault), `resync` marks the
-//! item for the agent's checksum resync. Replication and failover themselves belong to the
-//! process and target roles.
+//! item for the agent's checksum resync. Replication itself belongs to the process role.
+//!
+//! The target role's part: `test-failover` and `failover` (unplanned) materialise every
+//! disk of the chosen recovery point with the store's export (`Vault::export_as`, each file
+//! flushed and renamed into place only when complete) into a directory named after the job,
+//! then write `machine.json` (the machine's description, see [`MachineDefinition`]) last:
+//! a directory without it is not a finished failover, and a failed job removes its directory.
+//! `test-failover-cleanup` removes a test failover's directory; `commit` makes a failover
+//! final. A job run again after a crash starts over in a fresh directory of the same name.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_store::Vault;
+use std::path::{Path, PathBuf};
+
+use ferry_store::{ExportFormat, ExportOptions, FormatOptions, PointRecord, PointSelector, Vault};
+use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
@@ -43,6 +53,8 @@ pub struct JobRunner {
 struct Ctx {
     catalog: Arc<Catalog>,
     vaults: Arc<BTreeMap<String, Vault>>,
+    /// The target role's directory (`[target] dir`); `None` without the target role.
+    target_dir: Option<PathBuf>,
 }
 
 impl JobRunner {
@@ -51,6 +63,7 @@ impl JobRunner {
     pub fn start(
         catalog: Arc<Catalog>,
         vaults: Arc<BTreeMap<String, Vault>>,
+        target_dir: Option<PathBuf>,
         workers: usize,
     ) -> Result<(JobRunner, JoinSet<()>), CatalogError> {
         let requeued = catalog.requeue_interrupted_jobs(ferry_store::point::now_ms())?;
@@ -59,7 +72,11 @@ impl JobRunner {
         }
         let wake = Arc::new(Notify::new());
         let (stop, stopped) = watch::channel(false);
-        let ctx = Arc::new(Ctx { catalog, vaults });
+        let ctx = Arc::new(Ctx {
+            catalog,
+            vaults,
+            target_dir,
+        });
         let mut set = JoinSet::new();
         for _ in 0..workers.max(1) {
             let (ctx, wake, mut stopped) = (ctx.clone(), wake.clone(), stopped.clone());
@@ -228,9 +245,308 @@ async fn body(ctx: &Arc<Ctx>, job: &Job) -> Result<Option<Event>, String> {
             .await;
             Ok(None)
         }
-        Operation::Failover | Operation::Commit | Operation::Reprotect => Err(format!(
-            "`{}` is carried out by the target role, which this appliance does not run yet",
-            job.kind
-        )),
+        Operation::TestFailover | Operation::Failover => {
+            let test = job.kind == Operation::TestFailover;
+            let req = job
+                .failover
+                .clone()
+                .ok_or_else(|| format!("job `{}` holds no failover request", job.id))?;
+            let vault = ctx.vaults.get(&item.vault).ok_or_else(|| {
+                format!(
+                    "vault `{}` is in the catalog but not open on this appliance",
+                    item.vault
+                )
+            })?;
+            let dir = target_dir(ctx)?
+                .join(if test { "test" } else { "failover" })
+                .join(&item.name)
+                .join(&job.id);
+            let record = match materialise(ctx, job, &item, vault, &req, &dir).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // Nothing partial is left looking like a machine.
+                    let _ = tokio::fs::remove_dir_all(&dir).await;
+                    return Err(e);
+                }
+            };
+            let (c, name, id) = (ctx.catalog.clone(), item.name.clone(), job.id.clone());
+            tokio::task::spawn_blocking(move || {
+                c.set_failover_record(&name, &id, test, Some(record), ferry_store::point::now_ms())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            Ok(None)
+        }
+        Operation::TestFailoverCleanup => {
+            let Some(t) = item.test_failover.clone() else {
+                log(ctx, job, "no test failover to clean up".into()).await;
+                return Ok(None);
+            };
+            // Only ever a directory this appliance made for a test failover.
+            let under = target_dir(ctx)?.join("test").join(&item.name);
+            let loc = PathBuf::from(&t.location);
+            if loc.parent() != Some(under.as_path()) {
+                return Err(format!(
+                    "test failover `{}` is recorded at {}, outside {}: not removed; remove it by hand",
+                    t.job,
+                    loc.display(),
+                    under.display()
+                ));
+            }
+            match tokio::fs::remove_dir_all(&loc).await {
+                Ok(()) => log(ctx, job, format!("removed {}", loc.display())).await,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    log(ctx, job, format!("{} was already gone", loc.display())).await;
+                }
+                Err(e) => return Err(format!("removing {}: {e}", loc.display())),
+            }
+            let (c, name, id) = (ctx.catalog.clone(), item.name.clone(), job.id.clone());
+            tokio::task::spawn_blocking(move || {
+                c.set_failover_record(&name, &id, true, None, ferry_store::point::now_ms())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            Ok(None)
+        }
+        Operation::Commit => {
+            let at = item
+                .failover
+                .as_ref()
+                .map(|f| format!(" (point `{}` at {})", f.point, f.location))
+                .unwrap_or_default();
+            log(
+                ctx,
+                job,
+                format!(
+                    "failover committed{at}: the item is failed over; its older points stay until retention drops them"
+                ),
+            )
+            .await;
+            Ok(None)
+        }
+        Operation::Reprotect => Err(
+            "`reprotect` needs an agent at the recovery site replicating the failed-over copy back, which this appliance does not drive yet"
+                .to_string(),
+        ),
     }
+}
+
+/// The machine's description written next to its disks (`machine.json`), for the operator
+/// and for the plan steps and hooks that run after a failover. Version 1.
+#[derive(Debug, Serialize)]
+pub struct MachineDefinition {
+    /// `1`.
+    pub version: u32,
+    /// The protected item (machine) name.
+    pub name: String,
+    /// Its description in the catalog.
+    pub description: Option<String>,
+    /// `test` or `unplanned`.
+    pub failover: &'static str,
+    /// The job that wrote it.
+    pub job: String,
+    /// When, RFC 3339.
+    pub created: String,
+    /// The recovery point materialised.
+    pub point: MachinePoint,
+    /// The disks, in the point's order.
+    pub disks: Vec<MachineDisk>,
+    /// Virtual CPUs, when known (agents do not report them yet: `null`).
+    pub cpus: Option<u32>,
+    /// Memory in bytes, when known (`null` until agents report it).
+    pub memory_bytes: Option<u64>,
+    /// The network mapping applied (none is configured yet: empty).
+    pub network_mapping: Vec<serde_json::Value>,
+}
+
+/// The point a machine definition was made from.
+#[derive(Debug, Serialize)]
+pub struct MachinePoint {
+    /// Point id.
+    pub id: String,
+    /// Creation time, RFC 3339.
+    pub created: String,
+    /// `crash` or `app`.
+    pub consistency: &'static str,
+    /// Where its data came from.
+    pub source: String,
+}
+
+/// One disk of a machine definition.
+#[derive(Debug, Serialize)]
+pub struct MachineDisk {
+    /// Disk name.
+    pub name: String,
+    /// File name, in the machine's directory.
+    pub file: String,
+    /// Container format (`raw`, `vhd`, `qcow2`, …).
+    pub format: String,
+    /// Virtual size in bytes.
+    pub size_bytes: u64,
+}
+
+/// The target role's directory, or why there is none.
+fn target_dir(ctx: &Ctx) -> Result<&Path, String> {
+    ctx.target_dir.as_deref().ok_or_else(|| {
+        "this appliance does not take the target role (`roles` in its configuration)".to_string()
+    })
+}
+
+/// File extension of a disk exported as `f`.
+fn extension(f: ExportFormat) -> &'static str {
+    match f.as_str() {
+        "raw" => "img",
+        "vmdk-stream" => "vmdk",
+        other => other,
+    }
+}
+
+/// Writes every disk of the chosen point and then `machine.json` into `dir` (created fresh).
+async fn materialise(
+    ctx: &Arc<Ctx>,
+    job: &Job,
+    item: &crate::item::Item,
+    vault: &Vault,
+    req: &crate::item::FailoverRequest,
+    dir: &Path,
+) -> Result<crate::item::FailoverRecord, String> {
+    let format: ExportFormat = req.format.parse()?;
+    // Points may have been written by another writer of the bucket (an offline `ferry vault
+    // import`, another appliance): bring the local index up to the bucket first.
+    let unreadable = vault.sync_index().await.map_err(|e| {
+        format!(
+            "bringing the index of vault `{}` up to date: {e}",
+            item.vault
+        )
+    })?;
+    for (segment, why) in unreadable {
+        log(
+            ctx,
+            job,
+            format!("index segment {segment} unreadable: {why}"),
+        )
+        .await;
+    }
+    let point: PointRecord = vault
+        .point(&item.name, &PointSelector::parse(&req.point))
+        .await
+        .map_err(|e| format!("choosing recovery point `{}`: {e}", req.point))?;
+    log(
+        ctx,
+        job,
+        format!(
+            "{} failover of `{}` from point `{}` ({}, {}-consistent, asked for `{}`) into {} as {format}",
+            req.mode.as_str(),
+            item.name,
+            point.id,
+            ferry_store::point::rfc3339(point.created_ms),
+            point.consistency.as_str(),
+            req.point,
+            dir.display()
+        ),
+    )
+    .await;
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => {
+            log(
+                ctx,
+                job,
+                "removed what an interrupted run of this job left".into(),
+            )
+            .await
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("clearing {}: {e}", dir.display())),
+    }
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let mut disks = Vec::with_capacity(point.disks.len());
+    for d in &point.disks {
+        let file = format!("{}.{}", d.name, extension(format));
+        let started = std::time::Instant::now();
+        let report = vault
+            .export_as(
+                ExportOptions {
+                    item: item.name.clone(),
+                    point: PointSelector::Id(point.id.clone()),
+                    disk: Some(d.name.clone()),
+                    out: dir.join(&file),
+                    overwrite: false,
+                    sync: true,
+                },
+                FormatOptions {
+                    format,
+                    // Azure takes only whole-MiB VHDs: pad rather than refuse.
+                    vhd_round_up: true,
+                },
+                Arc::new(ferry_store::Progress::default()),
+            )
+            .await
+            .map_err(|e| format!("disk `{}` of point `{}`: {e}", d.name, point.id))?;
+        log(
+            ctx,
+            job,
+            format!(
+                "disk `{}`: {} bytes, {} non-zero chunks in {} ranged reads, written to {file} in {:.1} s",
+                d.name,
+                d.size,
+                report.chunks_written,
+                report.reads,
+                started.elapsed().as_secs_f64()
+            ),
+        )
+        .await;
+        disks.push(MachineDisk {
+            name: d.name.clone(),
+            file,
+            format: format.as_str().to_string(),
+            size_bytes: d.size,
+        });
+    }
+    let now = ferry_store::point::now_ms();
+    let def = MachineDefinition {
+        version: 1,
+        name: item.name.clone(),
+        description: item.description.clone(),
+        failover: req.mode.as_str(),
+        job: job.id.clone(),
+        created: ferry_store::point::rfc3339(now),
+        point: MachinePoint {
+            id: point.id.clone(),
+            created: ferry_store::point::rfc3339(point.created_ms),
+            consistency: point.consistency.as_str(),
+            source: point.source.clone(),
+        },
+        disks,
+        cpus: None,
+        memory_bytes: None,
+        network_mapping: Vec::new(),
+    };
+    let body = serde_json::to_vec_pretty(&def).map_err(|e| e.to_string())?;
+    let (tmp, fin) = (dir.join(".machine.json.partial"), dir.join("machine.json"));
+    let write = async {
+        tokio::fs::write(&tmp, &body).await?;
+        tokio::fs::File::open(&tmp).await?.sync_all().await?;
+        tokio::fs::rename(&tmp, &fin).await?;
+        tokio::fs::File::open(dir).await?.sync_all().await
+    };
+    write
+        .await
+        .map_err(|e| format!("writing {}: {e}", fin.display()))?;
+    log(
+        ctx,
+        job,
+        format!("machine definition written: {}", fin.display()),
+    )
+    .await;
+    Ok(crate::item::FailoverRecord {
+        job: job.id.clone(),
+        mode: req.mode,
+        point: point.id,
+        location: dir.display().to_string(),
+        at_ms: now,
+    })
 }

@@ -209,9 +209,18 @@ async fn up(args: UpArgs) -> Result<()> {
     }
     eprintln!("ferryd: listening on {}", appliance::base_url(addr));
 
-    let (runner, runner_tasks) =
-        ferry_daemon::jobs::JobRunner::start(catalog.clone(), vaults.clone(), JOB_WORKERS)
-            .context("starting the job runner")?;
+    let target_dir = if cfg.roles.has(Role::Target) {
+        Some(cfg.target_dir().context("the target role's directory")?)
+    } else {
+        None
+    };
+    let (runner, runner_tasks) = ferry_daemon::jobs::JobRunner::start(
+        catalog.clone(),
+        vaults.clone(),
+        target_dir,
+        JOB_WORKERS,
+    )
+    .context("starting the job runner")?;
     let (mirror_stop, mirror_rx) = tokio::sync::watch::channel(false);
     let (_mirror, mirror_task) =
         ferry_daemon::mirror::PointMirror::start(catalog.clone(), vaults.clone(), mirror_rx);
@@ -234,7 +243,8 @@ async fn up(args: UpArgs) -> Result<()> {
         metrics,
         usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
         &cfg.roles,
-    );
+    )
+    .with_target(&cfg.target);
     if let Some((role, ..)) = &process {
         state = state.with_process(role.clone());
     }

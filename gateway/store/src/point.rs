@@ -256,6 +256,88 @@ pub fn rfc3339(ms: u64) -> String {
     )
 }
 
+/// Parses an RFC 3339 time (`2026-11-27T05:20:00Z`, `2026-11-27T06:20:00.250+01:00`; `t`,
+/// `z` and a space for `T` accepted) into Unix milliseconds. `None` when `s` is not one, or
+/// is before 1970. Fractions beyond milliseconds are truncated.
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = b.get(r)?;
+        if t.is_empty() || !t.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(t).ok()?.parse().ok()
+    };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    if !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&mo) || d < 1 || d > days_in[usize::try_from(mo - 1).ok()?] {
+        return None;
+    }
+    if h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut frac_ms = 0i64;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        let digits = &s[start..i.min(start + 3)];
+        frac_ms = digits.parse::<i64>().ok()? * 10i64.pow(3 - u32::try_from(digits.len()).ok()?);
+    }
+    let offset_s = match b.get(i)? {
+        b'Z' | b'z' if i + 1 == b.len() => 0,
+        sign @ (b'+' | b'-') if i + 6 == b.len() && b[i + 3] == b':' => {
+            let (oh, om) = (num(i + 1..i + 3)?, num(i + 4..i + 6)?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let o = oh * 3600 + om * 60;
+            if *sign == b'+' { o } else { -o }
+        }
+        _ => return None,
+    };
+    // Howard Hinnant's days-from-civil.
+    let (yy, mm) = if mo <= 2 {
+        (y - 1, mo + 9)
+    } else {
+        (y, mo - 3)
+    };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let doy = (153 * mm + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec.min(59) - offset_s;
+    u64::try_from(secs * 1000 + frac_ms).ok()
+}
+
 /// Unix seconds → (year, month, day, hour, minute, second), proleptic Gregorian, UTC.
 fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
     let days = (secs / 86_400) as i64;
@@ -293,6 +375,40 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_parses_what_it_prints_and_refuses_the_rest() {
+        for ms in [0, 1_700_000_000_123, 1_795_690_000_000, 951_782_400_000] {
+            assert_eq!(parse_rfc3339(&rfc3339(ms)), Some(ms), "{}", rfc3339(ms));
+        }
+        assert_eq!(
+            parse_rfc3339("2026-11-27T05:20:00Z"),
+            Some(1_795_756_800_000)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-27T06:20:00.5+01:00"),
+            Some(1_795_756_800_500)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-27 05:20:00.123456z"),
+            Some(1_795_756_800_123)
+        );
+        for bad in [
+            "",
+            "latest",
+            "20261127T052000.000Z-0badf00d",
+            "2026-11-27T05:20:00",
+            "2026-02-29T00:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "2026-11-27T24:00:00Z",
+            "2026-11-27T05:20:00.Z",
+            "2026-11-27T05:20:00+0100",
+            "1969-12-31T23:59:59Z",
+            "2026-11-27T05:20:00Zjunk",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
 
     fn rec() -> PointRecord {
         PointRecord {

@@ -114,17 +114,37 @@ impl Default for InitOptions {
 pub enum PointSelector {
     /// The newest.
     Latest,
+    /// The newest application-consistent one.
+    LatestAppConsistent,
+    /// The newest created at or before this time (Unix milliseconds).
+    AtOrBefore(u64),
     /// By id.
     Id(String),
 }
 
 impl PointSelector {
-    /// `latest` or an id.
+    /// `latest`, `latest-app-consistent`, an RFC 3339 time (`2026-11-27T05:20:00Z`: the
+    /// newest point at or before it), or a point id. A point id never parses as a time (ids
+    /// are `YYYYMMDDTHHMMSS.mmmZ-…`, without `-` in the date or `:`).
     pub fn parse(s: &str) -> Self {
-        if s == "latest" {
-            PointSelector::Latest
-        } else {
-            PointSelector::Id(s.to_string())
+        match s {
+            "latest" => PointSelector::Latest,
+            "latest-app-consistent" => PointSelector::LatestAppConsistent,
+            _ => match crate::point::parse_rfc3339(s) {
+                Some(ms) => PointSelector::AtOrBefore(ms),
+                None => PointSelector::Id(s.to_string()),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for PointSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PointSelector::Latest => f.write_str("latest"),
+            PointSelector::LatestAppConsistent => f.write_str("latest-app-consistent"),
+            PointSelector::AtOrBefore(ms) => f.write_str(&crate::point::rfc3339(*ms)),
+            PointSelector::Id(id) => f.write_str(id),
         }
     }
 }
@@ -413,6 +433,52 @@ impl Vault {
                     }),
                 }
             }
+            PointSelector::LatestAppConsistent => {
+                // Newest first; point records are small and an app-consistent point is
+                // usually among the last few (the policy's app-consistent frequency).
+                let names = self.point_names(Some(item)).await?;
+                for n in names.iter().rev() {
+                    let p = self.load_point(n).await?;
+                    if p.consistency == crate::point::Consistency::App {
+                        return Ok(p);
+                    }
+                }
+                Err(StoreError::NoSuchPoint {
+                    what: format!(
+                        "for item `{item}`: none of its {} point(s) is application-consistent",
+                        names.len()
+                    ),
+                })
+            }
+            PointSelector::AtOrBefore(ms) => {
+                // Ids start with their creation time (`YYYYMMDDTHHMMSS.mmmZ`), which sorts
+                // like the time: the candidates are the names whose id prefix is not after
+                // `ms`; the record's own time is checked too.
+                let names = self.point_names(Some(item)).await?;
+                let limit = crate::point::compact_time(*ms);
+                let prefix = format!("{POINTS_PREFIX}{item}/");
+                for n in names.iter().rev() {
+                    let id = n.strip_prefix(&prefix).unwrap_or(n);
+                    if id.get(..limit.len()).is_some_and(|t| t > limit.as_str()) {
+                        continue;
+                    }
+                    let p = self.load_point(n).await?;
+                    if p.created_ms <= *ms {
+                        return Ok(p);
+                    }
+                }
+                Err(StoreError::NoSuchPoint {
+                    what: if names.is_empty() {
+                        format!("for item `{item}` (it has none)")
+                    } else {
+                        format!(
+                            "for item `{item}` at or before {} (all {} of its points are later)",
+                            crate::point::rfc3339(*ms),
+                            names.len()
+                        )
+                    },
+                })
+            }
         }
     }
 
@@ -525,6 +591,71 @@ mod tests {
         )
         .await
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn points_are_chosen_latest_app_consistent_by_time_or_id() {
+        use crate::point::Consistency;
+        let dir = tempfile::tempdir().unwrap();
+        let v = vault(dir.path()).await;
+        let img = dir.path().join("disk.img");
+        std::fs::write(&img, vec![7u8; 256 << 10]).unwrap();
+        let none = v.point("web", &PointSelector::Latest).await.unwrap_err();
+        assert!(none.to_string().contains("has none"), "{none}");
+        let mut made = Vec::new();
+        for c in [Consistency::Crash, Consistency::App, Consistency::Crash] {
+            let mut o = crate::ImportOptions::full("web", &img);
+            o.consistency = c;
+            let r = v
+                .import(o, Arc::new(crate::Progress::default()))
+                .await
+                .unwrap();
+            made.push(r.point);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let pick = |sel: PointSelector| {
+            let v = v.clone();
+            async move { v.point("web", &sel).await.map(|p| p.id) }
+        };
+        assert_eq!(pick(PointSelector::Latest).await.unwrap(), made[2].id);
+        assert_eq!(
+            pick(PointSelector::parse("latest-app-consistent"))
+                .await
+                .unwrap(),
+            made[1].id
+        );
+        // By time: the newest at or before it (its own creation time included).
+        let at = |ms: u64| PointSelector::parse(&crate::point::rfc3339(ms));
+        assert_eq!(pick(at(made[1].created_ms)).await.unwrap(), made[1].id);
+        assert_eq!(pick(at(made[2].created_ms - 1)).await.unwrap(), made[1].id);
+        assert_eq!(
+            pick(at(made[2].created_ms + 60_000)).await.unwrap(),
+            made[2].id
+        );
+        let early = pick(at(made[0].created_ms - 1)).await.unwrap_err();
+        assert!(
+            early.to_string().contains("all 3 of its points are later"),
+            "{early}"
+        );
+        assert_eq!(
+            pick(PointSelector::parse(&made[0].id)).await.unwrap(),
+            made[0].id
+        );
+        assert_eq!(
+            PointSelector::parse(&made[0].id),
+            PointSelector::Id(made[0].id.clone())
+        );
+        // No app-consistent point: said so.
+        let mut o = crate::ImportOptions::full("db", &img);
+        o.consistency = Consistency::Crash;
+        v.import(o, Arc::new(crate::Progress::default()))
+            .await
+            .unwrap();
+        let e = v
+            .point("db", &PointSelector::LatestAppConsistent)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("application-consistent"), "{e}");
     }
 
     #[tokio::test]

@@ -589,3 +589,166 @@ fn ferry_cli_drives_the_appliance() {
     let r = f.expect(7, &["vault", "list"]);
     assert!(r.stderr.contains("cannot reach the appliance"), "{r:?}");
 }
+
+/// The target role through the real `ferryd` and `ferry`: test failover to qcow2 (compared
+/// with the image by `qemu-img compare`, `machine.json` beside it, one at a time), cleanup,
+/// an unplanned failover to VHD from the point chosen by time (the image as it was then),
+/// commit, and the operations the failed-over item refuses.
+#[test]
+fn ferry_failover_through_the_appliance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("ferry");
+    let d = Daemon::start(&data, &[]);
+    let banner = d.stdout();
+    let url = banner_value(&banner, "API:").to_string();
+    let fp = banner_value(&banner, "CA fingerprint:").to_string();
+    let token_file = data.join("admin-token");
+    let admin = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let home = tmp.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let f = Ferry {
+        home,
+        config: tmp.path().join("config").join("ferry"),
+        never_shown: vec![admin],
+    };
+    f.expect(
+        0,
+        &[
+            "login",
+            &url,
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--ca-fingerprint",
+            &fp,
+        ],
+    );
+
+    // Two points of a real ext4 image: as made, then after writes.
+    let img = tmp.path().join("web.img");
+    ferry_e2e::make_ext4(&img, "64M");
+    let first = tmp.path().join("web-first.img");
+    std::fs::copy(&img, &first).unwrap();
+    let import = |f: &Ferry| {
+        f.expect(
+            0,
+            &[
+                "vault",
+                "import",
+                "--repo",
+                data.join("vault").to_str().unwrap(),
+                "--key-file",
+                data.join("vault.key").to_str().unwrap(),
+                "--cache-dir",
+                tmp.path().join("cache").to_str().unwrap(),
+                "--item",
+                "web",
+                "--disk",
+                img.to_str().unwrap(),
+            ],
+        );
+    };
+    import(&f);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let between = ferry_store::point::rfc3339(ferry_store::point::now_ms());
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    ferry_e2e::scribble(&img, 5 << 20, 3 << 20, 11);
+    import(&f);
+
+    let v = f.ok_json(&["item", "create", "web", "--disk", "disk0=64M", "--wait"]);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let item = f.ok_json(&["item", "show", "web"]);
+    assert_eq!(item["state"], "protected", "{item}");
+
+    // Test failover of the latest point as qcow2.
+    let v = f.ok_json(&["failover", "test", "web", "--format", "qcow2", "--wait"]);
+    assert_eq!(
+        (v["kind"].as_str(), v["state"].as_str()),
+        (Some("test-failover"), Some("succeeded")),
+        "{v}"
+    );
+    let item = f.ok_json(&["item", "show", "web"]);
+    assert_eq!(item["state"], "protected", "replication goes on: {item}");
+    let loc = PathBuf::from(item["test_failover"]["location"].as_str().unwrap());
+    assert!(
+        loc.starts_with(data.join("target").join("test").join("web")),
+        "{loc:?}"
+    );
+    let disk = loc.join("disk0.qcow2");
+    ferry_e2e::qemu_img(&["check", "-f", "qcow2", disk.to_str().unwrap()]);
+    ferry_e2e::qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        disk.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let machine: Value =
+        serde_json::from_slice(&std::fs::read(loc.join("machine.json")).unwrap()).unwrap();
+    assert_eq!(machine["name"], "web");
+    assert_eq!(machine["failover"], "test");
+    // The latest point: the one made after `between` (the mirror of points may not know it
+    // yet: it polls the bucket).
+    assert!(
+        machine["point"]["created"].as_str().unwrap() > between.as_str(),
+        "{machine}"
+    );
+    assert_eq!(
+        machine["disks"],
+        json!([{"name": "disk0", "file": "disk0.qcow2", "format": "qcow2", "size_bytes": 64 << 20}])
+    );
+    let r = f.expect(0, &["item", "show", "web"]);
+    assert!(
+        r.stdout.contains("test failover") && r.stdout.contains(loc.to_str().unwrap()),
+        "{r:?}"
+    );
+    // One at a time.
+    let r = f.expect(5, &["failover", "test", "web"]);
+    assert!(r.stderr.contains("clean it up first"), "{r:?}");
+    let v = f.ok_json(&["failover", "cleanup", "web", "--wait"]);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert!(!loc.exists());
+
+    // Unplanned, to the point made before `between`: the image as it was, as VHD.
+    let v = f.ok_json(&[
+        "failover",
+        "unplanned",
+        "web",
+        "--point",
+        &between,
+        "--format",
+        "vhd",
+        "--wait",
+    ]);
+    assert_eq!(
+        (v["kind"].as_str(), v["state"].as_str()),
+        (Some("failover"), Some("succeeded")),
+        "{v}"
+    );
+    let item = f.ok_json(&["item", "show", "web"]);
+    assert_eq!(item["state"], "failover-pending-commit", "{item}");
+    let loc = PathBuf::from(item["failover"]["location"].as_str().unwrap());
+    let vhd = loc.join("disk0.vhd");
+    ferry_e2e::qemu_img(&[
+        "compare",
+        "-f",
+        "vpc",
+        "-F",
+        "raw",
+        vhd.to_str().unwrap(),
+        first.to_str().unwrap(),
+    ]);
+    let v = f.ok_json(&["failover", "commit", "web", "--wait"]);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let item = f.ok_json(&["item", "show", "web"]);
+    assert_eq!(item["state"], "failed-over", "{item}");
+    // What a failed-over item refuses, with the reason.
+    let r = f.expect(5, &["failover", "test", "web"]);
+    assert!(r.stderr.contains("failed-over"), "{r:?}");
+    let r = f.expect(5, &["failover", "commit", "web"]);
+    assert!(r.stderr.contains("no failover to commit"), "{r:?}");
+}

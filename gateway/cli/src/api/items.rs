@@ -138,6 +138,69 @@ pub enum ItemCmd {
     },
 }
 
+/// `ferry failover …`: the target role's operations on an item, each a job.
+#[derive(Subcommand, Debug)]
+pub enum FailoverCmd {
+    /// Test failover: materialise a recovery point into an isolated directory on the
+    /// appliance (named after the job) while replication goes on; one at a time.
+    Test {
+        /// Item name.
+        name: String,
+        #[command(flatten)]
+        point: FailoverPointArgs,
+        /// Only if the item is still at this revision.
+        #[arg(long, value_name = "REV", value_parser = parse_if_match)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        op: OpArgs,
+    },
+    /// Unplanned failover (the source is unreachable): materialise a recovery point; the
+    /// item is `failover-pending-commit` and its replication stops.
+    Unplanned {
+        /// Item name.
+        name: String,
+        #[command(flatten)]
+        point: FailoverPointArgs,
+        /// Only if the item is still at this revision.
+        #[arg(long, value_name = "REV", value_parser = parse_if_match)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        op: OpArgs,
+    },
+    /// Make the pending failover final: the item becomes `failed-over`.
+    Commit {
+        /// Item name.
+        name: String,
+        /// Only if the item is still at this revision.
+        #[arg(long, value_name = "REV", value_parser = parse_if_match)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        op: OpArgs,
+    },
+    /// Remove the item's test failover copy.
+    Cleanup {
+        /// Item name.
+        name: String,
+        /// Only if the item is still at this revision.
+        #[arg(long, value_name = "REV", value_parser = parse_if_match)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        op: OpArgs,
+    },
+}
+
+/// Which point a failover uses, and the disks' format.
+#[derive(Args, Debug, Clone)]
+pub struct FailoverPointArgs {
+    /// Recovery point: `latest`, `latest-app-consistent`, a time (RFC 3339, e.g.
+    /// 2026-11-27T05:20:00Z: the newest point at or before it) or a point id.
+    #[arg(long, default_value = "latest")]
+    point: String,
+    /// Output format of the disks: raw, vhd, qcow2, vmdk, vhdx or vmdk-stream.
+    #[arg(long, default_value = "raw")]
+    format: String,
+}
+
 /// `ferry job …`.
 #[derive(Subcommand, Debug)]
 pub enum JobCmd {
@@ -219,6 +282,40 @@ fn item_table(i: &Value) -> String {
                     cell(&i["latest_point"]["id"]),
                     cell(&i["latest_point"]["created"])
                 )
+            },
+        ),
+        (
+            "failover".into(),
+            if i["failover"].is_object() {
+                format!(
+                    "{} from point {} at {} ({}, job {})",
+                    cell(&i["failover"]["mode"]),
+                    cell(&i["failover"]["point"]),
+                    cell(&i["failover"]["location"]),
+                    cell(&i["failover"]["at"]),
+                    cell(&i["failover"]["job"])
+                )
+            } else {
+                "-".to_string()
+            },
+        ),
+        (
+            "test failover".into(),
+            if i["test_failover"].is_object() {
+                format!(
+                    "point {} at {} ({}, job {}){}",
+                    cell(&i["test_failover"]["point"]),
+                    cell(&i["test_failover"]["location"]),
+                    cell(&i["test_failover"]["at"]),
+                    cell(&i["test_failover"]["job"]),
+                    if i["test_failover"]["stale"] == true {
+                        " STALE: clean it up (`ferry failover cleanup`)"
+                    } else {
+                        ""
+                    }
+                )
+            } else {
+                "-".to_string()
             },
         ),
         ("description".into(), cell(&i["description"])),
@@ -504,6 +601,57 @@ pub(super) async fn item(cmd: ItemCmd) -> Result<(), ClientError> {
         }
     }
     Ok(())
+}
+
+pub(super) async fn failover(cmd: FailoverCmd) -> Result<(), ClientError> {
+    let c = connect()?;
+    let (path, body, if_match, op) = match cmd {
+        FailoverCmd::Test {
+            name,
+            point,
+            if_match,
+            op,
+        } => (
+            vec![name, "failover".to_string()],
+            Some(serde_json::json!({"type": "test", "point": point.point, "format": point.format})),
+            if_match,
+            op,
+        ),
+        FailoverCmd::Unplanned {
+            name,
+            point,
+            if_match,
+            op,
+        } => (
+            vec![name, "failover".to_string()],
+            Some(
+                serde_json::json!({"type": "unplanned", "point": point.point, "format": point.format}),
+            ),
+            if_match,
+            op,
+        ),
+        FailoverCmd::Commit { name, if_match, op } => {
+            (vec![name, "commit".to_string()], None, if_match, op)
+        }
+        FailoverCmd::Cleanup { name, if_match, op } => (
+            vec![name, "test-failover".to_string(), "cleanup".to_string()],
+            None,
+            if_match,
+            op,
+        ),
+    };
+    let mut segments = vec!["items"];
+    segments.extend(path.iter().map(String::as_str));
+    let a = c
+        .send(
+            Method::POST,
+            &segments,
+            &[],
+            if_match.as_deref(),
+            body.as_ref(),
+        )
+        .await?;
+    operation(&c, a, &op).await
 }
 
 /// `ferry item pause|resume`: `verb` is the path's last segment; prints the item.

@@ -36,7 +36,7 @@ use self::table::{cell, clean, pairs, render};
 use self::trust::{Fingerprint, PinnedCa};
 use crate::{human, line};
 pub use agents::{AgentCmd, GroupCmd};
-pub use items::{ItemCmd, JobCmd};
+pub use items::{FailoverCmd, ItemCmd, JobCmd};
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -274,6 +274,8 @@ pub enum Command {
     Token(TokenCmd),
     /// `ferry item …`.
     Item(ItemCmd),
+    /// `ferry failover …`.
+    Failover(FailoverCmd),
     /// `ferry job …`.
     Job(JobCmd),
     /// `ferry agent …`.
@@ -384,6 +386,7 @@ async fn dispatch(cmd: Command) -> Result<(), ClientError> {
             Ok(())
         }
         Command::Policy(p) => policy(p).await,
+        Command::Failover(f) => items::failover(f).await,
         Command::Token(t) => token(t).await,
         Command::Item(i) => items::item(i).await,
         Command::Job(j) => items::job(j).await,

@@ -74,6 +74,39 @@ pub(super) struct ItemJson {
     updated: String,
     /// Who paused its replication and when (`null`: not paused).
     paused: Option<PausedJson>,
+    /// The test failover's copy, until cleaned up (`null`: none).
+    test_failover: Option<FailoverJson>,
+    /// The failover pending commit or committed (`null`: none).
+    failover: Option<FailoverJson>,
+}
+
+/// Where a failover put the machine.
+#[derive(Debug, Serialize)]
+pub(super) struct FailoverJson {
+    job: String,
+    mode: &'static str,
+    point: String,
+    location: String,
+    at: String,
+    /// A test failover older than `[target] test_failover_max_age_hours`: clean it up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stale: Option<bool>,
+    #[serde(skip)]
+    at_ms: u64,
+}
+
+impl FailoverJson {
+    fn of(r: crate::item::FailoverRecord, stale: Option<bool>) -> Self {
+        Self {
+            job: r.job,
+            mode: r.mode.as_str(),
+            point: r.point,
+            location: r.location,
+            at: time(r.at_ms),
+            stale,
+            at_ms: r.at_ms,
+        }
+    }
 }
 
 /// Who paused an item's replication, and when.
@@ -141,8 +174,13 @@ impl ItemJson {
             .collect())
     }
 
-    /// Adds the process role's figures, when the appliance runs it.
+    /// Adds the process role's figures, when the appliance runs it, and flags a test
+    /// failover older than the target role's limit.
     pub(super) fn with_figures(mut self, s: &ApiState) -> Self {
+        if let Some(t) = &mut self.test_failover {
+            let age = ferry_store::point::now_ms().saturating_sub(t.at_ms);
+            t.stale = Some(age > s.test_failover_max_age_ms());
+        }
         if let Some(role) = s.process() {
             self.replication = Some(ReplicationJson::of(&role.figures(&self.name)));
         }
@@ -179,6 +217,8 @@ impl ItemJson {
                 by: p.by,
                 at: time(p.at_ms),
             }),
+            test_failover: i.test_failover.map(|r| FailoverJson::of(r, Some(false))),
+            failover: i.failover.map(|r| FailoverJson::of(r, None)),
         }
     }
 }
@@ -348,12 +388,24 @@ async fn operation(
     headers: &HeaderMap,
     op: Operation,
 ) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>), ApiError> {
+    operation_with(s, by, name, headers, op, None).await
+}
+
+/// [`operation`] with a failover request kept in the job.
+async fn operation_with(
+    s: &ApiState,
+    by: &AdminId,
+    name: String,
+    headers: &HeaderMap,
+    op: Operation,
+    failover: Option<item::FailoverRequest>,
+) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>), ApiError> {
     let name = path_name(name)?;
     let expect = if_match(headers)?;
     let now = ferry_store::point::now_ms();
     let (it, job) = s
         .catalog(move |c| {
-            let (it, job) = c.begin_operation(&name, op, expect.as_deref(), now)?;
+            let (it, job) = c.begin_operation_with(&name, op, failover, expect.as_deref(), now)?;
             Ok((ItemJson::of(c, it)?, job))
         })
         .await?;
@@ -381,6 +433,87 @@ pub(super) async fn resync(
     headers: HeaderMap,
 ) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>), ApiError> {
     operation(&s, &by, name, &headers, Operation::Resync).await
+}
+
+/// `POST /items/{name}/failover`'s body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FailoverBody {
+    /// `test` or `unplanned`.
+    #[serde(rename = "type")]
+    mode: String,
+    /// `latest` (default), `latest-app-consistent`, an RFC 3339 time or a point id.
+    point: Option<String>,
+    /// Output format of the disks (default `raw`).
+    format: Option<String>,
+}
+
+/// Starts a failover of the item as a job: `test` materialises the chosen point into an
+/// isolated directory named after the job while replication goes on (one at a time, until
+/// `test-failover/cleanup`); `unplanned` materialises it and leaves the item
+/// `failover-pending-commit`, its replication stopped.
+pub(super) async fn failover(
+    State(s): State<ApiState>,
+    Extension(by): Extension<AdminId>,
+    ApiPath(name): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<FailoverBody>,
+) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>), ApiError> {
+    let mode = item::FailoverMode::parse(&body.mode).ok_or_else(|| {
+        ApiError::bad_field(
+            "invalid_value",
+            "type",
+            format!(
+                "type `{}`: a failover is `test` or `unplanned`",
+                body.mode.chars().take(64).collect::<String>()
+            ),
+        )
+    })?;
+    let format = body.format.unwrap_or_else(|| "raw".into());
+    format
+        .parse::<ferry_store::ExportFormat>()
+        .map_err(|e| ApiError::bad_field("invalid_value", "format", e))?;
+    let point = body.point.unwrap_or_else(|| "latest".into());
+    if point.is_empty()
+        || point.chars().count() > 128
+        || point.chars().any(|c| c.is_ascii_control())
+    {
+        return Err(ApiError::bad_field(
+            "invalid_value",
+            "point",
+            "point: `latest`, `latest-app-consistent`, an RFC 3339 time or a point id (1 to 128 characters)",
+        ));
+    }
+    let op = match mode {
+        item::FailoverMode::Test => Operation::TestFailover,
+        item::FailoverMode::Unplanned => Operation::Failover,
+    };
+    let req = item::FailoverRequest {
+        mode,
+        point,
+        format,
+    };
+    operation_with(&s, &by, name, &headers, op, Some(req)).await
+}
+
+/// Makes a pending failover final: the item becomes `failed-over`.
+pub(super) async fn commit(
+    State(s): State<ApiState>,
+    Extension(by): Extension<AdminId>,
+    ApiPath(name): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>), ApiError> {
+    operation(&s, &by, name, &headers, Operation::Commit).await
+}
+
+/// Removes the item's test failover copy.
+pub(super) async fn cleanup(
+    State(s): State<ApiState>,
+    Extension(by): Extension<AdminId>,
+    ApiPath(name): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>), ApiError> {
+    operation(&s, &by, name, &headers, Operation::TestFailoverCleanup).await
 }
 
 pub(super) async fn pause(

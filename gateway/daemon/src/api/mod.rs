@@ -77,6 +77,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/api/v1/items/{name}"),
     ("DELETE", "/api/v1/items/{name}"),
     ("POST", "/api/v1/items/{name}/resync"),
+    ("POST", "/api/v1/items/{name}/failover"),
+    ("POST", "/api/v1/items/{name}/commit"),
+    ("POST", "/api/v1/items/{name}/test-failover/cleanup"),
     ("POST", "/api/v1/items/{name}/pause"),
     ("POST", "/api/v1/items/{name}/resume"),
     ("GET", "/api/v1/jobs"),
@@ -118,6 +121,8 @@ struct StateInner {
     max_body_bytes: usize,
     roles: Vec<&'static str>,
     process: Option<crate::replication::ProcessRole>,
+    /// A test failover older than this is flagged stale (`[target]`).
+    test_failover_max_age_ms: u64,
 }
 
 /// The id of the admin token a request was authenticated with (for the audit lines on
@@ -158,7 +163,19 @@ impl ApiState {
             max_body_bytes,
             roles: roles.names(),
             process: None,
+            test_failover_max_age_ms: crate::config::TargetConfig::default()
+                .test_failover_max_age_hours
+                * 3_600_000,
         }))
+    }
+
+    /// The same state, with the target role's settings (the age past which a test
+    /// failover is flagged). Call right after [`ApiState::new`].
+    pub fn with_target(mut self, target: &crate::config::TargetConfig) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.test_failover_max_age_ms = target.test_failover_max_age_hours * 3_600_000;
+        }
+        self
     }
 
     /// The same state, with the process role whose figures items show and whose plan
@@ -168,6 +185,11 @@ impl ApiState {
             inner.process = Some(role);
         }
         self
+    }
+
+    /// Age past which a test failover is flagged stale.
+    fn test_failover_max_age_ms(&self) -> u64 {
+        self.0.test_failover_max_age_ms
     }
 
     /// The process role, when this appliance runs it.
@@ -283,6 +305,12 @@ pub fn router(state: ApiState) -> Router {
                 .delete(items::delete),
         )
         .route("/api/v1/items/{name}/resync", post(items::resync))
+        .route("/api/v1/items/{name}/failover", post(items::failover))
+        .route("/api/v1/items/{name}/commit", post(items::commit))
+        .route(
+            "/api/v1/items/{name}/test-failover/cleanup",
+            post(items::cleanup),
+        )
         .route("/api/v1/items/{name}/pause", post(items::pause))
         .route("/api/v1/items/{name}/resume", post(items::resume))
         .route("/api/v1/jobs", get(jobs::list))

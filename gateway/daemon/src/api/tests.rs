@@ -60,7 +60,13 @@ async fn fixture_with(points: &[&str], process: bool) -> Fixture {
     let mut vaults = BTreeMap::new();
     vaults.insert("default".to_string(), vault);
     let vaults = Arc::new(vaults);
-    let (runner, runners) = JobRunner::start(catalog.clone(), vaults.clone(), 1).unwrap();
+    let (runner, runners) = JobRunner::start(
+        catalog.clone(),
+        vaults.clone(),
+        Some(dir.path().join("target")),
+        1,
+    )
+    .unwrap();
     let role = if process {
         let mut cfg = crate::config::Config {
             data_dir: Some(dir.path().to_path_buf()),
@@ -2068,4 +2074,183 @@ async fn policy_resync_window() {
     let raw: Value = serde_json::from_slice(&raw).unwrap();
     assert!(raw.get("resync_window").is_none(), "{raw}");
     assert_eq!(plan().await.resync_window, None);
+}
+
+#[tokio::test]
+async fn failover_test_cleanup_unplanned_commit() {
+    let f = fixture(&["db"]).await;
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/items",
+            Some(r#"{"name":"db","disks":[{"name":"disk0","size_bytes":262144}]}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    let target = f._dir.path().join("target");
+
+    // Bad requests change nothing.
+    for (body, field) in [
+        (r#"{"type":"planned"}"#, "type"),
+        (r#"{"type":"test","format":"iso"}"#, "format"),
+        (r#"{"type":"test","point":""}"#, "point"),
+    ] {
+        let (s, v) = f
+            .send(Method::POST, "/api/v1/items/db/failover", Some(body))
+            .await;
+        assert_eq!(
+            (s, v["field"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(field)),
+            "{v}"
+        );
+    }
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/items/db/test-failover/cleanup", None)
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::CONFLICT, "illegal_transition"),
+        "{v}"
+    );
+    assert!(
+        v["message"].as_str().unwrap().contains("no test failover"),
+        "{v}"
+    );
+
+    // Test failover: the disk and machine.json in <target>/test/db/<job>/, the item still
+    // protected, the copy recorded.
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/items/db/failover",
+            Some(r#"{"type":"test","format":"qcow2"}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["job"]["kind"], "test-failover");
+    let job = v["job"]["id"].as_str().unwrap().to_string();
+    let j = f.job_end(&job).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let dir = target.join("test").join("db").join(&job);
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("machine.json")).unwrap()).unwrap();
+    assert_eq!(m["version"], 1);
+    assert_eq!(m["name"], "db");
+    assert_eq!(m["failover"], "test");
+    assert_eq!(m["disks"][0]["file"], "disk0.qcow2");
+    assert_eq!(m["disks"][0]["format"], "qcow2");
+    assert_eq!(m["disks"][0]["size_bytes"], 262144);
+    let qcow = std::fs::read(dir.join("disk0.qcow2")).unwrap();
+    assert_eq!(&qcow[..4], b"QFI\xfb");
+    let (_, it) = f.get("/api/v1/items/db").await;
+    assert_eq!(it["state"], "protected", "{it}");
+    assert_eq!(it["test_failover"]["job"], job.as_str());
+    assert_eq!(it["test_failover"]["point"], m["point"]["id"]);
+    assert_eq!(it["test_failover"]["stale"], false);
+    assert_eq!(it["failover"], Value::Null);
+    // One at a time; and the item cannot be disabled while its copy exists.
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/items/db/failover",
+            Some(r#"{"type":"test"}"#),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::CONFLICT, "illegal_transition"),
+        "{v}"
+    );
+    assert!(
+        v["message"].as_str().unwrap().contains("clean it up first"),
+        "{v}"
+    );
+    let (s, v) = f.send(Method::DELETE, "/api/v1/items/db", None).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::CONFLICT, "illegal_transition"),
+        "{v}"
+    );
+    // Cleanup removes the directory and the record.
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/items/db/test-failover/cleanup", None)
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let j = f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(!dir.exists());
+    let (_, it) = f.get("/api/v1/items/db").await;
+    assert_eq!(
+        (it["state"].as_str(), &it["test_failover"]),
+        (Some("protected"), &Value::Null)
+    );
+
+    // Commit with nothing pending: refused.
+    let (s, v) = f.send(Method::POST, "/api/v1/items/db/commit", None).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::CONFLICT, "illegal_transition"),
+        "{v}"
+    );
+
+    // An unplanned failover to a time before every point fails, naming why, and leaves no
+    // directory and the item as it was.
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/items/db/failover",
+            Some(r#"{"type":"unplanned","point":"2001-01-01T00:00:00Z"}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job"]["id"].as_str().unwrap().to_string();
+    let j = f.job_end(&job).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(j["error"].as_str().unwrap().contains("are later"), "{j}");
+    assert!(!target.join("failover").join("db").join(&job).exists());
+    let (_, it) = f.get("/api/v1/items/db").await;
+    assert_eq!(it["state"], "protected");
+
+    // Unplanned from the latest point, raw: pending commit, replication stopped; commit.
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/items/db/failover",
+            Some(r#"{"type":"unplanned","point":"latest"}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job"]["id"].as_str().unwrap().to_string();
+    let j = f.job_end(&job).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let dir = target.join("failover").join("db").join(&job);
+    assert_eq!(
+        std::fs::read(dir.join("disk0.img")).unwrap(),
+        vec![1u8; 256 << 10]
+    );
+    assert!(dir.join("machine.json").is_file());
+    let (_, it) = f.get("/api/v1/items/db").await;
+    assert_eq!(it["state"], "failover-pending-commit", "{it}");
+    assert_eq!(it["failover"]["location"], dir.display().to_string());
+    // A test failover is not possible now; commit is.
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/items/db/failover",
+            Some(r#"{"type":"test"}"#),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::CONFLICT, "illegal_transition"),
+        "{v}"
+    );
+    let (s, v) = f.send(Method::POST, "/api/v1/items/db/commit", None).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let j = f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let (_, it) = f.get("/api/v1/items/db").await;
+    assert_eq!(it["state"], "failed-over", "{it}");
+    assert_eq!(it["failover"]["mode"], "unplanned");
 }

@@ -21,7 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use super::record::{parse, to_vec, version};
 use super::{Catalog, CatalogError, MAX_PAGE, Page, Result};
-use crate::item::{self, Direction, Disk, Event, Item, ItemState, Operation};
+use crate::item::{
+    self, Direction, Disk, Event, FailoverMode, FailoverRecord, FailoverRequest, Item, ItemState,
+    Operation,
+};
 
 pub(super) const ITEMS: TableDefinition<&str, &[u8]> = TableDefinition::new("items");
 pub(super) const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
@@ -110,6 +113,8 @@ pub struct Job {
     pub log: Vec<JobLine>,
     /// Lines not kept because the log was full.
     pub log_dropped: u64,
+    /// What a `failover` or `test-failover` job was asked for.
+    pub failover: Option<FailoverRequest>,
 }
 
 /// A change to an item's settings (`None`: unchanged).
@@ -147,6 +152,52 @@ struct ItemV1 {
     /// unchanged and unpaused items are written as before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     paused: Option<PausedV1>,
+    /// Added after version 1's first catalogs, like `paused`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    test_failover: Option<FailoverRecordV1>,
+    /// Added after version 1's first catalogs, like `paused`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failover: Option<FailoverRecordV1>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailoverRecordV1 {
+    job: String,
+    mode: String,
+    point: String,
+    location: String,
+    at_ms: u64,
+}
+
+impl FailoverRecordV1 {
+    fn of(r: &FailoverRecord) -> Self {
+        Self {
+            job: r.job.clone(),
+            mode: r.mode.as_str().into(),
+            point: r.point.clone(),
+            location: r.location.clone(),
+            at_ms: r.at_ms,
+        }
+    }
+
+    fn record(self) -> std::result::Result<FailoverRecord, String> {
+        Ok(FailoverRecord {
+            mode: FailoverMode::parse(&self.mode).ok_or_else(|| format!("mode `{}`", self.mode))?,
+            job: self.job,
+            point: self.point,
+            location: self.location,
+            at_ms: self.at_ms,
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailoverRequestV1 {
+    mode: String,
+    point: String,
+    format: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -171,6 +222,9 @@ struct JobV1 {
     error: Option<String>,
     log: Vec<JobLine>,
     log_dropped: u64,
+    /// Added after version 1's first catalogs: present only on failover jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failover: Option<FailoverRequestV1>,
 }
 
 /// Encodes an `items` record.
@@ -199,6 +253,8 @@ pub fn encode_item(i: &Item) -> Vec<u8> {
             by: p.by.clone(),
             at_ms: p.at_ms,
         }),
+        test_failover: i.test_failover.as_ref().map(FailoverRecordV1::of),
+        failover: i.failover.as_ref().map(FailoverRecordV1::of),
     })
 }
 
@@ -239,6 +295,16 @@ pub fn decode_item(key: &str, b: &[u8]) -> Result<Item> {
             by: p.by,
             at_ms: p.at_ms,
         }),
+        test_failover: r
+            .test_failover
+            .map(FailoverRecordV1::record)
+            .transpose()
+            .map_err(|e| bad(format!("test_failover.{e}")))?,
+        failover: r
+            .failover
+            .map(FailoverRecordV1::record)
+            .transpose()
+            .map_err(|e| bad(format!("failover.{e}")))?,
     };
     if i.paused
         .as_ref()
@@ -275,6 +341,11 @@ pub fn encode_job(j: &Job) -> Vec<u8> {
         error: j.error.clone(),
         log: j.log.clone(),
         log_dropped: j.log_dropped,
+        failover: j.failover.as_ref().map(|f| FailoverRequestV1 {
+            mode: f.mode.as_str().into(),
+            point: f.point.clone(),
+            format: f.format.clone(),
+        }),
     })
 }
 
@@ -305,7 +376,17 @@ pub fn decode_job(key: &str, b: &[u8]) -> Result<Job> {
         Some(s) => Some(ItemState::parse(&s).ok_or_else(|| bad(format!("from_state `{s}`")))?),
         None => None,
     };
+    let failover = match r.failover {
+        Some(f) => Some(FailoverRequest {
+            mode: FailoverMode::parse(&f.mode)
+                .ok_or_else(|| bad(format!("failover.mode `{}`", f.mode)))?,
+            point: f.point,
+            format: f.format,
+        }),
+        None => None,
+    };
     Ok(Job {
+        failover,
         kind: Operation::parse(&r.kind).ok_or_else(|| bad(format!("kind `{}`", r.kind)))?,
         id: r.id,
         item: r.item,
@@ -334,6 +415,7 @@ impl Job {
             error: None,
             log: Vec::new(),
             log_dropped: 0,
+            failover: None,
         }
     }
 
@@ -489,6 +571,8 @@ impl Catalog {
                 created_ms: now_ms,
                 updated_ms: now_ms,
                 paused: None,
+                test_failover: None,
+                failover: None,
             };
             self.put_item(&w, &it)?;
             (it, job)
@@ -606,6 +690,20 @@ impl Catalog {
         expect: Option<&[u64]>,
         now_ms: u64,
     ) -> Result<(Item, Job)> {
+        self.begin_operation_with(name, op, None, expect, now_ms)
+    }
+
+    /// [`Catalog::begin_operation`] with what a failover job is asked for. Also refuses what
+    /// the item's own records forbid: a second test failover before the first is cleaned up,
+    /// a cleanup with nothing to clean, a disable while a test failover's copy exists.
+    pub fn begin_operation_with(
+        &self,
+        name: &str,
+        op: Operation,
+        failover: Option<FailoverRequest>,
+        expect: Option<&[u64]>,
+        now_ms: u64,
+    ) -> Result<(Item, Job)> {
         let w = self.db.begin_write().map_err(|e| self.err(e))?;
         let pair = {
             let mut it = self.item_in(&w, name)?;
@@ -621,7 +719,29 @@ impl Catalog {
                     name: name.to_string(),
                     reason,
                 })?;
-            let job = self.insert_new_job(&w, Job::queued(op, name, Some(it.state), now_ms))?;
+            let refusal = match (op, &it.test_failover) {
+                (Operation::TestFailover, Some(t)) => Some(format!(
+                    "test failover `{}` of point `{}` still exists at {}: clean it up first (test-failover-cleanup)",
+                    t.job, t.point, t.location
+                )),
+                (Operation::Disable, Some(t)) => Some(format!(
+                    "test failover `{}` still exists at {}: clean it up first (test-failover-cleanup)",
+                    t.job, t.location
+                )),
+                (Operation::TestFailoverCleanup, None) => {
+                    Some("there is no test failover to clean up".to_string())
+                }
+                _ => None,
+            };
+            if let Some(why) = refusal {
+                return Err(CatalogError::IllegalTransition {
+                    name: name.to_string(),
+                    reason: format!("`{op}` is not possible for this item: {why}"),
+                });
+            }
+            let mut queued = Job::queued(op, name, Some(it.state), now_ms);
+            queued.failover = failover;
+            let job = self.insert_new_job(&w, queued)?;
             if let Some(s) = op.during() {
                 it.state = s;
             }
@@ -633,6 +753,38 @@ impl Catalog {
         };
         w.commit().map_err(|e| self.err(e))?;
         Ok(pair)
+    }
+
+    /// Records where failover job `job` put the machine (`test`: the item's test failover;
+    /// else its failover), or clears the record (`None`). Only while `job` holds the item:
+    /// a job that lost it changes nothing.
+    pub fn set_failover_record(
+        &self,
+        name: &str,
+        job: &str,
+        test: bool,
+        record: Option<FailoverRecord>,
+        now_ms: u64,
+    ) -> Result<Item> {
+        let w = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut it = self.item_in(&w, name)?;
+        if it.active_job.as_deref() != Some(job) {
+            return Err(CatalogError::JobState {
+                id: job.to_string(),
+                state: "running",
+                reason: "the job no longer holds its item",
+            });
+        }
+        if test {
+            it.test_failover = record;
+        } else {
+            it.failover = record;
+        }
+        it.revision = self.next_revision(&w)?;
+        it.updated_ms = now_ms;
+        self.put_item(&w, &it)?;
+        w.commit().map_err(|e| self.err(e))?;
+        Ok(it)
     }
 
     /// Applies a replication event to item `name` (see [`ItemState::on_event`]); returns the
@@ -751,6 +903,7 @@ impl Catalog {
             });
         }
         let landing = match &outcome {
+            _ if j.kind.keeps_state() => j.from_state,
             Ok(event) => j.kind.after_success().map(|s| match event {
                 Some(e) => s.on_event(*e).unwrap_or(s),
                 None => s,
@@ -937,6 +1090,8 @@ mod tests {
             created_ms: 1_795_690_000_000,
             updated_ms: 1_795_690_100_000,
             paused: None,
+            test_failover: None,
+            failover: None,
         }
     }
 
@@ -956,7 +1111,53 @@ mod tests {
                 msg: "checking vault `default`".into(),
             }],
             log_dropped: 0,
+            failover: None,
         }
+    }
+
+    #[test]
+    fn failover_members_round_trip_beside_v1_records() {
+        // Records without them read as before (the v1 fixtures are read by the test above);
+        // records with them round-trip, and a bad mode is refused naming the member.
+        let rec = |mode| FailoverRecord {
+            job: "20261127T060000.000Z-0badf00d".into(),
+            mode,
+            point: "20261127T055900.000Z-00c0ffee".into(),
+            location: "/var/lib/ferry/target/test/web-01/20261127T060000.000Z-0badf00d".into(),
+            at_ms: 1_795_760_000_000,
+        };
+        let it = Item {
+            test_failover: Some(rec(FailoverMode::Test)),
+            failover: Some(rec(FailoverMode::Unplanned)),
+            ..v1_item()
+        };
+        let b = encode_item(&it);
+        assert_eq!(decode_item("web-01", &b).unwrap(), it);
+        let bad =
+            String::from_utf8(b)
+                .unwrap()
+                .replacen(r#""mode":"test""#, r#""mode":"drill""#, 1);
+        let e = decode_item("web-01", bad.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("test_failover.mode"), "{e}");
+        let j = Job {
+            kind: Operation::TestFailover,
+            failover: Some(FailoverRequest {
+                mode: FailoverMode::Test,
+                point: "2026-11-27T05:20:00Z".into(),
+                format: "qcow2".into(),
+            }),
+            ..v1_job()
+        };
+        let b = encode_job(&j);
+        assert!(
+            String::from_utf8_lossy(&b).contains(
+                r#""failover":{"mode":"test","point":"2026-11-27T05:20:00Z","format":"qcow2"}"#
+            ),
+            "{}",
+            String::from_utf8_lossy(&b)
+        );
+        assert_eq!(decode_job(&j.id, &b).unwrap(), j);
+        assert_eq!(encode_item(&v1_item()), encode_item(&Item { ..v1_item() }));
     }
 
     /// Writes the item and job fixtures when missing (frozen once committed):
