@@ -25,6 +25,7 @@ use serde_json::json;
 mod adapted;
 mod api;
 mod ebs;
+mod mount;
 mod plugin;
 
 #[derive(Parser, Debug)]
@@ -258,6 +259,10 @@ enum VaultCmd {
         #[arg(long)]
         sync: bool,
     },
+    /// Serve a recovery point's disk over NBD (instant recovery): a hypervisor boots it before
+    /// anything is copied. Read-only, or --writable with a copy-on-write overlay; the point is
+    /// never modified. Runs until SIGINT/SIGTERM; the first stdout line is the export's URL.
+    Mount(mount::MountArgs),
     /// Check the vault; --read-data also decrypts every blob.
     Verify {
         #[command(flatten)]
@@ -794,6 +799,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 ));
             }
         }
+        VaultCmd::Mount(a) => return mount::run(a).await,
         VaultCmd::Verify { repo, read_data } => {
             let v = open(&repo).await?;
             let r = v.verify(read_data).await?;

@@ -11,6 +11,7 @@ mod control_cli;
 mod ebs;
 mod export_formats;
 mod format_v1;
+mod nbd;
 mod plugin_cli;
 mod plugin_formats;
 mod plugin_sandbox;
