@@ -69,6 +69,9 @@ pub struct TargetConfig {
     /// A test failover not cleaned up after this many hours is flagged `stale` (item view,
     /// metric `ferry_item_test_failover_stale`).
     pub test_failover_max_age_hours: u64,
+    /// How long a planned failover waits for the agent's final cycle before it fails (the
+    /// item stays as it was).
+    pub planned_failover_timeout_secs: u64,
 }
 
 impl Default for TargetConfig {
@@ -76,6 +79,7 @@ impl Default for TargetConfig {
         Self {
             dir: None,
             test_failover_max_age_hours: 72,
+            planned_failover_timeout_secs: 1800,
         }
     }
 }
@@ -486,6 +490,12 @@ impl Config {
             self.target.test_failover_max_age_hours,
             1,
             24 * 365,
+        )?;
+        range(
+            "target.planned_failover_timeout_secs",
+            self.target.planned_failover_timeout_secs,
+            10,
+            86_400,
         )?;
         if let Some(d) = &self.target.dir
             && d.as_os_str().is_empty()

@@ -389,6 +389,9 @@ pub struct Paused {
 pub enum FailoverMode {
     /// A drill: a copy in an isolated location; replication goes on.
     Test,
+    /// The source is up: its agent sends a final cycle (application-consistent where it
+    /// can) and stops the source, and the failover is made from that cycle: no data lost.
+    Planned,
     /// From a chosen recovery point with the source unreachable.
     Unplanned,
 }
@@ -398,15 +401,20 @@ impl FailoverMode {
     pub fn as_str(self) -> &'static str {
         match self {
             FailoverMode::Test => "test",
+            FailoverMode::Planned => "planned",
             FailoverMode::Unplanned => "unplanned",
         }
     }
 
     /// The mode named `s`.
     pub fn parse(s: &str) -> Option<FailoverMode> {
-        [FailoverMode::Test, FailoverMode::Unplanned]
-            .into_iter()
-            .find(|m| m.as_str() == s)
+        [
+            FailoverMode::Test,
+            FailoverMode::Planned,
+            FailoverMode::Unplanned,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == s)
     }
 }
 

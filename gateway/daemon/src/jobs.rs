@@ -53,9 +53,21 @@ pub struct JobRunner {
 struct Ctx {
     catalog: Arc<Catalog>,
     vaults: Arc<BTreeMap<String, Vault>>,
-    /// The target role's directory (`[target] dir`); `None` without the target role.
-    target_dir: Option<PathBuf>,
+    /// The target role's settings; `None` without the target role.
+    target: Option<TargetRole>,
 }
+
+/// What the target role's job bodies need from the configuration.
+#[derive(Debug, Clone)]
+pub struct TargetRole {
+    /// `[target] dir`, absolute.
+    pub dir: PathBuf,
+    /// How long a planned failover waits for the agent's final cycle.
+    pub planned_timeout: Duration,
+}
+
+/// The tag an agent puts on its final cycle before a planned failover (value: the job id).
+pub const TAG_FINAL_CYCLE: &str = "ferry.final_cycle";
 
 impl JobRunner {
     /// Queues again the jobs a previous run left running and starts `workers` runners.
@@ -63,7 +75,7 @@ impl JobRunner {
     pub fn start(
         catalog: Arc<Catalog>,
         vaults: Arc<BTreeMap<String, Vault>>,
-        target_dir: Option<PathBuf>,
+        target: Option<TargetRole>,
         workers: usize,
     ) -> Result<(JobRunner, JoinSet<()>), CatalogError> {
         let requeued = catalog.requeue_interrupted_jobs(ferry_store::point::now_ms())?;
@@ -75,7 +87,7 @@ impl JobRunner {
         let ctx = Arc::new(Ctx {
             catalog,
             vaults,
-            target_dir,
+            target,
         });
         let mut set = JoinSet::new();
         for _ in 0..workers.max(1) {
@@ -389,7 +401,7 @@ pub struct MachineDisk {
 
 /// The target role's directory, or why there is none.
 fn target_dir(ctx: &Ctx) -> Result<&Path, String> {
-    ctx.target_dir.as_deref().ok_or_else(|| {
+    ctx.target.as_ref().map(|t| t.dir.as_path()).ok_or_else(|| {
         "this appliance does not take the target role (`roles` in its configuration)".to_string()
     })
 }
@@ -403,6 +415,100 @@ fn extension(f: ExportFormat) -> &'static str {
     }
 }
 
+/// Waits for the point made from the agent's final cycle of every disk of `item` (tagged
+/// [`TAG_FINAL_CYCLE`] = the job id; the plan tells the agent while this job holds the item)
+/// and returns the newest of them: points build on the one before, so it holds every disk's
+/// final state.
+async fn final_point(
+    ctx: &Arc<Ctx>,
+    job: &Job,
+    item: &crate::item::Item,
+    vault: &Vault,
+    timeout: Duration,
+) -> Result<PointRecord, String> {
+    log(
+        ctx,
+        job,
+        format!(
+            "planned failover: waiting up to {} s for the agent's final cycle of {} disk(s) (its plan says final_cycle = {})",
+            timeout.as_secs(),
+            item.disks.len(),
+            job.id
+        ),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let since = ferry_store::point::compact_time(job.created_ms);
+    let prefix = format!("{}{}/", ferry_store::point::POINTS_PREFIX, item.name);
+    let mut seen: BTreeMap<String, PointRecord> = BTreeMap::new();
+    loop {
+        let names = vault
+            .point_names(Some(&item.name))
+            .await
+            .map_err(|e| format!("listing the points of `{}`: {e}", item.name))?;
+        for n in names.iter().rev() {
+            let id = n.strip_prefix(&prefix).unwrap_or(n);
+            if id.get(..since.len()).is_some_and(|t| t < since.as_str()) {
+                break; // made before this job
+            }
+            if seen.contains_key(n) {
+                continue;
+            }
+            let p = vault
+                .load_point(n)
+                .await
+                .map_err(|e| format!("reading point {n}: {e}"))?;
+            seen.insert(n.clone(), p);
+        }
+        let finals: Vec<&PointRecord> = seen
+            .values()
+            .filter(|p| {
+                p.tags
+                    .iter()
+                    .any(|(k, v)| k == TAG_FINAL_CYCLE && v == &job.id)
+            })
+            .collect();
+        let disks_done: std::collections::BTreeSet<&str> = finals
+            .iter()
+            .filter_map(|p| {
+                p.tags
+                    .iter()
+                    .find(|(k, _)| k == crate::drain::TAG_DISK)
+                    .map(|(_, v)| v.as_str())
+            })
+            .collect();
+        if item
+            .disks
+            .iter()
+            .all(|d| disks_done.contains(d.name.as_str()))
+            && let Some(last) = finals.iter().max_by_key(|p| (p.created_ms, p.id.clone()))
+        {
+            let newest = (*last).clone();
+            log(
+                ctx,
+                job,
+                format!(
+                    "final cycle received: point `{}` ({}-consistent)",
+                    newest.id,
+                    newest.consistency.as_str()
+                ),
+            )
+            .await;
+            return Ok(newest);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "no final cycle from the agent of `{}` within {} s ({} of {} disk(s) sent one): is the agent running, and new enough to know `final_cycle`? The item stays as it was",
+                item.name,
+                timeout.as_secs(),
+                disks_done.len(),
+                item.disks.len()
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Writes every disk of the chosen point and then `machine.json` into `dir` (created fresh).
 async fn materialise(
     ctx: &Arc<Ctx>,
@@ -413,6 +519,15 @@ async fn materialise(
     dir: &Path,
 ) -> Result<crate::item::FailoverRecord, String> {
     let format: ExportFormat = req.format.parse()?;
+    let chosen = if req.mode == crate::item::FailoverMode::Planned {
+        let timeout = ctx
+            .target
+            .as_ref()
+            .map_or(Duration::from_secs(1800), |t| t.planned_timeout);
+        Some(final_point(ctx, job, item, vault, timeout).await?)
+    } else {
+        None
+    };
     // Points may have been written by another writer of the bucket (an offline `ferry vault
     // import`, another appliance): bring the local index up to the bucket first.
     let unreadable = vault.sync_index().await.map_err(|e| {
@@ -429,10 +544,13 @@ async fn materialise(
         )
         .await;
     }
-    let point: PointRecord = vault
-        .point(&item.name, &PointSelector::parse(&req.point))
-        .await
-        .map_err(|e| format!("choosing recovery point `{}`: {e}", req.point))?;
+    let point: PointRecord = match chosen {
+        Some(p) => p,
+        None => vault
+            .point(&item.name, &PointSelector::parse(&req.point))
+            .await
+            .map_err(|e| format!("choosing recovery point `{}`: {e}", req.point))?,
+    };
     log(
         ctx,
         job,

@@ -209,18 +209,19 @@ async fn up(args: UpArgs) -> Result<()> {
     }
     eprintln!("ferryd: listening on {}", appliance::base_url(addr));
 
-    let target_dir = if cfg.roles.has(Role::Target) {
-        Some(cfg.target_dir().context("the target role's directory")?)
+    let target = if cfg.roles.has(Role::Target) {
+        Some(ferry_daemon::jobs::TargetRole {
+            dir: cfg.target_dir().context("the target role's directory")?,
+            planned_timeout: std::time::Duration::from_secs(
+                cfg.target.planned_failover_timeout_secs,
+            ),
+        })
     } else {
         None
     };
-    let (runner, runner_tasks) = ferry_daemon::jobs::JobRunner::start(
-        catalog.clone(),
-        vaults.clone(),
-        target_dir,
-        JOB_WORKERS,
-    )
-    .context("starting the job runner")?;
+    let (runner, runner_tasks) =
+        ferry_daemon::jobs::JobRunner::start(catalog.clone(), vaults.clone(), target, JOB_WORKERS)
+            .context("starting the job runner")?;
     let (mirror_stop, mirror_rx) = tokio::sync::watch::channel(false);
     let (_mirror, mirror_task) =
         ferry_daemon::mirror::PointMirror::start(catalog.clone(), vaults.clone(), mirror_rx);

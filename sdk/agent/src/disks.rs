@@ -327,6 +327,17 @@ impl ReplicationConfig {
     }
 }
 
+/// The `[failover]` table of `agent.toml`: what the agent does for a planned failover.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverConfig {
+    /// Run once (argv, no shell) after every disk of an item sent its final cycle for a
+    /// planned failover: stops the source (`["systemctl", "poweroff"]`, `["virsh",
+    /// "shutdown", "web-01"]`) so nothing more is written to it. Empty: nothing is run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop_command: Vec<String>,
+}
+
 /// `host:port` (`[v6]:port` for IPv6) split; the host keeps its brackets.
 pub fn parse_address(a: &str) -> Result<(String, u16), String> {
     let (host, port) = a

@@ -156,6 +156,7 @@ pub async fn enroll(args: EnrollArgs) -> Result<Enrolled, AgentError> {
             items: Some(issued.items.clone()),
             disk: Vec::new(),
             replication: ReplicationConfig::default(),
+            failover: crate::disks::FailoverConfig::default(),
         },
         key_pem: id.private_key_pem(),
         certificate_pem: issued.certificate_pem,

@@ -191,6 +191,13 @@ pub struct AgentFile {
     /// Flow control and pacing (`[replication]`).
     #[serde(default, skip_serializing_if = "is_default_replication")]
     pub replication: ReplicationConfig,
+    /// What a planned failover does here (`[failover]`).
+    #[serde(default, skip_serializing_if = "is_default_failover")]
+    pub failover: crate::disks::FailoverConfig,
+}
+
+fn is_default_failover(f: &crate::disks::FailoverConfig) -> bool {
+    *f == crate::disks::FailoverConfig::default()
 }
 
 fn is_default_replication(r: &ReplicationConfig) -> bool {
@@ -249,6 +256,8 @@ const HEADER: &str = "\
 # [[replication.throttle]]  a rate by local time of day; the first matching window wins over
 #                      max_bytes_per_second: days (mon..sun, default every day), from, to
 #                      (HH:MM; to < from wraps past midnight), max_bytes_per_second (0: none)
+# [failover]           stop_command: run once after an item's final cycle for a
+#                      planned failover, to stop the source (argv, e.g. systemctl poweroff)
 
 ";
 
@@ -699,6 +708,7 @@ mod tests {
                 items: Some(vec!["db".into(), "web".into()]),
                 disk: Vec::new(),
                 replication: ReplicationConfig::default(),
+                failover: crate::disks::FailoverConfig::default(),
             },
             key_pem: id.private_key_pem(),
             certificate_pem: issued.certificate_pem,

@@ -233,6 +233,8 @@ pub struct Context {
     pub tls: rustls::ClientConfig,
     /// `[replication]`.
     pub replication: ReplicationConfig,
+    /// `[failover]`: the source's stop command for planned failovers.
+    pub failover: crate::disks::FailoverConfig,
     /// The bandwidth limit by local time of day (`[replication]`'s rates), for the sessions.
     pub throttle: Throttle,
     /// The local time the plan's `resync_window` is read with (the throttle's; tests set
@@ -272,6 +274,7 @@ impl Context {
                 gateway: gw,
                 tls,
                 replication: loaded.file.replication.clone(),
+                failover: loaded.file.failover.clone(),
                 throttle: Throttle::new(schedule, clock.clone()),
                 clock,
                 hostname: crate::hostname(),
@@ -367,6 +370,12 @@ impl ResyncReason {
 pub enum CycleOutcome {
     /// The operator paused the item: nothing was sent.
     Paused,
+    /// A planned failover is under way and this disk already sent its final cycle for it:
+    /// nothing was sent.
+    FinalCycleSent {
+        /// The planned failover's job.
+        job: String,
+    },
     /// The cycle would be a resync for `reason`, and the local time is outside the plan's
     /// resync window: nothing was sent (no `Hello`); the next attempt plans again.
     Deferred {
@@ -398,6 +407,71 @@ pub enum CycleOutcome {
     },
 }
 
+/// The tag of a final cycle before a planned failover (value: the failover's job id); the
+/// gateway's failover job waits for a point carrying it.
+pub const FINAL_CYCLE_TAG: &str = "ferry.final_cycle";
+
+/// After a disk's final cycle (or a run that found it sent): once every configured disk of
+/// `item` sent its final cycle for planned failover `job`, runs `[failover] stop_command`
+/// — once per job: a marker written before it runs keeps a restarted agent (or a rebooted
+/// source) from running it again.
+pub async fn after_final_cycle(ctx: &Context, item: &str, job: &str) {
+    let Ok(disks) = crate::disks::list(&ctx.state_dir) else {
+        return;
+    };
+    let all = disks
+        .iter()
+        .filter(|d| d.item == item)
+        .all(|d| crate::tracking::final_cycle_sent(&ctx.state_dir, item, &d.name, job));
+    if !all {
+        return;
+    }
+    let marker = ctx
+        .state_dir
+        .join(crate::tracking::DISKS_DIR)
+        .join(item)
+        .join("source-stopped");
+    if std::fs::read_to_string(&marker).is_ok_and(|t| t.trim() == job) {
+        return;
+    }
+    if let Err(e) = std::fs::write(&marker, format!("{job}\n")) {
+        progress::log(&[
+            ("event", "source_stop_failed"),
+            ("item", item),
+            ("job", job),
+            ("error", &format!("writing {}: {e}", marker.display())),
+        ]);
+        return;
+    }
+    let argv = &ctx.failover.stop_command;
+    if argv.is_empty() {
+        progress::log(&[
+            ("event", "source_stop_skipped"),
+            ("item", item),
+            ("job", job),
+            (
+                "note",
+                "every disk sent its final cycle; no [failover] stop_command is configured: stop the source yourself",
+            ),
+        ]);
+        return;
+    }
+    match crate::view::run_command(item, "stop_command", argv).await {
+        Ok(()) => progress::log(&[
+            ("event", "source_stopped"),
+            ("item", item),
+            ("job", job),
+            ("command", &argv[0]),
+        ]),
+        Err(e) => progress::log(&[
+            ("event", "source_stop_failed"),
+            ("item", item),
+            ("job", job),
+            ("error", &e.to_string()),
+        ]),
+    }
+}
+
 fn tracking(disk: &str) -> impl FnOnce(TrackingError) -> SyncError + '_ {
     move |source| SyncError::Tracking {
         disk: disk.to_string(),
@@ -418,6 +492,22 @@ pub async fn run_cycle(
     if plan.paused {
         return Ok(CycleOutcome::Paused);
     }
+    if let Some(job) = &plan.final_cycle
+        && crate::tracking::final_cycle_sent(&ctx.state_dir, &disk.item, &disk.name, job)
+    {
+        return Ok(CycleOutcome::FinalCycleSent { job: job.clone() });
+    }
+    // The final cycle before a planned failover is application-consistent where it can be.
+    let final_opts;
+    let opts = if plan.final_cycle.is_some() && disk.app_consistent() && !opts.app {
+        final_opts = CycleOptions {
+            app: true,
+            ..opts.clone()
+        };
+        &final_opts
+    } else {
+        opts
+    };
     let port = plan.data_port.ok_or_else(|| SyncError::NoProcessRole {
         disk: label.clone(),
         item: disk.item.clone(),
@@ -496,7 +586,20 @@ pub async fn run_cycle(
                 ]);
                 st.raise_floor(cycle).map_err(tracking(&c.label))?;
             }
-            r => return r,
+            r => {
+                // `new_cycle` tagged it as the final cycle: once acknowledged, it is sent.
+                if let (Ok(CycleOutcome::Done { cycle, .. }), Some(job)) = (&r, &plan.final_cycle) {
+                    st.mark_final_cycle(job).map_err(tracking(&c.label))?;
+                    let cs = cycle.to_string();
+                    progress::log(&[
+                        ("event", "final_cycle_sent"),
+                        ("disk", &c.label),
+                        ("cycle", &cs),
+                        ("job", job),
+                    ]);
+                }
+                return r;
+            }
         }
     }
 }
@@ -830,6 +933,9 @@ impl Cycle<'_> {
         ];
         if view.consistency() == ferry_proto::frame::Consistency::App {
             tags.push(("ferry.app_pre".to_string(), self.disk.app_pre[0].clone()));
+        }
+        if let Some(job) = &self.plan.final_cycle {
+            tags.push((FINAL_CYCLE_TAG.to_string(), job.clone()));
         }
         for (_, v) in &mut tags {
             v.truncate(v.floor_char_boundary(1024));
@@ -1332,6 +1438,13 @@ impl DiskReport {
 
     fn from_outcome(disk: &DiskConfig, o: CycleOutcome) -> Self {
         match o {
+            CycleOutcome::FinalCycleSent { job } => {
+                let mut r = Self::new(disk, "final_cycle_sent");
+                r.message = Some(format!(
+                    "the final cycle for planned failover {job} was sent; nothing more is sent for the item"
+                ));
+                r
+            }
             CycleOutcome::Paused => {
                 let mut r = Self::new(disk, "paused");
                 r.message = Some(
@@ -1412,6 +1525,10 @@ impl DiskReport {
                 self.message.as_deref().unwrap_or("")
             ),
             ("paused", ..) => format!("{who}: paused by the operator, nothing sent"),
+            ("final_cycle_sent", ..) => format!(
+                "{who}: {}",
+                self.message.as_deref().unwrap_or("final cycle sent")
+            ),
             ("deferred", ..) => format!(
                 "{who}: resync deferred: {}",
                 self.message.as_deref().unwrap_or("")
@@ -1510,6 +1627,11 @@ pub async fn sync_once(args: &SyncArgs, stop: &Stop) -> Result<Vec<DiskReport>, 
             app: plan.app_consistent_frequency_minutes > 0,
         };
         let r = run_cycle(&ctx, disk, &plan, &st, &opts, stop).await;
+        if let (Some(job), Ok(CycleOutcome::Done { .. } | CycleOutcome::FinalCycleSent { .. })) =
+            (&plan.final_cycle, &r)
+        {
+            after_final_cycle(&ctx, &disk.item, job).await;
+        }
         reports.push(match r {
             Ok(o) => DiskReport::from_outcome(disk, o),
             Err(e) => DiskReport::failed(disk, &e),
@@ -1628,9 +1750,15 @@ async fn disk_loop(ctx: &Context, disk: &DiskConfig, stop: &Stop) -> Result<(), 
                     app,
                 };
                 let interval = Duration::from_secs(u64::from(plan.cycle_interval_seconds.max(1)));
-                run_cycle(ctx, disk, &plan, &st, &opts, stop)
-                    .await
-                    .map(|o| (o, interval, app))
+                let r = run_cycle(ctx, disk, &plan, &st, &opts, stop).await;
+                if let (
+                    Some(job),
+                    Ok(CycleOutcome::Done { .. } | CycleOutcome::FinalCycleSent { .. }),
+                ) = (&plan.final_cycle, &r)
+                {
+                    after_final_cycle(ctx, &disk.item, job).await;
+                }
+                r.map(|o| (o, interval, app))
             }
             Err(e) => Err(e),
         };
@@ -1641,6 +1769,13 @@ async fn disk_loop(ctx: &Context, disk: &DiskConfig, stop: &Stop) -> Result<(), 
                 match &outcome {
                     CycleOutcome::Paused => {
                         progress::log(&[("event", "paused"), ("disk", &label)]);
+                    }
+                    CycleOutcome::FinalCycleSent { job } => {
+                        progress::log(&[
+                            ("event", "final_cycle_already_sent"),
+                            ("disk", &label),
+                            ("job", job),
+                        ]);
                     }
                     CycleOutcome::Deferred {
                         opens_in_seconds, ..
@@ -1897,6 +2032,7 @@ mod tests {
         no_data_port: bool,
         digests: Digests,
         resync_window: Option<ferry_proto::enroll::ResyncWindow>,
+        final_cycle: Option<String>,
     }
 
     const DIGESTS_PATH: &str = "/api/v1/agent/items/web/disks/sda/digests";
@@ -2014,6 +2150,7 @@ mod tests {
                         last_complete_cycle: last,
                     }],
                     resync_window: k.resync_window.clone(),
+                    final_cycle: k.final_cycle.clone(),
                 };
                 Reply {
                     status: 200,
@@ -2363,6 +2500,66 @@ mod tests {
     /// over the threshold) waits outside the window — no Hello, no digest request, the
     /// committed digests as they were, no cycle directory — and runs inside it; a resync
     /// asked for by hand runs at once; deltas and initial cycles never wait.
+    #[tokio::test]
+    async fn a_final_cycle_is_tagged_sent_once_and_stops_the_source() {
+        let s = setup().await;
+        assert_eq!(done(s.cycle(None).await.unwrap()).1, CycleKind::Initial);
+        write(&s.img, CS + 5, b"last words");
+        let job = "20261127T060000.000Z-0badf00d";
+        s.knobs.lock().unwrap().final_cycle = Some(job.into());
+        // The stop command: touches a file, so its single run is seen.
+        let stopped = s.dir.path().join("stopped");
+        let mut ctx = s.ctx();
+        ctx.failover.stop_command = vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo run >> {}", stopped.display()),
+        ];
+        let opts = CycleOptions {
+            commit_timeout: Duration::from_secs(5),
+            max_failures: Some(3),
+            app: false,
+        };
+        let st = DiskState::open(&ctx.state_dir, "web", "sda").unwrap();
+        let disk = DiskConfig::new("web", "sda", &s.img);
+        let (_handle, stop) = Stop::new();
+        let plan = ctx.plan(&disk).await.unwrap();
+        assert_eq!(plan.final_cycle.as_deref(), Some(job));
+        let o = run_cycle(&ctx, &disk, &plan, &st, &opts, &stop)
+            .await
+            .unwrap();
+        assert_eq!(done(o).1, CycleKind::Delta);
+        s.replica_matches();
+        assert!(
+            s.dp.state
+                .lock()
+                .unwrap()
+                .last_tags
+                .contains(&(FINAL_CYCLE_TAG.to_string(), job.to_string())),
+            "the final cycle carries the job"
+        );
+        assert!(crate::tracking::final_cycle_sent(
+            &ctx.state_dir,
+            "web",
+            "sda",
+            job
+        ));
+        after_final_cycle(&ctx, "web", job).await;
+        // Asked again: nothing sent, the stop command not run twice.
+        let before = s.dp.state.lock().unwrap().hellos.len();
+        write(&s.img, 2 * CS, b"after the end");
+        let o = run_cycle(&ctx, &disk, &plan, &st, &opts, &stop)
+            .await
+            .unwrap();
+        assert_eq!(o, CycleOutcome::FinalCycleSent { job: job.into() });
+        assert_eq!(s.dp.state.lock().unwrap().hellos.len(), before);
+        after_final_cycle(&ctx, "web", job).await;
+        assert_eq!(std::fs::read_to_string(&stopped).unwrap(), "run\n");
+        let r = DiskReport::from_outcome(&disk, o);
+        assert_eq!(r.status, "final_cycle_sent");
+        assert!(r.line().contains(job), "{}", r.line());
+    }
+
     #[tokio::test]
     async fn resyncs_wait_for_their_window() {
         const MON: u8 = 0;

@@ -274,6 +274,8 @@ pub struct DataPortState {
     pub lose_end_ack: bool,
     /// Connections accepted.
     pub connections: u64,
+    /// The tags of the newest complete cycle's `EndOfCycle`.
+    pub last_tags: Vec<(String, String)>,
 }
 
 /// A fake data port: TLS (client certificate required), the HTTP upgrade, then the session
@@ -440,6 +442,7 @@ async fn data_session<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                             let to = (from + usize::try_from(z.count).unwrap() * cs).min(size);
                             st.replica[from..to].fill(0);
                         }
+                        AgentFrame::EndOfCycle(e) => st.last_tags.clone_from(&e.tags),
                         _ => {}
                     }
                 }
@@ -496,6 +499,7 @@ pub fn enroll_into(ca: &TestCa, dir: &std::path::Path, agent: &str, gateway: &st
             items: Some(issued.items),
             disk: Vec::new(),
             replication: crate::disks::ReplicationConfig::default(),
+            failover: crate::disks::FailoverConfig::default(),
         },
         key_pem: id.private_key_pem(),
         certificate_pem: issued.certificate_pem,

@@ -951,7 +951,38 @@ fn read_small(path: &Path) -> Result<Option<Vec<u8>>, TrackingError> {
     Ok(Some(b))
 }
 
+/// The file in a disk's directory saying its final cycle for planned failover job `<id>`
+/// was acknowledged (its text: the job id). Read without the disk's lock: another disk's
+/// loop checks it before stopping the source.
+pub const FINAL_CYCLE_FILE: &str = "final-cycle";
+
+/// Whether disk `item/disk` sent its final cycle for planned failover `job`.
+pub fn final_cycle_sent(state_dir: &Path, item: &str, disk: &str, job: &str) -> bool {
+    fs::read_to_string(
+        state_dir
+            .join(DISKS_DIR)
+            .join(item)
+            .join(disk)
+            .join(FINAL_CYCLE_FILE),
+    )
+    .is_ok_and(|t| t.trim() == job)
+}
+
 impl DiskState {
+    /// Records that this disk's final cycle for planned failover `job` was acknowledged
+    /// (written under a temporary name, synced, renamed).
+    pub fn mark_final_cycle(&self, job: &str) -> Result<(), TrackingError> {
+        let path = self.dir.join(FINAL_CYCLE_FILE);
+        let tmp = self.dir.join(format!("{FINAL_CYCLE_FILE}.tmp"));
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, format!("{job}\n").as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        };
+        write().map_err(io_err("write", &path))
+    }
+
     /// Opens (creating, 0700) `<state_dir>/disks/<item>/<disk>/` and locks it; refused when
     /// another process holds the lock.
     pub fn open(state_dir: &Path, item: &str, disk: &str) -> Result<Self, TrackingError> {

@@ -121,6 +121,14 @@ pub struct ReplicationPlan {
     /// ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync_window: Option<ResyncWindow>,
+    /// A planned failover (its job id) waits for this item's final cycle: the agent makes the
+    /// next cycle of each disk the final one — application-consistent when the disk has
+    /// application scripts — tagged `ferry.final_cycle` = the job id, then runs its
+    /// `[failover] stop_command` once every disk of the item has sent it, and sends nothing
+    /// more for the item. Added after the first plans: absent otherwise, and an older agent
+    /// ignores it (the planned failover then waits until its timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_cycle: Option<String>,
 }
 
 /// A policy's resync window, as the gateway checked it: `from`–`to` (`HH:MM`, local time of

@@ -1038,3 +1038,96 @@ async fn a_cycle_larger_than_the_gateway_takes_stops_the_disk() {
     let shown = site.ferry_ok(&["item", "show", "web-01"]);
     assert!(shown.contains("max_cycle_bytes"), "{shown}");
 }
+
+/// Planned failover with the real agent: writes after the last cycle, `ferry failover
+/// planned`, then the agent's next run sends the final cycle (tagged with the job) and runs
+/// its `[failover] stop_command`; the job fails over from that cycle, so the failed-over disk
+/// is the source's final state bit for bit (nothing written before the failover is lost).
+/// The agent then sends nothing more; commit makes the item failed-over.
+#[tokio::test(flavor = "multi_thread")]
+async fn planned_failover_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let site = Site::start(tmp.path());
+    let img = tmp.path().join("web.img");
+    ferry_e2e::make_ext4(&img, "64M");
+    site.ferry_ok(&["item", "create", "web-01", "--disk", "os=64M", "--wait"]);
+    let state = tmp.path().join("agent");
+    let disk_arg = format!("web-01/os={}", img.display());
+    site.enroll_with("agent-1", &["web-01"], &state, &["--disk", &disk_arg]);
+    let stopped = tmp.path().join("source-stopped");
+    {
+        let p = state.join("agent.toml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(
+            &p,
+            format!(
+                "{text}\n[failover]\nstop_command = [\"touch\", \"{}\"]\n",
+                stopped.display()
+            ),
+        )
+        .unwrap();
+    }
+    let (kind, _) = sync_committed(&state);
+    assert_eq!(kind, "initial");
+    // Writes the last cycle did not carry.
+    let src = tmp.path().join("random");
+    std::fs::write(
+        &src,
+        (0..4u32 << 20)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    dd_writes(&img, &src, 8, 42);
+
+    let out = site.ferry_ok(&[
+        "failover", "planned", "web-01", "--format", "qcow2", "--output", "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let job = v["job"]["id"].as_str().unwrap().to_string();
+    assert_eq!(v["job"]["kind"], "failover");
+    // The agent's next run is the final cycle.
+    let o = agent_cmd(&state).output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{out}{err}");
+    let l = sync_lines(&out);
+    assert_eq!(l[0]["status"], "committed", "{out}{err}");
+    assert!(
+        err.contains("event=final_cycle_sent") && err.contains(&job),
+        "{err}"
+    );
+    assert!(err.contains("event=source_stopped"), "{err}");
+    assert!(stopped.exists(), "the stop command ran");
+    let out = site.ferry_ok(&["job", "wait", &job, "--output", "json"]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(j["log"].to_string().contains("final cycle received"), "{j}");
+    let item: serde_json::Value =
+        serde_json::from_str(&site.ferry_ok(&["item", "show", "web-01", "--output", "json"]))
+            .unwrap();
+    assert_eq!(item["state"], "failover-pending-commit", "{item}");
+    assert_eq!(item["failover"]["mode"], "planned");
+    let disk = PathBuf::from(item["failover"]["location"].as_str().unwrap()).join("os.qcow2");
+    // Zero data loss: the failed-over disk is the source as it was left.
+    ferry_e2e::qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        disk.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    // Nothing more is sent: the item's replication is stopped.
+    let o = agent_cmd(&state).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(sync_lines(&out)[0]["status"], "paused", "{out}");
+    site.ferry_ok(&["failover", "commit", "web-01", "--wait"]);
+    let item: serde_json::Value =
+        serde_json::from_str(&site.ferry_ok(&["item", "show", "web-01", "--output", "json"]))
+            .unwrap();
+    assert_eq!(item["state"], "failed-over", "{item}");
+}

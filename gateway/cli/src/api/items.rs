@@ -154,6 +154,22 @@ pub enum FailoverCmd {
         #[command(flatten)]
         op: OpArgs,
     },
+    /// Planned failover (the source is up): the item's agent sends a final cycle
+    /// (application-consistent where it can), runs its `[failover] stop_command`, and the
+    /// failover is made from that cycle — nothing written before it is lost. The job waits for
+    /// the agent (`[target] planned_failover_timeout_secs`).
+    Planned {
+        /// Item name.
+        name: String,
+        /// Output format of the disks: raw, vhd, qcow2, vmdk, vhdx or vmdk-stream.
+        #[arg(long, default_value = "raw")]
+        format: String,
+        /// Only if the item is still at this revision.
+        #[arg(long, value_name = "REV", value_parser = parse_if_match)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        op: OpArgs,
+    },
     /// Unplanned failover (the source is unreachable): materialise a recovery point; the
     /// item is `failover-pending-commit` and its replication stops.
     Unplanned {
@@ -614,6 +630,17 @@ pub(super) async fn failover(cmd: FailoverCmd) -> Result<(), ClientError> {
         } => (
             vec![name, "failover".to_string()],
             Some(serde_json::json!({"type": "test", "point": point.point, "format": point.format})),
+            if_match,
+            op,
+        ),
+        FailoverCmd::Planned {
+            name,
+            format,
+            if_match,
+            op,
+        } => (
+            vec![name, "failover".to_string()],
+            Some(serde_json::json!({"type": "planned", "format": format})),
             if_match,
             op,
         ),

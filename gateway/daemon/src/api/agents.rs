@@ -496,13 +496,24 @@ pub(super) async fn my_item_plan(
         return Err(forbidden_item(&name));
     }
     let n = name.clone();
-    let (item, policy) = s
+    let (item, policy, final_cycle) = s
         .catalog(move |c| {
             let Some(it) = c.item(&n)? else {
                 return Ok(None);
             };
             let policy = c.policy(&it.policy)?;
-            Ok(Some((it, policy)))
+            // A planned failover holding the item waits for the agent's final cycle.
+            let final_cycle = match &it.active_job {
+                Some(j) => c.job(j)?.filter(|j| {
+                    j.kind == crate::item::Operation::Failover
+                        && j.failover
+                            .as_ref()
+                            .is_some_and(|f| f.mode == crate::item::FailoverMode::Planned)
+                }),
+                None => None,
+            }
+            .map(|j| j.id);
+            Ok(Some((it, policy, final_cycle)))
         })
         .await?
         .ok_or_else(|| forbidden_item(&name))?;
@@ -510,10 +521,11 @@ pub(super) async fn my_item_plan(
     let Some(role) = s.process() else {
         return Err(no_process_role());
     };
-    let plan = role
+    let mut plan = role
         .plan(&item, &settings)
         .await
         .map_err(ApiError::internal)?;
+    plan.final_cycle = final_cycle;
     Ok(Json(plan))
 }
 

@@ -451,7 +451,8 @@ pub(super) struct FailoverBody {
 /// Starts a failover of the item as a job: `test` materialises the chosen point into an
 /// isolated directory named after the job while replication goes on (one at a time, until
 /// `test-failover/cleanup`); `unplanned` materialises it and leaves the item
-/// `failover-pending-commit`, its replication stopped.
+/// `failover-pending-commit`, its replication stopped; `planned` first asks the agent for a
+/// final cycle (its plan's `final_cycle`) and fails over from that point.
 pub(super) async fn failover(
     State(s): State<ApiState>,
     Extension(by): Extension<AdminId>,
@@ -464,7 +465,7 @@ pub(super) async fn failover(
             "invalid_value",
             "type",
             format!(
-                "type `{}`: a failover is `test` or `unplanned`",
+                "type `{}`: a failover is `test`, `planned` or `unplanned`",
                 body.mode.chars().take(64).collect::<String>()
             ),
         )
@@ -473,6 +474,13 @@ pub(super) async fn failover(
     format
         .parse::<ferry_store::ExportFormat>()
         .map_err(|e| ApiError::bad_field("invalid_value", "format", e))?;
+    if mode == item::FailoverMode::Planned && body.point.as_deref().is_some_and(|p| p != "latest") {
+        return Err(ApiError::bad_field(
+            "invalid_value",
+            "point",
+            "a planned failover is made from the agent's final cycle: leave `point` out",
+        ));
+    }
     let point = body.point.unwrap_or_else(|| "latest".into());
     if point.is_empty()
         || point.chars().count() > 128
@@ -486,7 +494,7 @@ pub(super) async fn failover(
     }
     let op = match mode {
         item::FailoverMode::Test => Operation::TestFailover,
-        item::FailoverMode::Unplanned => Operation::Failover,
+        item::FailoverMode::Planned | item::FailoverMode::Unplanned => Operation::Failover,
     };
     let req = item::FailoverRequest {
         mode,

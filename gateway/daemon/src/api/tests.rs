@@ -63,7 +63,10 @@ async fn fixture_with(points: &[&str], process: bool) -> Fixture {
     let (runner, runners) = JobRunner::start(
         catalog.clone(),
         vaults.clone(),
-        Some(dir.path().join("target")),
+        Some(crate::jobs::TargetRole {
+            dir: dir.path().join("target"),
+            planned_timeout: std::time::Duration::from_secs(10),
+        }),
         1,
     )
     .unwrap();
@@ -2092,7 +2095,11 @@ async fn failover_test_cleanup_unplanned_commit() {
 
     // Bad requests change nothing.
     for (body, field) in [
-        (r#"{"type":"planned"}"#, "type"),
+        (r#"{"type":"drill"}"#, "type"),
+        (
+            r#"{"type":"planned","point":"latest-app-consistent"}"#,
+            "point",
+        ),
         (r#"{"type":"test","format":"iso"}"#, "format"),
         (r#"{"type":"test","point":""}"#, "point"),
     ] {

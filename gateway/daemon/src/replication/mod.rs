@@ -704,6 +704,8 @@ impl ProcessRole {
                     to: w.to_text(),
                     days: w.day_names(),
                 }),
+            // Set by the caller, which knows the item's job.
+            final_cycle: None,
         })
     }
 
