@@ -428,17 +428,20 @@ impl Export {
         Ok(())
     }
 
-    /// Writes `len` zero bytes at `offset`, in bounded pieces.
+    /// Writes `len` zero bytes at `offset`, in pieces of at most `max_piece` bytes (the
+    /// server's request cap: a zeroing request, which has no payload, may be longer than the
+    /// cap, but never makes the server hold more than a write could).
     pub(crate) async fn write_zeroes(
         &self,
         offset: u64,
         len: u64,
+        max_piece: u32,
         fua: bool,
     ) -> Result<(), IoError> {
         let Some(o) = &self.overlay else {
             return Ok(());
         };
-        let zeros = vec![0u8; ZERO_PIECE.min(to_usize(len))];
+        let zeros = vec![0u8; zero_piece(len, max_piece)];
         let mut at = offset;
         let end = offset + len;
         while at < end {
@@ -460,6 +463,12 @@ impl Export {
             None => Ok(()),
         }
     }
+}
+
+/// Bytes of zeroes a `write_zeroes` of `len` bytes holds at once: at most [`ZERO_PIECE`] and
+/// at most `max_piece`.
+fn zero_piece(len: u64, max_piece: u32) -> usize {
+    to_usize(len.min(ZERO_PIECE as u64).min(u64::from(max_piece)))
 }
 
 fn check_name(name: &str) -> Result<(), ExportError> {
@@ -499,7 +508,7 @@ mod tests {
             e.write(at as u64, &vec![v; len], false).await.unwrap();
             want[at..at + len].fill(v);
         }
-        e.write_zeroes(2 * OVERLAY_BLOCK + 1, 3, true)
+        e.write_zeroes(2 * OVERLAY_BLOCK + 1, 3, 4096, true)
             .await
             .unwrap();
         want[2 * OVERLAY_BLOCK as usize + 1..2 * OVERLAY_BLOCK as usize + 4].fill(0);
@@ -517,6 +526,57 @@ mod tests {
         let mut base = vec![0u8; size];
         reader.read_at(0, &mut base).await.unwrap();
         assert_eq!(base, img);
+    }
+
+    /// A source of `size` bytes, byte `i` being `i % 253`.
+    struct Counting(u64);
+
+    impl BlockSource for Counting {
+        fn size(&self) -> u64 {
+            self.0
+        }
+
+        fn read_at<'a>(
+            &'a self,
+            offset: u64,
+            buf: &'a mut [u8],
+        ) -> BoxFuture<'a, Result<(), SourceError>> {
+            assert!(offset + buf.len() as u64 <= self.0);
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = ((offset + i as u64) % 253) as u8;
+            }
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// A zeroing request has no payload and may be longer than the request cap; it is done in
+    /// pieces of at most the cap (it used to take 1 MiB pieces whatever the cap, so a 28-byte
+    /// request made a server capped at 4 KiB allocate over 2 MiB), and the pieces add up.
+    #[tokio::test]
+    async fn write_zeroes_holds_at_most_the_request_cap() {
+        assert_eq!(zero_piece(u64::from(u32::MAX), 32 << 20), ZERO_PIECE);
+        assert_eq!(zero_piece(u64::from(u32::MAX), 4096), 4096);
+        assert_eq!(zero_piece(10, 4096), 10);
+        assert_eq!(zero_piece(0, 4096), 0);
+        let size = 3 * ZERO_PIECE as u64 + 1000;
+        let dir = tempfile::tempdir().unwrap();
+        let e = Export::writable("z", Arc::new(Counting(size)), dir.path()).unwrap();
+        let mut want: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+        for (at, len, piece) in [
+            (
+                OVERLAY_BLOCK - 7,
+                2 * ZERO_PIECE as u64 + 3 * 4096 + 11,
+                4096,
+            ),
+            (size - 5000, 5000, 4096),
+            (3, 1, 1 << 20),
+        ] {
+            e.write_zeroes(at, len, piece, false).await.unwrap();
+            want[at as usize..(at + len) as usize].fill(0);
+        }
+        let mut got = vec![1u8; size as usize];
+        e.read(0, &mut got).await.unwrap();
+        assert!(got == want, "zeroed ranges differ");
     }
 
     #[test]

@@ -17,6 +17,9 @@
 //! - [`server`]: the TCP server ([`Server`]): fixed newstyle handshake with
 //!   `NBD_OPT_EXPORT_NAME`, `NBD_OPT_GO`, `NBD_OPT_INFO`, `NBD_OPT_LIST` and `NBD_OPT_ABORT`;
 //!   simple replies to `NBD_CMD_READ`, `WRITE`, `WRITE_ZEROES`, `TRIM`, `FLUSH` and `DISC`.
+//! - [`fuzzing`]: the fuzzing entry point ([`fuzzing::fuzz_session`]): arbitrary bytes as a
+//!   client's whole conversation with the real connection code, over an in-memory stream
+//!   (the `nbd_session` target in `fuzz/`, and a mutation smoke test in every `cargo test`).
 //!
 //! Everything is bounded: connections (`max_connections`), the handshake's duration, the
 //! data of one request (`max_request`, 32 MiB by default), the overlay's bitmap
@@ -27,6 +30,7 @@
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))] // tests build small fixtures
 
 pub mod export;
+pub mod fuzzing;
 pub mod proto;
 pub mod server;
 #[cfg(test)]

@@ -17,8 +17,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufStream};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -86,7 +86,7 @@ pub enum ServerError {
 
 /// What ended a connection other than the client leaving properly; logged.
 #[derive(Debug, thiserror::Error)]
-enum ConnError {
+pub(crate) enum ConnError {
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
     #[error("handshake not finished within {0:?}")]
@@ -188,6 +188,7 @@ impl Server {
                         drop(sock);
                         continue;
                     };
+                    let _ = sock.set_nodelay(true);
                     let exports = self.exports.clone();
                     let opts = self.opts;
                     conns.spawn(async move {
@@ -204,15 +205,22 @@ impl Server {
     }
 }
 
-type Conn = BufStream<TcpStream>;
+/// A connection's byte stream: a [`TcpStream`](tokio::net::TcpStream) when serving, an
+/// in-memory duplex stream when fuzzing ([`crate::fuzzing`]).
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 
-/// One connection: handshake, then transmission.
-async fn serve(
-    sock: TcpStream,
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
+
+type Conn<S> = BufStream<S>;
+
+/// One connection: handshake, then transmission. Returns when the client leaves (EOF between
+/// requests, `NBD_CMD_DISC`, `NBD_OPT_ABORT`) or on the first framing error; `sock` is closed
+/// (dropped) on return.
+pub(crate) async fn serve<S: Stream>(
+    sock: S,
     exports: &[Arc<Export>],
     opts: &ServerOptions,
 ) -> Result<(), ConnError> {
-    let _ = sock.set_nodelay(true);
     let mut c = BufStream::new(sock);
     let export = match tokio::time::timeout(
         opts.handshake_timeout,
@@ -236,7 +244,12 @@ fn find<'a>(exports: &'a [Arc<Export>], name: &str) -> Option<&'a Arc<Export>> {
     exports.iter().find(|e| e.name() == name)
 }
 
-async fn reply(c: &mut Conn, opt: u32, typ: u32, data: &[u8]) -> Result<(), ConnError> {
+async fn reply<S: Stream>(
+    c: &mut Conn<S>,
+    opt: u32,
+    typ: u32,
+    data: &[u8],
+) -> Result<(), ConnError> {
     c.write_u64(NBD_REP_MAGIC).await?;
     c.write_u32(opt).await?;
     c.write_u32(typ).await?;
@@ -246,15 +259,20 @@ async fn reply(c: &mut Conn, opt: u32, typ: u32, data: &[u8]) -> Result<(), Conn
     Ok(())
 }
 
-async fn reply_error(c: &mut Conn, opt: u32, typ: u32, msg: &str) -> Result<(), ConnError> {
+async fn reply_error<S: Stream>(
+    c: &mut Conn<S>,
+    opt: u32,
+    typ: u32,
+    msg: &str,
+) -> Result<(), ConnError> {
     reply(c, opt, typ, msg.as_bytes()).await?;
     c.flush().await?;
     Ok(())
 }
 
 /// Fixed newstyle negotiation. Returns the export chosen, or `None` when the client aborted.
-async fn handshake(
-    c: &mut Conn,
+async fn handshake<S: Stream>(
+    c: &mut Conn<S>,
     exports: &[Arc<Export>],
     opts: &ServerOptions,
 ) -> Result<Option<Arc<Export>>, ConnError> {
@@ -389,7 +407,12 @@ fn parse_info(d: &[u8]) -> Option<(String, Vec<u16>)> {
     Some((name.to_string(), infos))
 }
 
-async fn simple_reply(c: &mut Conn, error: u32, cookie: u64, data: &[u8]) -> Result<(), ConnError> {
+async fn simple_reply<S: Stream>(
+    c: &mut Conn<S>,
+    error: u32,
+    cookie: u64,
+    data: &[u8],
+) -> Result<(), ConnError> {
     c.write_u32(NBD_SIMPLE_REPLY_MAGIC).await?;
     c.write_u32(error).await?;
     c.write_u64(cookie).await?;
@@ -401,7 +424,11 @@ async fn simple_reply(c: &mut Conn, error: u32, cookie: u64, data: &[u8]) -> Res
 }
 
 /// Serves requests until the client disconnects.
-async fn transmission(c: &mut Conn, e: &Export, opts: &ServerOptions) -> Result<(), ConnError> {
+async fn transmission<S: Stream>(
+    c: &mut Conn<S>,
+    e: &Export,
+    opts: &ServerOptions,
+) -> Result<(), ConnError> {
     let log = opts.log;
     let size = e.size();
     let io_error = |what: &str, offset: u64, len: u32, err: &IoError| {
@@ -480,7 +507,10 @@ async fn transmission(c: &mut Conn, e: &Export, opts: &ServerOptions) -> Result<
                     // Advisory: the data stays as it was, which the protocol allows.
                     0
                 } else {
-                    match e.write_zeroes(offset, u64::from(len), fua).await {
+                    match e
+                        .write_zeroes(offset, u64::from(len), opts.max_request, fua)
+                        .await
+                    {
                         Ok(()) => 0,
                         Err(err) => io_error("write zeroes", offset, len, &err),
                     }
@@ -505,6 +535,7 @@ mod tests {
     use std::sync::Mutex;
 
     use tokio::io::BufStream;
+    use tokio::net::TcpStream;
     use tokio::sync::oneshot;
 
     use super::*;
