@@ -315,6 +315,14 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// The other direction.
+    pub fn reversed(self) -> Direction {
+        match self {
+            Direction::PrimaryToRecovery => Direction::RecoveryToPrimary,
+            Direction::RecoveryToPrimary => Direction::PrimaryToRecovery,
+        }
+    }
+
     /// The name used in the API and the catalog.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -372,6 +380,9 @@ pub struct Item {
     pub test_failover: Option<FailoverRecord>,
     /// The failover pending commit or committed (where the machine now runs from).
     pub failover: Option<FailoverRecord>,
+    /// The agent whose cycles the item takes, set by `reprotect` (the agent at the site the
+    /// machine now runs at); `None`: any agent the item is listed for.
+    pub source_agent: Option<String>,
 }
 
 /// Who paused an item's replication, and when.
@@ -428,6 +439,10 @@ pub struct FailoverRequest {
     pub point: String,
     /// The disks' output format (`ferry_store::ExportFormat`'s names).
     pub format: String,
+    /// Disks written in place instead (failback onto the original disks): (disk, path of
+    /// an existing file or block device on the appliance); only chunks that differ are
+    /// written.
+    pub in_place: Vec<(String, String)>,
 }
 
 /// Where a failover put the machine: kept on the item until cleaned up (a test failover) or

@@ -338,10 +338,51 @@ async fn body(ctx: &Arc<Ctx>, job: &Job) -> Result<Option<Event>, String> {
             .await;
             Ok(None)
         }
-        Operation::Reprotect => Err(
-            "`reprotect` needs an agent at the recovery site replicating the failed-over copy back, which this appliance does not drive yet"
-                .to_string(),
-        ),
+        Operation::Reprotect => {
+            let agent = job
+                .agent
+                .clone()
+                .ok_or_else(|| format!("job `{}` names no agent", job.id))?;
+            let (c, a) = (ctx.catalog.clone(), agent.clone());
+            let record = tokio::task::spawn_blocking(move || c.agent(&a))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("agent `{agent}` is not enrolled"))?;
+            if record.revoked_ms.is_some() {
+                return Err(format!("agent `{agent}` is revoked"));
+            }
+            if !record.items.contains(&item.name) {
+                return Err(format!(
+                    "agent `{agent}` is not listed for item `{}`: add it first (`ferry agent update {agent} --item {}`)",
+                    item.name, item.name
+                ));
+            }
+            let direction = item.direction.reversed();
+            let (c, name, id, a) = (
+                ctx.catalog.clone(),
+                item.name.clone(),
+                job.id.clone(),
+                agent.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                c.set_source(&name, &id, &a, direction, ferry_store::point::now_ms())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            log(
+                ctx,
+                job,
+                format!(
+                    "reprotecting `{}` {}: agent `{agent}` is its source now; its first cycle compares its disks with the vault's newest point and sends only the chunks that differ",
+                    item.name,
+                    direction.as_str()
+                ),
+            )
+            .await;
+            Ok(None)
+        }
     }
 }
 
@@ -391,7 +432,8 @@ pub struct MachinePoint {
 pub struct MachineDisk {
     /// Disk name.
     pub name: String,
-    /// File name, in the machine's directory.
+    /// File name in the machine's directory, or the absolute path of a disk written in
+    /// place (failback).
     pub file: String,
     /// Container format (`raw`, `vhd`, `qcow2`, …).
     pub format: String,
@@ -581,8 +623,60 @@ async fn materialise(
     tokio::fs::create_dir_all(dir)
         .await
         .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    if let Some((missing, _)) = req
+        .in_place
+        .iter()
+        .find(|(n, _)| !point.disks.iter().any(|d| &d.name == n))
+    {
+        return Err(format!(
+            "point `{}` has no disk `{missing}` to write in place",
+            point.id
+        ));
+    }
     let mut disks = Vec::with_capacity(point.disks.len());
     for d in &point.disks {
+        if let Some((_, target)) = req.in_place.iter().find(|(n, _)| n == &d.name) {
+            // Failback onto the original disk: only the chunks that differ are written.
+            let started = std::time::Instant::now();
+            let r = vault
+                .restore_in_place(
+                    ferry_store::inplace::InPlaceOptions {
+                        item: item.name.clone(),
+                        point: PointSelector::Id(point.id.clone()),
+                        disk: Some(d.name.clone()),
+                        target: PathBuf::from(target),
+                        sync: true,
+                    },
+                    Arc::new(ferry_store::Progress::default()),
+                )
+                .await
+                .map_err(|e| {
+                    format!(
+                        "disk `{}` of point `{}` in place onto {target}: {e} (chunks written before the error stay written; run the failover again to finish)",
+                        d.name, point.id
+                    )
+                })?;
+            log(
+                ctx,
+                job,
+                format!(
+                    "disk `{}` written in place onto {target}: {} chunks compared, {} differed and were written ({} bytes) in {:.1} s",
+                    d.name,
+                    r.chunks_compared,
+                    r.chunks_written,
+                    r.bytes_written,
+                    started.elapsed().as_secs_f64()
+                ),
+            )
+            .await;
+            disks.push(MachineDisk {
+                name: d.name.clone(),
+                file: target.clone(),
+                format: "raw".to_string(),
+                size_bytes: d.size,
+            });
+            continue;
+        }
         let file = format!("{}.{}", d.name, extension(format));
         let started = std::time::Instant::now();
         let report = vault

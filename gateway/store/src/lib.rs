@@ -12,7 +12,7 @@
 //! - [`config`], [`pack`], [`sealed`], [`index`], [`tree`], [`point`]: the persisted formats
 //!   (documented byte by byte in `docs/vault-format.md`);
 //! - [`vault`]: opening and initialising a vault, reading blobs, listing points;
-//! - [`ingest`], [`restore`], [`verify`], [`digests`], [`reader`]: the data paths;
+//! - [`ingest`], [`restore`], [`verify`], [`digests`], [`reader`], [`inplace`]: the data paths;
 //! - [`source`], [`changes`]: reading disks and change lists.
 
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))] // tests build small fixtures
@@ -28,6 +28,7 @@ pub mod formats;
 pub mod fuzzing;
 pub mod index;
 pub mod ingest;
+pub mod inplace;
 pub mod pack;
 pub mod point;
 pub mod reader;
@@ -44,6 +45,7 @@ pub use digests::{DigestOptions, DigestReport};
 pub use error::{Result, StoreError};
 pub use formats::{ExportFormat, FormatOptions};
 pub use ingest::{ImportOptions, ImportReport, PointMeta, Progress, StagedImport};
+pub use inplace::{InPlaceOptions, InPlaceReport};
 pub use point::{Consistency, DiskRecord, PointRecord};
 pub use reader::{PointReader, ReaderOptions, ReaderStats};
 pub use restore::{ExportOptions, ExportReport};

@@ -70,7 +70,7 @@ checks.positive_data_acceptance.enabled = false
 # cases whose If-Match it drew in negative mode (`If-Match: 0`); the fuzzing and stateful
 # phases check these operations.
 [[operations]]
-include-operation-id-regex = "^(update|delete|disable|resync|revoke|pause|resume|failover|commit|cleanup)"
+include-operation-id-regex = "^(update|delete|disable|resync|revoke|pause|resume|failover|commit|cleanup|reprotect)"
 phases.coverage.checks.positive_data_acceptance.enabled = false
 
 # Bodies naming other records: a group's or an agent's items must exist (and an item is in

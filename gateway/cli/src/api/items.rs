@@ -183,6 +183,41 @@ pub enum FailoverCmd {
         #[command(flatten)]
         op: OpArgs,
     },
+    /// Failback: a planned failover back onto the original disks, written in place — only
+    /// the chunks that differ from what each disk holds are written. Run it on the item
+    /// after `reprotect` made the recovery site its source; then `commit` and `reprotect`
+    /// with the original site's agent.
+    Failback {
+        /// Item name.
+        name: String,
+        /// An original disk to write in place: DISK=PATH (an existing file or block device
+        /// on the appliance); repeat for each disk. Disks not named are exported as files.
+        #[arg(long = "in-place", value_name = "DISK=PATH", required = true, value_parser = parse_in_place)]
+        in_place: Vec<(String, String)>,
+        /// Output format of disks not written in place.
+        #[arg(long, default_value = "raw")]
+        format: String,
+        /// Only if the item is still at this revision.
+        #[arg(long, value_name = "REV", value_parser = parse_if_match)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        op: OpArgs,
+    },
+    /// Reprotect a failed-over item: AGENT (listed for the item, at the site the machine now
+    /// runs at) becomes its source and replication reverses; its first cycle sends only the
+    /// chunks that differ from the vault's newest point.
+    Reprotect {
+        /// Item name.
+        name: String,
+        /// The agent that replicates the item from now on.
+        #[arg(long)]
+        agent: String,
+        /// Only if the item is still at this revision.
+        #[arg(long, value_name = "REV", value_parser = parse_if_match)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        op: OpArgs,
+    },
     /// Make the pending failover final: the item becomes `failed-over`.
     Commit {
         /// Item name.
@@ -203,6 +238,14 @@ pub enum FailoverCmd {
         #[command(flatten)]
         op: OpArgs,
     },
+}
+
+/// `DISK=PATH` of `--in-place`.
+fn parse_in_place(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((d, p)) if !d.is_empty() && p.starts_with('/') => Ok((d.to_string(), p.to_string())),
+        _ => Err("DISK=PATH, the path absolute (e.g. os=/dev/vg0/web-os)".into()),
+    }
 }
 
 /// Which point a failover uses, and the disks' format.
@@ -654,6 +697,36 @@ pub(super) async fn failover(cmd: FailoverCmd) -> Result<(), ClientError> {
             Some(
                 serde_json::json!({"type": "unplanned", "point": point.point, "format": point.format}),
             ),
+            if_match,
+            op,
+        ),
+        FailoverCmd::Failback {
+            name,
+            in_place,
+            format,
+            if_match,
+            op,
+        } => (
+            vec![name, "failover".to_string()],
+            Some(serde_json::json!({
+                "type": "planned",
+                "format": format,
+                "in_place": in_place
+                    .iter()
+                    .map(|(d, p)| serde_json::json!({"disk": d, "path": p}))
+                    .collect::<Vec<_>>(),
+            })),
+            if_match,
+            op,
+        ),
+        FailoverCmd::Reprotect {
+            name,
+            agent,
+            if_match,
+            op,
+        } => (
+            vec![name, "reprotect".to_string()],
+            Some(serde_json::json!({ "agent": agent })),
             if_match,
             op,
         ),

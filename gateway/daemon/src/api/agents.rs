@@ -526,6 +526,15 @@ pub(super) async fn my_item_plan(
         .await
         .map_err(ApiError::internal)?;
     plan.final_cycle = final_cycle;
+    // After a reprotect only the item's source agent replicates it.
+    if item
+        .source_agent
+        .as_deref()
+        .is_some_and(|src| src != a.name)
+    {
+        plan.paused = true;
+        plan.final_cycle = None;
+    }
     Ok(Json(plan))
 }
 

@@ -64,6 +64,8 @@ pub(super) struct ItemJson {
     active_job: Option<String>,
     /// Recovery points the catalog's mirror knows in the item's vault.
     points: u64,
+    /// The agent whose cycles the item takes (`null`: any agent listed for it).
+    source_agent: Option<String>,
     /// What the process role reports (absent without the role).
     #[serde(skip_serializing_if = "Option::is_none")]
     replication: Option<ReplicationJson>,
@@ -219,6 +221,7 @@ impl ItemJson {
             }),
             test_failover: i.test_failover.map(|r| FailoverJson::of(r, Some(false))),
             failover: i.failover.map(|r| FailoverJson::of(r, None)),
+            source_agent: i.source_agent,
         }
     }
 }
@@ -446,6 +449,55 @@ pub(super) struct FailoverBody {
     point: Option<String>,
     /// Output format of the disks (default `raw`).
     format: Option<String>,
+    /// Disks written in place onto existing files or block devices (failback): only the
+    /// chunks that differ are written.
+    in_place: Option<Vec<InPlaceJson>>,
+}
+
+/// One disk of a failover written in place.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct InPlaceJson {
+    disk: String,
+    path: String,
+}
+
+/// `POST /items/{name}/reprotect`'s body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReprotectBody {
+    /// The agent at the site the machine now runs at: its cycles become the item's.
+    agent: String,
+}
+
+/// Reprotects a failed-over item: `agent` (listed for the item, at the site the machine now
+/// runs at) becomes its source and the direction reverses; the agent's first cycle compares
+/// its disks with the vault's newest point and sends only what differs.
+pub(super) async fn reprotect(
+    State(s): State<ApiState>,
+    Extension(by): Extension<AdminId>,
+    ApiPath(name): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<ReprotectBody>,
+) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>), ApiError> {
+    let name = path_name(name)?;
+    item::check_name("agent", &body.agent)
+        .map_err(|m| ApiError::bad_field("invalid_value", "agent", m))?;
+    let expect = if_match(&headers)?;
+    let now = ferry_store::point::now_ms();
+    let agent = body.agent;
+    let (it, job) = s
+        .catalog(move |c| {
+            let (it, job) = c.begin_reprotect(&name, &agent, expect.as_deref(), now)?;
+            Ok((ItemJson::of(c, it)?, job))
+        })
+        .await?;
+    s.jobs_queued();
+    eprintln!(
+        "ferryd: reprotect of item {} requested by token {} (job {})",
+        it.name, by.0, job.id
+    );
+    Ok(accepted(it, job))
 }
 
 /// Starts a failover of the item as a job: `test` materialises the chosen point into an
@@ -496,10 +548,48 @@ pub(super) async fn failover(
         item::FailoverMode::Test => Operation::TestFailover,
         item::FailoverMode::Planned | item::FailoverMode::Unplanned => Operation::Failover,
     };
+    let in_place = body.in_place.unwrap_or_default();
+    if !in_place.is_empty() && mode == item::FailoverMode::Test {
+        return Err(ApiError::bad_field(
+            "invalid_value",
+            "in_place",
+            "a test failover never writes onto existing disks: leave `in_place` out",
+        ));
+    }
+    if in_place.len() > item::MAX_DISKS {
+        return Err(ApiError::bad_field(
+            "invalid_value",
+            "in_place",
+            format!("at most {} disks", item::MAX_DISKS),
+        ));
+    }
+    for (i, t) in in_place.iter().enumerate() {
+        item::check_name("disk", &t.disk)
+            .map_err(|m| ApiError::bad_field("invalid_value", "in_place", m))?;
+        if in_place[..i].iter().any(|o| o.disk == t.disk) {
+            return Err(ApiError::bad_field(
+                "invalid_value",
+                "in_place",
+                format!("disk `{}` is named twice", t.disk),
+            ));
+        }
+        let chars = t.path.chars().count();
+        if !t.path.starts_with('/') || !(2..=4096).contains(&chars) || t.path.contains('\0') {
+            return Err(ApiError::bad_field(
+                "invalid_value",
+                "in_place",
+                format!(
+                    "disk `{}`: the path must be absolute (an existing file or block device on the appliance)",
+                    t.disk
+                ),
+            ));
+        }
+    }
     let req = item::FailoverRequest {
         mode,
         point,
         format,
+        in_place: in_place.into_iter().map(|t| (t.disk, t.path)).collect(),
     };
     operation_with(&s, &by, name, &headers, op, Some(req)).await
 }

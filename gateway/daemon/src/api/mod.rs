@@ -79,6 +79,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/items/{name}/resync"),
     ("POST", "/api/v1/items/{name}/failover"),
     ("POST", "/api/v1/items/{name}/commit"),
+    ("POST", "/api/v1/items/{name}/reprotect"),
     ("POST", "/api/v1/items/{name}/test-failover/cleanup"),
     ("POST", "/api/v1/items/{name}/pause"),
     ("POST", "/api/v1/items/{name}/resume"),
@@ -307,6 +308,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/items/{name}/resync", post(items::resync))
         .route("/api/v1/items/{name}/failover", post(items::failover))
         .route("/api/v1/items/{name}/commit", post(items::commit))
+        .route("/api/v1/items/{name}/reprotect", post(items::reprotect))
         .route(
             "/api/v1/items/{name}/test-failover/cleanup",
             post(items::cleanup),

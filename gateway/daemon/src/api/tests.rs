@@ -2260,4 +2260,36 @@ async fn failover_test_cleanup_unplanned_commit() {
     let (_, it) = f.get("/api/v1/items/db").await;
     assert_eq!(it["state"], "failed-over", "{it}");
     assert_eq!(it["failover"]["mode"], "unplanned");
+
+    // Reprotect needs an enrolled agent listed for the item: the job fails saying so and
+    // the item stays failed-over, its direction unchanged.
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/items/db/reprotect", Some(r#"{}"#))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/items/db/reprotect",
+            Some(r#"{"agent":"nobody"}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let j = f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(j["error"].as_str().unwrap().contains("not enrolled"), "{j}");
+    let (_, it) = f.get("/api/v1/items/db").await;
+    assert_eq!(
+        (
+            it["state"].as_str(),
+            it["direction"].as_str(),
+            &it["source_agent"]
+        ),
+        (
+            Some("failed-over"),
+            Some("primary-to-recovery"),
+            &Value::Null
+        ),
+        "{it}"
+    );
 }

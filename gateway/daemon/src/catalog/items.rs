@@ -115,6 +115,8 @@ pub struct Job {
     pub log_dropped: u64,
     /// What a `failover` or `test-failover` job was asked for.
     pub failover: Option<FailoverRequest>,
+    /// `reprotect`: the agent that becomes the item's source.
+    pub agent: Option<String>,
 }
 
 /// A change to an item's settings (`None`: unchanged).
@@ -158,6 +160,9 @@ struct ItemV1 {
     /// Added after version 1's first catalogs, like `paused`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     failover: Option<FailoverRecordV1>,
+    /// Added after version 1's first catalogs, like `paused`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source_agent: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -198,6 +203,8 @@ struct FailoverRequestV1 {
     mode: String,
     point: String,
     format: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    in_place: Vec<(String, String)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -225,6 +232,9 @@ struct JobV1 {
     /// Added after version 1's first catalogs: present only on failover jobs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     failover: Option<FailoverRequestV1>,
+    /// Added after version 1's first catalogs: present only on reprotect jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent: Option<String>,
 }
 
 /// Encodes an `items` record.
@@ -255,6 +265,7 @@ pub fn encode_item(i: &Item) -> Vec<u8> {
         }),
         test_failover: i.test_failover.as_ref().map(FailoverRecordV1::of),
         failover: i.failover.as_ref().map(FailoverRecordV1::of),
+        source_agent: i.source_agent.clone(),
     })
 }
 
@@ -305,6 +316,7 @@ pub fn decode_item(key: &str, b: &[u8]) -> Result<Item> {
             .map(FailoverRecordV1::record)
             .transpose()
             .map_err(|e| bad(format!("failover.{e}")))?,
+        source_agent: r.source_agent,
     };
     if i.paused
         .as_ref()
@@ -345,7 +357,9 @@ pub fn encode_job(j: &Job) -> Vec<u8> {
             mode: f.mode.as_str().into(),
             point: f.point.clone(),
             format: f.format.clone(),
+            in_place: f.in_place.clone(),
         }),
+        agent: j.agent.clone(),
     })
 }
 
@@ -382,11 +396,13 @@ pub fn decode_job(key: &str, b: &[u8]) -> Result<Job> {
                 .ok_or_else(|| bad(format!("failover.mode `{}`", f.mode)))?,
             point: f.point,
             format: f.format,
+            in_place: f.in_place,
         }),
         None => None,
     };
     Ok(Job {
         failover,
+        agent: r.agent,
         kind: Operation::parse(&r.kind).ok_or_else(|| bad(format!("kind `{}`", r.kind)))?,
         id: r.id,
         item: r.item,
@@ -416,6 +432,7 @@ impl Job {
             log: Vec::new(),
             log_dropped: 0,
             failover: None,
+            agent: None,
         }
     }
 
@@ -573,6 +590,7 @@ impl Catalog {
                 paused: None,
                 test_failover: None,
                 failover: None,
+                source_agent: None,
             };
             self.put_item(&w, &it)?;
             (it, job)
@@ -704,6 +722,36 @@ impl Catalog {
         expect: Option<&[u64]>,
         now_ms: u64,
     ) -> Result<(Item, Job)> {
+        self.begin_job(name, op, failover, None, expect, now_ms)
+    }
+
+    /// Starts `reprotect` of item `name`: agent `agent` becomes its source.
+    pub fn begin_reprotect(
+        &self,
+        name: &str,
+        agent: &str,
+        expect: Option<&[u64]>,
+        now_ms: u64,
+    ) -> Result<(Item, Job)> {
+        self.begin_job(
+            name,
+            Operation::Reprotect,
+            None,
+            Some(agent.to_string()),
+            expect,
+            now_ms,
+        )
+    }
+
+    fn begin_job(
+        &self,
+        name: &str,
+        op: Operation,
+        failover: Option<FailoverRequest>,
+        agent: Option<String>,
+        expect: Option<&[u64]>,
+        now_ms: u64,
+    ) -> Result<(Item, Job)> {
         let w = self.db.begin_write().map_err(|e| self.err(e))?;
         let pair = {
             let mut it = self.item_in(&w, name)?;
@@ -741,6 +789,7 @@ impl Catalog {
             }
             let mut queued = Job::queued(op, name, Some(it.state), now_ms);
             queued.failover = failover;
+            queued.agent = agent;
             let job = self.insert_new_job(&w, queued)?;
             if let Some(s) = op.during() {
                 it.state = s;
@@ -753,6 +802,33 @@ impl Catalog {
         };
         w.commit().map_err(|e| self.err(e))?;
         Ok(pair)
+    }
+
+    /// `reprotect` job `job`: the item replicates the other way from now on, from `agent`.
+    pub fn set_source(
+        &self,
+        name: &str,
+        job: &str,
+        agent: &str,
+        direction: Direction,
+        now_ms: u64,
+    ) -> Result<Item> {
+        let w = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut it = self.item_in(&w, name)?;
+        if it.active_job.as_deref() != Some(job) {
+            return Err(CatalogError::JobState {
+                id: job.to_string(),
+                state: "running",
+                reason: "the job no longer holds its item",
+            });
+        }
+        it.source_agent = Some(agent.to_string());
+        it.direction = direction;
+        it.revision = self.next_revision(&w)?;
+        it.updated_ms = now_ms;
+        self.put_item(&w, &it)?;
+        w.commit().map_err(|e| self.err(e))?;
+        Ok(it)
     }
 
     /// Records where failover job `job` put the machine (`test`: the item's test failover;
@@ -1092,6 +1168,7 @@ mod tests {
             paused: None,
             test_failover: None,
             failover: None,
+            source_agent: None,
         }
     }
 
@@ -1112,6 +1189,7 @@ mod tests {
             }],
             log_dropped: 0,
             failover: None,
+            agent: None,
         }
     }
 
@@ -1145,6 +1223,7 @@ mod tests {
                 mode: FailoverMode::Test,
                 point: "2026-11-27T05:20:00Z".into(),
                 format: "qcow2".into(),
+                in_place: Vec::new(),
             }),
             ..v1_job()
         };

@@ -416,6 +416,16 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
             ),
         );
     }
+    if let Some(src) = item.source_agent.as_deref().filter(|s| *s != peer.agent) {
+        return error(
+            error_code::FORBIDDEN,
+            format!(
+                "protected item `{}` is replicated {} from agent `{src}` now (reprotect): this agent sends nothing for it",
+                item.name,
+                item.direction.as_str()
+            ),
+        );
+    }
     *figures_item = Some(item.name.clone());
     role.with_figures(&item.name, |f| f.sessions += 1);
     if let Err(JournalError::Backpressure { reason, .. }) = inner

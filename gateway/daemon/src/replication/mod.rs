@@ -688,9 +688,10 @@ impl ProcessRole {
             item: item.name.clone(),
             data_port: self.data_port(),
             paused: !replicating(item.state) || item.paused.is_some(),
+            // A reprotect's first cycle compares the new source with the vault's newest point.
             resync_requested: matches!(
                 item.state,
-                ItemState::ResyncRequired | ItemState::Resynchronizing
+                ItemState::ResyncRequired | ItemState::Resynchronizing | ItemState::Reprotecting
             ),
             cycle_interval_seconds: policy.cycle_interval_seconds,
             app_consistent_frequency_minutes: policy.app_consistent_frequency_minutes,
