@@ -467,3 +467,72 @@ pub fn plugin_wasm(package: &str, target: WasmTarget) -> PathBuf {
     assert!(path.is_file(), "{} was not produced", path.display());
     path
 }
+
+/// A vault in a temporary directory driven by the real `ferry vault …` (a passphrase file,
+/// its own cache directory, `FERRY_PASSPHRASE`/`FERRY_REPO` of the caller's environment
+/// ignored): what the offline `ferry vault` tests share.
+#[derive(Debug)]
+pub struct CliVault {
+    /// The directory holding the vault (`vault/`), the cache (`cache/`) and what a test adds.
+    pub dir: tempfile::TempDir,
+    /// The passphrase file.
+    pub pass: PathBuf,
+}
+
+impl Default for CliVault {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CliVault {
+    /// A new directory with a passphrase file (the vault itself is made by `vault init`).
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let pass = dir.path().join("passphrase");
+        std::fs::write(&pass, "a long and secret passphrase\n").expect("write the passphrase");
+        Self { dir, pass }
+    }
+
+    /// `name` in the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `ferry vault <args[0]> --repo … --passphrase-file … --cache-dir … <args[1..]>`.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(ferry_bin());
+        c.arg("vault")
+            .args(&args[..1])
+            .arg("--repo")
+            .arg(self.path("vault"))
+            .arg("--passphrase-file")
+            .arg(&self.pass)
+            .arg("--cache-dir")
+            .arg(self.path("cache"))
+            .args(&args[1..])
+            .env_remove("FERRY_PASSPHRASE")
+            .env_remove("FERRY_REPO");
+        c
+    }
+
+    /// [`CliVault::command`], run to its end.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().expect("run ferry")
+    }
+
+    /// [`CliVault::command`] with `--json`, which must succeed; its JSON output.
+    pub fn ok(&self, args: &[&str]) -> serde_json::Value {
+        let o = self
+            .command(args)
+            .arg("--json")
+            .output()
+            .expect("run ferry");
+        assert!(
+            o.status.success(),
+            "ferry {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).expect("JSON output")
+    }
+}

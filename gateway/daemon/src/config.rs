@@ -66,8 +66,8 @@ pub struct TargetConfig {
     /// Default: `<data_dir>/target`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
-    /// A test failover not cleaned up after this many hours is flagged `stale` (item view,
-    /// metric `ferry_item_test_failover_stale`).
+    /// A test failover not cleaned up after this many hours is flagged `stale` in the item's
+    /// view (`ferry item show`, `GET /items/{name}`).
     pub test_failover_max_age_hours: u64,
     /// How long a planned failover waits for the agent's final cycle before it fails (the
     /// item stays as it was).

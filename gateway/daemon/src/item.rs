@@ -204,7 +204,9 @@ impl Operation {
             Operation::Resync => &[S::Protected, S::ResyncRequired],
             Operation::Failover => &[S::Protected, S::ResyncRequired],
             Operation::Commit => &[S::FailoverPendingCommit],
-            Operation::Reprotect => &[S::FailedOver],
+            // From `reprotecting` too: to name another agent when the one named cannot
+            // replicate (revoked, lost with its site).
+            Operation::Reprotect => &[S::FailedOver, S::Reprotecting],
             Operation::TestFailover => &[S::Protected, S::ResyncRequired, S::Resynchronizing],
             // Whether there is a test failover to clean up is the item's, not its state's.
             Operation::TestFailoverCleanup => &[
@@ -400,8 +402,9 @@ pub struct Paused {
 pub enum FailoverMode {
     /// A drill: a copy in an isolated location; replication goes on.
     Test,
-    /// The source is up: its agent sends a final cycle (application-consistent where it
-    /// can) and stops the source, and the failover is made from that cycle: no data lost.
+    /// The source is up: its agent stops the workload (`[failover] quiesce_command`), sends a
+    /// final cycle (application-consistent where it can) and stops the source, and the
+    /// failover is made from that cycle: nothing written before the workload stopped is lost.
     Planned,
     /// From a chosen recovery point with the source unreachable.
     Unplanned,
@@ -429,10 +432,11 @@ impl FailoverMode {
     }
 }
 
-/// What a failover job is asked to do (kept with the job, so a requeued job does the same).
+/// What a failover job is asked to do (kept with the job, so a requeued job is asked the
+/// same; a point chosen as `latest` or by time is chosen again when it runs again).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailoverRequest {
-    /// Test or unplanned.
+    /// Test, planned or unplanned.
     pub mode: FailoverMode,
     /// Which recovery point: `latest`, `latest-app-consistent`, an RFC 3339 time or a
     /// point id (`ferry_store::PointSelector::parse`).
@@ -451,7 +455,7 @@ pub struct FailoverRequest {
 pub struct FailoverRecord {
     /// The job that made it.
     pub job: String,
-    /// Test or unplanned.
+    /// Test, planned or unplanned.
     pub mode: FailoverMode,
     /// The recovery point materialised.
     pub point: String,
@@ -547,7 +551,10 @@ mod tests {
             vec![S::Protected, S::ResyncRequired]
         );
         assert_eq!(allowed(Operation::Commit), vec![S::FailoverPendingCommit]);
-        assert_eq!(allowed(Operation::Reprotect), vec![S::FailedOver]);
+        assert_eq!(
+            allowed(Operation::Reprotect),
+            vec![S::FailedOver, S::Reprotecting]
+        );
         assert_eq!(
             allowed(Operation::TestFailover),
             vec![S::Protected, S::ResyncRequired, S::Resynchronizing]

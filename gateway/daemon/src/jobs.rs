@@ -299,19 +299,27 @@ async fn body(ctx: &Arc<Ctx>, job: &Job) -> Result<Option<Event>, String> {
             let under = target_dir(ctx)?.join("test").join(&item.name);
             let loc = PathBuf::from(&t.location);
             if loc.parent() != Some(under.as_path()) {
-                return Err(format!(
-                    "test failover `{}` is recorded at {}, outside {}: not removed; remove it by hand",
-                    t.job,
-                    loc.display(),
-                    under.display()
-                ));
-            }
-            match tokio::fs::remove_dir_all(&loc).await {
-                Ok(()) => log(ctx, job, format!("removed {}", loc.display())).await,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    log(ctx, job, format!("{} was already gone", loc.display())).await;
+                // Made under another target directory (moved configuration, a restored
+                // appliance): never removed from here; the record goes so the item is free.
+                log(
+                    ctx,
+                    job,
+                    format!(
+                        "test failover `{}` is recorded at {}, outside {}: not removed (remove it by hand); the record is cleared",
+                        t.job,
+                        loc.display(),
+                        under.display()
+                    ),
+                )
+                .await;
+            } else {
+                match tokio::fs::remove_dir_all(&loc).await {
+                    Ok(()) => log(ctx, job, format!("removed {}", loc.display())).await,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        log(ctx, job, format!("{} was already gone", loc.display())).await;
+                    }
+                    Err(e) => return Err(format!("removing {}: {e}", loc.display())),
                 }
-                Err(e) => return Err(format!("removing {}: {e}", loc.display())),
             }
             let (c, name, id) = (ctx.catalog.clone(), item.name.clone(), job.id.clone());
             tokio::task::spawn_blocking(move || {
@@ -358,7 +366,16 @@ async fn body(ctx: &Arc<Ctx>, job: &Job) -> Result<Option<Event>, String> {
                     item.name, item.name
                 ));
             }
-            let direction = item.direction.reversed();
+            // From `failed-over` the direction reverses; naming another agent while
+            // `reprotecting` keeps it. Run again after a crash (the source already set), it
+            // is not reversed twice.
+            let direction = if job.from_state == Some(crate::item::ItemState::FailedOver)
+                && item.source_agent.as_deref() != Some(agent.as_str())
+            {
+                item.direction.reversed()
+            } else {
+                item.direction
+            };
             let (c, name, id, a) = (
                 ctx.catalog.clone(),
                 item.name.clone(),

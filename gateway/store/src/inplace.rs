@@ -514,22 +514,12 @@ impl Vault {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Backend, ImportOptions, InitOptions, OpenOptions, Secret};
+    use crate::ImportOptions;
 
     const CS: u64 = 64 << 10;
 
     async fn vault(dir: &Path) -> Vault {
-        Vault::init(
-            Backend::open("memory://", &Vec::new(), false).unwrap(),
-            &Secret::KeyFile(vec![9; 32]),
-            InitOptions {
-                chunk_size: CS as u32,
-                ..InitOptions::default()
-            },
-            OpenOptions::new(dir.join("cache")),
-        )
-        .await
-        .unwrap()
+        crate::formats::testkit::vault(dir, u32::try_from(CS).unwrap()).await
     }
 
     /// 10 chunks of 64 KiB, the last one of 1000 bytes: data, a zero chunk written as zeros,

@@ -545,22 +545,12 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
-    use crate::{Backend, ImportOptions, InitOptions, OpenOptions, Secret};
+    use crate::ImportOptions;
 
     const CS: u64 = 64 << 10;
 
     async fn vault(dir: &Path) -> Vault {
-        Vault::init(
-            Backend::open("memory://", &Vec::new(), false).unwrap(),
-            &Secret::KeyFile(vec![3; 32]),
-            InitOptions {
-                chunk_size: CS as u32,
-                ..InitOptions::default()
-            },
-            OpenOptions::new(dir.join("cache")),
-        )
-        .await
-        .unwrap()
+        crate::formats::testkit::vault(dir, u32::try_from(CS).unwrap()).await
     }
 
     fn noise(len: usize, mut x: u64) -> Vec<u8> {

@@ -331,6 +331,12 @@ impl ReplicationConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FailoverConfig {
+    /// Run once (argv, no shell) before the first final cycle of an item's planned failover
+    /// takes its view: stops the workload writing to the disks (`["systemctl", "stop",
+    /// "postgresql"]`), so the final cycle holds every write. Without it, writes made while
+    /// the final cycle is sent are lost at failover. Empty: nothing is run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quiesce_command: Vec<String>,
     /// Run once (argv, no shell) after every disk of an item sent its final cycle for a
     /// planned failover: stops the source (`["systemctl", "poweroff"]`, `["virsh",
     /// "shutdown", "web-01"]`) so nothing more is written to it. Empty: nothing is run.

@@ -256,8 +256,9 @@ const HEADER: &str = "\
 # [[replication.throttle]]  a rate by local time of day; the first matching window wins over
 #                      max_bytes_per_second: days (mon..sun, default every day), from, to
 #                      (HH:MM; to < from wraps past midnight), max_bytes_per_second (0: none)
-# [failover]           stop_command: run once after an item's final cycle for a
-#                      planned failover, to stop the source (argv, e.g. systemctl poweroff)
+# [failover]           quiesce_command: run once before an item's final cycle for a planned
+#                      failover, to stop the workload (argv, e.g. systemctl stop postgresql);
+#                      stop_command: run once after it, to stop the source (e.g. poweroff)
 
 ";
 

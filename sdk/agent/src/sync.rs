@@ -426,23 +426,6 @@ pub async fn after_final_cycle(ctx: &Context, item: &str, job: &str) {
     if !all {
         return;
     }
-    let marker = ctx
-        .state_dir
-        .join(crate::tracking::DISKS_DIR)
-        .join(item)
-        .join("source-stopped");
-    if std::fs::read_to_string(&marker).is_ok_and(|t| t.trim() == job) {
-        return;
-    }
-    if let Err(e) = std::fs::write(&marker, format!("{job}\n")) {
-        progress::log(&[
-            ("event", "source_stop_failed"),
-            ("item", item),
-            ("job", job),
-            ("error", &format!("writing {}: {e}", marker.display())),
-        ]);
-        return;
-    }
     let argv = &ctx.failover.stop_command;
     if argv.is_empty() {
         progress::log(&[
@@ -456,15 +439,57 @@ pub async fn after_final_cycle(ctx: &Context, item: &str, job: &str) {
         ]);
         return;
     }
-    match crate::view::run_command(item, "stop_command", argv).await {
+    run_once(ctx, item, job, "source-stopped", "stop_command", argv).await;
+}
+
+/// Runs `[failover] <what>` for planned failover `job` of `item` at most once: a marker
+/// `disks/<item>/<marker>-<job>` is created exclusively (`O_EXCL`) and made durable before
+/// the command runs, so two disk loops finishing together, a restarted agent or a rebooted
+/// source never run it twice. Logs `event=<what>_ran` or `<what>_failed`.
+async fn run_once(
+    ctx: &Context,
+    item: &str,
+    job: &str,
+    marker: &str,
+    what: &'static str,
+    argv: &[String],
+) {
+    let dir = ctx.state_dir.join(crate::tracking::DISKS_DIR).join(item);
+    let path = dir.join(format!("{marker}-{job}"));
+    let created = std::fs::create_dir_all(&dir)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+        })
+        .and_then(|f| f.sync_all())
+        .and_then(|()| std::fs::File::open(&dir)?.sync_all());
+    match created {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return,
+        Err(e) => {
+            progress::log(&[
+                ("event", "failover_command_failed"),
+                ("command", what),
+                ("item", item),
+                ("job", job),
+                ("error", &format!("recording it in {}: {e}", path.display())),
+            ]);
+            return;
+        }
+    }
+    match crate::view::run_command(item, what, argv).await {
         Ok(()) => progress::log(&[
-            ("event", "source_stopped"),
+            ("event", "failover_command_ran"),
+            ("command", what),
             ("item", item),
             ("job", job),
-            ("command", &argv[0]),
+            ("program", &argv[0]),
         ]),
         Err(e) => progress::log(&[
-            ("event", "source_stop_failed"),
+            ("event", "failover_command_failed"),
+            ("command", what),
             ("item", item),
             ("job", job),
             ("error", &e.to_string()),
@@ -496,6 +521,21 @@ pub async fn run_cycle(
         && crate::tracking::final_cycle_sent(&ctx.state_dir, &disk.item, &disk.name, job)
     {
         return Ok(CycleOutcome::FinalCycleSent { job: job.clone() });
+    }
+    // Before the first final cycle of the item: stop the workload, so the final cycle holds
+    // every write (once per job).
+    if let Some(job) = &plan.final_cycle
+        && !ctx.failover.quiesce_command.is_empty()
+    {
+        run_once(
+            ctx,
+            &disk.item,
+            job,
+            "quiesced",
+            "quiesce_command",
+            &ctx.failover.quiesce_command,
+        )
+        .await;
     }
     // The final cycle before a planned failover is application-consistent where it can be.
     let final_opts;
@@ -560,10 +600,24 @@ pub async fn run_cycle(
         stop,
         label,
     };
-    if let Some(rec) = st.settle().map_err(tracking(&c.label))?
-        && let Some(done) = c.resume_or_settle(rec, &mut connector).await?
-    {
-        return Ok(done);
+    if let Some(rec) = st.settle().map_err(tracking(&c.label))? {
+        // A final cycle interrupted and resumed is as final as a new one.
+        let final_job = plan.final_cycle.as_ref().filter(|j| {
+            rec.tags
+                .iter()
+                .any(|(k, v)| k == FINAL_CYCLE_TAG && v == *j)
+        });
+        if let Some(done) = c.resume_or_settle(rec, &mut connector).await? {
+            if let (CycleOutcome::Done { .. }, Some(job)) = (&done, final_job) {
+                st.mark_final_cycle(job).map_err(tracking(&c.label))?;
+                progress::log(&[
+                    ("event", "final_cycle_sent"),
+                    ("disk", &c.label),
+                    ("job", job),
+                ]);
+            }
+            return Ok(done);
+        }
     }
     let mut renumbered = 0;
     loop {
@@ -1000,7 +1054,8 @@ impl Cycle<'_> {
     /// window, the operator did not ask for the resync, and the local time is outside the
     /// window. A window this agent cannot read is said and ignored (the resync runs).
     fn deferral(&self, reason: ResyncReason) -> Option<CycleOutcome> {
-        if self.plan.resync_requested {
+        // Neither a resync asked for nor a planned failover's final cycle waits.
+        if self.plan.resync_requested || self.plan.final_cycle.is_some() {
             return None;
         }
         let w = self.plan.resync_window.as_ref()?;

@@ -116,28 +116,36 @@ fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
-#[test]
-fn ferry_cli_drives_the_appliance() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("ferry");
+/// `ferryd up` on `<tmp>/ferry` and a `ferry` with its own configuration directory, not yet
+/// logged in: the daemon, the client, the API URL, the CA fingerprint and the admin token.
+fn appliance(tmp: &Path) -> (Daemon, Ferry, String, String, String) {
+    let data = tmp.join("ferry");
     let d = Daemon::start(&data, &[]);
     let banner = d.stdout();
     let url = banner_value(&banner, "API:").to_string();
     assert!(url.ends_with("/api/v1"), "{url}");
     let fp = banner_value(&banner, "CA fingerprint:").to_string();
     assert!(fp.starts_with("SHA256 "), "{fp}");
-    let token_file = data.join("admin-token");
-    let admin = std::fs::read_to_string(&token_file)
+    let admin = std::fs::read_to_string(data.join("admin-token"))
         .unwrap()
         .trim()
         .to_string();
-    let home = tmp.path().join("home");
+    let home = tmp.join("home");
     std::fs::create_dir(&home).unwrap();
     let f = Ferry {
         home,
-        config: tmp.path().join("config").join("ferry"),
+        config: tmp.join("config").join("ferry"),
         never_shown: vec![admin.clone()],
     };
+    (d, f, url, fp, admin)
+}
+
+#[test]
+fn ferry_cli_drives_the_appliance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("ferry");
+    let (d, f, url, fp, admin) = appliance(tmp.path());
+    let token_file = data.join("admin-token");
     let tf = token_file.to_str().unwrap();
 
     // Not logged in yet.
@@ -598,22 +606,8 @@ fn ferry_cli_drives_the_appliance() {
 fn ferry_failover_through_the_appliance() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("ferry");
-    let d = Daemon::start(&data, &[]);
-    let banner = d.stdout();
-    let url = banner_value(&banner, "API:").to_string();
-    let fp = banner_value(&banner, "CA fingerprint:").to_string();
+    let (_d, f, url, fp, _) = appliance(tmp.path());
     let token_file = data.join("admin-token");
-    let admin = std::fs::read_to_string(&token_file)
-        .unwrap()
-        .trim()
-        .to_string();
-    let home = tmp.path().join("home");
-    std::fs::create_dir(&home).unwrap();
-    let f = Ferry {
-        home,
-        config: tmp.path().join("config").join("ferry"),
-        never_shown: vec![admin],
-    };
     f.expect(
         0,
         &[

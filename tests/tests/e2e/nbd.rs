@@ -9,60 +9,14 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_e2e::{ferry_bin, make_ext4, qemu_img, sha256_file};
+use ferry_e2e::{make_ext4, qemu_img, sha256_file};
 
-struct Vault {
-    dir: tempfile::TempDir,
-    pass: PathBuf,
-}
-
-impl Vault {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let pass = dir.path().join("passphrase");
-        std::fs::write(&pass, "a long and secret passphrase\n").unwrap();
-        Self { dir, pass }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(ferry_bin());
-        c.arg("vault")
-            .args(&args[..1])
-            .arg("--repo")
-            .arg(self.path("vault"))
-            .arg("--passphrase-file")
-            .arg(&self.pass)
-            .arg("--cache-dir")
-            .arg(self.path("cache"))
-            .args(&args[1..])
-            .env_remove("FERRY_PASSPHRASE")
-            .env_remove("FERRY_REPO");
-        c
-    }
-
-    fn ok(&self, args: &[&str]) -> serde_json::Value {
-        let o = self
-            .command(args)
-            .arg("--json")
-            .output()
-            .expect("run ferry");
-        assert!(
-            o.status.success(),
-            "ferry {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        serde_json::from_slice(&o.stdout).expect("JSON output")
-    }
-}
+use ferry_e2e::CliVault as Vault;
 
 /// A running `ferry vault mount`: killed on drop (also when a test panics).
 struct Mount {

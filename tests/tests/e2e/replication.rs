@@ -1055,13 +1055,15 @@ async fn planned_failover_loses_nothing() {
     let disk_arg = format!("web-01/os={}", img.display());
     site.enroll_with("agent-1", &["web-01"], &state, &["--disk", &disk_arg]);
     let stopped = tmp.path().join("source-stopped");
+    let quiesced = tmp.path().join("workload-stopped");
     {
         let p = state.join("agent.toml");
         let text = std::fs::read_to_string(&p).unwrap();
         std::fs::write(
             &p,
             format!(
-                "{text}\n[failover]\nstop_command = [\"touch\", \"{}\"]\n",
+                "{text}\n[failover]\nquiesce_command = [\"touch\", \"{}\"]\nstop_command = [\"touch\", \"{}\"]\n",
+                quiesced.display(),
                 stopped.display()
             ),
         )
@@ -1099,8 +1101,16 @@ async fn planned_failover_loses_nothing() {
         err.contains("event=final_cycle_sent") && err.contains(&job),
         "{err}"
     );
-    assert!(err.contains("event=source_stopped"), "{err}");
-    assert!(stopped.exists(), "the stop command ran");
+    assert!(
+        err.contains("event=failover_command_ran command=quiesce_command")
+            && err.contains("event=failover_command_ran command=stop_command"),
+        "{err}"
+    );
+    assert!(quiesced.exists() && stopped.exists(), "both commands ran");
+    assert!(
+        err.find("command=quiesce_command") < err.find("event=cycle_start"),
+        "the workload is stopped before the final cycle takes its view: {err}"
+    );
     let out = site.ferry_ok(&["job", "wait", &job, "--output", "json"]);
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(j["state"], "succeeded", "{j}");

@@ -61,9 +61,11 @@ checks.positive_data_acceptance.enabled = false
 # Bodies under rules across members or on other records, which JSON Schema cannot state: a
 # policy's cycle interval within its RPO, its app-consistent frequency a whole number of
 # cycles, its retry schedule non-decreasing; an item's disk names unique, its policy and
-# vault existing.
+# vault existing; a failover's members depend on each other (a planned failover takes no
+# point, a test one no in-place disks) and its in-place targets must be existing files or
+# block devices on the appliance.
 [[operations]]
-include-operation-id = ["createPolicy", "updatePolicy", "enableItem", "updateItem"]
+include-operation-id = ["createPolicy", "updatePolicy", "enableItem", "updateItem", "failoverItem"]
 checks.positive_data_acceptance.enabled = false
 
 # Operations taking If-Match: the coverage phase (schemathesis 4.32) labels positive some

@@ -523,9 +523,21 @@ pub(super) async fn failover(
         )
     })?;
     let format = body.format.unwrap_or_else(|| "raw".into());
-    format
-        .parse::<ferry_store::ExportFormat>()
-        .map_err(|e| ApiError::bad_field("invalid_value", "format", e))?;
+    // Exactly the names the API documents (the CLI's parser also takes aliases).
+    if !ferry_store::ExportFormat::ALL
+        .iter()
+        .any(|f| f.as_str() == format)
+    {
+        return Err(ApiError::bad_field(
+            "invalid_value",
+            "format",
+            format!(
+                "format `{}`: one of {}",
+                format.chars().take(64).collect::<String>(),
+                ferry_store::ExportFormat::names()
+            ),
+        ));
+    }
     if mode == item::FailoverMode::Planned && body.point.as_deref().is_some_and(|p| p != "latest") {
         return Err(ApiError::bad_field(
             "invalid_value",
@@ -583,6 +595,38 @@ pub(super) async fn failover(
                     t.disk
                 ),
             ));
+        }
+    }
+    // The targets are checked now, before the agent is asked for a final cycle and stops
+    // the source: each an existing regular file or block device, none named twice.
+    for (i, t) in in_place.iter().enumerate() {
+        if in_place[..i].iter().any(|o| o.path == t.path) {
+            return Err(ApiError::bad_field(
+                "invalid_value",
+                "in_place",
+                format!("{} is named for two disks", t.path),
+            ));
+        }
+        use std::os::unix::fs::FileTypeExt;
+        match tokio::fs::metadata(&t.path).await {
+            Ok(m) if m.is_file() || m.file_type().is_block_device() => {}
+            Ok(_) => {
+                return Err(ApiError::bad_field(
+                    "invalid_value",
+                    "in_place",
+                    format!(
+                        "disk `{}`: {} is not a regular file or a block device",
+                        t.disk, t.path
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err(ApiError::bad_field(
+                    "invalid_value",
+                    "in_place",
+                    format!("disk `{}`: {}: {e}", t.disk, t.path),
+                ));
+            }
         }
     }
     let req = item::FailoverRequest {

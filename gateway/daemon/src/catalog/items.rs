@@ -780,7 +780,20 @@ impl Catalog {
                     Some("there is no test failover to clean up".to_string())
                 }
                 _ => None,
-            };
+            }
+            .or_else(|| {
+                let f = failover.as_ref()?;
+                if f.mode == FailoverMode::Planned && it.paused.is_some() {
+                    return Some(
+                        "its replication is paused, so its agent cannot send the final cycle: resume it first (or fail over unplanned)"
+                            .to_string(),
+                    );
+                }
+                f.in_place
+                    .iter()
+                    .find(|(d, _)| !it.disks.iter().any(|x| &x.name == d))
+                    .map(|(d, _)| format!("it has no disk `{d}` to write in place"))
+            });
             if let Some(why) = refusal {
                 return Err(CatalogError::IllegalTransition {
                     name: name.to_string(),
@@ -804,7 +817,7 @@ impl Catalog {
         Ok(pair)
     }
 
-    /// `reprotect` job `job`: the item replicates the other way from now on, from `agent`.
+    /// `reprotect` job `job`: the item replicates `direction` from now on, from `agent`.
     pub fn set_source(
         &self,
         name: &str,
@@ -813,27 +826,14 @@ impl Catalog {
         direction: Direction,
         now_ms: u64,
     ) -> Result<Item> {
-        let w = self.db.begin_write().map_err(|e| self.err(e))?;
-        let mut it = self.item_in(&w, name)?;
-        if it.active_job.as_deref() != Some(job) {
-            return Err(CatalogError::JobState {
-                id: job.to_string(),
-                state: "running",
-                reason: "the job no longer holds its item",
-            });
-        }
-        it.source_agent = Some(agent.to_string());
-        it.direction = direction;
-        it.revision = self.next_revision(&w)?;
-        it.updated_ms = now_ms;
-        self.put_item(&w, &it)?;
-        w.commit().map_err(|e| self.err(e))?;
-        Ok(it)
+        self.update_held_item(name, job, now_ms, |it| {
+            it.source_agent = Some(agent.to_string());
+            it.direction = direction;
+        })
     }
 
     /// Records where failover job `job` put the machine (`test`: the item's test failover;
-    /// else its failover), or clears the record (`None`). Only while `job` holds the item:
-    /// a job that lost it changes nothing.
+    /// else its failover), or clears the record (`None`).
     pub fn set_failover_record(
         &self,
         name: &str,
@@ -841,6 +841,24 @@ impl Catalog {
         test: bool,
         record: Option<FailoverRecord>,
         now_ms: u64,
+    ) -> Result<Item> {
+        self.update_held_item(name, job, now_ms, |it| {
+            if test {
+                it.test_failover = record;
+            } else {
+                it.failover = record;
+            }
+        })
+    }
+
+    /// Changes item `name` with `change`, only while job `job` holds it: a job that lost its
+    /// item changes nothing.
+    fn update_held_item(
+        &self,
+        name: &str,
+        job: &str,
+        now_ms: u64,
+        change: impl FnOnce(&mut Item),
     ) -> Result<Item> {
         let w = self.db.begin_write().map_err(|e| self.err(e))?;
         let mut it = self.item_in(&w, name)?;
@@ -851,11 +869,7 @@ impl Catalog {
                 reason: "the job no longer holds its item",
             });
         }
-        if test {
-            it.test_failover = record;
-        } else {
-            it.failover = record;
-        }
+        change(&mut it);
         it.revision = self.next_revision(&w)?;
         it.updated_ms = now_ms;
         self.put_item(&w, &it)?;
