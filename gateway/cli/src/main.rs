@@ -238,8 +238,16 @@ enum VaultCmd {
         #[arg(long)]
         disk: Option<String>,
         /// Output file.
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "in_place",
+            conflicts_with = "in_place"
+        )]
+        out: Option<PathBuf>,
+        /// Write the disk onto this existing file or block device instead, only the chunks
+        /// that differ from what it holds (failback onto an original disk); raw only.
+        #[arg(long, value_name = "TARGET")]
+        in_place: Option<PathBuf>,
         /// Output format: `raw` (sparse image), `vhd` (VHD fixed, the format Azure accepts
         /// for uploaded disks), `vhdx` (dynamic, Hyper-V; blocks of the chunk size, at least
         /// 1 MiB), `qcow2` (version 3, 64 KiB clusters), `vmdk` (monolithicSparse, 64 KiB
@@ -747,6 +755,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             point,
             disk,
             out: path,
+            in_place,
             format,
             vhd_round_up,
             force,
@@ -757,6 +766,53 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             let v = open(&repo).await?;
             let progress = Arc::new(Progress::default());
+            if let Some(target) = in_place {
+                if format != ExportFormat::Raw || force {
+                    bail!("--in-place writes a raw disk onto the target: no --format or --force");
+                }
+                let t0 = Instant::now();
+                let r = with_progress(
+                    repo.json,
+                    "in place",
+                    progress.clone(),
+                    v.restore_in_place(
+                        ferry_store::InPlaceOptions {
+                            item,
+                            point: PointSelector::parse(&point),
+                            disk,
+                            target: target.clone(),
+                            sync,
+                        },
+                        progress,
+                    ),
+                )
+                .await?;
+                if repo.json {
+                    out(&json!({
+                        "point": r.point.id,
+                        "disk": r.disk.name,
+                        "size": r.disk.size,
+                        "in_place": target,
+                        "chunks_compared": r.chunks_compared,
+                        "chunks_written": r.chunks_written,
+                        "bytes_written": r.bytes_written,
+                        "target_grown": r.target_grown,
+                        "seconds": t0.elapsed().as_secs_f64(),
+                    }));
+                } else {
+                    line(&format!(
+                        "wrote {} disk {} onto {} in place: {} of {} chunks differed ({} written)",
+                        r.point.id,
+                        r.disk.name,
+                        target.display(),
+                        r.chunks_written,
+                        r.chunks_compared,
+                        human(r.bytes_written)
+                    ));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let path = path.context("--out is required")?;
             let o = ExportOptions {
                 item,
                 point: PointSelector::parse(&point),

@@ -7,57 +7,19 @@
 //! format (refused with the list), and a disk that is not a whole MiB as VHD (refused naming
 //! its size unless `--vhd-round-up`).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
-use ferry_e2e::{ferry_bin, make_ext4, qemu_img, sha256_file};
+use ferry_e2e::{make_ext4, qemu_img, sha256_file};
 
-struct Vault {
-    dir: tempfile::TempDir,
-    pass: PathBuf,
+use ferry_e2e::CliVault as Vault;
+
+/// `ferry vault export` of `item` as `format` into `out`.
+trait Export {
+    fn export(&self, item: &str, format: &str, out: &Path, extra: &[&str]) -> Output;
 }
 
-impl Vault {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let pass = dir.path().join("passphrase");
-        std::fs::write(&pass, "a long and secret passphrase\n").unwrap();
-        Self { dir, pass }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(ferry_bin())
-            .arg("vault")
-            .args(&args[..1])
-            .arg("--repo")
-            .arg(self.path("vault"))
-            .arg("--passphrase-file")
-            .arg(&self.pass)
-            .arg("--cache-dir")
-            .arg(self.path("cache"))
-            .args(&args[1..])
-            .env_remove("FERRY_PASSPHRASE")
-            .env_remove("FERRY_REPO")
-            .output()
-            .expect("run ferry")
-    }
-
-    fn ok(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let o = self.run(&a);
-        assert!(
-            o.status.success(),
-            "ferry {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        serde_json::from_slice(&o.stdout).expect("JSON output")
-    }
-
+impl Export for Vault {
     fn export(&self, item: &str, format: &str, out: &Path, extra: &[&str]) -> Output {
         let mut a = vec![
             "export",
@@ -252,4 +214,45 @@ fn vhd_needs_a_whole_mib_or_round_up() {
     // --vhd-round-up is only for VHD.
     let o = v.export("odd", "qcow2", &v.path("odd.qcow2"), &["--vhd-round-up"]);
     fails_with(&o, 1, &["--vhd-round-up"]);
+}
+
+/// `ferry vault export --in-place TARGET`: failback's data path offline. A copy of the disk
+/// with 1 MiB scribbled over and a grown tail cut back gets exactly the chunks that differ,
+/// ends bit-identical with the image, and a second run writes nothing. A target that does not
+/// exist is refused, naming it, and nothing is created.
+#[test]
+fn in_place_writes_only_what_differs() {
+    let v = Vault::new();
+    let img = v.path("disk.img");
+    make_ext4(&img, "64M");
+    v.ok(&["init"]);
+    v.ok(&["import", "--item", "vm1", "--disk", img.to_str().unwrap()]);
+    let target = v.path("original.img");
+    std::fs::copy(&img, &target).unwrap();
+    ferry_e2e::scribble(&target, 8 << 20, 1 << 20, 5);
+    let target_s = target.to_str().unwrap();
+    let r = v.ok(&["export", "--item", "vm1", "--in-place", target_s]);
+    let written = r["chunks_written"].as_u64().unwrap();
+    assert!(
+        written > 0 && written < r["chunks_compared"].as_u64().unwrap(),
+        "{r}"
+    );
+    assert!(r["bytes_written"].as_u64().unwrap() >= 1 << 20, "{r}");
+    assert!(
+        r["bytes_written"].as_u64().unwrap() <= 3 << 20,
+        "only the scribbled chunks: {r}"
+    );
+    assert_eq!(sha256_file(&target), sha256_file(&img));
+    let r = v.ok(&["export", "--item", "vm1", "--in-place", target_s]);
+    assert_eq!(r["chunks_written"], 0, "{r}");
+    let missing = v.path("nope.img");
+    let o = v.run(&[
+        "export",
+        "--item",
+        "vm1",
+        "--in-place",
+        missing.to_str().unwrap(),
+    ]);
+    fails_with(&o, 1, &["nope.img"]);
+    assert!(!missing.exists());
 }
