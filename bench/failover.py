@@ -469,7 +469,7 @@ def step_failback(c, r):
                                  [c.ferry, "vault", "export"] + ferry_repo_args(c) +
                                  ["--item", ITEM, "--point", "latest", "--in-place", target,
                                   "--json"], env=c.env)
-        j = json.loads(out.strip().splitlines()[-1])
+        j = json.loads(out)
         res.update(seconds=wall, rss=rss, bytes_written=j["bytes_written"],
                    chunks_written=j["chunks_written"], chunks_compared=j["chunks_compared"])
         got = sha256_file(target)
