@@ -375,24 +375,7 @@ mod tests {
         v.import(ImportOptions::full("web", &src), Arc::default())
             .await
             .unwrap();
-        // Flip one byte in the middle of every data pack (inside the noise chunk's blob).
-        let mut damaged = Vec::new();
-        for m in v.backend.list("packs/data/").await.unwrap() {
-            let name = m.location.to_string();
-            let b = v.backend.get(&name).await.unwrap();
-            let mut b = b.to_vec();
-            let at = b.len() / 2;
-            b[at] ^= 0x55;
-            v.backend.delete(&name).await.unwrap();
-            assert!(
-                v.backend
-                    .put_create(&name, bytes::Bytes::from(b))
-                    .await
-                    .unwrap()
-            );
-            damaged.push(name);
-        }
-        assert!(!damaged.is_empty());
+        let damaged = crate::formats::testkit::damage_data_packs(&v).await;
         let e = v
             .chunk_digests(
                 DigestOptions {

@@ -687,23 +687,7 @@ mod tests {
     async fn a_corrupted_blob_fails_naming_it_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let (v, img) = setup(dir.path()).await;
-        // Flip one byte in the middle of every data pack.
-        let mut damaged = Vec::new();
-        for m in v.backend.list("packs/data/").await.unwrap() {
-            let name = m.location.to_string();
-            let mut b = v.backend.get(&name).await.unwrap().to_vec();
-            let at = b.len() / 2;
-            b[at] ^= 0x55;
-            v.backend.delete(&name).await.unwrap();
-            assert!(
-                v.backend
-                    .put_create(&name, bytes::Bytes::from(b))
-                    .await
-                    .unwrap()
-            );
-            damaged.push(name);
-        }
-        assert!(!damaged.is_empty());
+        let damaged = crate::formats::testkit::damage_data_packs(&v).await;
         let mut target = img.clone();
         target[chunk(7)].fill(0);
         target[chunk(0)].fill(2);

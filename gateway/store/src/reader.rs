@@ -806,23 +806,7 @@ mod tests {
             ..ReaderOptions::default()
         };
         let (v, r, img) = setup(dir.path(), opts).await;
-        // Flip a byte in the middle of every data pack.
-        let mut damaged = Vec::new();
-        for m in v.backend.list("packs/data/").await.unwrap() {
-            let name = m.location.to_string();
-            let mut b = v.backend.get(&name).await.unwrap().to_vec();
-            let at = b.len() / 2;
-            b[at] ^= 0x55;
-            v.backend.delete(&name).await.unwrap();
-            assert!(
-                v.backend
-                    .put_create(&name, bytes::Bytes::from(b))
-                    .await
-                    .unwrap()
-            );
-            damaged.push(name);
-        }
-        assert!(!damaged.is_empty());
+        let damaged = crate::formats::testkit::damage_data_packs(&v).await;
         // Some chunk now fails; find it by reading chunk by chunk.
         let mut failed = None;
         for index in 0..=300u64 {

@@ -100,6 +100,29 @@ impl Ferry {
         self.expect(0, &a).json()
     }
 
+    /// `ferry vault import` of `disk` as `item` straight into the vault of the appliance
+    /// [`appliance`] started under `tmp` (offline seeding), which must succeed.
+    fn import_offline(&self, tmp: &Path, item: &str, disk: &Path) {
+        let data = tmp.join("ferry");
+        self.expect(
+            0,
+            &[
+                "vault",
+                "import",
+                "--repo",
+                data.join("vault").to_str().unwrap(),
+                "--key-file",
+                data.join("vault.key").to_str().unwrap(),
+                "--cache-dir",
+                tmp.join("cache").to_str().unwrap(),
+                "--item",
+                item,
+                "--disk",
+                disk.to_str().unwrap(),
+            ],
+        );
+    }
+
     fn saved(&self) -> PathBuf {
         self.config.join("cli.json")
     }
@@ -257,23 +280,7 @@ fn ferry_cli_drives_the_appliance() {
     std::fs::write(&disk, vec![0u8; 3 << 20]).unwrap();
     ferry_e2e::scribble(&disk, 0, 3 << 20, 7);
     for item in ["web", "db"] {
-        f.expect(
-            0,
-            &[
-                "vault",
-                "import",
-                "--repo",
-                data.join("vault").to_str().unwrap(),
-                "--key-file",
-                data.join("vault.key").to_str().unwrap(),
-                "--cache-dir",
-                tmp.path().join("cache").to_str().unwrap(),
-                "--item",
-                item,
-                "--disk",
-                disk.to_str().unwrap(),
-            ],
-        );
+        f.import_offline(tmp.path(), item, &disk);
     }
     let v = f.ok_json(&["point", "list", "--vault", "default"]);
     assert_eq!(v["items"].as_array().unwrap().len(), 2, "{v}");
@@ -625,31 +632,12 @@ fn ferry_failover_through_the_appliance() {
     ferry_e2e::make_ext4(&img, "64M");
     let first = tmp.path().join("web-first.img");
     std::fs::copy(&img, &first).unwrap();
-    let import = |f: &Ferry| {
-        f.expect(
-            0,
-            &[
-                "vault",
-                "import",
-                "--repo",
-                data.join("vault").to_str().unwrap(),
-                "--key-file",
-                data.join("vault.key").to_str().unwrap(),
-                "--cache-dir",
-                tmp.path().join("cache").to_str().unwrap(),
-                "--item",
-                "web",
-                "--disk",
-                img.to_str().unwrap(),
-            ],
-        );
-    };
-    import(&f);
+    f.import_offline(tmp.path(), "web", &img);
     std::thread::sleep(std::time::Duration::from_millis(20));
     let between = ferry_store::point::rfc3339(ferry_store::point::now_ms());
     std::thread::sleep(std::time::Duration::from_millis(20));
     ferry_e2e::scribble(&img, 5 << 20, 3 << 20, 11);
-    import(&f);
+    f.import_offline(tmp.path(), "web", &img);
 
     let v = f.ok_json(&["item", "create", "web", "--disk", "disk0=64M", "--wait"]);
     assert_eq!(v["state"], "succeeded", "{v}");

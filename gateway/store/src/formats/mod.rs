@@ -248,6 +248,28 @@ pub(crate) mod testkit {
         Vault,
     };
 
+    /// Flips one byte in the middle of every data pack of `v` (each re-uploaded under its
+    /// name), so that reading any of their blobs fails authentication; returns their names.
+    pub async fn damage_data_packs(v: &Vault) -> Vec<String> {
+        let mut damaged = Vec::new();
+        for m in v.backend.list("packs/data/").await.unwrap() {
+            let name = m.location.to_string();
+            let mut b = v.backend.get(&name).await.unwrap().to_vec();
+            let at = b.len() / 2;
+            b[at] ^= 0x55;
+            v.backend.delete(&name).await.unwrap();
+            assert!(
+                v.backend
+                    .put_create(&name, bytes::Bytes::from(b))
+                    .await
+                    .unwrap()
+            );
+            damaged.push(name);
+        }
+        assert!(!damaged.is_empty(), "the vault has data packs");
+        damaged
+    }
+
     pub async fn vault(dir: &Path, chunk_size: u32) -> Vault {
         Vault::init(
             Backend::open("memory://", &Vec::new(), false).unwrap(),
