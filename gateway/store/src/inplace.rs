@@ -1,66 +1,65 @@
-//! In-place restore: writing a recovery point's disk onto an existing disk, only the chunks
+//! In-place restore: writing a recovery point's disk onto an existing disk, only the blocks
 //! that differ (the data path of failback).
 //!
 //! After a failover the machine runs at the recovery site and its original disk at home is
 //! stale, but mostly still right: only the blocks written since (on either side) differ.
-//! Bringing it home with a full export would rewrite the whole disk; [`Vault::restore_in_place`]
-//! compares the point with the disk chunk by chunk and writes only the chunks that differ, so
-//! only those are fetched a second time from the vault and only those hit the target disk.
+//! Bringing it home with a full export would rewrite the whole disk and read the whole point
+//! from the vault; [`Vault::restore_in_place`] finds the differing chunks without reading the
+//! point's data, and writes only the 4 KiB blocks of them that differ.
 //!
-//! How: the point's per-chunk SHA-256 come from [`Vault::chunk_digests`] (every non-zero blob
-//! of the disk read once and authenticated, zero chunks not read), into a temporary file in
-//! the vault's cache directory, read back sequentially. Each chunk of the target is read with
-//! a positioned read and hashed (the last chunk at its own, possibly shorter, length: what
-//! `digests` hashes); a chunk whose digest differs is fetched through a [`PointReader`]
-//! (authenticated again, the error naming the point, disk and chunk index) or, when the point
-//! holds zeros there, not fetched at all; then written with a positioned write. A target
-//! chunk that already equals the point (zeros included) is never written.
+//! How, in three passes:
+//! 1. **Compare** (no vault data read): each chunk of the target is read with a positioned
+//!    read and given its keyed chunk id, exactly as ingest computes it (HMAC-SHA256 with the
+//!    vault's id key over the chunk, the short last chunk padded with zeros to the chunk
+//!    size; an all-zero chunk is the tree's zero id). The point's id of that chunk comes from
+//!    its tree (a few pages through a [`PointReader`]'s page cache). Equal ids: the chunk is
+//!    already right. The indexes of the differing chunks go to a temporary file in the
+//!    vault's cache directory (8 bytes each, read back sequentially), not to memory.
+//! 2. **Verify**: every differing chunk that the point holds as data is fetched once and
+//!    authenticated (discarded). A damaged or missing chunk fails the operation here, naming
+//!    the point, disk, target and chunk, before anything is written: bad vault data changes no
+//!    byte of the target.
+//! 3. **Write**: each differing chunk is read again from the target and fetched from the vault
+//!    (or taken as zeros when the point holds zeros there), compared 4 KiB block by block, and
+//!    only the runs of differing blocks are written, with positioned writes.
 //!
-//! Cost: the comparison pass reads every non-zero chunk of the point from the vault once
-//! (that is what `chunk_digests` does), then the differing ones are read again; what is saved
-//! is the writes to the target disk (and, for a target far from the vault, a caller that ships
-//! only the digests and the differing chunks). Comparing keyed chunk ids (`crypto::chunk_id`
-//! of the target's chunks against the tree's ids) would avoid the first read; it is not done
-//! here.
+//! Cost: vault reads are twice the differing chunks (passes 2 and 3; a small chunk cache
+//! sometimes saves the second) plus the tree pages; target reads are the whole disk once plus
+//! the differing chunks again; target writes are the differing blocks. A 100 KiB change costs
+//! about 100 KiB of writes, whatever the chunk size.
 //!
 //! Guarantees:
 //! - The target must exist and be a regular file or a block device; anything else, or a
 //!   missing target, is refused before anything is read or written. A block device is opened
 //!   with `O_EXCL` (Linux refuses it while mounted or held by another driver) and must be at
-//!   least the disk's size; a smaller regular file is extended to it (after the comparison
-//!   pass, so a damaged vault leaves the file untouched). A larger target keeps its tail.
+//!   least the disk's size; a smaller regular file is extended to it (after the verify pass,
+//!   so a damaged vault leaves the file untouched). A larger target keeps its tail.
 //! - Afterwards the target's first `disk.size` bytes equal a restore of the point byte for
 //!   byte.
-//! - Not atomic: a failure (a chunk damaged in the vault, the backend unreachable, a write
-//!   error) stops the operation with a typed error naming the target, point and disk, and
-//!   the chunk (its index when met while fetching a differing chunk or on a target I/O error,
-//!   its blob id and pack when met in the comparison pass); what was written before stays
-//!   written. The operator re-runs it: since only the
-//!   chunks that still differ are written, running it again converges (a second run on an
-//!   unchanged target writes nothing). A damaged blob is normally met in the comparison pass,
-//!   before anything is written.
+//! - Not atomic: a failure in the write pass (the backend unreachable, a chunk damaged after
+//!   it was verified, a write error) stops the operation with a typed error naming the
+//!   target, point, disk and chunk index; what was written before stays written. The operator
+//!   re-runs it: since only the blocks that still differ are written, running it again
+//!   converges (a second run on an unchanged target writes nothing).
 //! - Memory is independent of the disk's size: [`in_flight`] chunks are being read, hashed,
-//!   fetched or written at once (twice the vault's `fetch_concurrency`), each holding one
-//!   chunk buffer, plus a chunk cache of as many chunks and a small page cache in the reader,
-//!   a 64 KiB digest buffer, and the comparison pass's memory (restore's, bounded by
-//!   `Tuning`).
+//!   fetched or written at once (twice the vault's `fetch_concurrency`), each holding at most
+//!   two chunk buffers, plus a chunk cache of as many chunks and a small page cache in the
+//!   reader, and 64 KiB buffers on the index file.
 //!
-//! Progress: `total` is twice the disk's size (the comparison pass, then the pass over the
-//! target), `done` advances through both, and `stored` counts the bytes written to the
-//! target.
+//! Progress: `total` starts at the disk's size (the compare pass) and grows by twice the
+//! differing chunks' bytes once they are known (verify and write); `done` advances through
+//! all three, and `stored` counts the bytes written to the target.
 
 use std::fs::{File, OpenOptions as FsOpen};
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 
-use crate::digests::{DIGEST_LEN, DigestOptions, zero_digest};
+use crate::crypto::MasterKeys;
 use crate::error::{Result, StoreError};
 use crate::ingest::Progress;
 use crate::point::{DiskRecord, PointRecord};
@@ -91,9 +90,9 @@ pub struct InPlaceReport {
     pub disk: DiskRecord,
     /// Chunks of the target compared with the point (all of the disk's).
     pub chunks_compared: u64,
-    /// Chunks that differed and were written.
+    /// Chunks that differed: some of their blocks were written.
     pub chunks_written: u64,
-    /// Bytes written: the written chunks' lengths within the disk.
+    /// Bytes written: the differing 4 KiB blocks (the disk's last block may be shorter).
     pub bytes_written: u64,
     /// Whether the target (a regular file smaller than the disk) was extended.
     pub target_grown: bool,
@@ -105,8 +104,12 @@ pub fn in_flight(tuning: &crate::Tuning) -> usize {
     2 * tuning.fetch_concurrency.max(1)
 }
 
-/// Digests read from the digest file at once (64 KiB).
-const DIGEST_BUF: usize = 2048 * DIGEST_LEN;
+/// The unit compared and written inside a differing chunk: 4 KiB, the block size of every
+/// file system and disk a failback writes to.
+pub const BLOCK: usize = 4096;
+
+/// Buffer of the temporary index file (64 KiB).
+const INDEX_BUF: usize = 64 << 10;
 
 /// Tree pages the in-place reader keeps (each about 8 KiB); the chunks are visited in order,
 /// so a few suffice.
@@ -169,7 +172,7 @@ fn open_target(path: &Path) -> Result<Target> {
     })
 }
 
-/// Removes the temporary digest file when dropped.
+/// Removes the temporary index file when dropped.
 struct TempFile(PathBuf);
 
 impl Drop for TempFile {
@@ -178,14 +181,14 @@ impl Drop for TempFile {
     }
 }
 
-/// A unique name for the digest file in `dir`.
-fn temp_digest_path(dir: &Path) -> PathBuf {
+/// A unique name for the index file in `dir`.
+fn temp_index_path(dir: &Path) -> PathBuf {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     dir.join(format!(
-        "inplace-{}-{nanos}-{}.digests",
+        "inplace-{}-{nanos}-{}.differing",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ))
@@ -216,30 +219,60 @@ fn in_context(e: StoreError, ctx: &str) -> StoreError {
     }
 }
 
-/// The point's digests, one per chunk in order, read sequentially from the digest file;
-/// stops early once `stop` is set.
-struct Digests {
+/// Reads `buf.len()` bytes at `off`; bytes past the end of the file read as zeros (a target
+/// smaller than the disk, before it is grown).
+fn read_padded(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf[done..].fill(0);
+    Ok(())
+}
+
+/// The runs of `BLOCK`-sized blocks where `have` and `want` differ, merged, as byte ranges.
+fn differing_runs(have: &[u8], want: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, (h, w)) in have.chunks(BLOCK).zip(want.chunks(BLOCK)).enumerate() {
+        if h == w {
+            continue;
+        }
+        let (start, end) = (i * BLOCK, i * BLOCK + w.len());
+        match runs.last_mut() {
+            Some(r) if r.end == start => r.end = end,
+            _ => runs.push(start..end),
+        }
+    }
+    runs
+}
+
+/// The chunk indexes written by the compare pass, read back in order; stops early once
+/// `stop` is set.
+struct Indexes {
     file: BufReader<File>,
     path: PathBuf,
-    next: u64,
-    count: u64,
+    left: u64,
     stop: Arc<AtomicBool>,
 }
 
-impl Iterator for Digests {
-    type Item = Result<(u64, [u8; DIGEST_LEN])>;
+impl Iterator for Indexes {
+    type Item = Result<u64>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.next >= self.count || self.stop.load(Ordering::Relaxed) {
+        if self.left == 0 || self.stop.load(Ordering::Relaxed) {
             return None;
         }
-        let index = self.next;
-        self.next += 1;
-        let mut d = [0u8; DIGEST_LEN];
+        self.left -= 1;
+        let mut b = [0u8; 8];
         Some(
             self.file
-                .read_exact(&mut d)
-                .map(|()| (index, d))
+                .read_exact(&mut b)
+                .map(|()| u64::from_le_bytes(b))
                 .map_err(|source| StoreError::InputIo {
                     path: self.path.clone(),
                     source,
@@ -248,16 +281,14 @@ impl Iterator for Digests {
     }
 }
 
-/// What the pass over the target shares between chunks.
+/// What the passes over the target share between chunks.
 struct Pass {
     file: Arc<File>,
     target: PathBuf,
     reader: PointReader,
+    keys: Arc<MasterKeys>,
     size: u64,
     cs: u64,
-    count: u64,
-    zero_full: [u8; DIGEST_LEN],
-    zero_last: [u8; DIGEST_LEN],
     /// Context of errors: point, disk, target.
     ctx: String,
 }
@@ -267,12 +298,10 @@ impl Pass {
         self.size.saturating_sub(index * self.cs).min(self.cs)
     }
 
-    fn zero_digest(&self, index: u64) -> [u8; DIGEST_LEN] {
-        if index + 1 == self.count {
-            self.zero_last
-        } else {
-            self.zero_full
-        }
+    fn len_usize(&self, index: u64) -> Result<usize> {
+        usize::try_from(self.chunk_len(index)).map_err(|_| {
+            StoreError::InvalidArgument(format!("chunk size does not fit memory ({})", self.ctx))
+        })
     }
 
     fn chunk_io(&self, index: u64, what: &str, e: &std::io::Error) -> std::io::Error {
@@ -282,62 +311,101 @@ impl Pass {
         )
     }
 
-    /// Brings chunk `index` of the target to the point's digest `want`. Returns the bytes
-    /// written (0 when the chunk already matched).
-    async fn chunk(self: Arc<Self>, index: u64, want: [u8; DIGEST_LEN]) -> Result<u64> {
-        let off = index * self.cs;
-        let len = usize::try_from(self.chunk_len(index)).map_err(|_| {
-            StoreError::InvalidArgument(format!("chunk size does not fit memory ({})", self.ctx))
-        })?;
-        let zero = self.zero_digest(index);
-        let me = self.clone();
-        let compared = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>> {
-            let mut buf = vec![0u8; len];
-            me.file
-                .read_exact_at(&mut buf, off)
-                .map_err(|e| StoreError::InputIo {
-                    path: me.target.clone(),
-                    source: me.chunk_io(index, "reading", &e),
-                })?;
-            let have: [u8; DIGEST_LEN] = if crate::is_all_zero(&buf) {
-                zero
-            } else {
-                Sha256::digest(&buf).into()
-            };
-            Ok((have != want).then_some(buf))
-        })
-        .await
-        .map_err(|e| StoreError::Pipeline(format!("target reader panicked: {e}")))??;
-        let Some(mut buf) = compared else {
-            return Ok(0);
-        };
-        if want == zero {
-            // The point holds zeros here: nothing to fetch.
-            buf.fill(0);
-        } else {
-            self.reader.read_at(off, &mut buf).await.map_err(|e| {
-                in_context(e, &format!("restoring onto `{}`", self.target.display()))
-            })?;
-        }
+    fn restoring(&self) -> String {
+        format!("restoring onto `{}`", self.target.display())
+    }
+
+    /// Reads chunk `index` of the target into a buffer of `pad_to` bytes (at least its
+    /// length); the rest is zeros.
+    async fn read_target(self: &Arc<Self>, index: u64, pad_to: usize) -> Result<Vec<u8>> {
+        let len = self.len_usize(index)?;
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
-            me.file
-                .write_all_at(&buf, off)
-                .map_err(|e| StoreError::OutputIo {
+            let mut buf = vec![0u8; pad_to.max(len)];
+            read_padded(&me.file, &mut buf[..len], index * me.cs).map_err(|e| {
+                StoreError::InputIo {
                     path: me.target.clone(),
-                    source: me.chunk_io(index, "writing", &e),
-                })
+                    source: me.chunk_io(index, "reading", &e),
+                }
+            })?;
+            Ok(buf)
         })
         .await
-        .map_err(|e| StoreError::Pipeline(format!("target writer panicked: {e}")))??;
-        Ok(len as u64)
+        .map_err(|e| StoreError::Pipeline(format!("target reader panicked: {e}")))?
+    }
+
+    /// Pass 1: whether chunk `index` of the target differs from the point's, by keyed id.
+    async fn differs(self: Arc<Self>, index: u64) -> Result<bool> {
+        let id = self
+            .reader
+            .chunk_id(index)
+            .await
+            .map_err(|e| in_context(e, &self.restoring()))?;
+        // Ingest computes a chunk's id over the whole chunk size, the disk's last chunk
+        // padded with zeros: so does this.
+        let cs = usize::try_from(self.cs).map_err(|_| {
+            StoreError::InvalidArgument(format!("chunk size does not fit memory ({})", self.ctx))
+        })?;
+        let buf = self.read_target(index, cs).await?;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            if id.is_zero() {
+                !crate::is_all_zero(&buf)
+            } else {
+                me.keys.chunk_id(&buf) != id
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Pipeline(format!("chunk hasher panicked: {e}")))
+    }
+
+    /// Fetches chunk `index` of the point: its bytes within the disk, authenticated.
+    async fn fetch(&self, index: u64, buf: &mut [u8]) -> Result<()> {
+        self.reader
+            .read_at(index * self.cs, buf)
+            .await
+            .map_err(|e| in_context(e, &self.restoring()))
+    }
+
+    /// Pass 2: fetches and authenticates chunk `index` of the point (nothing is kept).
+    async fn verify(self: Arc<Self>, index: u64) -> Result<()> {
+        let mut buf = vec![0u8; self.len_usize(index)?];
+        self.fetch(index, &mut buf).await
+    }
+
+    /// Pass 3: brings chunk `index` of the target to the point's content, writing only the
+    /// blocks that differ. Returns the bytes written.
+    async fn write(self: Arc<Self>, index: u64) -> Result<u64> {
+        let len = self.len_usize(index)?;
+        let have = self.read_target(index, len).await?;
+        let mut want = vec![0u8; len];
+        // A zero chunk in the point reads as zeros without a fetch.
+        self.fetch(index, &mut want).await?;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let off = index * me.cs;
+            let mut written = 0u64;
+            for run in differing_runs(&have, &want) {
+                me.file
+                    .write_all_at(&want[run.clone()], off + run.start as u64)
+                    .map_err(|e| StoreError::OutputIo {
+                        path: me.target.clone(),
+                        source: me.chunk_io(index, "writing", &e),
+                    })?;
+                written += run.len() as u64;
+            }
+            Ok(written)
+        })
+        .await
+        .map_err(|e| StoreError::Pipeline(format!("target writer panicked: {e}")))?
     }
 }
 
 impl Vault {
     /// Restores one disk of a point onto the existing disk `opts.target` (a regular file or a
-    /// block device), writing only the chunks whose content differs from the point's (see the
-    /// module documentation for what is guaranteed: not atomic, re-running converges).
+    /// block device), writing only the blocks whose content differs from the point's (see the
+    /// module documentation for what is guaranteed: damage is found before anything is
+    /// written; not atomic otherwise; re-running converges).
     pub async fn restore_in_place(
         &self,
         opts: InPlaceOptions,
@@ -363,50 +431,12 @@ impl Vault {
                 disk.size
             )));
         }
-        progress
-            .total
-            .store(disk.size.saturating_mul(2), Ordering::Relaxed);
-
-        // Pass 1: the point's digests, into a temporary file in the cache directory.
-        let dir = self
-            .index_path()
-            .parent()
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-        let digests_path = TempFile(temp_digest_path(&dir));
-        let inner = Arc::new(Progress::default());
-        let digesting = self.chunk_digests(
-            DigestOptions {
-                item: opts.item.clone(),
-                point: PointSelector::Id(point.id.clone()),
-                disk: Some(disk.name.clone()),
-                out: digests_path.0.clone(),
-            },
-            inner.clone(),
-        );
-        futures::pin_mut!(digesting);
-        let base = progress.done.load(Ordering::Relaxed);
-        let digested = loop {
-            tokio::select! {
-                r = &mut digesting => break r,
-                () = tokio::time::sleep(Duration::from_millis(200)) => {
-                    let d = inner.done.load(Ordering::Relaxed).min(disk.size);
-                    progress.done.store(base + d, Ordering::Relaxed);
-                }
-            }
-        };
-        digested.map_err(|e| in_context(e, &format!("comparing with {ctx}")))?;
-        progress.done.store(base + disk.size, Ordering::Relaxed);
-
-        // The target now: grown to the disk's size if it is a smaller regular file.
+        progress.total.fetch_add(disk.size, Ordering::Relaxed);
         let target_io = |source| StoreError::OutputIo {
             path: target.path.clone(),
             source,
         };
         let target_grown = !target.block_device && target.size < disk.size;
-        if target_grown {
-            target.file.set_len(disk.size).map_err(target_io)?;
-        }
-
         if disk.size == 0 {
             return Ok(InPlaceReport {
                 point,
@@ -414,11 +444,10 @@ impl Vault {
                 chunks_compared: 0,
                 chunks_written: 0,
                 bytes_written: 0,
-                target_grown,
+                target_grown: false,
             });
         }
 
-        // Pass 2: compare each chunk of the target, fetch and write those that differ.
         let cs = u64::from(disk.chunk_size);
         let count = disk.chunks();
         let conc = in_flight(&self.tuning);
@@ -433,53 +462,123 @@ impl Vault {
                 fetch_concurrency: 1,
             },
         )?;
-        let last_len = disk.size - count.saturating_sub(1) * cs;
-        let zero_full = zero_digest(cs);
         let pass = Arc::new(Pass {
             file: Arc::new(target.file),
             target: target.path.clone(),
             reader,
+            keys: self.keys.clone(),
             size: disk.size,
             cs,
-            count,
-            zero_full,
-            zero_last: if last_len == cs {
-                zero_full
-            } else {
-                zero_digest(last_len)
-            },
             ctx: ctx.clone(),
         });
-        let digest_file = File::open(&digests_path.0).map_err(|source| StoreError::InputIo {
-            path: digests_path.0.clone(),
+
+        // Pass 1: compare, the differing indexes into a temporary file in the cache directory.
+        let dir = self
+            .index_path()
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let index_path = TempFile(temp_index_path(&dir));
+        let index_io = |source| StoreError::OutputIo {
+            path: index_path.0.clone(),
             source,
-        })?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let digests = Digests {
-            file: BufReader::with_capacity(DIGEST_BUF, digest_file),
-            path: digests_path.0.clone(),
-            next: 0,
-            count,
-            stop: stop.clone(),
         };
-        let mut chunks = futures::stream::iter(digests)
-            .map(|d| {
+        let mut out = BufWriter::with_capacity(
+            INDEX_BUF,
+            FsOpen::new()
+                .write(true)
+                .create_new(true)
+                .open(&index_path.0)
+                .map_err(index_io)?,
+        );
+        let mut compared = futures::stream::iter(0..count)
+            .map(|index| {
+                let pass = pass.clone();
+                async move { Ok::<_, StoreError>((index, pass.differs(index).await?)) }
+            })
+            .buffered(conc);
+        let (mut differing, mut differing_bytes) = (0u64, 0u64);
+        while let Some(r) = compared.next().await {
+            let (index, differs) = r?;
+            progress
+                .done
+                .fetch_add(pass.chunk_len(index), Ordering::Relaxed);
+            if differs {
+                out.write_all(&index.to_le_bytes()).map_err(index_io)?;
+                differing += 1;
+                differing_bytes += pass.chunk_len(index);
+            }
+        }
+        drop(compared);
+        out.flush().map_err(index_io)?;
+        drop(out);
+        progress
+            .total
+            .fetch_add(differing_bytes.saturating_mul(2), Ordering::Relaxed);
+        let indexes = |stop: &Arc<AtomicBool>| -> Result<Indexes> {
+            Ok(Indexes {
+                file: BufReader::with_capacity(
+                    INDEX_BUF,
+                    File::open(&index_path.0).map_err(|source| StoreError::InputIo {
+                        path: index_path.0.clone(),
+                        source,
+                    })?,
+                ),
+                path: index_path.0.clone(),
+                left: differing,
+                stop: stop.clone(),
+            })
+        };
+
+        // Pass 2: every differing chunk the point holds as data is fetched and authenticated
+        // before the target is touched.
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut verified = futures::stream::iter(indexes(&stop)?)
+            .map(|i| {
                 let pass = pass.clone();
                 async move {
-                    let (index, want) = d?;
-                    let written = pass.clone().chunk(index, want).await?;
+                    let index = i?;
+                    pass.clone().verify(index).await?;
+                    Ok::<_, StoreError>(pass.chunk_len(index))
+                }
+            })
+            .buffer_unordered(conc);
+        while let Some(r) = verified.next().await {
+            match r {
+                Ok(len) => {
+                    progress.done.fetch_add(len, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        drop(verified);
+
+        // The target now: grown to the disk's size if it is a smaller regular file.
+        if target_grown {
+            pass.file.set_len(disk.size).map_err(target_io)?;
+        }
+
+        // Pass 3: write the differing blocks.
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut chunks = futures::stream::iter(indexes(&stop)?)
+            .map(|i| {
+                let pass = pass.clone();
+                async move {
+                    let index = i?;
+                    let written = pass.clone().write(index).await?;
                     Ok::<_, StoreError>((pass.chunk_len(index), written))
                 }
             })
             .buffer_unordered(conc);
-        let (mut compared, mut written, mut bytes) = (0u64, 0u64, 0u64);
+        let (mut written, mut bytes) = (0u64, 0u64);
         let mut failed = None;
         // On an error no new chunk is started, but those in flight are drained: nothing is
         // written to the target after this returns.
         while let Some(r) = chunks.next().await {
             match r {
                 Ok((len, w)) => {
-                    compared += 1;
                     progress.done.fetch_add(len, Ordering::Relaxed);
                     if w > 0 {
                         written += 1;
@@ -503,7 +602,7 @@ impl Vault {
         Ok(InPlaceReport {
             point,
             disk,
-            chunks_compared: compared,
+            chunks_compared: count,
             chunks_written: written,
             bytes_written: bytes,
             target_grown,
@@ -606,7 +705,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((r.chunks_compared, r.chunks_written), (10, 4));
-        assert_eq!(r.bytes_written, 3 * CS + 1000);
+        // Chunk 0: one 4 KiB block; chunks 3 and 7: whole; chunk 9: its one short block.
+        assert_eq!(r.bytes_written, 4096 + 2 * CS + 1000);
         assert!(!r.target_grown);
         let after = std::fs::read(&t).unwrap();
         assert_eq!(after.len(), img.len() + tail.len());
@@ -616,10 +716,15 @@ mod tests {
         );
         assert_eq!(after[img.len()..], tail[..]);
         let size = img.len() as u64;
-        assert_eq!(progress.total.load(Ordering::Relaxed), 2 * size);
-        assert_eq!(progress.done.load(Ordering::Relaxed), 2 * size);
-        assert_eq!(progress.stored.load(Ordering::Relaxed), 3 * CS + 1000);
-        // The digest file is gone.
+        // Compare the disk, then verify and write the four differing chunks.
+        let want_total = size + 2 * (3 * CS + 1000);
+        assert_eq!(progress.total.load(Ordering::Relaxed), want_total);
+        assert_eq!(progress.done.load(Ordering::Relaxed), want_total);
+        assert_eq!(
+            progress.stored.load(Ordering::Relaxed),
+            4096 + 2 * CS + 1000
+        );
+        // The index file is gone.
         let leftovers = std::fs::read_dir(v.index_path().parent().unwrap())
             .unwrap()
             .filter(|e| {
@@ -627,7 +732,7 @@ mod tests {
                     .unwrap()
                     .file_name()
                     .to_string_lossy()
-                    .ends_with(".digests")
+                    .ends_with(".differing")
             })
             .count();
         assert_eq!(leftovers, 0);
@@ -707,7 +812,7 @@ mod tests {
             msg.contains("target.img") && msg.contains("disk0") && msg.contains("point "),
             "{msg}"
         );
-        // Met in the comparison pass: nothing written, not even grown.
+        // Met in the verify pass: nothing written, not even grown.
         assert_eq!(std::fs::read(&t).unwrap(), target[..(8 * CS) as usize]);
 
         // Met while fetching a differing chunk (damaged after the comparison): the error
@@ -727,19 +832,15 @@ mod tests {
             file,
             target: t.clone(),
             reader,
+            keys: v.keys.clone(),
             size: disk.size,
             cs: CS,
-            count: disk.chunks(),
-            zero_full: zero_digest(CS),
-            zero_last: zero_digest(1000),
             ctx: String::new(),
         });
         let mut failed = None;
         for index in 0..disk.chunks() {
-            let want: [u8; DIGEST_LEN] =
-                Sha256::digest(&img[(index * CS) as usize..img.len().min(chunk(index).end)]).into();
             let before = std::fs::read(&t).unwrap();
-            if let Err(e) = pass.clone().chunk(index, want).await {
+            if let Err(e) = pass.clone().write(index).await {
                 assert_eq!(std::fs::read(&t).unwrap(), before);
                 failed = Some((index, e));
                 break;
@@ -757,6 +858,37 @@ mod tests {
                 && msg.contains(&point.id)
                 && msg.contains("target.img"),
             "{msg}"
+        );
+    }
+
+    /// The compare pass reads no chunk data: with every data pack damaged, a target equal to
+    /// the point is found equal (tree pages only) and nothing is written.
+    #[tokio::test]
+    async fn an_equal_target_is_compared_without_reading_chunk_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (v, img) = setup(dir.path()).await;
+        crate::formats::testkit::damage_data_packs(&v).await;
+        let t = dir.path().join("target.img");
+        std::fs::write(&t, &img).unwrap();
+        let r = v.restore_in_place(opts(&t), Arc::default()).await.unwrap();
+        assert_eq!(
+            (r.chunks_compared, r.chunks_written, r.bytes_written),
+            (10, 0, 0)
+        );
+        assert_eq!(std::fs::read(&t).unwrap(), img);
+    }
+
+    #[test]
+    fn differing_blocks_merge_into_runs() {
+        let want = vec![0u8; 5 * BLOCK + 10];
+        let mut have = want.clone();
+        assert!(differing_runs(&have, &want).is_empty());
+        have[BLOCK + 1] = 1;
+        have[2 * BLOCK] = 1;
+        have[5 * BLOCK + 9] = 1;
+        assert_eq!(
+            differing_runs(&have, &want),
+            vec![BLOCK..3 * BLOCK, 5 * BLOCK..5 * BLOCK + 10]
         );
     }
 }

@@ -279,6 +279,12 @@ impl PointReader {
         }
     }
 
+    /// Chunk `index`'s id, from the tree (pages through the page cache): `ChunkId::ZERO` for
+    /// a zero chunk.
+    pub(crate) async fn chunk_id(&self, index: u64) -> Result<ChunkId> {
+        self.inner.chunk_id(index).await
+    }
+
     /// Fills `buf` with the disk's bytes at `offset`. A read reaching past the end of the disk
     /// is refused (`InvalidArgument`) and reads nothing. A chunk that cannot be fetched or
     /// fails authentication fails the read with an error naming the point, the disk and the

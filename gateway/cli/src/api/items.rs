@@ -144,8 +144,13 @@ pub enum FailoverCmd {
     /// Test failover: materialise a recovery point into an isolated directory on the
     /// appliance (named after the job) while replication goes on; one at a time.
     Test {
-        /// Item name.
+        /// Item name (with `--group`, a replication group's name).
         name: String,
+        /// NAME is a replication group: fail over each of its items together, each as its
+        /// own job, all queued or none (`test` and `unplanned`: one point time for the
+        /// group, each member its newest point at or before it).
+        #[arg(long)]
+        group: bool,
         #[command(flatten)]
         point: FailoverPointArgs,
         /// Only if the item is still at this revision.
@@ -159,8 +164,13 @@ pub enum FailoverCmd {
     /// failover is made from that cycle — nothing written before it is lost. The job waits for
     /// the agent (`[target] planned_failover_timeout_secs`).
     Planned {
-        /// Item name.
+        /// Item name (with `--group`, a replication group's name).
         name: String,
+        /// NAME is a replication group: fail over each of its items together, each as its
+        /// own job, all queued or none (`test` and `unplanned`: one point time for the
+        /// group, each member its newest point at or before it).
+        #[arg(long)]
+        group: bool,
         /// Output format of the disks: raw, vhd, qcow2, vmdk, vhdx or vmdk-stream.
         #[arg(long, default_value = "raw")]
         format: String,
@@ -173,8 +183,13 @@ pub enum FailoverCmd {
     /// Unplanned failover (the source is unreachable): materialise a recovery point; the
     /// item is `failover-pending-commit` and its replication stops.
     Unplanned {
-        /// Item name.
+        /// Item name (with `--group`, a replication group's name).
         name: String,
+        /// NAME is a replication group: fail over each of its items together, each as its
+        /// own job, all queued or none (`test` and `unplanned`: one point time for the
+        /// group, each member its newest point at or before it).
+        #[arg(long)]
+        group: bool,
         #[command(flatten)]
         point: FailoverPointArgs,
         /// Only if the item is still at this revision.
@@ -664,42 +679,57 @@ pub(super) async fn item(cmd: ItemCmd) -> Result<(), ClientError> {
 
 pub(super) async fn failover(cmd: FailoverCmd) -> Result<(), ClientError> {
     let c = connect()?;
+    let mut group = false;
     let (path, body, if_match, op) = match cmd {
         FailoverCmd::Test {
             name,
+            group: g,
             point,
             if_match,
             op,
-        } => (
-            vec![name, "failover".to_string()],
-            Some(serde_json::json!({"type": "test", "point": point.point, "format": point.format})),
-            if_match,
-            op,
-        ),
+        } => {
+            group = g;
+            (
+                vec![name, "failover".to_string()],
+                Some(
+                    serde_json::json!({"type": "test", "point": point.point, "format": point.format}),
+                ),
+                if_match,
+                op,
+            )
+        }
         FailoverCmd::Planned {
             name,
+            group: g,
             format,
             if_match,
             op,
-        } => (
-            vec![name, "failover".to_string()],
-            Some(serde_json::json!({"type": "planned", "format": format})),
-            if_match,
-            op,
-        ),
+        } => {
+            group = g;
+            (
+                vec![name, "failover".to_string()],
+                Some(serde_json::json!({"type": "planned", "format": format})),
+                if_match,
+                op,
+            )
+        }
         FailoverCmd::Unplanned {
             name,
+            group: g,
             point,
             if_match,
             op,
-        } => (
-            vec![name, "failover".to_string()],
-            Some(
-                serde_json::json!({"type": "unplanned", "point": point.point, "format": point.format}),
-            ),
-            if_match,
-            op,
-        ),
+        } => {
+            group = g;
+            (
+                vec![name, "failover".to_string()],
+                Some(
+                    serde_json::json!({"type": "unplanned", "point": point.point, "format": point.format}),
+                ),
+                if_match,
+                op,
+            )
+        }
         FailoverCmd::Failback {
             name,
             in_place,
@@ -740,7 +770,7 @@ pub(super) async fn failover(cmd: FailoverCmd) -> Result<(), ClientError> {
             op,
         ),
     };
-    let mut segments = vec!["items"];
+    let mut segments = vec![if group { "groups" } else { "items" }];
     segments.extend(path.iter().map(String::as_str));
     let a = c
         .send(
@@ -751,7 +781,65 @@ pub(super) async fn failover(cmd: FailoverCmd) -> Result<(), ClientError> {
             body.as_ref(),
         )
         .await?;
+    if group {
+        return group_operation(&c, a, &op).await;
+    }
     operation(&c, a, &op).await
+}
+
+/// The answer to a group failover: one line per member (item, job, point); with `--wait`,
+/// follows every member's job to its end and fails if any failed.
+async fn group_operation(c: &Client, a: Answer, op: &OpArgs) -> Result<(), ClientError> {
+    let members = a.json["members"].as_array().cloned().unwrap_or_default();
+    let summary = |v: &Value| {
+        let mut out = format!(
+            "group {}: {} member(s) queued{}",
+            cell(&v["group"]),
+            members.len(),
+            if v["point_time"].is_string() {
+                format!(", points at or before {}", cell(&v["point_time"]))
+            } else {
+                String::new()
+            }
+        );
+        for m in &members {
+            out.push_str(&format!(
+                "\n  item {} is {}; job {} ({}), point {}",
+                cell(&m["item"]["name"]),
+                cell(&m["item"]["state"]),
+                cell(&m["job"]["id"]),
+                cell(&m["job"]["kind"]),
+                if m["point"].is_string() {
+                    cell(&m["point"])
+                } else {
+                    "its final cycle".to_string()
+                }
+            ));
+        }
+        out
+    };
+    if !op.wait {
+        print_answer(&op.out, &a, |v| {
+            format!("{}\nfollow them with `ferry job wait ID`", summary(v))
+        });
+        return Ok(());
+    }
+    if op.out.output == Output::Table {
+        line(&summary(&a.json));
+    }
+    let mut failed = Vec::new();
+    for m in &members {
+        let id = m["job"]["id"].as_str().unwrap_or_default().to_string();
+        let j = follow(c, &id, &op.out).await?;
+        if let Err(e) = outcome(&op.out, &j) {
+            failed.push(e.to_string());
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(ClientError::Local(failed.join("; ")))
+    }
 }
 
 /// `ferry item pause|resume`: `verb` is the path's last segment; prints the item.

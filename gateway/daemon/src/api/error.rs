@@ -204,6 +204,9 @@ impl From<CatalogError> for ApiError {
             CatalogError::GroupExists(_) => {
                 ApiError::new(StatusCode::CONFLICT, "group_exists", e.to_string())
             }
+            CatalogError::GroupChanged(_) => {
+                ApiError::new(StatusCode::CONFLICT, "group_changed", e.to_string())
+            }
             CatalogError::ItemInGroup { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "item_in_group", e.to_string())
             }

@@ -233,6 +233,16 @@ pub(super) struct Accepted {
     job: JobJson,
 }
 
+impl Accepted {
+    /// The item and its job as answered.
+    pub(super) fn new(item: ItemJson, job: crate::catalog::Job) -> Self {
+        Self {
+            item,
+            job: job.into(),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateBody {
@@ -500,29 +510,26 @@ pub(super) async fn reprotect(
     Ok(accepted(it, job))
 }
 
-/// Starts a failover of the item as a job: `test` materialises the chosen point into an
-/// isolated directory named after the job while replication goes on (one at a time, until
-/// `test-failover/cleanup`); `unplanned` materialises it and leaves the item
-/// `failover-pending-commit`, its replication stopped; `planned` first asks the agent for a
-/// final cycle (its plan's `final_cycle`) and fails over from that point.
-pub(super) async fn failover(
-    State(s): State<ApiState>,
-    Extension(by): Extension<AdminId>,
-    ApiPath(name): ApiPath<String>,
-    headers: HeaderMap,
-    ApiJson(body): ApiJson<FailoverBody>,
-) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>), ApiError> {
-    let mode = item::FailoverMode::parse(&body.mode).ok_or_else(|| {
+/// The failover type, point and format of a failover body, checked: the type one of `test`,
+/// `planned`, `unplanned`; the format one the API documents (default `raw`); the point
+/// (default `latest`) 1 to 128 characters, and none for a planned failover.
+pub(super) fn failover_choice(
+    mode: &str,
+    point: Option<String>,
+    format: Option<String>,
+) -> Result<(item::FailoverMode, String, String), ApiError> {
+    let body_mode = mode;
+    let mode = item::FailoverMode::parse(body_mode).ok_or_else(|| {
         ApiError::bad_field(
             "invalid_value",
             "type",
             format!(
                 "type `{}`: a failover is `test`, `planned` or `unplanned`",
-                body.mode.chars().take(64).collect::<String>()
+                body_mode.chars().take(64).collect::<String>()
             ),
         )
     })?;
-    let format = body.format.unwrap_or_else(|| "raw".into());
+    let format = format.unwrap_or_else(|| "raw".into());
     // Exactly the names the API documents (the CLI's parser also takes aliases).
     if !ferry_store::ExportFormat::ALL
         .iter()
@@ -538,14 +545,14 @@ pub(super) async fn failover(
             ),
         ));
     }
-    if mode == item::FailoverMode::Planned && body.point.as_deref().is_some_and(|p| p != "latest") {
+    if mode == item::FailoverMode::Planned && point.as_deref().is_some_and(|p| p != "latest") {
         return Err(ApiError::bad_field(
             "invalid_value",
             "point",
             "a planned failover is made from the agent's final cycle: leave `point` out",
         ));
     }
-    let point = body.point.unwrap_or_else(|| "latest".into());
+    let point = point.unwrap_or_else(|| "latest".into());
     if point.is_empty()
         || point.chars().count() > 128
         || point.chars().any(|c| c.is_ascii_control())
@@ -556,6 +563,22 @@ pub(super) async fn failover(
             "point: `latest`, `latest-app-consistent`, an RFC 3339 time or a point id (1 to 128 characters)",
         ));
     }
+    Ok((mode, point, format))
+}
+
+/// Starts a failover of the item as a job: `test` materialises the chosen point into an
+/// isolated directory named after the job while replication goes on (one at a time, until
+/// `test-failover/cleanup`); `unplanned` materialises it and leaves the item
+/// `failover-pending-commit`, its replication stopped; `planned` first asks the agent for a
+/// final cycle (its plan's `final_cycle`) and fails over from that point.
+pub(super) async fn failover(
+    State(s): State<ApiState>,
+    Extension(by): Extension<AdminId>,
+    ApiPath(name): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<FailoverBody>,
+) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<Accepted>), ApiError> {
+    let (mode, point, format) = failover_choice(&body.mode, body.point, body.format)?;
     let op = match mode {
         item::FailoverMode::Test => Operation::TestFailover,
         item::FailoverMode::Planned | item::FailoverMode::Unplanned => Operation::Failover,

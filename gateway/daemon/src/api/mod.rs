@@ -92,6 +92,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/groups/{name}"),
     ("PATCH", "/api/v1/groups/{name}"),
     ("DELETE", "/api/v1/groups/{name}"),
+    ("POST", "/api/v1/groups/{name}/failover"),
     ("GET", "/api/v1/enrollment-tokens"),
     ("POST", "/api/v1/enrollment-tokens"),
     ("DELETE", "/api/v1/enrollment-tokens/{id}"),
@@ -326,6 +327,7 @@ pub fn router(state: ApiState) -> Router {
                 .patch(groups::update)
                 .delete(groups::delete),
         )
+        .route("/api/v1/groups/{name}/failover", post(groups::failover))
         .route(
             "/api/v1/enrollment-tokens",
             get(agents::list_tokens).post(agents::create_token),

@@ -2293,3 +2293,253 @@ async fn failover_test_cleanup_unplanned_commit() {
         "{it}"
     );
 }
+
+/// `POST /groups/{name}/failover`: one time for the whole group, each member pinned to its
+/// newest point at or before it; every refusal (a point id, no point at the time, a stale
+/// If-Match, one member that cannot fail over, an empty group) queues nothing for anyone.
+#[tokio::test]
+async fn group_failover_picks_one_time_and_queues_all_or_none() {
+    use ferry_store::{Consistency, ImportOptions};
+    let f = fixture(&[]).await;
+    // a1 (app), b1 (app), a2, b2, a3: each a distinct millisecond.
+    let disk = f._dir.path().join("g.img");
+    let mut ids = std::collections::BTreeMap::new();
+    for (n, (item, app)) in [
+        ("a", true),
+        ("b", true),
+        ("a", false),
+        ("b", false),
+        ("a", false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        std::fs::write(&disk, vec![u8::try_from(n + 1).unwrap(); 256 << 10]).unwrap();
+        let mut o = ImportOptions::full(item, &disk);
+        if app {
+            o.consistency = Consistency::App;
+        }
+        let r = f.vault.import(o, Default::default()).await.unwrap();
+        ids.insert(format!("{item}{}", n / 2 + 1), r.point.id);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Enabled after their points exist: a and b are `protected`, c (no point) is not.
+    for name in ["a", "b", "c"] {
+        let (s, v) = f
+            .send(
+                Method::POST,
+                "/api/v1/items",
+                Some(&format!(
+                    r#"{{"name":"{name}","disks":[{{"name":"disk0","size_bytes":262144}}]}}"#
+                )),
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    }
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/groups",
+            Some(r#"{"name":"tier1","items":["a","b"]}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let jobs_before = f.get("/api/v1/jobs").await.1["items"]
+        .as_array()
+        .unwrap()
+        .len();
+
+    // Refusals.
+    for (body, status, want) in [
+        (
+            r#"{"type":"test","point":"20260101T000000.000Z-x"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
+            r#"{"type":"unplanned","point":"2001-01-01T00:00:00Z"}"#,
+            StatusCode::NOT_FOUND,
+            "no_point",
+        ),
+        (
+            r#"{"type":"planned","point":"latest-app-consistent"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
+            r#"{"type":"test","format":"iso"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+    ] {
+        let (s, v) = f
+            .send(Method::POST, "/api/v1/groups/tier1/failover", Some(body))
+            .await;
+        assert_eq!((s, code(&v)), (status, want), "{body}: {v}");
+    }
+    let (s, _, v) = f
+        .request(
+            Method::POST,
+            "/api/v1/groups/tier1/failover",
+            Some(&f.admin.clone()),
+            &[("if-match", "\"1\"")],
+            Some(("application/json", r#"{"type":"test"}"#)),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::PRECONDITION_FAILED, "revision_mismatch"),
+        "{v}"
+    );
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/groups/nope/failover",
+            Some(r#"{"type":"test"}"#),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::NOT_FOUND, "group_not_found"),
+        "{v}"
+    );
+    nothing_queued(&f, &["a", "b"]).await;
+
+    // `latest`: the group's time is b2's (the older of a3 and b2): a fails over from a2.
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/groups/tier1/failover",
+            Some(r#"{"type":"test","format":"raw"}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let b2 = f
+        .vault
+        .point("b", &ferry_store::PointSelector::Id(ids["b2"].clone()))
+        .await
+        .unwrap();
+    assert_eq!(v["point_time"], ferry_store::point::rfc3339(b2.created_ms));
+    let members = v["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2);
+    for m in members {
+        let item = m["item"]["name"].as_str().unwrap();
+        let want = if item == "a" { &ids["a2"] } else { &ids["b2"] };
+        assert_eq!(m["point"], want.as_str(), "{m}");
+        assert_eq!(m["job"]["kind"], "test-failover");
+        let j = f.job_end(m["job"]["id"].as_str().unwrap()).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+        let (_, it) = f.get(&format!("/api/v1/items/{item}")).await;
+        assert_eq!(it["test_failover"]["point"], want.as_str(), "{it}");
+    }
+
+    // One member cannot (b's test copy is cleaned up, a's is not): nothing is queued for b.
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/items/b/test-failover/cleanup", None)
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/groups/tier1/failover",
+            Some(r#"{"type":"test"}"#),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::CONFLICT, "illegal_transition"),
+        "{v}"
+    );
+    assert!(v["message"].as_str().unwrap().contains("`a`"), "{v}");
+    let (_, it) = f.get("/api/v1/items/b").await;
+    assert_eq!(
+        (it["active_job"].clone(), it["test_failover"].clone()),
+        (Value::Null, Value::Null),
+        "{it}"
+    );
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/items/a/test-failover/cleanup", None)
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    nothing_queued(&f, &["a", "b"]).await;
+
+    // `latest-app-consistent`, unplanned: each member's own newest app-consistent point; the
+    // group's time is the older (a1's). Both items then wait for commit.
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/groups/tier1/failover",
+            Some(r#"{"type":"unplanned","point":"latest-app-consistent"}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let a1 = f
+        .vault
+        .point("a", &ferry_store::PointSelector::Id(ids["a1"].clone()))
+        .await
+        .unwrap();
+    assert_eq!(v["point_time"], ferry_store::point::rfc3339(a1.created_ms));
+    for m in v["members"].as_array().unwrap() {
+        let item = m["item"]["name"].as_str().unwrap();
+        let want = if item == "a" { &ids["a1"] } else { &ids["b1"] };
+        assert_eq!(m["point"], want.as_str(), "{m}");
+        let j = f.job_end(m["job"]["id"].as_str().unwrap()).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+        let (_, it) = f.get(&format!("/api/v1/items/{item}")).await;
+        assert_eq!(it["state"], "failover-pending-commit", "{it}");
+        assert_eq!(it["failover"]["point"], want.as_str(), "{it}");
+    }
+
+    // An empty group, and a member without points, are refused.
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/groups", Some(r#"{"name":"empty"}"#))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/groups/empty/failover",
+            Some(r#"{"type":"test"}"#),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::CONFLICT, "illegal_transition"),
+        "{v}"
+    );
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/groups",
+            Some(r#"{"name":"lone","items":["c"]}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/groups/lone/failover",
+            Some(r#"{"type":"test"}"#),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "no_point"), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("`c`"), "{v}");
+    let jobs_after = f.get("/api/v1/jobs").await.1["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    // Two test failovers, two cleanups, two unplanned failovers: nothing else.
+    assert_eq!(jobs_after, jobs_before + 6);
+}
+
+/// Items `names` are protected with no job.
+async fn nothing_queued(f: &Fixture, names: &[&str]) {
+    for name in names {
+        let (_, it) = f.get(&format!("/api/v1/items/{name}")).await;
+        assert_eq!(it["state"], "protected", "{it}");
+        assert_eq!(it["active_job"], Value::Null, "{it}");
+    }
+}

@@ -861,7 +861,7 @@ impl Catalog {
         Ok(g)
     }
 
-    fn group_for_change(
+    pub(super) fn group_for_change(
         &self,
         w: &redb::WriteTransaction,
         name: &str,

@@ -753,8 +753,57 @@ impl Catalog {
         now_ms: u64,
     ) -> Result<(Item, Job)> {
         let w = self.db.begin_write().map_err(|e| self.err(e))?;
+        let pair = self.begin_job_in(&w, name, op, failover, agent, expect, now_ms)?;
+        w.commit().map_err(|e| self.err(e))?;
+        Ok(pair)
+    }
+
+    /// Starts a failover of every member of group `group` in one transaction: each member
+    /// gets its job, or (the first refusal naming its item) none does. `members` must be
+    /// exactly the group's items, each with its request (the caller resolved the points
+    /// against the group as it read it; a group changed since is refused).
+    pub fn begin_group_failover(
+        &self,
+        group: &str,
+        members: Vec<(String, FailoverRequest)>,
+        expect: Option<&[u64]>,
+        now_ms: u64,
+    ) -> Result<Vec<(Item, Job)>> {
+        let w = self.db.begin_write().map_err(|e| self.err(e))?;
+        let g = self.group_for_change(&w, group, expect)?;
+        let mut have: Vec<&str> = g.items.iter().map(String::as_str).collect();
+        let mut want: Vec<&str> = members.iter().map(|(n, _)| n.as_str()).collect();
+        have.sort_unstable();
+        want.sort_unstable();
+        if have != want {
+            return Err(CatalogError::GroupChanged(group.to_string()));
+        }
+        let mut out = Vec::with_capacity(members.len());
+        for (name, req) in members {
+            let op = if req.mode == FailoverMode::Test {
+                Operation::TestFailover
+            } else {
+                Operation::Failover
+            };
+            out.push(self.begin_job_in(&w, &name, op, Some(req), None, None, now_ms)?);
+        }
+        w.commit().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn begin_job_in(
+        &self,
+        w: &redb::WriteTransaction,
+        name: &str,
+        op: Operation,
+        failover: Option<FailoverRequest>,
+        agent: Option<String>,
+        expect: Option<&[u64]>,
+        now_ms: u64,
+    ) -> Result<(Item, Job)> {
         let pair = {
-            let mut it = self.item_in(&w, name)?;
+            let mut it = self.item_in(w, name)?;
             Self::expect_revision(&it, expect)?;
             if let Some(job) = &it.active_job {
                 return Err(CatalogError::ItemBusy {
@@ -803,17 +852,16 @@ impl Catalog {
             let mut queued = Job::queued(op, name, Some(it.state), now_ms);
             queued.failover = failover;
             queued.agent = agent;
-            let job = self.insert_new_job(&w, queued)?;
+            let job = self.insert_new_job(w, queued)?;
             if let Some(s) = op.during() {
                 it.state = s;
             }
             it.active_job = Some(job.id.clone());
-            it.revision = self.next_revision(&w)?;
+            it.revision = self.next_revision(w)?;
             it.updated_ms = now_ms;
-            self.put_item(&w, &it)?;
+            self.put_item(w, &it)?;
             (it, job)
         };
-        w.commit().map_err(|e| self.err(e))?;
         Ok(pair)
     }
 

@@ -274,6 +274,9 @@ pub enum CatalogError {
     /// No group has this name.
     #[error("no group `{0}`")]
     GroupNotFound(String),
+    /// The group's members changed while a group operation was being prepared.
+    #[error("group `{0}` changed while its failover was being prepared: read it again and retry")]
+    GroupChanged(String),
     /// A group of that name exists.
     #[error("a group named `{0}` already exists")]
     GroupExists(String),
