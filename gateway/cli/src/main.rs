@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use ferry_store::{
-    Backend, Consistency, ExportFormat, ExportOptions, FormatOptions, ImportOptions, InitOptions,
-    OpenOptions, PointSelector, Progress, Secret, UploadTuning, Vault,
+    Backend, Consistency, ExportFormat, ExportOptions, FileUploadTuning, FormatOptions,
+    ImportOptions, InitOptions, LocationExportOptions, OpenOptions, PointSelector, Progress,
+    Secret, UploadTuning, Vault,
 };
 use serde_json::json;
 
@@ -223,7 +224,8 @@ enum VaultCmd {
     },
     /// Write a recovery point's disk out as a raw (sparse) image, a VHD fixed, a VHDX, a qcow2
     /// or a VMDK (monolithicSparse or streamOptimized). Zero chunks are never written; the
-    /// file takes its name only once complete.
+    /// file takes its name only once complete. With an object-store URL as --out, the export
+    /// is staged locally and uploaded create-only (never replacing an object).
     Export {
         #[command(flatten)]
         repo: RepoArgs,
@@ -237,13 +239,30 @@ enum VaultCmd {
         /// Disk name (needed when the point has several disks).
         #[arg(long)]
         disk: Option<String>,
-        /// Output file.
+        /// Output file, or an object-store URL naming the object: s3://bucket/prefix/NAME,
+        /// az://container/prefix/NAME or file:///dir/NAME (same syntax and credentials as
+        /// --repo: AWS_*/AZURE_* variables or --out-option). A URL is exported to a staging
+        /// file (the vault's cache directory, or --staging-dir) and uploaded in parts,
+        /// create-only: an existing object is refused, a failed upload leaves no object.
+        /// Object stores have no holes: a raw image is uploaded at its full size.
         #[arg(
             long,
             required_unless_present = "in_place",
             conflicts_with = "in_place"
         )]
         out: Option<PathBuf>,
+        /// With an --out URL: the directory of the staging file (needs room for the export)
+        /// [default: the vault's cache directory].
+        #[arg(long, value_name = "DIR", conflicts_with = "in_place")]
+        staging_dir: Option<PathBuf>,
+        /// With an --out URL: an option of its location KEY=VALUE (as --repo-option, e.g.
+        /// endpoint=…, allow_http=true); credentials belong in the environment.
+        #[arg(
+            long = "out-option",
+            value_name = "KEY=VALUE",
+            conflicts_with = "in_place"
+        )]
+        out_options: Vec<String>,
         /// Write the disk onto this existing file or block device instead, only the chunks
         /// that differ from what it holds (failback onto an original disk); raw only.
         #[arg(long, value_name = "TARGET")]
@@ -755,6 +774,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             point,
             disk,
             out: path,
+            staging_dir,
+            out_options,
             in_place,
             format,
             vhd_round_up,
@@ -813,6 +834,75 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let path = path.context("--out is required")?;
+            if let Some(url) = path.to_str().filter(|p| p.contains("://")) {
+                if force || sync {
+                    bail!(
+                        "--force and --sync apply to a local file: an export to an object store \
+                         never replaces an object (delete it first)"
+                    );
+                }
+                let (location, object) = ferry_store::upload::split_location(url)?;
+                let staging_dir = match staging_dir {
+                    Some(d) => d,
+                    None => v
+                        .index_path()
+                        .parent()
+                        .map_or_else(|| PathBuf::from("."), std::path::Path::to_path_buf),
+                };
+                let o = LocationExportOptions {
+                    item,
+                    point: PointSelector::parse(&point),
+                    disk,
+                    format: FormatOptions {
+                        format,
+                        vhd_round_up,
+                    },
+                    object,
+                    staging_dir,
+                    upload: FileUploadTuning::default(),
+                };
+                let t0 = Instant::now();
+                let r = with_progress(
+                    repo.json,
+                    "export",
+                    progress.clone(),
+                    v.export_to_location(
+                        &location,
+                        &kv(&out_options, "--out-option")?,
+                        o,
+                        progress,
+                    ),
+                )
+                .await?;
+                if repo.json {
+                    out(&json!({
+                        "point": r.point.id,
+                        "disk": r.disk.name,
+                        "size": r.disk.size,
+                        "format": r.format.as_str(),
+                        "out": r.url,
+                        "object": r.object,
+                        "bytes_uploaded": r.bytes_uploaded,
+                        "chunks_written": r.chunks_written,
+                        "reads": r.reads,
+                        "seconds": t0.elapsed().as_secs_f64(),
+                    }));
+                } else {
+                    line(&format!(
+                        "exported {} disk {} ({}) as {} to {} ({} uploaded)",
+                        r.point.id,
+                        r.disk.name,
+                        human(r.disk.size),
+                        r.format,
+                        r.url,
+                        human(r.bytes_uploaded)
+                    ));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if staging_dir.is_some() || !out_options.is_empty() {
+                bail!("--staging-dir and --out-option apply only to an object-store --out URL");
+            }
             let o = ExportOptions {
                 item,
                 point: PointSelector::parse(&point),

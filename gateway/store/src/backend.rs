@@ -11,9 +11,13 @@
 //! [`StoreError`] naming the object, and uploads that are create-only: a single `PUT` with
 //! `If-None-Match: *` semantics for ordinary objects, and for large packs a multipart upload to
 //! a staging name followed by a create-only copy (`copy_if_not_exists`).
+//! [`Backend::put_create_file`] streams a local file (an export, `crate::upload`) the same
+//! way, a bounded number of bounded parts at a time, so memory does not grow with the file.
 
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -40,6 +44,57 @@ impl Default for UploadTuning {
             multipart_threshold: 32 << 20,
             part_size: 8 << 20,
         }
+    }
+}
+
+/// Most parts one multipart upload may have (S3's limit; Azure allows 50,000 blocks).
+pub const MAX_PARTS: u64 = 10_000;
+
+/// Largest object [`Backend::put_create_file`] publishes on S3 or Azure by a create-only copy
+/// of a staged upload: S3 copies an object into a multipart upload as one `UploadPartCopy`
+/// (at most 5 GiB), Azure's synchronous copy takes a source of at most 5,000 MiB.
+pub const COPY_LIMIT: u64 = 5000 << 20;
+
+/// Tuning of [`Backend::put_create_file`]: memory is bounded by `part_size × concurrency`.
+#[derive(Debug, Clone, Copy)]
+pub struct FileUploadTuning {
+    /// Size of each part (S3 requires at least 5 MiB for all but the last). A file that would
+    /// need more than [`MAX_PARTS`] parts gets larger parts, and then fewer of them in flight,
+    /// so that `part_size × concurrency` still bounds the memory (at least one part in flight).
+    pub part_size: usize,
+    /// Parts read and uploading at once, at most.
+    pub concurrency: usize,
+    /// On S3 and Azure, files up to this size are uploaded to a staging name and published by
+    /// a create-only copy (atomic: never overwrites). Larger files are uploaded straight to
+    /// their name and completed only if the name is still free just before (checked, not
+    /// atomic: a writer racing in that instant would be overwritten). Local directories and
+    /// `memory://` ignore it unless it is lowered (their copy has no size limit).
+    pub copy_limit: u64,
+}
+
+impl Default for FileUploadTuning {
+    fn default() -> Self {
+        Self {
+            part_size: 16 << 20,
+            concurrency: 4,
+            copy_limit: COPY_LIMIT,
+        }
+    }
+}
+
+impl FileUploadTuning {
+    /// The part size and concurrency for a file of `len` bytes: at most [`MAX_PARTS`] parts,
+    /// whole MiB when grown, and `part × concurrency` within the configured budget.
+    pub fn plan(&self, len: u64) -> (usize, usize) {
+        let part = self.part_size.max(1);
+        let conc = self.concurrency.max(1);
+        let min_part = usize::try_from(len.div_ceil(MAX_PARTS).next_multiple_of(1 << 20))
+            .unwrap_or(usize::MAX);
+        if min_part <= part {
+            return (part, conc);
+        }
+        let budget = part.saturating_mul(conc);
+        (min_part, (budget / min_part).max(1))
     }
 }
 
@@ -313,6 +368,134 @@ impl Backend {
         Ok(copied)
     }
 
+    /// Whether `name` exists.
+    pub async fn exists(&self, name: &str) -> Result<bool> {
+        match self.head(name).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::MissingObject(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates `name` from the local file `path` only if `name` does not exist; returns
+    /// `Ok(false)` if it already existed (nothing was changed). Memory is bounded by
+    /// `tuning` (see [`FileUploadTuning::plan`]) whatever the file's size; `done` counts the
+    /// bytes uploaded.
+    ///
+    /// Create-only as [`Backend::put_create_large`]: a file of at most one part is one
+    /// create-only `PUT`; a larger one is a multipart upload to a staging name next to
+    /// `name` (`<name>.ferry-partial-<random>`) published by a create-only copy
+    /// (`copy_if_not_exists`: a conditional complete on S3, `If-None-Match: *` on Azure, a
+    /// hard link on a local directory), then the staging object is deleted. Above
+    /// `tuning.copy_limit` on S3 and Azure, whose copies are limited, the upload goes to
+    /// `name` itself and is completed only if `name` is still absent just before. A multipart
+    /// upload is invisible until completed, and aborted on any error; a staging object is
+    /// deleted on any error. Only a crash can leave an unfinished upload or a staging object
+    /// behind, never an object under `name` that is not the whole file.
+    pub async fn put_create_file(
+        &self,
+        name: &str,
+        path: &std::path::Path,
+        tuning: FileUploadTuning,
+        done: &AtomicU64,
+    ) -> Result<bool> {
+        let in_io = |source| StoreError::InputIo {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = Arc::new(std::fs::File::open(path).map_err(in_io)?);
+        let len = file.metadata().map_err(in_io)?.len();
+        if self.exists(name).await? {
+            return Ok(false);
+        }
+        let (part, conc) = tuning.plan(len);
+        if len <= part as u64 {
+            let buf = read_part(&file, path, 0, usize::try_from(len).expect("len ≤ part")).await?;
+            let created = self.put_create(name, Bytes::from(buf)).await?;
+            if created {
+                done.fetch_add(len, Ordering::Relaxed);
+            }
+            return Ok(created);
+        }
+        // A local directory's and memory's copies have no size limit.
+        let unlimited = self.local_root.is_some() || self.url == "memory://";
+        let direct = len > tuning.copy_limit && !(unlimited && tuning.copy_limit == COPY_LIMIT);
+        let target = if direct {
+            name.to_string()
+        } else {
+            format!(
+                "{name}.ferry-partial-{}",
+                hex::encode(crate::crypto::random_bytes::<8>())
+            )
+        };
+        let tp = Path::from(target.as_str());
+        let mut up = self
+            .store
+            .put_multipart(&tp)
+            .await
+            .map_err(|e| StoreError::backend(&target, e))?;
+        let res: Result<bool> = async {
+            let mut inflight = futures::stream::FuturesUnordered::new();
+            let mut off = 0u64;
+            while off < len {
+                // At most `conc` parts in memory: one is read only when another is done.
+                while inflight.len() >= conc {
+                    let n = inflight.next().await.expect("parts in flight")?;
+                    done.fetch_add(n, Ordering::Relaxed);
+                }
+                let n = usize::try_from((len - off).min(part as u64)).expect("≤ part");
+                let buf = read_part(&file, path, off, n).await?;
+                let fut = up.put_part(PutPayload::from_bytes(Bytes::from(buf)));
+                let t = target.clone();
+                inflight.push(async move {
+                    fut.await
+                        .map(|()| n as u64)
+                        .map_err(|e| StoreError::backend(t, e))
+                });
+                off += n as u64;
+            }
+            while let Some(n) = inflight.next().await {
+                done.fetch_add(n?, Ordering::Relaxed);
+            }
+            if direct && self.exists(name).await? {
+                return Ok(false);
+            }
+            up.complete()
+                .await
+                .map_err(|e| StoreError::backend(&target, e))?;
+            Ok(true)
+        }
+        .await;
+        match res {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = up.abort().await;
+                return Ok(false);
+            }
+            Err(e) => {
+                let _ = up.abort().await;
+                return Err(e);
+            }
+        }
+        if direct {
+            self.sync_local(name).await?;
+            return Ok(true);
+        }
+        let copied = match self.store.copy_if_not_exists(&tp, &Path::from(name)).await {
+            Ok(()) => true,
+            Err(object_store::Error::AlreadyExists { .. }) => false,
+            Err(e) => {
+                let _ = self.store.delete(&tp).await;
+                return Err(StoreError::backend(name, e));
+            }
+        };
+        let _ = self.store.delete(&tp).await;
+        if copied {
+            self.sync_local(name).await?;
+        }
+        Ok(copied)
+    }
+
     /// Makes every write so far durable before the next one. Cloud stores acknowledge a
     /// `PUT` only once it is durable; a local directory needs its file system synced
     /// (object_store's local backend does not fsync).
@@ -346,6 +529,26 @@ impl Backend {
 }
 
 use futures::StreamExt as _;
+
+/// Reads `n` bytes of `file` at `off` on the blocking pool.
+async fn read_part(
+    file: &Arc<std::fs::File>,
+    path: &std::path::Path,
+    off: u64,
+    n: usize,
+) -> Result<Vec<u8>> {
+    let f = file.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; n];
+        f.read_exact_at(&mut buf, off).map(|()| buf)
+    })
+    .await
+    .map_err(|e| StoreError::Pipeline(e.to_string()))?
+    .map_err(|source| StoreError::InputIo {
+        path: path.to_path_buf(),
+        source,
+    })
+}
 
 fn split_bucket(rest: &str) -> (&str, &str) {
     match rest.split_once('/') {

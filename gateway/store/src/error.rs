@@ -157,6 +157,24 @@ pub enum StoreError {
         /// What failed.
         reason: String,
     },
+    /// An export's destination object already exists; nothing was written.
+    #[error(
+        "`{object}` already exists: an export never replaces an object (delete it or choose another name)"
+    )]
+    ObjectExists {
+        /// The object, as a URL without credentials.
+        object: String,
+    },
+    /// Uploading an export to an object-store location failed; no object was created under
+    /// its name.
+    #[error("cannot upload the export to `{object}`: {cause}")]
+    Upload {
+        /// The destination object, as a URL without credentials.
+        object: String,
+        /// What failed (the backend, or reading the staging file). Not a `#[source]`: the
+        /// message already holds it, and `{:#}` would print it twice.
+        cause: Box<StoreError>,
+    },
     /// An internal pipeline stage stopped unexpectedly.
     #[error("pipeline: {0}")]
     Pipeline(String),

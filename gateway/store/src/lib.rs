@@ -36,10 +36,11 @@ pub mod restore;
 pub mod sealed;
 pub mod source;
 pub mod tree;
+pub mod upload;
 pub mod vault;
 pub mod verify;
 
-pub use backend::{Backend, BackendOptions, UploadTuning};
+pub use backend::{Backend, BackendOptions, FileUploadTuning, UploadTuning};
 pub use crypto::Secret;
 pub use digests::{DigestOptions, DigestReport};
 pub use error::{Result, StoreError};
@@ -49,6 +50,7 @@ pub use inplace::{InPlaceOptions, InPlaceReport};
 pub use point::{Consistency, DiskRecord, PointRecord};
 pub use reader::{PointReader, ReaderOptions, ReaderStats};
 pub use restore::{ExportOptions, ExportReport};
+pub use upload::{LocationExportOptions, LocationExportReport};
 pub use vault::{InitOptions, OpenOptions, PointSelector, Tuning, Vault};
 pub use verify::{VerifyProblem, VerifyReport};
 

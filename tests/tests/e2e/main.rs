@@ -10,6 +10,7 @@ mod cli;
 mod control_cli;
 mod ebs;
 mod export_formats;
+mod export_remote;
 mod format_v1;
 mod nbd;
 mod plugin_cli;
