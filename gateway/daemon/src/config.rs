@@ -72,6 +72,13 @@ pub struct TargetConfig {
     /// How long a planned failover waits for the agent's final cycle before it fails (the
     /// item stays as it was).
     pub planned_failover_timeout_secs: u64,
+    /// Address instant-recovery mounts are served on (NBD, one port per mount, picked by the
+    /// kernel). NBD has no authentication: use an address only the hypervisors reach.
+    pub nbd_address: std::net::IpAddr,
+    /// Mounts served at once (1 to 64).
+    pub max_mounts: u32,
+    /// Chunk cache of each mount, MiB (1 to 4096).
+    pub mount_cache_mib: u32,
 }
 
 impl Default for TargetConfig {
@@ -80,6 +87,9 @@ impl Default for TargetConfig {
             dir: None,
             test_failover_max_age_hours: 72,
             planned_failover_timeout_secs: 1800,
+            nbd_address: std::net::IpAddr::from([127, 0, 0, 1]),
+            max_mounts: 4,
+            mount_cache_mib: 64,
         }
     }
 }
@@ -502,6 +512,18 @@ impl Config {
         {
             return Err(bad("target.dir", "is empty".into()));
         }
+        range(
+            "target.max_mounts",
+            u64::from(self.target.max_mounts),
+            1,
+            64,
+        )?;
+        range(
+            "target.mount_cache_mib",
+            u64::from(self.target.mount_cache_mib),
+            1,
+            4096,
+        )?;
         let p = &self.process;
         range("process.max_sessions", u64::from(p.max_sessions), 1, 65_536)?;
         range("process.idle_timeout_secs", p.idle_timeout_secs, 5, 3600)?;

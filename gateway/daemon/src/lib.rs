@@ -34,6 +34,7 @@ pub mod jobs;
 pub mod journal;
 pub mod metrics;
 pub mod mirror;
+pub mod mounts;
 pub mod policy;
 pub mod replication;
 pub mod server;

@@ -245,7 +245,13 @@ async fn up(args: UpArgs) -> Result<()> {
         usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
         &cfg.roles,
     )
-    .with_target(&cfg.target);
+    .with_target(&cfg.target)
+    .with_mounts(std::sync::Arc::new(ferry_daemon::mounts::Mounts::new(
+        cfg.target.nbd_address,
+        usize::try_from(cfg.target.max_mounts).unwrap_or(1),
+        usize::try_from(u64::from(cfg.target.mount_cache_mib) << 20).unwrap_or(64 << 20),
+        cfg.target_dir()?.join("mounts"),
+    )));
     if let Some((role, ..)) = &process {
         state = state.with_process(role.clone());
     }

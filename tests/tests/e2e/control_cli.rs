@@ -644,8 +644,71 @@ fn ferry_failover_through_the_appliance() {
     let item = f.ok_json(&["item", "show", "web"]);
     assert_eq!(item["state"], "protected", "{item}");
 
-    // Test failover of the latest point as qcow2.
-    let v = f.ok_json(&["failover", "test", "web", "--format", "qcow2", "--wait"]);
+    // Instant recovery through the appliance: the latest point read-only, the first one
+    // (by time) writable; real NBD clients read and write them; unmounted, they are gone.
+    let m = f.ok_json(&["point", "mount", "web"]);
+    let ro = m["url"].as_str().unwrap().to_string();
+    assert!(
+        ro.starts_with("nbd://127.0.0.1:") && ro.ends_with("/web-disk0"),
+        "{m}"
+    );
+    let cmp = ferry_e2e::qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        &ro,
+        "-F",
+        "raw",
+        img.to_str().unwrap(),
+    ]);
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+    let w = f.ok_json(&["point", "mount", "web", "--point", &between, "--writable"]);
+    let rw = w["url"].as_str().unwrap().to_string();
+    let cmp = ferry_e2e::qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        &rw,
+        "-F",
+        "raw",
+        first.to_str().unwrap(),
+    ]);
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+    let io = |args: &[&str]| {
+        let o = std::process::Command::new("qemu-io")
+            .args(args)
+            .output()
+            .expect("qemu-io (installed by scripts/install-test-tools.sh)");
+        assert!(o.status.success(), "qemu-io {args:?}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    io(&["-f", "raw", "-c", "write -P 0xcd 1M 64k", &rw]);
+    let r = io(&["-f", "raw", "-c", "read -P 0xcd 1M 64k", &rw]);
+    assert!(!r.contains("Pattern verification failed"), "{r}");
+    let listed = f.ok_json(&["point", "mounts"]);
+    assert_eq!(listed["items"].as_array().unwrap().len(), 2, "{listed}");
+    for id in [&m["id"], &w["id"]] {
+        f.expect(0, &["point", "unmount", id.as_str().unwrap()]);
+    }
+    let listed = f.ok_json(&["point", "mounts"]);
+    assert_eq!(listed["items"], json!([]), "{listed}");
+    let r = f.expect(4, &["point", "unmount", m["id"].as_str().unwrap()]);
+    assert!(r.stderr.contains("no mount"), "{r:?}");
+    let o = std::process::Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", "read 0 4k", &ro])
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "the unmounted export still answers: {o:?}"
+    );
+
+    // Test failover of the latest point as qcow2, through a replication group of one.
+    f.expect(0, &["group", "create", "tier1", "--item", "web"]);
+    let g = f.ok_json(&["failover", "test", "tier1", "--group", "--format", "qcow2"]);
+    assert_eq!(g["members"].as_array().unwrap().len(), 1, "{g}");
+    let job = g["members"][0]["job"]["id"].as_str().unwrap().to_string();
+    let v = f.ok_json(&["job", "wait", &job]);
     assert_eq!(
         (v["kind"].as_str(), v["state"].as_str()),
         (Some("test-failover"), Some("succeeded")),
@@ -673,6 +736,7 @@ fn ferry_failover_through_the_appliance() {
         serde_json::from_slice(&std::fs::read(loc.join("machine.json")).unwrap()).unwrap();
     assert_eq!(machine["name"], "web");
     assert_eq!(machine["failover"], "test");
+    assert_eq!(machine["point"]["id"], g["members"][0]["point"], "{g}");
     // The latest point: the one made after `between` (the mirror of points may not know it
     // yet: it polls the bucket).
     assert!(

@@ -65,7 +65,7 @@ checks.positive_data_acceptance.enabled = false
 # point, a test one no in-place disks) and its in-place targets must be existing files or
 # block devices on the appliance.
 [[operations]]
-include-operation-id = ["createPolicy", "updatePolicy", "enableItem", "updateItem", "failoverItem", "failoverGroup"]
+include-operation-id = ["createPolicy", "updatePolicy", "enableItem", "updateItem", "failoverItem", "failoverGroup", "mountPoint"]
 checks.positive_data_acceptance.enabled = false
 
 # Operations taking If-Match: the coverage phase (schemathesis 4.32) labels positive some

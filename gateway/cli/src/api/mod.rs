@@ -113,6 +113,33 @@ pub enum PointCmd {
         #[command(flatten)]
         list: ListArgs,
     },
+    /// Instant recovery: the appliance serves a recovery point's disk over NBD (read-only,
+    /// or writable with a copy-on-write overlay on the appliance), so a hypervisor boots it
+    /// before anything is copied. Prints the mount's id and its nbd:// URL.
+    Mount {
+        /// Item name.
+        item: String,
+        /// Recovery point: `latest`, `latest-app-consistent`, a time (RFC 3339: the newest
+        /// point at or before it) or a point id.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Disk name (needed when the point has several disks).
+        #[arg(long)]
+        disk: Option<String>,
+        /// Accept writes (kept in an overlay, discarded on unmount; the point is never
+        /// written).
+        #[arg(long)]
+        writable: bool,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// The mounts the appliance serves.
+    Mounts(ListArgs),
+    /// Stop a mount: its NBD server closes every connection; writes are discarded.
+    Unmount {
+        /// Mount id (`ferry point mounts`).
+        id: String,
+    },
 }
 
 /// `ferry policy …`.
@@ -383,6 +410,78 @@ async fn dispatch(cmd: Command) -> Result<(), ClientError> {
                     ]
                 },
             );
+            Ok(())
+        }
+        Command::Point(PointCmd::Mount {
+            item,
+            point,
+            disk,
+            writable,
+            out,
+        }) => {
+            let c = connect()?;
+            let body = json!({"point": point, "disk": disk, "writable": writable});
+            let a = c
+                .send(
+                    Method::POST,
+                    &["items", &item, "mounts"],
+                    &[],
+                    None,
+                    Some(&body),
+                )
+                .await?;
+            print_answer(&out, &a, |m| {
+                format!(
+                    "mount {} serves point {} of item {} disk {} ({}, {})\n{}\n\
+                     try `qemu-img convert -O raw {} disk.raw`; stop it with `ferry point unmount {}`",
+                    cell(&m["id"]),
+                    cell(&m["point"]),
+                    cell(&m["item"]),
+                    cell(&m["disk"]),
+                    human(m["size_bytes"].as_u64().unwrap_or(0)),
+                    if m["writable"] == true {
+                        "writable"
+                    } else {
+                        "read-only"
+                    },
+                    cell(&m["url"]),
+                    cell(&m["url"]),
+                    cell(&m["id"]),
+                )
+            });
+            Ok(())
+        }
+        Command::Point(PointCmd::Mounts(list)) => {
+            let c = connect()?;
+            let v = c.list(&["mounts"], &[], list.limit).await?;
+            print_listing(
+                &list,
+                &v,
+                &["ID", "ITEM", "POINT", "DISK", "MODE", "URL", "CREATED"],
+                |m| {
+                    vec![
+                        cell(&m["id"]),
+                        cell(&m["item"]),
+                        cell(&m["point"]),
+                        cell(&m["disk"]),
+                        if m["writable"] == true {
+                            "writable"
+                        } else {
+                            "read-only"
+                        }
+                        .to_string(),
+                        cell(&m["url"]),
+                        cell(&m["created"]),
+                    ]
+                },
+            );
+            Ok(())
+        }
+        Command::Point(PointCmd::Unmount { id }) => {
+            let c = connect()?;
+            c.send(Method::DELETE, &["mounts", &id], &[], None, None)
+                .await?;
+            line(&format!("mount {id} stopped"));
             Ok(())
         }
         Command::Policy(p) => policy(p).await,

@@ -267,7 +267,7 @@ fn no_item(name: &str) -> ApiError {
 }
 
 /// A path's item name, or 404 when it cannot name an item.
-fn path_name(name: String) -> Result<String, ApiError> {
+pub(super) fn path_name(name: String) -> Result<String, ApiError> {
     item::check_name("item", &name).map_err(|_| no_item(&name))?;
     Ok(name)
 }

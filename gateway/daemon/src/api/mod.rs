@@ -46,6 +46,7 @@ pub mod extract;
 mod groups;
 mod items;
 mod jobs;
+mod mounts;
 mod policies;
 mod tokens;
 mod vaults;
@@ -93,6 +94,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/api/v1/groups/{name}"),
     ("DELETE", "/api/v1/groups/{name}"),
     ("POST", "/api/v1/groups/{name}/failover"),
+    ("POST", "/api/v1/items/{name}/mounts"),
+    ("GET", "/api/v1/mounts"),
+    ("GET", "/api/v1/mounts/{id}"),
+    ("DELETE", "/api/v1/mounts/{id}"),
     ("GET", "/api/v1/enrollment-tokens"),
     ("POST", "/api/v1/enrollment-tokens"),
     ("DELETE", "/api/v1/enrollment-tokens/{id}"),
@@ -125,6 +130,8 @@ struct StateInner {
     process: Option<crate::replication::ProcessRole>,
     /// A test failover older than this is flagged stale (`[target]`).
     test_failover_max_age_ms: u64,
+    /// Instant-recovery mounts (`None`: this appliance serves none).
+    mounts: Option<Arc<crate::mounts::Mounts>>,
 }
 
 /// The id of the admin token a request was authenticated with (for the audit lines on
@@ -168,6 +175,7 @@ impl ApiState {
             test_failover_max_age_ms: crate::config::TargetConfig::default()
                 .test_failover_max_age_hours
                 * 3_600_000,
+            mounts: None,
         }))
     }
 
@@ -187,6 +195,19 @@ impl ApiState {
             inner.process = Some(role);
         }
         self
+    }
+
+    /// The same state, serving instant-recovery mounts. Call right after [`ApiState::new`].
+    pub fn with_mounts(mut self, mounts: Arc<crate::mounts::Mounts>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.mounts = Some(mounts);
+        }
+        self
+    }
+
+    /// The mounts, when this appliance serves them.
+    fn mounts(&self) -> Option<&crate::mounts::Mounts> {
+        self.0.mounts.as_deref()
     }
 
     /// Age past which a test failover is flagged stale.
@@ -328,6 +349,12 @@ pub fn router(state: ApiState) -> Router {
                 .delete(groups::delete),
         )
         .route("/api/v1/groups/{name}/failover", post(groups::failover))
+        .route("/api/v1/items/{name}/mounts", post(mounts::create))
+        .route("/api/v1/mounts", get(mounts::list))
+        .route(
+            "/api/v1/mounts/{id}",
+            get(mounts::get_one).delete(mounts::delete),
+        )
         .route(
             "/api/v1/enrollment-tokens",
             get(agents::list_tokens).post(agents::create_token),

@@ -94,7 +94,13 @@ async fn fixture_with(points: &[&str], process: bool) -> Fixture {
         Arc::default(),
         1024,
         &crate::config::Roles::default(),
-    );
+    )
+    .with_mounts(Arc::new(crate::mounts::Mounts::new(
+        std::net::IpAddr::from([127, 0, 0, 1]),
+        2,
+        1 << 20,
+        dir.path().join("target").join("mounts"),
+    )));
     if let Some(r) = &role {
         state = state.with_process(r.clone());
     }
@@ -2542,4 +2548,118 @@ async fn nothing_queued(f: &Fixture, names: &[&str]) {
         assert_eq!(it["state"], "protected", "{it}");
         assert_eq!(it["active_job"], Value::Null, "{it}");
     }
+}
+
+/// Mounts through the API: made (201, `Location`, the `nbd://` URL), listed, shown, bounded
+/// by `max_mounts`, refused for what does not exist, stopped (200, the mount), then gone.
+#[tokio::test]
+async fn mounts_lifecycle() {
+    let f = fixture(&["db"]).await;
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/items",
+            Some(r#"{"name":"db","disks":[{"name":"disk0","size_bytes":262144}]}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    for (uri, body, status, want) in [
+        (
+            "/api/v1/items/nope/mounts",
+            "{}",
+            StatusCode::NOT_FOUND,
+            "item_not_found",
+        ),
+        (
+            "/api/v1/items/db/mounts",
+            r#"{"point":"2001-01-01T00:00:00Z"}"#,
+            StatusCode::NOT_FOUND,
+            "no_point",
+        ),
+        (
+            "/api/v1/items/db/mounts",
+            r#"{"point":""}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
+            "/api/v1/items/db/mounts",
+            r#"{"disk":"../x"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
+            "/api/v1/items/db/mounts",
+            r#"{"size":1}"#,
+            StatusCode::BAD_REQUEST,
+            "unknown_field",
+        ),
+    ] {
+        let (s, v) = f.send(Method::POST, uri, Some(body)).await;
+        assert_eq!((s, code(&v)), (status, want), "{body}: {v}");
+    }
+    let (_, v) = f.get("/api/v1/mounts").await;
+    assert_eq!(v["items"], serde_json::json!([]), "{v}");
+
+    let (s, h, m) = f
+        .request(
+            Method::POST,
+            "/api/v1/items/db/mounts",
+            Some(&f.admin.clone()),
+            &[],
+            Some(("application/json", r#"{"writable":true}"#)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{m}");
+    let id = m["id"].as_str().unwrap().to_string();
+    assert_eq!(h[header::LOCATION], format!("/api/v1/mounts/{id}").as_str());
+    assert_eq!(
+        (m["item"].as_str(), m["disk"].as_str()),
+        (Some("db"), Some("disk0"))
+    );
+    assert_eq!(
+        (m["size_bytes"].as_u64(), m["writable"].as_bool()),
+        (Some(262144), Some(true))
+    );
+    assert!(
+        m["url"].as_str().unwrap().starts_with("nbd://127.0.0.1:"),
+        "{m}"
+    );
+    assert!(m["url"].as_str().unwrap().ends_with("/db-disk0"), "{m}");
+    let (s, v) = f.get(&format!("/api/v1/mounts/{id}")).await;
+    assert_eq!((s, &v), (StatusCode::OK, &m));
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/items/db/mounts", Some("{}"))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/items/db/mounts", Some("{}"))
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::CONFLICT, "too_many_mounts"),
+        "{v}"
+    );
+    let (_, v) = f.get("/api/v1/mounts").await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 2, "{v}");
+
+    let (s, v) = f
+        .send(Method::DELETE, &format!("/api/v1/mounts/{id}"), None)
+        .await;
+    assert_eq!((s, &v), (StatusCode::OK, &m));
+    let (s, v) = f.get(&format!("/api/v1/mounts/{id}")).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::NOT_FOUND, "mount_not_found"),
+        "{v}"
+    );
+    let (s, v) = f
+        .send(Method::DELETE, &format!("/api/v1/mounts/{id}"), None)
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::NOT_FOUND, "mount_not_found"),
+        "{v}"
+    );
 }
