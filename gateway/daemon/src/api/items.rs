@@ -552,6 +552,11 @@ pub(super) fn failover_choice(
             "a planned failover is made from the agent's final cycle: leave `point` out",
         ));
     }
+    Ok((mode, check_point(point)?, format))
+}
+
+/// A request's point choice (default `latest`): 1 to 128 characters, no control character.
+pub(super) fn check_point(point: Option<String>) -> Result<String, ApiError> {
     let point = point.unwrap_or_else(|| "latest".into());
     if point.is_empty()
         || point.chars().count() > 128
@@ -563,7 +568,7 @@ pub(super) fn failover_choice(
             "point: `latest`, `latest-app-consistent`, an RFC 3339 time or a point id (1 to 128 characters)",
         ));
     }
-    Ok((mode, point, format))
+    Ok(point)
 }
 
 /// Starts a failover of the item as a job: `test` materialises the chosen point into an

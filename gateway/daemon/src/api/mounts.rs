@@ -89,17 +89,7 @@ pub(super) async fn create(
     ApiJson(body): ApiJson<MountBody>,
 ) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<MountJson>), ApiError> {
     let name = super::items::path_name(name)?;
-    let point = body.point.unwrap_or_else(|| "latest".into());
-    if point.is_empty()
-        || point.chars().count() > 128
-        || point.chars().any(|c| c.is_ascii_control())
-    {
-        return Err(ApiError::bad_field(
-            "invalid_value",
-            "point",
-            "point: `latest`, `latest-app-consistent`, an RFC 3339 time or a point id (1 to 128 characters)",
-        ));
-    }
+    let point = super::items::check_point(body.point)?;
     if let Some(d) = &body.disk {
         crate::item::check_name("disk", d)
             .map_err(|m| ApiError::bad_field("invalid_value", "disk", m))?;
