@@ -263,8 +263,8 @@ enum VaultCmd {
             conflicts_with = "in_place"
         )]
         out_options: Vec<String>,
-        /// Write the disk onto this existing file or block device instead, only the chunks
-        /// that differ from what it holds (failback onto an original disk); raw only.
+        /// Write the disk onto this existing file or block device instead, only the 4 KiB
+        /// blocks that differ from what it holds (failback onto an original disk); raw only.
         #[arg(long, value_name = "TARGET")]
         in_place: Option<PathBuf>,
         /// Output format: `raw` (sparse image), `vhd` (VHD fixed, the format Azure accepts

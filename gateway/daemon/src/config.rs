@@ -79,6 +79,18 @@ pub struct TargetConfig {
     pub max_mounts: u32,
     /// Chunk cache of each mount, MiB (1 to 4096).
     pub mount_cache_mib: u32,
+    /// Object-store location failovers write to instead of `dir`: `s3://bucket/prefix`,
+    /// `az://container/prefix` or `file:///path` (objects under `test/<item>/<job id>/` and
+    /// `failover/<item>/<job id>/`; disks are staged under `<dir>/staging` first). Default:
+    /// none (failovers go to `dir`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// Object-store options of `location` (`endpoint`, `region`, `allow_http`,
+    /// `account_name`, …), on top of the `AWS_*`/`AZURE_*` environment. Secrets are refused
+    /// here.
+    pub location_options: BTreeMap<String, String>,
+    /// Object-store options of `location` read from files (`secret_access_key`, …).
+    pub location_option_files: BTreeMap<String, PathBuf>,
 }
 
 impl Default for TargetConfig {
@@ -90,6 +102,9 @@ impl Default for TargetConfig {
             nbd_address: std::net::IpAddr::from([127, 0, 0, 1]),
             max_mounts: 4,
             mount_cache_mib: 64,
+            location: None,
+            location_options: BTreeMap::new(),
+            location_option_files: BTreeMap::new(),
         }
     }
 }
@@ -356,6 +371,9 @@ fn looks_secret(option: &str) -> bool {
     SECRET_OPTION_WORDS.iter().any(|w| o.contains(w))
 }
 
+/// Largest file an object-store option is read from.
+const MAX_OPTION_FILE: u64 = 64 << 10;
+
 impl Config {
     /// Merges every source (see the module docs) and validates the result. `file` is
     /// `--config`; without it `/etc/ferry/ferry.toml` is read if present.
@@ -558,6 +576,74 @@ impl Config {
         {
             return Err(bad("process.cache_dir", "is empty".into()));
         }
+        let t = &self.target;
+        let has_location_options =
+            !(t.location_options.is_empty() && t.location_option_files.is_empty());
+        if let Some(u) = &t.location {
+            let Some((scheme, rest)) = u.split_once("://") else {
+                return Err(bad(
+                    "target.location",
+                    "not a URL: use s3://bucket/prefix, az://container/prefix or file:///path"
+                        .into(),
+                ));
+            };
+            if !["s3", "az", "file"].contains(&scheme) {
+                return Err(bad(
+                    "target.location",
+                    "unsupported scheme (use s3://, az:// or file://)".into(),
+                ));
+            }
+            if rest.is_empty() || rest == "/" {
+                return Err(bad(
+                    "target.location",
+                    "names no bucket or directory".into(),
+                ));
+            }
+            if u.contains(['?', '#']) {
+                return Err(bad(
+                    "target.location",
+                    "must not carry a query or fragment: credentials belong in \
+                     target.location_option_files or the AWS_*/AZURE_* environment"
+                        .into(),
+                ));
+            }
+            if redact_userinfo(u) != *u {
+                return Err(bad(
+                    "target.location",
+                    "holds credentials (`user:password@`): credentials belong in \
+                     target.location_option_files or the AWS_*/AZURE_* environment"
+                        .into(),
+                ));
+            }
+            if scheme == "file" && has_location_options {
+                return Err(bad(
+                    "target.location_options",
+                    "a file:// location takes no object-store options".into(),
+                ));
+            }
+        } else if has_location_options {
+            return Err(bad(
+                "target.location_options",
+                "set only with target.location".into(),
+            ));
+        }
+        for k in t.location_options.keys() {
+            if looks_secret(k) {
+                return Err(bad(
+                    &format!("target.location_options.{k}"),
+                    format!(
+                        "looks like a secret: put it in a file and set \
+                         target.location_option_files.{k}"
+                    ),
+                ));
+            }
+            if t.location_option_files.contains_key(k) {
+                return Err(bad(
+                    &format!("target.location_options.{k}"),
+                    format!("also set in target.location_option_files.{k}"),
+                ));
+            }
+        }
         let v = &self.vault;
         ferry_store::check_name("vault name", &v.name)
             .map_err(|e| bad("vault.name", e.to_string()))?;
@@ -623,7 +709,12 @@ impl Config {
         let option_files = v
             .option_files
             .iter()
-            .map(|(k, p)| (format!("vault.option_files.{k}"), p));
+            .map(|(k, p)| (format!("vault.option_files.{k}"), p))
+            .chain(
+                t.location_option_files
+                    .iter()
+                    .map(|(k, p)| (format!("target.location_option_files.{k}"), p)),
+            );
         for (key, p) in files
             .into_iter()
             .filter_map(|(k, p)| p.map(|p| (k.to_string(), p)))
@@ -653,6 +744,28 @@ impl Config {
             Some(d) => std::path::absolute(d).map_err(|e| DaemonError::io("resolve", d, e)),
             None => Ok(self.data_dir()?.join("target")),
         }
+    }
+
+    /// `[target] location`'s object-store options, secrets read from their files (a
+    /// trailing newline dropped).
+    pub fn target_location_options(&self) -> Result<Vec<(String, String)>> {
+        let t = &self.target;
+        let mut options: Vec<(String, String)> = t.location_options.clone().into_iter().collect();
+        for (k, p) in &t.location_option_files {
+            crate::fsutil::check_operator_secret_file(p)?;
+            let mut b = crate::fsutil::read_bounded(p, MAX_OPTION_FILE)?;
+            while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+                b.pop();
+            }
+            let s = String::from_utf8(b).map_err(|_| {
+                DaemonError::inconsistent(
+                    p,
+                    format!("target.location_option_files.{k} is not UTF-8 text"),
+                )
+            })?;
+            options.push((k.clone(), s));
+        }
+        Ok(options)
     }
 
     /// The data directory: configured, or the default for this user. Always absolute.
@@ -693,6 +806,10 @@ impl Config {
         let mut c = self.clone();
         c.vault.url = c.vault.url.as_deref().map(redact_userinfo);
         for v in c.vault.options.values_mut() {
+            *v = redact_userinfo(v);
+        }
+        c.target.location = c.target.location.as_deref().map(redact_userinfo);
+        for v in c.target.location_options.values_mut() {
             *v = redact_userinfo(v);
         }
         toml::to_string(&c).expect("the configuration serialises to TOML")
@@ -867,6 +984,25 @@ mod tests {
                 "[vault]\noptions = { endpoint = \"http://x\" }\n",
                 "vault.options",
             ),
+            ("[target]\nlocation = \"bucket/p\"\n", "target.location"),
+            ("[target]\nlocation = \"ftp://h/p\"\n", "target.location"),
+            (
+                "[target]\nlocation = \"az://c/p?sig=x\"\n",
+                "target.location",
+            ),
+            ("[target]\nlocation = \"s3://k:x@b/p\"\n", "target.location"),
+            (
+                "[target]\nlocation = \"s3://b/p\"\nlocation_options = { secret_access_key = \"x\" }\n",
+                "target.location_options.secret_access_key",
+            ),
+            (
+                "[target]\nlocation_options = { region = \"x\" }\n",
+                "target.location_options",
+            ),
+            (
+                "[target]\nlocation = \"s3://b/p\"\nlocation_option_files = { access_key_id = \"/nonexistent/k\" }\n",
+                "target.location_option_files.access_key_id",
+            ),
         ];
         for (text, key) in cases {
             Jail::expect_with(|j| {
@@ -912,5 +1048,42 @@ mod tests {
             "https://<redacted>@host:9000/x"
         );
         assert_eq!(redact_userinfo("s3://bucket/a@b"), "s3://bucket/a@b");
+        let mut c = Config::default();
+        c.target.location = Some("s3://k:secret@bucket/p".into());
+        c.target
+            .location_options
+            .insert("endpoint".into(), "https://u:pw@minio:9000".into());
+        let t = c.to_toml();
+        assert!(!t.contains("secret") && !t.contains("pw"), "{t}");
+        assert!(t.contains("location = \"s3://<redacted>@bucket/p\""), "{t}");
+    }
+
+    #[test]
+    fn target_location_options_read_secrets_from_files() {
+        Jail::expect_with(|j| {
+            j.create_file("secret", "s3cr3t\n")?;
+            let p = j.directory().join("secret");
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            j.create_file(
+                "f.toml",
+                &format!(
+                    "[target]\nlocation = \"s3://b/p\"\n[target.location_options]\nregion = \"r\"\n[target.location_option_files]\nsecret_access_key = \"{}\"\n",
+                    p.display()
+                ),
+            )?;
+            let c = load_in(j, Some("f.toml")).unwrap();
+            let o = c.target_location_options().unwrap();
+            assert_eq!(
+                o,
+                [
+                    ("region".to_string(), "r".to_string()),
+                    ("secret_access_key".to_string(), "s3cr3t".to_string())
+                ]
+            );
+            // `config show` prints the file's path, never the secret.
+            assert!(!c.effective().unwrap().to_toml().contains("s3cr3t"));
+            Ok(())
+        });
     }
 }

@@ -23,6 +23,13 @@
 //! a directory without it is not a finished failover, and a failed job removes its directory.
 //! `test-failover-cleanup` removes a test failover's directory; `commit` makes a failover
 //! final. A job run again after a crash starts over in a fresh directory of the same name.
+//!
+//! With `[target] location` (an object-store URL) the same layout is made of objects instead:
+//! each disk is exported with the store's [`Vault::export_to_backend`] (staged under
+//! `<dir>/staging`, uploaded create-only) to `<location>/{test,failover}/<item>/<job id>/`,
+//! then `machine.json` is uploaded last; a failed job deletes every object under its prefix,
+//! and the cleanup of a test failover recorded there deletes them all. Disks written in
+//! place (failback) are local whatever the location.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,7 +37,11 @@ use std::time::Duration;
 
 use std::path::{Path, PathBuf};
 
-use ferry_store::{ExportFormat, ExportOptions, FormatOptions, PointRecord, PointSelector, Vault};
+use ferry_store::upload::redact_url;
+use ferry_store::{
+    Backend, BackendOptions, ExportFormat, ExportOptions, FileUploadTuning, FormatOptions,
+    LocationExportOptions, PointRecord, PointSelector, Vault,
+};
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
@@ -64,6 +75,93 @@ pub struct TargetRole {
     pub dir: PathBuf,
     /// How long a planned failover waits for the agent's final cycle.
     pub planned_timeout: Duration,
+    /// `[target] location`: when set, failovers write objects there instead of into `dir`.
+    pub location: Option<TargetLocation>,
+}
+
+/// An object-store location failovers are written to (`[target] location`).
+#[derive(Clone)]
+pub struct TargetLocation {
+    /// `s3://bucket/prefix`, `az://container/prefix` or `file:///path`.
+    pub url: String,
+    /// Object-store options, secrets read from their files included: never printed.
+    pub options: BackendOptions,
+}
+
+impl std::fmt::Debug for TargetLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Option values may be secrets: only their names are shown.
+        let names: Vec<&str> = self.options.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("TargetLocation")
+            .field("url", &redact_url(&self.url))
+            .field("options", &names)
+            .finish()
+    }
+}
+
+impl TargetLocation {
+    /// Opens the location (a missing local directory is made).
+    fn open(&self) -> Result<Backend, String> {
+        let shown = redact_url(&self.url);
+        Backend::open(&self.url, &self.options, true).map_err(|e| {
+            format!(
+                "opening the target location {shown}: {}",
+                e.to_string().replace(&self.url, &shown)
+            )
+        })
+    }
+
+    /// `prefix` inside the location as a URL, without credentials (what failover records
+    /// hold).
+    pub fn url_of(&self, prefix: &str) -> String {
+        let loc = redact_url(&self.url);
+        if loc.ends_with('/') {
+            format!("{loc}{prefix}")
+        } else {
+            format!("{loc}/{prefix}")
+        }
+    }
+}
+
+/// Where a failover's disks and machine definition go.
+enum Dest<'a> {
+    /// A directory of the appliance, made fresh.
+    Dir(&'a Path),
+    /// Objects under `prefix` of a location, each disk staged under `staging` first.
+    Objects {
+        location: &'a TargetLocation,
+        backend: &'a Backend,
+        prefix: &'a str,
+        staging: PathBuf,
+    },
+}
+
+impl Dest<'_> {
+    /// What the failover record and the log say it is at.
+    fn describe(&self) -> String {
+        match self {
+            Dest::Dir(d) => d.display().to_string(),
+            Dest::Objects {
+                location, prefix, ..
+            } => location.url_of(prefix),
+        }
+    }
+}
+
+/// Deletes every object under `prefix` of `backend`; returns how many there were.
+async fn delete_objects(backend: &Backend, prefix: &str) -> Result<usize, String> {
+    let objects = backend
+        .list(prefix)
+        .await
+        .map_err(|e| format!("listing the objects under `{prefix}`: {e}"))?;
+    for o in &objects {
+        let name = o.location.to_string();
+        backend
+            .delete(&name)
+            .await
+            .map_err(|e| format!("deleting object `{name}`: {e}"))?;
+    }
+    Ok(objects.len())
 }
 
 /// The tag an agent puts on its final cycle before a planned failover (value: the job id).
@@ -269,16 +367,36 @@ async fn body(ctx: &Arc<Ctx>, job: &Job) -> Result<Option<Event>, String> {
                     item.vault
                 )
             })?;
-            let dir = target_dir(ctx)?
-                .join(if test { "test" } else { "failover" })
-                .join(&item.name)
-                .join(&job.id);
-            let record = match materialise(ctx, job, &item, vault, &req, &dir).await {
-                Ok(r) => r,
-                Err(e) => {
-                    // Nothing partial is left looking like a machine.
-                    let _ = tokio::fs::remove_dir_all(&dir).await;
-                    return Err(e);
+            let kind = if test { "test" } else { "failover" };
+            let location = ctx.target.as_ref().and_then(|t| t.location.as_ref());
+            let record = if let Some(location) = location {
+                let prefix = format!("{kind}/{}/{}", item.name, job.id);
+                let backend = location.open()?;
+                let dest = Dest::Objects {
+                    location,
+                    backend: &backend,
+                    prefix: &prefix,
+                    staging: target_dir(ctx)?.join("staging"),
+                };
+                match materialise(ctx, job, &item, vault, &req, &dest).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Nothing partial is left looking like a machine.
+                        if let Err(d) = delete_objects(&backend, &prefix).await {
+                            log(ctx, job, format!("cleaning up after the failure: {d}")).await;
+                        }
+                        return Err(e);
+                    }
+                }
+            } else {
+                let dir = target_dir(ctx)?.join(kind).join(&item.name).join(&job.id);
+                match materialise(ctx, job, &item, vault, &req, &Dest::Dir(&dir)).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Nothing partial is left looking like a machine.
+                        let _ = tokio::fs::remove_dir_all(&dir).await;
+                        return Err(e);
+                    }
                 }
             };
             let (c, name, id) = (ctx.catalog.clone(), item.name.clone(), job.id.clone());
@@ -295,10 +413,25 @@ async fn body(ctx: &Arc<Ctx>, job: &Job) -> Result<Option<Event>, String> {
                 log(ctx, job, "no test failover to clean up".into()).await;
                 return Ok(None);
             };
-            // Only ever a directory this appliance made for a test failover.
+            // Only ever a directory this appliance made for a test failover, or the objects
+            // it made under the configured location.
             let under = target_dir(ctx)?.join("test").join(&item.name);
             let loc = PathBuf::from(&t.location);
-            if loc.parent() != Some(under.as_path()) {
+            let prefix = format!("test/{}/{}", item.name, t.job);
+            let remote = ctx
+                .target
+                .as_ref()
+                .and_then(|r| r.location.as_ref())
+                .filter(|l| l.url_of(&prefix) == t.location);
+            if let Some(l) = remote {
+                let n = delete_objects(&l.open()?, &prefix).await?;
+                log(
+                    ctx,
+                    job,
+                    format!("removed {n} object(s) under {}", t.location),
+                )
+                .await;
+            } else if loc.parent() != Some(under.as_path()) {
                 // Made under another target directory (moved configuration, a restored
                 // appliance): never removed from here; the record goes so the item is free.
                 log(
@@ -568,14 +701,15 @@ async fn final_point(
     }
 }
 
-/// Writes every disk of the chosen point and then `machine.json` into `dir` (created fresh).
+/// Writes every disk of the chosen point and then `machine.json` into `dest` (a directory
+/// created fresh, or a prefix of a location emptied first).
 async fn materialise(
     ctx: &Arc<Ctx>,
     job: &Job,
     item: &crate::item::Item,
     vault: &Vault,
     req: &crate::item::FailoverRequest,
-    dir: &Path,
+    dest: &Dest<'_>,
 ) -> Result<crate::item::FailoverRecord, String> {
     let format: ExportFormat = req.format.parse()?;
     let chosen = if req.mode == crate::item::FailoverMode::Planned {
@@ -621,25 +755,43 @@ async fn materialise(
             ferry_store::point::rfc3339(point.created_ms),
             point.consistency.as_str(),
             req.point,
-            dir.display()
+            dest.describe()
         ),
     )
     .await;
-    match tokio::fs::remove_dir_all(dir).await {
-        Ok(()) => {
-            log(
-                ctx,
-                job,
-                "removed what an interrupted run of this job left".into(),
-            )
-            .await
+    match dest {
+        Dest::Dir(dir) => {
+            match tokio::fs::remove_dir_all(dir).await {
+                Ok(()) => {
+                    log(
+                        ctx,
+                        job,
+                        "removed what an interrupted run of this job left".into(),
+                    )
+                    .await
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("clearing {}: {e}", dir.display())),
+            }
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("clearing {}: {e}", dir.display())),
+        Dest::Objects {
+            backend, prefix, ..
+        } => {
+            // Objects are written create-only: what an interrupted run left goes first.
+            let n = delete_objects(backend, prefix).await?;
+            if n > 0 {
+                log(
+                    ctx,
+                    job,
+                    format!("removed {n} object(s) an interrupted run of this job left"),
+                )
+                .await;
+            }
+        }
     }
-    tokio::fs::create_dir_all(dir)
-        .await
-        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
     if let Some((missing, _)) = req
         .in_place
         .iter()
@@ -653,7 +805,7 @@ async fn materialise(
     let mut disks = Vec::with_capacity(point.disks.len());
     for d in &point.disks {
         if let Some((_, target)) = req.in_place.iter().find(|(n, _)| n == &d.name) {
-            // Failback onto the original disk: only the chunks that differ are written.
+            // Failback onto the original disk: only the 4 KiB blocks that differ are written.
             let started = std::time::Instant::now();
             let r = vault
                 .restore_in_place(
@@ -669,7 +821,7 @@ async fn materialise(
                 .await
                 .map_err(|e| {
                     format!(
-                        "disk `{}` of point `{}` in place onto {target}: {e} (chunks written before the error stay written; run the failover again to finish)",
+                        "disk `{}` of point `{}` in place onto {target}: {e} (a damaged vault is found before anything is written; otherwise blocks written before the error stay written: run the failover again to finish)",
                         d.name, point.id
                     )
                 })?;
@@ -696,25 +848,56 @@ async fn materialise(
         }
         let file = format!("{}.{}", d.name, extension(format));
         let started = std::time::Instant::now();
-        let report = vault
-            .export_as(
-                ExportOptions {
-                    item: item.name.clone(),
-                    point: PointSelector::Id(point.id.clone()),
-                    disk: Some(d.name.clone()),
-                    out: dir.join(&file),
-                    overwrite: false,
-                    sync: true,
-                },
-                FormatOptions {
-                    format,
-                    // Azure takes only whole-MiB VHDs: pad rather than refuse.
-                    vhd_round_up: true,
-                },
-                Arc::new(ferry_store::Progress::default()),
-            )
-            .await
-            .map_err(|e| format!("disk `{}` of point `{}`: {e}", d.name, point.id))?;
+        let format_options = FormatOptions {
+            format,
+            // Azure takes only whole-MiB VHDs: pad rather than refuse.
+            vhd_round_up: true,
+        };
+        let failed = |e| format!("disk `{}` of point `{}`: {e}", d.name, point.id);
+        let (chunks_written, reads) = match dest {
+            Dest::Dir(dir) => {
+                let r = vault
+                    .export_as(
+                        ExportOptions {
+                            item: item.name.clone(),
+                            point: PointSelector::Id(point.id.clone()),
+                            disk: Some(d.name.clone()),
+                            out: dir.join(&file),
+                            overwrite: false,
+                            sync: true,
+                        },
+                        format_options,
+                        Arc::new(ferry_store::Progress::default()),
+                    )
+                    .await
+                    .map_err(failed)?;
+                (r.chunks_written, r.reads)
+            }
+            Dest::Objects {
+                backend,
+                prefix,
+                staging,
+                ..
+            } => {
+                let r = vault
+                    .export_to_backend(
+                        backend,
+                        LocationExportOptions {
+                            item: item.name.clone(),
+                            point: PointSelector::Id(point.id.clone()),
+                            disk: Some(d.name.clone()),
+                            format: format_options,
+                            object: format!("{prefix}/{file}"),
+                            staging_dir: staging.clone(),
+                            upload: FileUploadTuning::default(),
+                        },
+                        Arc::new(ferry_store::Progress::default()),
+                    )
+                    .await
+                    .map_err(failed)?;
+                (r.chunks_written, r.reads)
+            }
+        };
         log(
             ctx,
             job,
@@ -722,8 +905,8 @@ async fn materialise(
                 "disk `{}`: {} bytes, {} non-zero chunks in {} ranged reads, written to {file} in {:.1} s",
                 d.name,
                 d.size,
-                report.chunks_written,
-                report.reads,
+                chunks_written,
+                reads,
                 started.elapsed().as_secs_f64()
             ),
         )
@@ -755,27 +938,44 @@ async fn materialise(
         network_mapping: Vec::new(),
     };
     let body = serde_json::to_vec_pretty(&def).map_err(|e| e.to_string())?;
-    let (tmp, fin) = (dir.join(".machine.json.partial"), dir.join("machine.json"));
-    let write = async {
-        tokio::fs::write(&tmp, &body).await?;
-        tokio::fs::File::open(&tmp).await?.sync_all().await?;
-        tokio::fs::rename(&tmp, &fin).await?;
-        tokio::fs::File::open(dir).await?.sync_all().await
+    let written = match dest {
+        Dest::Dir(dir) => {
+            let (tmp, fin) = (dir.join(".machine.json.partial"), dir.join("machine.json"));
+            let write = async {
+                tokio::fs::write(&tmp, &body).await?;
+                tokio::fs::File::open(&tmp).await?.sync_all().await?;
+                tokio::fs::rename(&tmp, &fin).await?;
+                tokio::fs::File::open(dir).await?.sync_all().await
+            };
+            write
+                .await
+                .map_err(|e| format!("writing {}: {e}", fin.display()))?;
+            fin.display().to_string()
+        }
+        Dest::Objects {
+            location,
+            backend,
+            prefix,
+            ..
+        } => {
+            let name = format!("{prefix}/machine.json");
+            let url = location.url_of(&name);
+            let created = backend
+                .put_create(&name, body.into())
+                .await
+                .map_err(|e| format!("writing {url}: {e}"))?;
+            if !created {
+                return Err(format!("writing {url}: the object already exists"));
+            }
+            url
+        }
     };
-    write
-        .await
-        .map_err(|e| format!("writing {}: {e}", fin.display()))?;
-    log(
-        ctx,
-        job,
-        format!("machine definition written: {}", fin.display()),
-    )
-    .await;
+    log(ctx, job, format!("machine definition written: {written}")).await;
     Ok(crate::item::FailoverRecord {
         job: job.id.clone(),
         mode: req.mode,
         point: point.id,
-        location: dir.display().to_string(),
+        location: dest.describe(),
         at_ms: now,
     })
 }

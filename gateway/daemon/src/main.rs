@@ -215,6 +215,15 @@ async fn up(args: UpArgs) -> Result<()> {
             planned_timeout: std::time::Duration::from_secs(
                 cfg.target.planned_failover_timeout_secs,
             ),
+            location: match &cfg.target.location {
+                Some(url) => Some(ferry_daemon::jobs::TargetLocation {
+                    url: url.clone(),
+                    options: cfg
+                        .target_location_options()
+                        .context("the target location's options")?,
+                }),
+                None => None,
+            },
         })
     } else {
         None

@@ -123,7 +123,8 @@ impl Mounts {
     }
 
     /// Serves `disk` (may be omitted when the point has one) of `item`'s point `point` until
-    /// [`Mounts::stop`].
+    /// [`Mounts::stop`]. When the mounts listen on every address (`0.0.0.0`, `::`), the URL
+    /// names `host` (the host the API was reached at) instead, if given.
     pub async fn start(
         &self,
         vault: &Vault,
@@ -131,6 +132,7 @@ impl Mounts {
         point: &PointSelector,
         disk: Option<&str>,
         writable: bool,
+        host: Option<&str>,
     ) -> Result<MountInfo, MountError> {
         if self.lock().len() >= self.max {
             return Err(MountError::TooMany(self.max));
@@ -202,7 +204,12 @@ impl Mounts {
             disk,
             size,
             writable,
-            url: format!("nbd://{addr}/{export}"),
+            url: match host {
+                Some(h) if addr.ip().is_unspecified() => {
+                    format!("nbd://{h}:{}/{export}", addr.port())
+                }
+                _ => format!("nbd://{addr}/{export}"),
+            },
             export,
             created_ms: ferry_store::point::now_ms(),
         };
@@ -297,18 +304,18 @@ mod tests {
             dir.path().join("mounts"),
         );
         let e = m
-            .start(&vault, "nope", &PointSelector::Latest, None, false)
+            .start(&vault, "nope", &PointSelector::Latest, None, false, None)
             .await
             .unwrap_err();
         assert!(matches!(e, MountError::Store { .. }), "{e}");
         let info = m
-            .start(&vault, "web", &PointSelector::Latest, None, true)
+            .start(&vault, "web", &PointSelector::Latest, None, true, None)
             .await
             .unwrap();
         assert_eq!((info.size, info.writable), (256 << 10, true));
         assert_eq!(info.export, "web-disk0");
         let e = m
-            .start(&vault, "web", &PointSelector::Latest, None, false)
+            .start(&vault, "web", &PointSelector::Latest, None, false, None)
             .await
             .unwrap_err();
         assert!(matches!(e, MountError::TooMany(1)), "{e}");

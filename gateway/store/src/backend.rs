@@ -84,7 +84,9 @@ impl Default for FileUploadTuning {
 
 impl FileUploadTuning {
     /// The part size and concurrency for a file of `len` bytes: at most [`MAX_PARTS`] parts,
-    /// whole MiB when grown, and `part × concurrency` within the configured budget.
+    /// whole MiB when grown, and `part × concurrency` within the configured budget — except
+    /// that one part is always in flight, so past `budget × MAX_PARTS` bytes (640 GiB at the
+    /// defaults) memory is one part of `len / MAX_PARTS`.
     pub fn plan(&self, len: u64) -> (usize, usize) {
         let part = self.part_size.max(1);
         let conc = self.concurrency.max(1);

@@ -13,7 +13,10 @@
 //! is first exported with [`Vault::export_as`] into a uniquely named file under the staging
 //! directory (by default the vault's cache directory), then streamed to the location with
 //! [`Backend::put_create_file`]: a bounded number of bounded parts (memory `part_size ×
-//! concurrency`, whatever the disk's size), create-only, never overwriting. The staging
+//! concurrency`; past 10,000 parts of `part_size`, i.e. above 160 GiB at the default 16 MiB,
+//! the part grows to `size / 10,000` and fewer parts are in flight, at least one: a 1 TiB
+//! object holds one part of about 105 MiB at a time), create-only (see
+//! [`Backend::put_create_file`] for the one case where that is a check, not atomic). The staging
 //! directory needs room for the export; it is removed whatever happens (a drop guard, also
 //! when the future is cancelled).
 //!

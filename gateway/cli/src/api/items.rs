@@ -153,7 +153,7 @@ pub enum FailoverCmd {
         group: bool,
         #[command(flatten)]
         point: FailoverPointArgs,
-        /// Only if the item is still at this revision.
+        /// Only if the item (with `--group`: the group) is still at this revision.
         #[arg(long, value_name = "REV", value_parser = parse_if_match)]
         if_match: Option<String>,
         #[command(flatten)]
@@ -174,7 +174,7 @@ pub enum FailoverCmd {
         /// Output format of the disks: raw, vhd, qcow2, vmdk, vhdx or vmdk-stream.
         #[arg(long, default_value = "raw")]
         format: String,
-        /// Only if the item is still at this revision.
+        /// Only if the item (with `--group`: the group) is still at this revision.
         #[arg(long, value_name = "REV", value_parser = parse_if_match)]
         if_match: Option<String>,
         #[command(flatten)]
@@ -192,14 +192,14 @@ pub enum FailoverCmd {
         group: bool,
         #[command(flatten)]
         point: FailoverPointArgs,
-        /// Only if the item is still at this revision.
+        /// Only if the item (with `--group`: the group) is still at this revision.
         #[arg(long, value_name = "REV", value_parser = parse_if_match)]
         if_match: Option<String>,
         #[command(flatten)]
         op: OpArgs,
     },
     /// Failback: a planned failover back onto the original disks, written in place — only
-    /// the chunks that differ from what each disk holds are written. Run it on the item
+    /// the 4 KiB blocks that differ from what each disk holds are written. Run it on the item
     /// after `reprotect` made the recovery site its source; then `commit` and `reprotect`
     /// with the original site's agent.
     Failback {

@@ -184,7 +184,8 @@ pub(super) struct GroupFailoverJson {
 /// - a time: each member's newest point at or before it.
 /// - `latest-app-consistent`: each member's own newest application-consistent point (an
 ///   application-consistent point is made on one machine; agents do not coordinate them
-///   across machines); the group's time is the oldest of them.
+///   across machines); the group's time is the newest of them (every member's point is at
+///   or before it, as for the others).
 async fn group_points(
     s: &ApiState,
     members: &[crate::item::Item],
@@ -236,13 +237,14 @@ async fn group_points(
             t
         }
         PointSelector::LatestAppConsistent => {
-            let mut t = u64::MAX;
+            // The newest of the chosen points: every member's point is at or before it.
+            let mut t = 0;
             let mut ids = Vec::with_capacity(members.len());
             for it in members {
                 let p = pick(it, PointSelector::LatestAppConsistent)
                     .await?
                     .ok_or_else(|| no_point(it, "is application-consistent".into()))?;
-                t = t.min(p.created_ms);
+                t = t.max(p.created_ms);
                 ids.push(p.id);
             }
             return Ok((t, ids));
@@ -253,10 +255,18 @@ async fn group_points(
         let p = pick(it, PointSelector::AtOrBefore(time))
             .await?
             .ok_or_else(|| {
-                no_point(
-                    it,
-                    format!("at or before {}", ferry_store::point::rfc3339(time)),
-                )
+                let why = format!("at or before {}", ferry_store::point::rfc3339(time));
+                if matches!(sel, PointSelector::Latest) {
+                    no_point(
+                        it,
+                        format!(
+                            "{why}, the group's time (the oldest of its members' newest points): \
+                             its points are all newer; name a time with `point`"
+                        ),
+                    )
+                } else {
+                    no_point(it, why)
+                }
             })?;
         ids.push(p.id);
     }

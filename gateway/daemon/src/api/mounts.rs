@@ -86,8 +86,16 @@ pub(super) async fn create(
     State(s): State<ApiState>,
     Extension(by): Extension<AdminId>,
     ApiPath(name): ApiPath<String>,
+    headers: axum::http::HeaderMap,
     ApiJson(body): ApiJson<MountBody>,
 ) -> Result<(StatusCode, [(HeaderName, HeaderValue); 1], Json<MountJson>), ApiError> {
+    // The host the API was reached at, without its port: what the URL names when mounts
+    // listen on every address.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<axum::http::uri::Authority>().ok())
+        .map(|a| a.host().to_string());
     let name = super::items::path_name(name)?;
     let point = super::items::check_point(body.point)?;
     if let Some(d) = &body.disk {
@@ -114,6 +122,7 @@ pub(super) async fn create(
             &ferry_store::PointSelector::parse(&point),
             body.disk.as_deref(),
             body.writable.unwrap_or(false),
+            host.as_deref(),
         )
         .await?;
     eprintln!(

@@ -66,6 +66,7 @@ async fn fixture_with(points: &[&str], process: bool) -> Fixture {
         Some(crate::jobs::TargetRole {
             dir: dir.path().join("target"),
             planned_timeout: std::time::Duration::from_secs(10),
+            location: None,
         }),
         1,
     )
@@ -2473,7 +2474,7 @@ async fn group_failover_picks_one_time_and_queues_all_or_none() {
     nothing_queued(&f, &["a", "b"]).await;
 
     // `latest-app-consistent`, unplanned: each member's own newest app-consistent point; the
-    // group's time is the older (a1's). Both items then wait for commit.
+    // group's time is the newer (b1's). Both items then wait for commit.
     let (s, v) = f
         .send(
             Method::POST,
@@ -2482,12 +2483,12 @@ async fn group_failover_picks_one_time_and_queues_all_or_none() {
         )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let a1 = f
+    let b1 = f
         .vault
-        .point("a", &ferry_store::PointSelector::Id(ids["a1"].clone()))
+        .point("b", &ferry_store::PointSelector::Id(ids["b1"].clone()))
         .await
         .unwrap();
-    assert_eq!(v["point_time"], ferry_store::point::rfc3339(a1.created_ms));
+    assert_eq!(v["point_time"], ferry_store::point::rfc3339(b1.created_ms));
     for m in v["members"].as_array().unwrap() {
         let item = m["item"]["name"].as_str().unwrap();
         let want = if item == "a" { &ids["a1"] } else { &ids["b1"] };
@@ -2662,4 +2663,225 @@ async fn mounts_lifecycle() {
         (StatusCode::NOT_FOUND, "mount_not_found"),
         "{v}"
     );
+}
+
+/// [`fixture`] for one item `db` (one point), its runner writing failovers to the object-store
+/// location `url` (`[target] location`).
+async fn fixture_with_location(url: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let (catalog, _) = Catalog::open(&dir.path().join("catalog.redb")).unwrap();
+    let catalog = Arc::new(catalog);
+    catalog.ensure_default_policy(1).unwrap();
+    catalog
+        .insert_vault(&VaultEntry {
+            name: "default".into(),
+            url: "memory://".into(),
+            created_ms: 1,
+        })
+        .unwrap();
+    let tokens = Tokens::load(catalog.clone()).unwrap();
+    let (_, admin) = tokens.create("test admin").unwrap();
+    let tls = crate::tls::load_or_create(dir.path(), &crate::config::TlsConfig::default()).unwrap();
+    let agents = Arc::new(crate::agents::Agents::load(catalog.clone(), tls.agent_ca).unwrap());
+    let vault = crate::testkit::memory_vault(dir.path()).await;
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![1u8; 256 << 10]).unwrap();
+    vault
+        .import(ImportOptions::full("db", &disk), Default::default())
+        .await
+        .unwrap();
+    let mut vaults = BTreeMap::new();
+    vaults.insert("default".to_string(), vault);
+    let vaults = Arc::new(vaults);
+    let (runner, runners) = JobRunner::start(
+        catalog.clone(),
+        vaults.clone(),
+        Some(crate::jobs::TargetRole {
+            dir: dir.path().join("target"),
+            planned_timeout: std::time::Duration::from_secs(10),
+            location: Some(crate::jobs::TargetLocation {
+                url: url.to_string(),
+                options: Vec::new(),
+            }),
+        }),
+        1,
+    )
+    .unwrap();
+    let vault = vaults["default"].clone();
+    let state = ApiState::new(
+        tokens,
+        agents.clone(),
+        vaults,
+        Some(runner),
+        Arc::default(),
+        1024,
+        &crate::config::Roles::default(),
+    );
+    Fixture {
+        app: router(state),
+        admin: admin.expose().to_string(),
+        agents,
+        vault,
+        process: None,
+        _runners: runners,
+        _dir: dir,
+    }
+}
+
+/// With `[target] location` set, failovers are objects: a test failover's disk and
+/// `machine.json` under `<location>/test/<item>/<job>/` (the disk the same bytes as a local
+/// export), removed by the cleanup; an unplanned failover under `failover/…`; nothing left
+/// by a failed one, and nothing written to the target directory but staging.
+#[tokio::test]
+async fn failover_to_an_object_store_location() {
+    let loc = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", loc.path().join("bucket").display());
+    let f = fixture_with_location(&url).await;
+    let backend = ferry_store::Backend::open(&url, &Vec::new(), true).unwrap();
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/items",
+            Some(r#"{"name":"db","disks":[{"name":"disk0","size_bytes":262144}]}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    f.job_end(v["job"]["id"].as_str().unwrap()).await;
+
+    // Test failover: disk0.qcow2 then machine.json under test/db/<job>/.
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/items/db/failover",
+            Some(r#"{"type":"test","format":"qcow2"}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job"]["id"].as_str().unwrap().to_string();
+    let j = f.job_end(&job).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let prefix = format!("test/db/{job}");
+    let mut names: Vec<String> = backend
+        .list(&prefix)
+        .await
+        .unwrap()
+        .iter()
+        .map(|o| o.location.to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            format!("{prefix}/disk0.qcow2"),
+            format!("{prefix}/machine.json")
+        ]
+    );
+    let m: Value = serde_json::from_slice(
+        &backend
+            .get(&format!("{prefix}/machine.json"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["name"], "db");
+    assert_eq!(m["failover"], "test");
+    assert_eq!(m["job"], job.as_str());
+    assert_eq!(m["disks"][0]["name"], "disk0");
+    assert_eq!(m["disks"][0]["file"], "disk0.qcow2");
+    assert_eq!(m["disks"][0]["format"], "qcow2");
+    assert_eq!(m["disks"][0]["size_bytes"], 262144);
+    let object = backend.get(&format!("{prefix}/disk0.qcow2")).await.unwrap();
+    let local = f._dir.path().join("local.qcow2");
+    f.vault
+        .export_as(
+            ferry_store::ExportOptions {
+                item: "db".into(),
+                point: ferry_store::PointSelector::Id(m["point"]["id"].as_str().unwrap().into()),
+                disk: Some("disk0".into()),
+                out: local.clone(),
+                overwrite: false,
+                sync: false,
+            },
+            ferry_store::FormatOptions {
+                format: "qcow2".parse().unwrap(),
+                vhd_round_up: true,
+            },
+            Arc::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(object.as_ref(), std::fs::read(&local).unwrap().as_slice());
+    let (_, it) = f.get("/api/v1/items/db").await;
+    assert_eq!(it["test_failover"]["location"], format!("{url}/{prefix}"));
+    // Nothing materialised locally; the staging directory holds nothing.
+    let target = f._dir.path().join("target");
+    assert!(!target.join("test").exists());
+    assert!(
+        std::fs::read_dir(target.join("staging"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0
+    );
+
+    // Cleanup deletes every object under the prefix.
+    let (s, v) = f
+        .send(Method::POST, "/api/v1/items/db/test-failover/cleanup", None)
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let j = f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(backend.list(&prefix).await.unwrap().is_empty());
+    assert!(backend.list("test").await.unwrap().is_empty());
+    let (_, it) = f.get("/api/v1/items/db").await;
+    assert_eq!(it["test_failover"], Value::Null, "{it}");
+
+    // A failed failover leaves no object.
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/items/db/failover",
+            Some(r#"{"type":"unplanned","point":"2001-01-01T00:00:00Z"}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let j = f.job_end(v["job"]["id"].as_str().unwrap()).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(backend.list("failover").await.unwrap().is_empty());
+
+    // Unplanned, raw: under failover/db/<job>/, the disk's bytes the point's.
+    let (s, v) = f
+        .send(
+            Method::POST,
+            "/api/v1/items/db/failover",
+            Some(r#"{"type":"unplanned","point":"latest"}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job"]["id"].as_str().unwrap().to_string();
+    let j = f.job_end(&job).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let prefix = format!("failover/db/{job}");
+    assert_eq!(
+        backend
+            .get(&format!("{prefix}/disk0.img"))
+            .await
+            .unwrap()
+            .as_ref(),
+        vec![1u8; 256 << 10].as_slice()
+    );
+    let m: Value = serde_json::from_slice(
+        &backend
+            .get(&format!("{prefix}/machine.json"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (m["failover"].as_str(), m["disks"][0]["file"].as_str()),
+        (Some("unplanned"), Some("disk0.img"))
+    );
+    let (_, it) = f.get("/api/v1/items/db").await;
+    assert_eq!(it["state"], "failover-pending-commit", "{it}");
+    assert_eq!(it["failover"]["location"], format!("{url}/{prefix}"));
+    assert!(!target.join("failover").exists());
 }
