@@ -3,7 +3,8 @@
 #
 #   apt:  restic borgbackup debootstrap e2fsprogs zstd time openssl qemu-utils
 #   npm:  azurite        (global; provides `azurite-blob`, the Azure Blob emulator)
-#   pip:  moto[server]   (provides `moto_server`, the S3 emulator)
+#   pip:  moto[server] 5.2.5 (provides `moto_server`, the S3 emulator; 5.2.1 answers
+#         ListSnapshotBlocks with numbers as strings)
 #         schemathesis 4.x (provides `st`, which fuzzes ferryd's REST API against its
 #                          OpenAPI document; 4.x because the test uses its 4.x flags)
 #   rustup targets: wasm32-unknown-unknown (plugins), wasm32-wasip2 (a sandbox test)
@@ -133,7 +134,7 @@ install_pip() { # spec cmd
         failed+=("$spec")
     fi
 }
-install_pip 'moto[server]' moto_server
+install_pip 'moto[server]==5.2.5' moto_server
 install_pip 'schemathesis>=4,<5' st
 
 # --- rustup: wasm targets (also listed in rust-toolchain.toml) -------------

@@ -201,7 +201,8 @@ async fn group_points(
         })
     };
     let no_point = |it: &crate::item::Item, what: String| {
-        ApiError::not_found(
+        ApiError::new(
+            StatusCode::CONFLICT,
             "no_point",
             format!("group member `{}`: no point {what}", it.name),
         )

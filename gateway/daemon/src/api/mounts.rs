@@ -63,7 +63,7 @@ impl From<MountError> for ApiError {
             MountError::Store {
                 source: ferry_store::StoreError::NoSuchPoint { .. },
                 ..
-            } => ApiError::not_found("no_point", e.to_string()),
+            } => ApiError::new(StatusCode::CONFLICT, "no_point", e.to_string()),
             MountError::Store { source, .. } => ApiError::from(source),
             MountError::Serve { .. } => ApiError::internal(e),
         }

@@ -2366,7 +2366,7 @@ async fn group_failover_picks_one_time_and_queues_all_or_none() {
         ),
         (
             r#"{"type":"unplanned","point":"2001-01-01T00:00:00Z"}"#,
-            StatusCode::NOT_FOUND,
+            StatusCode::CONFLICT,
             "no_point",
         ),
         (
@@ -2532,7 +2532,7 @@ async fn group_failover_picks_one_time_and_queues_all_or_none() {
             Some(r#"{"type":"test"}"#),
         )
         .await;
-    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "no_point"), "{v}");
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "no_point"), "{v}");
     assert!(v["message"].as_str().unwrap().contains("`c`"), "{v}");
     let jobs_after = f.get("/api/v1/jobs").await.1["items"]
         .as_array()
@@ -2575,7 +2575,7 @@ async fn mounts_lifecycle() {
         (
             "/api/v1/items/db/mounts",
             r#"{"point":"2001-01-01T00:00:00Z"}"#,
-            StatusCode::NOT_FOUND,
+            StatusCode::CONFLICT,
             "no_point",
         ),
         (
