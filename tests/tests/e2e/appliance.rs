@@ -190,9 +190,12 @@ async fn appliance_up_serve_stop_restart() {
     .await;
     assert_eq!((s, v), (200, json!({"items": [], "next_cursor": null})));
 
-    // Tokens: create three, page through all four two at a time, revoke one.
+    // Tokens: create three, page through all four two at a time, revoke one. Listings are in
+    // id order, and an id starts with its creation time in milliseconds: one token per
+    // millisecond keeps creation order.
     let mut secrets = Vec::new();
     for name in ["ci", "backup operator", "monitoring"] {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         let (s, v) = call(
             &c,
             post.clone(),
