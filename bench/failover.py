@@ -623,10 +623,10 @@ def report(c, results):
                      f"bytes changed: {fb['changed_bytes']:,}", "—", f"{ratio:.2f}×",
                      f"≤ {FAILBACK_TARGET:.1f}× changed", "met" if ok else "NOT met",
                      "FAIL" if fb.get("fail") else "OK"])
-        notes.append("failback: only differing chunks are written (whole chunks: a 100 KiB "
-                     "write dirties one or two chunks of the vault's chunk size); the comparison "
-                     "pass today reads the point's non-zero chunks from the vault to hash them "
-                     "(comparing keyed chunk ids instead would not).")
+        notes.append("failback: the differing chunks are found by keyed chunk id (no chunk "
+                     "data read from the vault for equal chunks), and only their differing "
+                     "4 KiB blocks are written; \"chunks\" in the row counts the chunks that "
+                     "differed.")
         if fb.get("fail"):
             notes.append("failback check: " + fb["fail"])
     L.append(md_table(header, rows))
