@@ -41,7 +41,7 @@ use crate::error::{Result, StoreError};
 use crate::formats::{ExportFormat, FormatOptions, Output, Plan};
 use crate::index::{Location, PackInfo};
 use crate::ingest::Progress;
-use crate::pack::{BlobError, PackId, open_blob_into, pack_key_label};
+use crate::pack::{PackId, pack_key_label};
 use crate::point::{DiskRecord, PointRecord};
 use crate::tree::walk_leaves;
 use crate::vault::{PointSelector, Vault};
@@ -596,23 +596,7 @@ impl Vault {
             let loc = &w.loc;
             let a = usize::try_from(loc.entry.offset - base).expect("window fits memory");
             let b = a + loc.entry.stored_len as usize;
-            open_blob_into(
-                &self.keys,
-                cipher,
-                &loc.pack,
-                loc.kind,
-                &loc.entry,
-                &mut part[a..b],
-                plain,
-            )
-            .map_err(|e| {
-                let object = loc.pack.object_name(loc.kind);
-                let what = format!("blob {} at offset {}", loc.entry.id, loc.entry.offset);
-                match e {
-                    BlobError::Auth => StoreError::Tampered { object, what },
-                    other => StoreError::corrupt(object, format!("{what}: {other}")),
-                }
-            })?;
+            self.open_with_cipher(cipher, loc, &mut part[a..b], plain)?;
             sink.chunk(plain, &w.indexes)?;
             for &index in &w.indexes {
                 let len = chunk_span(size, cs, index, plain.len());

@@ -536,10 +536,19 @@ impl Vault {
         let cipher = self
             .keys
             .derive_cipher(&info.salt, &pack_key_label(&loc.pack));
-        open_blob_into(
-            &self.keys, &cipher, &loc.pack, loc.kind, &loc.entry, ct, out,
-        )
-        .map_err(|e| {
+        self.open_with_cipher(&cipher, loc, ct, out)
+    }
+
+    /// [`Vault::open_located_into`] with the pack's cipher already derived (a restore window
+    /// derives it once for all its blobs).
+    pub(crate) fn open_with_cipher(
+        &self,
+        cipher: &crate::crypto::ObjectCipher,
+        loc: &Location,
+        ct: &mut [u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        open_blob_into(&self.keys, cipher, &loc.pack, loc.kind, &loc.entry, ct, out).map_err(|e| {
             let object = loc.pack.object_name(loc.kind);
             let what = format!("blob {} at offset {}", loc.entry.id, loc.entry.offset);
             match e {

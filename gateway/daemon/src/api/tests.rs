@@ -32,6 +32,15 @@ async fn fixture(points: &[&str]) -> Fixture {
 /// [`fixture`], with the process role when `process` (its cache under the fixture's
 /// directory, free-space thresholds off so the test machine's disk does not matter).
 async fn fixture_with(points: &[&str], process: bool) -> Fixture {
+    fixture_full(points, process, None).await
+}
+
+/// [`fixture_with`], the target role writing failovers to `location` when given.
+async fn fixture_full(
+    points: &[&str],
+    process: bool,
+    location: Option<crate::jobs::TargetLocation>,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (catalog, _) = Catalog::open(&dir.path().join("catalog.redb")).unwrap();
     let catalog = Arc::new(catalog);
@@ -66,7 +75,7 @@ async fn fixture_with(points: &[&str], process: bool) -> Fixture {
         Some(crate::jobs::TargetRole {
             dir: dir.path().join("target"),
             planned_timeout: std::time::Duration::from_secs(10),
-            location: None,
+            location,
         }),
         1,
     )
@@ -2668,64 +2677,15 @@ async fn mounts_lifecycle() {
 /// [`fixture`] for one item `db` (one point), its runner writing failovers to the object-store
 /// location `url` (`[target] location`).
 async fn fixture_with_location(url: &str) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let (catalog, _) = Catalog::open(&dir.path().join("catalog.redb")).unwrap();
-    let catalog = Arc::new(catalog);
-    catalog.ensure_default_policy(1).unwrap();
-    catalog
-        .insert_vault(&VaultEntry {
-            name: "default".into(),
-            url: "memory://".into(),
-            created_ms: 1,
-        })
-        .unwrap();
-    let tokens = Tokens::load(catalog.clone()).unwrap();
-    let (_, admin) = tokens.create("test admin").unwrap();
-    let tls = crate::tls::load_or_create(dir.path(), &crate::config::TlsConfig::default()).unwrap();
-    let agents = Arc::new(crate::agents::Agents::load(catalog.clone(), tls.agent_ca).unwrap());
-    let vault = crate::testkit::memory_vault(dir.path()).await;
-    let disk = dir.path().join("disk.img");
-    std::fs::write(&disk, vec![1u8; 256 << 10]).unwrap();
-    vault
-        .import(ImportOptions::full("db", &disk), Default::default())
-        .await
-        .unwrap();
-    let mut vaults = BTreeMap::new();
-    vaults.insert("default".to_string(), vault);
-    let vaults = Arc::new(vaults);
-    let (runner, runners) = JobRunner::start(
-        catalog.clone(),
-        vaults.clone(),
-        Some(crate::jobs::TargetRole {
-            dir: dir.path().join("target"),
-            planned_timeout: std::time::Duration::from_secs(10),
-            location: Some(crate::jobs::TargetLocation {
-                url: url.to_string(),
-                options: Vec::new(),
-            }),
+    fixture_full(
+        &["db"],
+        false,
+        Some(crate::jobs::TargetLocation {
+            url: url.to_string(),
+            options: Vec::new(),
         }),
-        1,
     )
-    .unwrap();
-    let vault = vaults["default"].clone();
-    let state = ApiState::new(
-        tokens,
-        agents.clone(),
-        vaults,
-        Some(runner),
-        Arc::default(),
-        1024,
-        &crate::config::Roles::default(),
-    );
-    Fixture {
-        app: router(state),
-        admin: admin.expose().to_string(),
-        agents,
-        vault,
-        process: None,
-        _runners: runners,
-        _dir: dir,
-    }
+    .await
 }
 
 /// With `[target] location` set, failovers are objects: a test failover's disk and
