@@ -2,8 +2,8 @@
 //! ingest as a [`DiskSource`].
 //!
 //! The store reads from one thread with blocking calls; a plugin instance lives in an async
-//! `Store` that only one task may drive. So one task owns the opened disk and serves read
-//! requests from a bounded channel, and the ingest thread waits on each reply. The extents are
+//! `Store` that only one task may drive, so the opened disk is served by a
+//! [`BlockingDisk`] (one task, a bounded request channel). The extents are
 //! asked for up front: only `data` extents are read, `zero` and `unallocated` ones become zero
 //! chunks without a read.
 
@@ -11,24 +11,12 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use ferry_plugin_host::{
-    ExtentKind, FileSource, HostConfig, HttpGrant, OpenDisk, PluginHost, SourceObject, World,
+    BlockingDisk, FileSource, HostConfig, HttpGrant, PluginHost, SourceObject,
 };
 use ferry_store::StoreError;
 use ferry_store::source::DiskSource;
-use tokio::sync::{mpsc, oneshot};
-
-/// `--format` values and the built-in adapter each one means.
-pub const FORMATS: &[(&str, Option<&str>)] = &[
-    ("auto", None),
-    ("raw", Some("physical")),
-    ("vmdk", Some("vmware")),
-    ("vhdx", Some("hyperv")),
-    ("vhd", Some("hyperv")),
-];
-
-type Reply = oneshot::Sender<Result<Vec<u8>, String>>;
 
 /// A virtual disk served by a source adapter.
 #[derive(Debug)]
@@ -36,7 +24,7 @@ pub struct AdaptedDisk {
     name: String,
     size: u64,
     data: Vec<Range<u64>>,
-    requests: mpsc::Sender<(u64, usize, Reply)>,
+    disk: BlockingDisk,
 }
 
 /// What opening a disk through an adapter gave: the source for ingest, and the changed
@@ -67,13 +55,10 @@ pub async fn open(input: Input<'_>, changes: Option<Vec<u8>>) -> Result<Opened> 
     })?;
     let (b, plugin, object, label): (_, _, Arc<dyn SourceObject>, String) = match input {
         Input::File { format, path } => {
-            let Some((_, builtin)) = FORMATS.iter().find(|(f, _)| *f == format) else {
-                let names: Vec<_> = FORMATS.iter().map(|(f, _)| *f).collect();
-                bail!("--format `{format}` is not one of {}", names.join(", "));
-            };
-            let b = match builtin {
-                Some(name) => ferry_builtin_plugins::get(name)
-                    .with_context(|| format!("built-in adapter `{name}` is missing"))?,
+            let b = match ferry_builtin_plugins::for_format(format)
+                .map_err(|e| anyhow::anyhow!("--{e}"))?
+            {
+                Some(b) => b,
                 None => probe(&host, path).await?,
             };
             let plugin = host.load(b.manifest(), b.wasm)?;
@@ -100,18 +85,7 @@ pub async fn open(input: Input<'_>, changes: Option<Vec<u8>>) -> Result<Opened> 
     };
     let mut disk = host.open_disk(&plugin, object).await?;
     let size = disk.info().virtual_size;
-    let mut data: Vec<Range<u64>> = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let batch = disk.extents(pos, size - pos).await?;
-        pos = batch.last().map_or(size, |e| e.end());
-        for e in batch.into_iter().filter(|e| e.kind == ExtentKind::Data) {
-            match data.last_mut() {
-                Some(r) if r.end == e.offset => r.end = e.end(),
-                _ => data.push(e.offset..e.end()),
-            }
-        }
-    }
+    let data = disk.data_ranges().await?;
     let changes = match changes {
         Some(doc) => {
             let extents = disk.changes(&doc).await?;
@@ -119,14 +93,14 @@ pub async fn open(input: Input<'_>, changes: Option<Vec<u8>>) -> Result<Opened> 
         }
         None => None,
     };
-    let (tx, rx) = mpsc::channel(4);
-    tokio::spawn(serve(disk, rx, size));
+    let name = format!("{}:{label}", b.name);
+    let disk = BlockingDisk::serve(disk, name.clone(), 4);
     Ok(Opened {
         disk: Arc::new(AdaptedDisk {
-            name: format!("{}:{label}", b.name),
+            name,
             size,
             data,
-            requests: tx,
+            disk,
         }),
         changes,
         adapter: b.name.to_string(),
@@ -143,33 +117,9 @@ pub async fn probe(host: &PluginHost, path: &Path) -> Result<ferry_builtin_plugi
         .take(ferry_plugin_host::PROBE_BYTES as u64)
         .read_to_end(&mut header)
         .with_context(|| format!("cannot read --disk `{}`", path.display()))?;
-    for b in ferry_builtin_plugins::ALL {
-        if b.world == World::SourceAdapter {
-            let p = host.load(b.manifest(), b.wasm)?;
-            if host.probe(&p, &header).await? {
-                return Ok(*b);
-            }
-        }
-    }
-    bail!("no built-in adapter recognises `{}`", path.display())
-}
-
-async fn serve(mut disk: OpenDisk, mut rx: mpsc::Receiver<(u64, usize, Reply)>, size: u64) {
-    while let Some((offset, len, reply)) = rx.recv().await {
-        let mut buf = vec![0u8; len];
-        let within = usize::try_from(size.saturating_sub(offset))
-            .unwrap_or(usize::MAX)
-            .min(len);
-        let r = if within == 0 {
-            Ok(buf)
-        } else {
-            match disk.read_into(offset, &mut buf[..within]).await {
-                Ok(()) => Ok(buf),
-                Err(e) => Err(e.to_string()),
-            }
-        };
-        let _ = reply.send(r);
-    }
+    ferry_builtin_plugins::probe(host, &header)
+        .await?
+        .with_context(|| format!("no built-in adapter recognises `{}`", path.display()))
 }
 
 impl DiskSource for AdaptedDisk {
@@ -186,19 +136,11 @@ impl DiskSource for AdaptedDisk {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> ferry_store::Result<()> {
-        let err = |message: String| StoreError::SourceRead {
-            disk: self.name.clone(),
-            message,
-        };
-        let (tx, rx) = oneshot::channel();
-        self.requests
-            .blocking_send((offset, buf.len(), tx))
-            .map_err(|_| err("the adapter task has stopped".into()))?;
-        let bytes = rx
-            .blocking_recv()
-            .map_err(|_| err("the adapter task has stopped".into()))?
-            .map_err(err)?;
-        buf.copy_from_slice(&bytes);
-        Ok(())
+        self.disk
+            .read_exact_at(buf, offset)
+            .map_err(|e| StoreError::SourceRead {
+                disk: self.name.clone(),
+                message: e.to_string(),
+            })
     }
 }

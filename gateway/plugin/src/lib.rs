@@ -12,7 +12,8 @@
 //! PluginHost::new(HostConfig)            engine + epoch ticker + cache
 //!   .load(Manifest, &wasm) -> LoadedPlugin   sha256, world, version, grants, link
 //!     .with_http_signer(SigV4)            the host signs the plugin's HTTP requests
-//!   .adapter_info / .probe / .open_disk -> OpenDisk { extents, read, changes }
+//!   .adapter_info / .probe / .open_disk -> OpenDisk { extents, data_ranges, read, changes }
+//! BlockingDisk::serve(OpenDisk)          the disk read from blocking threads
 //!   .run_hook(&plugin, &HookContext, &PlanKv) -> HookOutcome
 //!   .load_dir(dir)                        third-party plugins: *.toml manifests
 //! harness::run_adapter(&host, &plugin, disk, out)   what an adapter exposes, for tests
@@ -20,6 +21,7 @@
 
 mod adapter;
 mod bindings;
+mod blocking;
 mod error;
 pub mod harness;
 mod hook;
@@ -34,6 +36,7 @@ pub use adapter::{
     DiskInfo, Extent, ExtentKind, Location, MAX_DISK_READ, MAX_EXTENTS, Mapping, OpenDisk,
     PROBE_BYTES, PluginInfo,
 };
+pub use blocking::BlockingDisk;
 pub use error::{GuestError, PluginError};
 pub use hook::{HookContext, HookItem, HookOutcome, Operation, Phase};
 pub use host::{DirEntryLoad, HostConfig, LoadedPlugin, PluginHost};

@@ -6,7 +6,7 @@
 //! patterns of their formats, no HTTP hosts until the operator allow-lists some: the `aws`
 //! adapter reaches only the EBS endpoint its caller grants, with requests the host signs).
 
-use ferry_plugin_host::{Grants, Manifest, World};
+use ferry_plugin_host::{Grants, Manifest, PluginError, PluginHost, World};
 
 /// One built-in plugin.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +74,52 @@ pub const ALL: &[Builtin] = &[VMWARE, HYPERV, AWS, PHYSICAL, WEBHOOK];
 /// A built-in plugin by name.
 pub fn get(name: &str) -> Option<Builtin> {
     ALL.iter().copied().find(|b| b.name == name)
+}
+
+/// The disk formats callers accept (`ferry vault import --format`, the agent's `format`), and
+/// the built-in source adapter each one means (`auto`: [`probe`] decides).
+pub const FORMATS: &[(&str, Option<&str>)] = &[
+    ("auto", None),
+    ("raw", Some("physical")),
+    ("vmdk", Some("vmware")),
+    ("vhdx", Some("hyperv")),
+    ("vhd", Some("hyperv")),
+];
+
+/// The built-in adapter a format names: `Ok(None)` for `auto`, an error listing the formats
+/// for an unknown one.
+pub fn for_format(format: &str) -> Result<Option<Builtin>, String> {
+    match FORMATS.iter().find(|(f, _)| *f == format) {
+        Some((_, Some(name))) => get(name)
+            .map(Some)
+            .ok_or_else(|| format!("built-in adapter `{name}` is missing")),
+        Some((_, None)) => Ok(None),
+        None => {
+            let names: Vec<_> = FORMATS.iter().map(|(f, _)| *f).collect();
+            Err(format!(
+                "format `{format}` is not one of {}",
+                names.join(", ")
+            ))
+        }
+    }
+}
+
+/// `auto`: the first built-in source adapter whose `probe` accepts `header` (a disk's first
+/// bytes, at most [`ferry_plugin_host::PROBE_BYTES`] used); physical, which accepts
+/// anything, is tried last. `None` when none accepts it.
+///
+/// # Errors
+/// Loading or probing a built-in failed.
+pub async fn probe(host: &PluginHost, header: &[u8]) -> Result<Option<Builtin>, PluginError> {
+    for b in ALL {
+        if b.world == World::SourceAdapter {
+            let p = host.load(b.manifest(), b.wasm)?;
+            if host.probe(&p, header).await? {
+                return Ok(Some(*b));
+            }
+        }
+    }
+    Ok(None)
 }
 
 impl Builtin {

@@ -98,6 +98,16 @@ pub struct DiskConfig {
     pub name: String,
     /// The raw block device or image file read, absolute.
     pub path: PathBuf,
+    /// How the file is read: `raw` (the default: the bytes are the disk), or a disk container
+    /// read through its built-in source adapter — `vmdk`, `vhdx`, `vhd`, or `auto` to probe
+    /// (`crate::source`).
+    #[serde(default = "raw_format", skip_serializing_if = "is_raw")]
+    pub format: String,
+    /// The command (argv, no shell) that prints the change-tracking document of a delta
+    /// cycle (CBT, RCT, a checksum list), translated by the format's adapter; empty: every
+    /// allocated chunk is read and compared (`crate::source`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<String>,
     /// How the point-in-time view is taken (default `none`).
     #[serde(default, skip_serializing_if = "is_default_mode")]
     pub snapshot: SnapshotMode,
@@ -127,6 +137,8 @@ impl DiskConfig {
             item: item.to_string(),
             name: name.to_string(),
             path: path.into(),
+            format: raw_format(),
+            changes: Vec::new(),
             snapshot: SnapshotMode::None,
             lvm_snapshot_size: None,
             pre_snapshot: Vec::new(),
@@ -187,7 +199,15 @@ impl DiskConfig {
                 "disk {who}: application consistency needs a point-in-time view (snapshot reflink, lvm or quiesce), not `none`"
             ));
         }
+        ferry_builtin_plugins::for_format(&self.format).map_err(|e| format!("disk {who}: {e}"))?;
+        if self.snapshot == SnapshotMode::Lvm && self.format != "raw" {
+            return Err(format!(
+                "disk {who}: snapshot `lvm` reads a logical volume, which is format `raw` (this disk's is `{}`)",
+                self.format
+            ));
+        }
         for (field, argv) in [
+            ("changes", &self.changes),
             ("pre_snapshot", &self.pre_snapshot),
             ("post_snapshot", &self.post_snapshot),
             ("app_pre", &self.app_pre),
@@ -207,6 +227,14 @@ impl DiskConfig {
         }
         Ok(())
     }
+}
+
+fn raw_format() -> String {
+    "raw".to_string()
+}
+
+fn is_raw(f: &str) -> bool {
+    f == "raw"
 }
 
 /// The volume group and logical volume of an LVM path `/dev/VG/LV`.
@@ -502,7 +530,7 @@ pub fn render_table(disks: &[DiskConfig]) -> String {
     if disks.is_empty() {
         return "no disk configured (`ferry-agent disk add ITEM DISK PATH`)\n".into();
     }
-    let rows: Vec<[String; 5]> = disks
+    let rows: Vec<[String; 7]> = disks
         .iter()
         .map(|d| {
             let app = if d.app_consistent() {
@@ -510,23 +538,32 @@ pub fn render_table(disks: &[DiskConfig]) -> String {
             } else {
                 "-".into()
             };
+            let changes = if d.changes.is_empty() {
+                "-".into()
+            } else {
+                d.changes.join(" ")
+            };
             [
                 d.item.clone(),
                 d.name.clone(),
                 d.path.display().to_string(),
+                d.format.clone(),
                 d.snapshot.as_str().to_string(),
+                changes,
                 app,
             ]
         })
         .collect();
-    let header = ["ITEM", "DISK", "PATH", "SNAPSHOT", "APP PRE"];
+    let header = [
+        "ITEM", "DISK", "PATH", "FORMAT", "SNAPSHOT", "CHANGES", "APP PRE",
+    ];
     let mut w = header.map(str::len);
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
             w[i] = w[i].max(c.chars().count());
         }
     }
-    let line = |cells: [&str; 5]| {
+    let line = |cells: [&str; 7]| {
         let mut s = String::new();
         for (i, c) in cells.iter().enumerate() {
             s.push_str(c);
@@ -539,7 +576,7 @@ pub fn render_table(disks: &[DiskConfig]) -> String {
     };
     let mut out = line(header);
     for r in &rows {
-        out.push_str(&line([&r[0], &r[1], &r[2], &r[3], &r[4]]));
+        out.push_str(&line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]]));
     }
     out
 }
@@ -616,6 +653,27 @@ mod tests {
         d.lvm_snapshot_size = Some("20G".into());
         d.check().unwrap();
         assert!(lvm_volume(Path::new("/dev/mapper/vg0-data")).is_err());
+        // A logical volume is raw, and only known formats are accepted.
+        d.format = "vhdx".into();
+        assert!(d.check().unwrap_err().contains("format `raw`"));
+        d.snapshot = SnapshotMode::Reflink;
+        d.lvm_snapshot_size = None;
+        d.check().unwrap();
+        d.format = "zip".into();
+        let e = d.check().unwrap_err();
+        assert!(e.contains("`zip`") && e.contains("vmdk"), "{e}");
+        d.format = "auto".into();
+        d.changes = vec![String::new()];
+        assert!(
+            d.check()
+                .unwrap_err()
+                .contains("`changes` has an empty program")
+        );
+        // A file written before `format` and `changes` existed reads as raw without a list.
+        let old: DiskConfig =
+            toml::from_str("item = \"web\"\nname = \"sda\"\npath = \"/dev/sda\"\n").unwrap();
+        assert_eq!((old.format.as_str(), old.changes.len()), ("raw", 0));
+        assert!(!toml::to_string(&old).unwrap().contains("format"));
     }
 
     #[test]
@@ -715,12 +773,15 @@ mod tests {
         d.snapshot = SnapshotMode::Lvm;
         d.app_pre = vec!["freeze".into()];
         d.app_post = vec!["thaw".into()];
-        let t = render_table(&[d, DiskConfig::new("db", "data", "/img/db.raw")]);
+        let mut v = DiskConfig::new("db", "data", "/img/db.vhdx");
+        v.format = "vhdx".into();
+        v.changes = vec!["rct".into(), "--since".into()];
+        let t = render_table(&[d, v]);
         assert_eq!(
             t,
-            "ITEM  DISK  PATH         SNAPSHOT  APP PRE\n\
-             web   sda   /dev/sda     lvm       freeze\n\
-             db    data  /img/db.raw  none      -\n"
+            "ITEM  DISK  PATH          FORMAT  SNAPSHOT  CHANGES      APP PRE\n\
+             web   sda   /dev/sda      raw     lvm       -            freeze\n\
+             db    data  /img/db.vhdx  vhdx    none      rct --since  -\n"
         );
         assert!(render_table(&[]).contains("no disk configured"));
     }

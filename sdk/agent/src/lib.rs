@@ -41,6 +41,7 @@ pub mod plan;
 pub mod progress;
 pub mod resync;
 pub mod session;
+pub mod source;
 pub mod state;
 pub mod status;
 pub mod sync;

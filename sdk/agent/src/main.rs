@@ -130,6 +130,16 @@ struct DiskAddCli {
     disk: String,
     /// The raw block device or image file, absolute.
     path: std::path::PathBuf,
+    /// How the file is read: raw (the bytes are the disk), or a container read through its
+    /// built-in source adapter: vmdk, vhdx, vhd, auto (probe).
+    #[arg(long, value_name = "FORMAT", default_value = "raw")]
+    format: String,
+    /// The command that prints a delta's change document (VMware CBT for vmdk, Hyper-V RCT
+    /// for vhdx/vhd, a ferry-checksums list for raw); run with FERRY_ITEM, FERRY_DISK,
+    /// FERRY_VIEW, FERRY_CYCLE and FERRY_BASE_CYCLE set. Without it every allocated chunk is
+    /// read and compared.
+    #[arg(long, value_name = "CMD", value_parser = argv, allow_hyphen_values = true)]
+    changes: Option<Argv>,
     /// How the point-in-time view is taken: none, reflink, lvm, quiesce.
     #[arg(long, value_name = "METHOD", default_value = "none", value_parser = SnapshotMode::parse)]
     snapshot: SnapshotMode,
@@ -300,6 +310,8 @@ async fn run(cmd: Command) -> Result<(String, u8), AgentError> {
         }
         Command::Disk(DiskCmd::Add(a)) => {
             let mut d = DiskConfig::new(&a.item, &a.disk, a.path);
+            d.format = a.format;
+            d.changes = a.changes.map(|a| a.0).unwrap_or_default();
             d.snapshot = a.snapshot;
             d.lvm_snapshot_size = a.lvm_size;
             d.pre_snapshot = a.pre_snapshot.map(|a| a.0).unwrap_or_default();
@@ -309,10 +321,16 @@ async fn run(cmd: Command) -> Result<(String, u8), AgentError> {
             let d = disks::add(&a.dir.state_dir, d, a.force)?;
             Ok((
                 format!(
-                    "disk {} added: {} (snapshot {})\n",
+                    "disk {} added: {} (format {}, snapshot {}{})\n",
                     d.label(),
                     d.path.display(),
-                    d.snapshot.as_str()
+                    d.format,
+                    d.snapshot.as_str(),
+                    if d.changes.is_empty() {
+                        ""
+                    } else {
+                        ", change list by command"
+                    }
                 ),
                 0,
             ))

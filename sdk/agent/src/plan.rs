@@ -11,7 +11,10 @@
 //! function of the view and the base digests ([`plan`] run twice gives the same file).
 //!
 //! The walk, per chunk (the last one may be short):
-//! - a chunk with no data extent (`SEEK_DATA` / `SEEK_HOLE`) is not read: it is zeros;
+//! - with a base and a change list (`crate::source`), a chunk no changed range touches is not
+//!   read: its base digest stands and it is not sent;
+//! - a chunk with no data extent (`SEEK_DATA` / `SEEK_HOLE` in a file, the source adapter's
+//!   extents for a container) is not read: it is zeros;
 //! - otherwise it is read; an all-zero chunk counts as zeros too;
 //! - without a base (initial cycle, or a resync that lost its base) every chunk is sent:
 //!   zeros as `Zero` frames (consecutive zero chunks coalesced into one range), data as
@@ -32,7 +35,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader};
-use std::os::unix::fs::FileExt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +45,7 @@ use ferry_proto::digests::{DigestsError, Reader as ReplicaDigests};
 use ferry_proto::frame::{self, AgentFrame, Chunk, Consistency, EndOfCycle, Snapshot, Zero};
 use sha2::{Digest, Sha256};
 
+use crate::source::Reader;
 use crate::tracking::{
     self, ChunkDigest, DigestReader, DigestWriter, DigestsHeader, PlanFile, PlanWriter, Planned,
     TrackingError,
@@ -123,6 +127,8 @@ pub struct PlanSummary {
     pub read_chunks: u64,
     /// Chunks compared with a base's digest (every chunk with a base, 0 without).
     pub compared_chunks: u64,
+    /// Chunks a change list said were unchanged: neither read nor sent.
+    pub unlisted_chunks: u64,
 }
 
 impl PlanSummary {
@@ -251,49 +257,82 @@ impl Geometry {
     }
 }
 
-/// Data extents of a file, found with `SEEK_DATA` / `SEEK_HOLE` as the walk advances.
-struct Extents<'a> {
-    f: &'a File,
-    size: u64,
-    /// The current (or next) data extent: `[start, end)`.
-    start: u64,
-    end: u64,
+/// Data extents of the view as the walk advances: found with `SEEK_DATA` / `SEEK_HOLE` in a
+/// file, or the list a source adapter gave.
+enum Extents<'a> {
+    Seek {
+        f: &'a File,
+        size: u64,
+        /// The current (or next) data extent: `[start, end)`.
+        start: u64,
+        end: u64,
+    },
+    List {
+        ranges: &'a [Range<u64>],
+        /// The first range not wholly before the walk.
+        at: usize,
+    },
 }
 
 impl<'a> Extents<'a> {
-    fn new(f: &'a File, size: u64) -> Self {
-        Self {
-            f,
-            size,
-            start: 0,
-            end: 0,
+    fn new(view: &'a Reader, size: u64) -> Self {
+        match view {
+            Reader::File(f) => Self::Seek {
+                f,
+                size,
+                start: 0,
+                end: 0,
+            },
+            Reader::Adapted(a) => Self::List {
+                ranges: a.data(),
+                at: 0,
+            },
         }
     }
 
-    /// Whether `[off, off + len)` holds any data.
+    /// Whether `[off, off + len)` holds any data. Asked with increasing `off`.
     fn has_data(&mut self, off: u64, len: u64) -> bool {
-        if off >= self.end {
-            match rustix::fs::seek(self.f, rustix::fs::SeekFrom::Data(off)) {
-                Ok(d) => {
-                    self.start = d;
-                    self.end = rustix::fs::seek(self.f, rustix::fs::SeekFrom::Hole(d))
-                        .unwrap_or(self.size)
-                        .max(d + 1);
+        match self {
+            Self::Seek {
+                f,
+                size,
+                start,
+                end,
+            } => {
+                if off >= *end {
+                    match rustix::fs::seek(*f, rustix::fs::SeekFrom::Data(off)) {
+                        Ok(d) => {
+                            *start = d;
+                            *end = rustix::fs::seek(*f, rustix::fs::SeekFrom::Hole(d))
+                                .unwrap_or(*size)
+                                .max(d + 1);
+                        }
+                        // No data at or after `off`.
+                        Err(rustix::io::Errno::NXIO) => {
+                            *start = u64::MAX;
+                            *end = u64::MAX;
+                        }
+                        // No hole support: everything is data.
+                        Err(_) => {
+                            *start = 0;
+                            *end = u64::MAX;
+                        }
+                    }
                 }
-                // No data at or after `off`.
-                Err(rustix::io::Errno::NXIO) => {
-                    self.start = u64::MAX;
-                    self.end = u64::MAX;
-                }
-                // No hole support: everything is data.
-                Err(_) => {
-                    self.start = 0;
-                    self.end = u64::MAX;
-                }
+                *start < off + len
             }
+            Self::List { ranges, at } => overlaps(ranges, at, off, len),
         }
-        self.start < off + len
     }
+}
+
+/// Whether `[off, off + len)` meets one of `ranges` (sorted, disjoint), advancing `at` past
+/// the ranges that end before `off` (so a walk with increasing `off` costs one pass).
+fn overlaps(ranges: &[Range<u64>], at: &mut usize, off: u64, len: u64) -> bool {
+    while ranges.get(*at).is_some_and(|r| r.end <= off) {
+        *at += 1;
+    }
+    ranges.get(*at).is_some_and(|r| r.start < off + len)
 }
 
 /// Whether every byte is 0 (block by block, stopping at the first non-zero block).
@@ -307,8 +346,8 @@ pub fn digest(b: &[u8]) -> ChunkDigest {
     Sha256::digest(b).into()
 }
 
-fn read_at(f: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), PlanError> {
-    f.read_exact_at(buf, offset)
+fn read_at(r: &Reader, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), PlanError> {
+    r.read_exact_at(buf, offset)
         .map_err(|source| PlanError::Read {
             path: path.to_path_buf(),
             offset,
@@ -319,13 +358,18 @@ fn read_at(f: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), Pla
 /// Plans cycle `cycle` of the view `view` (at `view_path`), against `base` (the digests of
 /// what the gateway holds; `None`: every chunk is sent): writes the plan at `plan_out` and
 /// the pending digests at `digests_out`. `stop` is checked between chunks.
+///
+/// `changed` (with a base only: the ranges a change list says were written since the base's
+/// view, sorted and disjoint): a chunk none of them touches is not read, its base digest
+/// stands and it is not sent.
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
-    view: &File,
+    view: &Reader,
     view_path: &Path,
     geo: Geometry,
     cycle: u64,
     mut base: Option<Base>,
+    changed: Option<&[Range<u64>]>,
     plan_out: &Path,
     digests_out: &Path,
     stop: &AtomicBool,
@@ -349,6 +393,8 @@ pub fn plan(
         ..PlanSummary::default()
     };
     let mut zero_run: Option<(u64, u64)> = None;
+    let changed = changed.filter(|_| base.is_some());
+    let mut listed_at = 0;
 
     let flush = |run: &mut Option<(u64, u64)>, plan: &mut PlanWriter, s: &mut PlanSummary| {
         if let Some((first, count)) = run.take() {
@@ -368,6 +414,16 @@ pub fn plan(
         } else {
             &full_zero
         };
+        let unlisted = changed.is_some_and(|c| !overlaps(c, &mut listed_at, off, len as u64));
+        if unlisted && let Some(b) = base.as_mut() {
+            // Unchanged since the base, as the change list says: its digest stands.
+            let d = b.next_digest()?;
+            s.compared_chunks += 1;
+            s.unlisted_chunks += 1;
+            flush(&mut zero_run, &mut plan, &mut s)?;
+            digests.push(&d)?;
+            continue;
+        }
         let (zero, d) = if base.is_none() && extents.has_data(off, len as u64) {
             // Every allocated chunk is sent when there is no base, and its digest is taken
             // from the bytes that leave (`CycleFrames::frame`, which also sends a chunk of
@@ -450,7 +506,7 @@ pub struct CycleFrames {
 #[derive(Debug)]
 struct Inner {
     plan: PlanFile,
-    view: File,
+    view: Reader,
     view_path: PathBuf,
     digests: File,
     digests_path: PathBuf,
@@ -464,7 +520,7 @@ impl CycleFrames {
     pub fn open(
         plan_path: &Path,
         verify: bool,
-        view: File,
+        view: Reader,
         view_path: &Path,
         digests_path: &Path,
         geo: Geometry,
@@ -574,12 +630,18 @@ pub fn check_size(view_path: &Path, expected: u64, found: u64) -> Result<(), Pla
 #[cfg(test)]
 pub(crate) mod tests {
     use std::io::Write;
+    use std::os::unix::fs::FileExt;
 
     use ferry_proto::frame::{Decoded, Limits};
 
     use super::*;
 
     pub(crate) const CS: u32 = 65536;
+
+    /// A reader of the raw file at `p`.
+    pub(crate) fn rd(p: &Path) -> Reader {
+        Reader::File(Arc::new(File::open(p).unwrap()))
+    }
 
     /// An image of `chunks` chunks (the last `short` bytes shorter) where `data[i]` is the
     /// byte chunk `i` is filled with (0: left as a hole).
@@ -627,13 +689,25 @@ pub(crate) mod tests {
         base: Option<Base>,
         cycle: u64,
     ) -> Planned1 {
-        let f = File::open(img).unwrap();
+        plan_listed(dir, img, geo, base, None, cycle)
+    }
+
+    /// [`plan_with`] with a change list.
+    pub(crate) fn plan_listed(
+        dir: &Path,
+        img: &Path,
+        geo: Geometry,
+        base: Option<Base>,
+        changed: Option<&[Range<u64>]>,
+        cycle: u64,
+    ) -> Planned1 {
         let summary = plan(
-            &f,
+            &rd(img),
             img,
             geo,
             cycle,
             base,
+            changed,
             &dir.join("plan"),
             &dir.join("digests"),
             &AtomicBool::new(false),
@@ -642,7 +716,7 @@ pub(crate) mod tests {
         let src = CycleFrames::open(
             &dir.join("plan"),
             true,
-            File::open(img).unwrap(),
+            rd(img),
             img,
             &dir.join("digests"),
             geo,
@@ -791,6 +865,56 @@ pub(crate) mod tests {
         assert_eq!(third.summary.changed_bytes, 0);
     }
 
+    /// A change list limits what a delta reads: only listed chunks are read and compared; an
+    /// unlisted chunk keeps its base digest and is not sent, even when it changed (the list is
+    /// the source's word); without a base the list is ignored.
+    #[test]
+    fn a_change_list_reads_only_the_chunks_it_lists() {
+        let t = tempfile::tempdir().unwrap();
+        let img = t.path().join("disk.img");
+        let geo = image(&img, &[1, 2, 3, 4, 5, 6], 0);
+        let (c1, c2, c3) = (
+            t.path().join("c1"),
+            t.path().join("c2"),
+            t.path().join("c3"),
+        );
+        for d in [&c1, &c2, &c3] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let cs = u64::from(CS);
+        let listed = [cs + 10..cs + 20, 4 * cs..4 * cs + 1];
+        // Ignored without a base: the initial cycle sends everything.
+        let first = plan_listed(&c1, &img, geo, None, Some(&listed), 1);
+        assert_eq!(first.summary.chunk_frames, 6);
+        assert_eq!(first.summary.unlisted_chunks, 0);
+        // Chunks 1 and 4 listed, 1 and 3 changed: 1 is sent, 3 is not read, 4 is read and
+        // found equal.
+        let f = OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(b"one", cs + 10).unwrap();
+        f.write_all_at(b"three", 3 * cs).unwrap();
+        let base = Base::from(DigestReader::open(&c1.join("digests")).unwrap());
+        let second = plan_listed(&c2, &img, geo, Some(base), Some(&listed), 2);
+        assert_eq!(shape(&second.frames), ["C1", "E"]);
+        assert_eq!(
+            (
+                second.summary.read_chunks,
+                second.summary.unlisted_chunks,
+                second.summary.compared_chunks
+            ),
+            (2, 4, 6)
+        );
+        // Chunk 3's digest is still the base's: a later scan without a list finds it.
+        let third = plan_and_produce(&c3, &img, geo, Some(&c2.join("digests")), 3);
+        assert_eq!(shape(&third.frames), ["C3", "E"]);
+        // An empty list: nothing is read, nothing sent.
+        let c4 = t.path().join("c4");
+        std::fs::create_dir(&c4).unwrap();
+        let base = Base::from(DigestReader::open(&c3.join("digests")).unwrap());
+        let fourth = plan_listed(&c4, &img, geo, Some(base), Some(&[]), 4);
+        assert_eq!(shape(&fourth.frames), ["E"]);
+        assert_eq!(fourth.summary.read_chunks, 0);
+    }
+
     #[test]
     fn planning_twice_gives_the_same_frames_and_resumes_at_any_seq() {
         let t = tempfile::tempdir().unwrap();
@@ -810,7 +934,7 @@ pub(crate) mod tests {
         let src = CycleFrames::open(
             &a.join("plan"),
             true,
-            File::open(&img).unwrap(),
+            rd(&img),
             &img,
             &a.join("digests"),
             geo,
@@ -834,12 +958,12 @@ pub(crate) mod tests {
         let t = tempfile::tempdir().unwrap();
         let img = t.path().join("disk.img");
         let geo = image(&img, &[1, 2], 0);
-        let f = File::open(&img).unwrap();
         plan(
-            &f,
+            &rd(&img),
             &img,
             geo,
             1,
+            None,
             None,
             &t.path().join("plan"),
             &t.path().join("digests"),
@@ -852,7 +976,7 @@ pub(crate) mod tests {
         let src = CycleFrames::open(
             &t.path().join("plan"),
             false,
-            File::open(&img).unwrap(),
+            rd(&img),
             &img,
             &t.path().join("digests"),
             geo,
@@ -890,11 +1014,12 @@ pub(crate) mod tests {
             .unwrap();
         let run = |stop: bool| {
             plan(
-                &File::open(&img).unwrap(),
+                &rd(&img),
                 &img,
                 geo,
                 2,
                 Some(DigestReader::open(&base).unwrap().into()),
+                None,
                 &t.path().join("plan"),
                 &t.path().join("digests"),
                 &AtomicBool::new(stop),
@@ -910,11 +1035,12 @@ pub(crate) mod tests {
             chunk_size: CS,
         };
         let e = plan(
-            &File::open(&img).unwrap(),
+            &crate::plan::tests::rd(&img),
             &img,
             other,
             2,
             Some(DigestReader::open(&c1.join("digests")).unwrap().into()),
+            None,
             &t.path().join("plan"),
             &t.path().join("digests"),
             &AtomicBool::new(false),

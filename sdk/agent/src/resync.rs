@@ -402,11 +402,12 @@ mod tests {
             "{e}"
         );
         let e = plan::plan(
-            &File::open(&img).unwrap(),
+            &crate::plan::tests::rd(&img),
             &img,
             other,
             2,
             Some(Base::replica(&good).unwrap()),
+            None,
             &t.path().join("plan"),
             &t.path().join("digests"),
             &AtomicBool::new(false),
@@ -416,11 +417,12 @@ mod tests {
         // Damaged after the check: planning stops at the trailer.
         std::fs::write(&bad, &flipped).unwrap();
         let e = plan::plan(
-            &File::open(&img).unwrap(),
+            &crate::plan::tests::rd(&img),
             &img,
             geo,
             2,
             Some(Base::replica(&bad).unwrap()),
+            None,
             &t.path().join("plan"),
             &t.path().join("digests"),
             &AtomicBool::new(false),

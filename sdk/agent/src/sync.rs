@@ -63,6 +63,7 @@ use crate::resync::{self, Unusable};
 use crate::session::{
     self, Class, Commit, HelloParams, SessionConfig, SessionError, SessionState, Stop, TlsConnector,
 };
+use crate::source::{self, ChangeList};
 use crate::state::{StateDir, StateError};
 use crate::throttle::{Clock, Throttle, TimeWindow};
 use crate::tracking::{CycleRecord, DigestsHeader, DiskState, Phase, TrackingError, VIEW_FILE};
@@ -317,6 +318,27 @@ pub struct ResyncCount {
     pub sent_chunks: u64,
 }
 
+/// What planning a new cycle found, for its outcome (nothing for a resumed cycle).
+#[derive(Debug, Default)]
+struct Planned {
+    resync: Option<ResyncCount>,
+    change_list: Option<ChangeListUse>,
+}
+
+/// How a delta used its change list (`crate::source`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChangeListUse {
+    /// Changed ranges the document listed (merged).
+    pub ranges: u64,
+    /// Chunks read from the view.
+    pub read_chunks: u64,
+    /// Chunks the document did not touch: neither read nor sent.
+    pub unlisted_chunks: u64,
+    /// Why the command or its document failed (every allocated chunk was read instead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// What a new cycle is planned against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PlanBase {
@@ -402,6 +424,8 @@ pub enum CycleOutcome {
         chunk_bytes: u64,
         /// A resync planned by this run: what it compared and sent.
         resync: Option<ResyncCount>,
+        /// A delta planned by this run with the disk's `changes` command: what it read.
+        change_list: Option<ChangeListUse>,
         /// What became of the point.
         commit: Commit,
     },
@@ -750,7 +774,7 @@ impl Cycle<'_> {
             return Ok(None);
         }
         let cycle_dir = self.st.cycle_dir();
-        let view = match View::reopen(self.disk, &cycle_dir, &rec.view, rec.consistency) {
+        let view = match View::reopen(self.disk, &cycle_dir, &rec.view, rec.consistency).await {
             Ok(Some(v)) if v.size() == rec.disk_size => v,
             Ok(Some(v)) => {
                 drop(v);
@@ -770,26 +794,24 @@ impl Cycle<'_> {
             disk_size: rec.disk_size,
             chunk_size: rec.chunk_size,
         };
-        let frames = view.try_clone_file().and_then(|f| {
-            CycleFrames::open(
-                &self.st.plan_path(),
-                true,
-                f,
-                view.path(),
-                &self.st.pending_digests_path(&rec),
-                geo,
-                Ending {
-                    consistency: rec.consistency,
-                    snapshot: rec.snapshot,
-                    tags: rec.tags.clone(),
-                },
-            )
-            .map_err(|e| ViewError::Io {
-                disk: self.label.clone(),
-                action: "resume the plan in",
-                path: self.st.cycle_dir(),
-                source: std::io::Error::other(e.to_string()),
-            })
+        let frames = CycleFrames::open(
+            &self.st.plan_path(),
+            true,
+            view.reader(),
+            view.path(),
+            &self.st.pending_digests_path(&rec),
+            geo,
+            Ending {
+                consistency: rec.consistency,
+                snapshot: rec.snapshot,
+                tags: rec.tags.clone(),
+            },
+        )
+        .map_err(|e| ViewError::Io {
+            disk: self.label.clone(),
+            action: "resume the plan in",
+            path: self.st.cycle_dir(),
+            source: std::io::Error::other(e.to_string()),
         });
         let frames = match frames {
             Ok(f) => f,
@@ -807,7 +829,7 @@ impl Cycle<'_> {
             ("cycle", &c),
             ("last_acked_seq", &a),
         ]);
-        self.send(rec, view, frames, connector, false, None)
+        self.send(rec, view, frames, connector, false, Planned::default())
             .await
             .map(Some)
     }
@@ -828,7 +850,10 @@ impl Cycle<'_> {
         };
         // A resync known now (the committed digests cannot describe the gateway's cycle at
         // the disk's live size) waits for its window before anything is taken or asked.
-        let live = gateway_has.and_then(|_| view::disk_size(&self.label, &self.disk.path).ok());
+        let live = match gateway_has {
+            Some(_) => view::disk_size(self.disk).await.ok(),
+            None => None,
+        };
         let resync_ahead = gateway_has.is_some()
             && live.is_some_and(|l| !committed.as_ref().is_some_and(|h| self.base_fits(h, l)));
         if resync_ahead
@@ -918,8 +943,32 @@ impl Cycle<'_> {
         if choice != PlanBase::Replica {
             resync::remove(&replica_path);
         }
+        let changes = match (choice, base) {
+            (PlanBase::Committed, Some(b)) => {
+                let c = source::ChangesContext {
+                    disk: self.disk,
+                    view_path: view.path(),
+                    cycle,
+                    base_cycle: b.cycle,
+                };
+                source::change_list(&view.reader(), &c).await
+            }
+            _ => ChangeList::None,
+        };
+        if let ChangeList::Failed(why) = &changes {
+            progress::log(&[
+                ("event", "change_list_failed"),
+                ("disk", &self.label),
+                ("error", why),
+                ("note", "every allocated chunk is read and compared instead"),
+            ]);
+        }
         let summary = loop {
-            match self.plan_frames(&view, geo, cycle, choice).await {
+            let listed = match (&changes, choice) {
+                (ChangeList::Ranges(r), PlanBase::Committed) => Some(r.clone()),
+                _ => None,
+            };
+            match self.plan_frames(&view, geo, cycle, choice, listed).await {
                 Ok(s) => break s,
                 Err(PlanError::BaseDamaged(e)) if choice == PlanBase::Committed => {
                     progress::log(&[
@@ -977,6 +1026,21 @@ impl Cycle<'_> {
             compared_chunks: summary.compared_chunks,
             sent_chunks: summary.sent_chunks(),
         });
+        let change_list = match changes {
+            ChangeList::None => None,
+            ChangeList::Ranges(r) => Some(ChangeListUse {
+                ranges: r.len() as u64,
+                read_chunks: summary.read_chunks,
+                unlisted_chunks: summary.unlisted_chunks,
+                error: None,
+            }),
+            ChangeList::Failed(why) => Some(ChangeListUse {
+                ranges: 0,
+                read_chunks: summary.read_chunks,
+                unlisted_chunks: 0,
+                error: Some(why),
+            }),
+        };
         let mut tags = vec![
             (
                 "ferry.agent_version".to_string(),
@@ -1008,27 +1072,24 @@ impl Cycle<'_> {
             let _ = st.discard_cycle();
             return Err(tracking(&self.label)(e));
         }
-        let opened = match view.try_clone_file() {
-            Ok(f) => CycleFrames::open(
-                &st.plan_path(),
-                false,
-                f,
-                view.path(),
-                &st.pending_digests_path(&rec),
-                geo,
-                Ending {
-                    consistency: rec.consistency,
-                    snapshot: rec.snapshot,
-                    tags: rec.tags.clone(),
-                },
-            )
-            .map_err(|source| SyncError::Plan {
-                disk: self.label.clone(),
-                cycle,
-                source,
-            }),
-            Err(source) => Err(SyncError::View { cycle, source }),
-        };
+        let opened = CycleFrames::open(
+            &st.plan_path(),
+            false,
+            view.reader(),
+            view.path(),
+            &st.pending_digests_path(&rec),
+            geo,
+            Ending {
+                consistency: rec.consistency,
+                snapshot: rec.snapshot,
+                tags: rec.tags.clone(),
+            },
+        )
+        .map_err(|source| SyncError::Plan {
+            disk: self.label.clone(),
+            cycle,
+            source,
+        });
         let frames = match opened {
             Ok(f) => f,
             Err(e) => {
@@ -1037,7 +1098,11 @@ impl Cycle<'_> {
                 return Err(e);
             }
         };
-        self.send(rec, view, frames, connector, true, resync).await
+        let planned = Planned {
+            resync,
+            change_list,
+        };
+        self.send(rec, view, frames, connector, true, planned).await
     }
 
     /// Why a new cycle with the committed digests `committed` (`damaged`: dropped because they
@@ -1215,12 +1280,9 @@ impl Cycle<'_> {
         geo: Geometry,
         cycle: u64,
         base: PlanBase,
+        changed: Option<Vec<std::ops::Range<u64>>>,
     ) -> Result<plan::PlanSummary, PlanError> {
-        let file = view.try_clone_file().map_err(|e| PlanError::Read {
-            path: view.path().to_path_buf(),
-            offset: 0,
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        let reader = view.reader();
         let view_path = view.path().to_path_buf();
         let base_path = self.st.digests_path();
         let replica_path = self.st.replica_digests_path();
@@ -1244,11 +1306,12 @@ impl Cycle<'_> {
                 PlanBase::Replica => Some(Base::replica(&replica_path)?),
             };
             plan::plan(
-                &file,
+                &reader,
                 &view_path,
                 geo,
                 cycle,
                 base,
+                changed.as_deref(),
                 &plan_path,
                 &digests_path,
                 &flag,
@@ -1273,7 +1336,7 @@ impl Cycle<'_> {
         frames: CycleFrames,
         connector: &mut TlsConnector,
         fresh: bool,
-        resync: Option<ResyncCount>,
+        planned: Planned,
     ) -> Result<CycleOutcome, SyncError> {
         let r = &self.ctx.replication;
         let cfg = SessionConfig {
@@ -1388,7 +1451,8 @@ impl Cycle<'_> {
             app: consistency == ferry_proto::frame::Consistency::App,
             data_frames: rec.data_frames,
             chunk_bytes: rec.chunk_bytes,
-            resync,
+            resync: planned.resync,
+            change_list: planned.change_list,
             commit,
         })
     }
@@ -1455,6 +1519,9 @@ pub struct DiskReport {
     /// A resync: chunks sent (`Chunk` frames and chunks in `Zero` ranges).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resync_sent_chunks: Option<u64>,
+    /// A delta with a `changes` command: the change list's use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change_list: Option<ChangeListUse>,
     /// A deferred resync: why it is needed (`tracking_lost`, `base_damaged`,
     /// `geometry_changed`, `threshold`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1484,6 +1551,7 @@ impl DiskReport {
             chunk_bytes: None,
             resync_compared_chunks: None,
             resync_sent_chunks: None,
+            change_list: None,
             resync_reason: None,
             resync_window_opens_in_seconds: None,
             message: None,
@@ -1532,6 +1600,7 @@ impl DiskReport {
                 data_frames,
                 chunk_bytes,
                 resync,
+                change_list,
                 commit,
             } => {
                 let mut r = match commit {
@@ -1555,6 +1624,7 @@ impl DiskReport {
                 r.chunk_bytes = Some(chunk_bytes);
                 r.resync_compared_chunks = resync.map(|c| c.compared_chunks);
                 r.resync_sent_chunks = resync.map(|c| c.sent_chunks);
+                r.change_list = change_list;
                 r
             }
         }
@@ -1962,6 +2032,7 @@ mod tests {
                 data_frames: 4,
                 chunk_bytes: 100,
                 resync: None,
+                change_list: None,
                 commit: Commit::Committed("20261126T075405.135Z-1c866aa0".into()),
             },
         );
@@ -1985,6 +2056,7 @@ mod tests {
                     compared_chunks: 10,
                     sent_chunks: 1,
                 }),
+                change_list: None,
                 commit: Commit::NotConfirmed("closed".into()),
             },
         );
@@ -2302,6 +2374,139 @@ mod tests {
             p.exists()
                 .then(|| crate::tracking::read_digests_header(&p).unwrap().cycle)
         }
+    }
+
+    /// Runs `tool` (qemu-img, qemu-io: installed by `scripts/install-test-tools.sh`).
+    fn qemu(tool: &str, args: &[&str]) {
+        let out = std::process::Command::new(tool)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{tool} (scripts/install-test-tools.sh installs it): {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A VHDX container replicated through the built-in hyperv adapter: the initial cycle
+    /// sends the virtual disk (not the container's bytes); a delta whose `changes` command
+    /// prints an RCT document reads only the chunks it lists; a document the adapter refuses
+    /// is reported and that cycle reads every allocated chunk instead. After each cycle the
+    /// replica equals `qemu-img convert -O raw` of the container.
+    #[tokio::test]
+    async fn a_vhdx_replicates_through_its_adapter_with_rct_change_lists() {
+        let s = setup().await;
+        let dir = s.dir.path();
+        let (raw, vhdx, doc, now) = (
+            dir.join("src.raw"),
+            dir.join("disk.vhdx"),
+            dir.join("rct.json"),
+            dir.join("now.raw"),
+        );
+        let size = 4u64 << 20;
+        std::fs::File::create(&raw).unwrap().set_len(size).unwrap();
+        write(&raw, 0, &[7u8; 5000]);
+        write(&raw, 2 * CS + 100, &[8u8; 3000]);
+        write(&raw, size - 4096, &[9u8; 4096]);
+        let (raw_s, vhdx_s, now_s) = (
+            raw.to_str().unwrap(),
+            vhdx.to_str().unwrap(),
+            now.to_str().unwrap(),
+        );
+        qemu(
+            "qemu-img",
+            &["convert", "-f", "raw", "-O", "vhdx", raw_s, vhdx_s],
+        );
+        crate::disks::remove(&s.state_dir(), "web", "sda").unwrap();
+        let mut d = DiskConfig::new("web", "sda", &vhdx);
+        d.format = "vhdx".into();
+        d.changes = vec!["cat".into(), doc.to_str().unwrap().into()];
+        let d = crate::disks::add(&s.state_dir(), d, false).unwrap();
+        let s = &s;
+        let cycle = |d: DiskConfig| async move {
+            let ctx = s.ctx();
+            let plan = ctx.plan(&d).await.unwrap();
+            let st = DiskState::open(&s.state_dir(), "web", "sda").unwrap();
+            let opts = CycleOptions {
+                commit_timeout: Duration::from_secs(5),
+                max_failures: Some(3),
+                app: false,
+            };
+            run_cycle(&ctx, &d, &plan, &st, &opts, &Stop::never())
+                .await
+                .unwrap()
+        };
+        let matches = || {
+            let _ = std::fs::remove_file(&now);
+            qemu(
+                "qemu-img",
+                &["convert", "-f", "vhdx", "-O", "raw", vhdx_s, now_s],
+            );
+            let want = std::fs::read(&now).unwrap();
+            let got = s.dp.state.lock().unwrap().replica.clone();
+            assert_eq!(got.len(), want.len());
+            assert!(got == want, "the replica differs from the virtual disk");
+        };
+        let report = |o: CycleOutcome| DiskReport::from_outcome(&d, o);
+
+        let r = report(cycle(d.clone()).await);
+        assert_eq!((r.status, r.kind), ("committed", Some("initial")));
+        assert_eq!(r.change_list, None);
+        matches();
+
+        // 64 KiB written at 1 MiB, and the RCT document saying so.
+        qemu(
+            "qemu-io",
+            &["-f", "vhdx", "-c", "write -P 0x5a 1M 64k", vhdx_s],
+        );
+        std::fs::write(&doc, br#"[{"ByteOffset": 1048576, "ByteLength": 65536}]"#).unwrap();
+        let r = report(cycle(d.clone()).await);
+        assert_eq!((r.status, r.kind), ("committed", Some("delta")));
+        let chunks = size / CS;
+        assert_eq!(
+            r.change_list,
+            Some(ChangeListUse {
+                ranges: 1,
+                read_chunks: 1,
+                unlisted_chunks: chunks - 1,
+                error: None,
+            })
+        );
+        assert_eq!(r.data_frames, Some(1));
+        matches();
+
+        // A document the adapter refuses (a range past the end): the cycle reads every
+        // allocated chunk and still sends the change.
+        qemu(
+            "qemu-io",
+            &["-f", "vhdx", "-c", "write -P 0x33 3M 4k", vhdx_s],
+        );
+        std::fs::write(&doc, br#"[{"ByteOffset": 4194304, "ByteLength": 65536}]"#).unwrap();
+        let r = report(cycle(d.clone()).await);
+        let used = r.change_list.clone().unwrap();
+        assert!(
+            used.error.as_deref().is_some_and(|e| e.contains("refused")),
+            "{used:?}"
+        );
+        assert!(used.read_chunks > 1, "{used:?}");
+        assert_eq!(r.data_frames, Some(1));
+        matches();
+
+        // The command fails: the same fallback, with its reason.
+        let mut failing = d.clone();
+        failing.changes = vec!["false".into()];
+        qemu(
+            "qemu-io",
+            &["-f", "vhdx", "-c", "write -P 0x44 0 4k", vhdx_s],
+        );
+        let r = report(cycle(failing).await);
+        let used = r.change_list.clone().unwrap();
+        assert!(
+            used.error.as_deref().is_some_and(|e| e.contains("changes")),
+            "{used:?}"
+        );
+        matches();
     }
 
     fn done(o: CycleOutcome) -> (u64, CycleKind, u64, Commit) {

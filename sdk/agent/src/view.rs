@@ -27,6 +27,7 @@ use ferry_proto::frame::Consistency;
 use tokio::io::AsyncReadExt;
 
 use crate::disks::{DiskConfig, SnapshotMode, lvm_volume};
+use crate::source::{self, Reader};
 use crate::tracking::VIEW_FILE;
 
 /// Longest a snapshot or application command may run.
@@ -77,6 +78,16 @@ pub enum ViewError {
         /// How it failed (exit status and the end of its standard error, or why it did not run).
         reason: String,
     },
+    /// The disk container cannot be read through its source adapter.
+    #[error("disk {disk}: cannot read {} through its source adapter: {message}", path.display())]
+    Adapter {
+        /// `item/disk`.
+        disk: String,
+        /// The container.
+        path: PathBuf,
+        /// What the adapter or the plugin host said.
+        message: String,
+    },
     /// The disk is empty.
     #[error("disk {disk}: {} is empty (0 bytes); there is nothing to replicate", path.display())]
     Empty {
@@ -89,6 +100,28 @@ pub enum ViewError {
 
 /// Runs `argv` (no shell), waits at most [`COMMAND_TIMEOUT`]; fails on a non-zero exit.
 pub async fn run_command(disk: &str, what: &'static str, argv: &[String]) -> Result<(), ViewError> {
+    run(disk, what, argv, &[], None).await.map(drop)
+}
+
+/// Runs `argv` like [`run_command`], with `env` added to its environment, and returns its
+/// standard output, refused past `max_stdout` bytes (the command is killed).
+pub async fn command_output(
+    disk: &str,
+    what: &'static str,
+    argv: &[String],
+    env: &[(&str, String)],
+    max_stdout: usize,
+) -> Result<Vec<u8>, ViewError> {
+    run(disk, what, argv, env, Some(max_stdout)).await
+}
+
+async fn run(
+    disk: &str,
+    what: &'static str,
+    argv: &[String],
+    env: &[(&str, String)],
+    capture: Option<usize>,
+) -> Result<Vec<u8>, ViewError> {
     let program = argv.first().cloned().unwrap_or_default();
     let fail = |reason: String| ViewError::Command {
         disk: disk.to_string(),
@@ -97,43 +130,80 @@ pub async fn run_command(disk: &str, what: &'static str, argv: &[String]) -> Res
         reason,
     };
     let mut child = tokio::process::Command::new(&program)
-        .args(&argv[1..])
+        .args(argv.get(1..).unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(if capture.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| fail(format!("could not be started: {e}")))?;
     let mut stderr = child.stderr.take();
+    let mut stdout = child.stdout.take();
+    let max = capture.unwrap_or(0);
     let run = async {
-        let mut tail = Vec::new();
-        if let Some(s) = stderr.as_mut() {
-            let mut buf = [0u8; 4096];
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        tail.extend_from_slice(&buf[..n]);
-                        if tail.len() > STDERR_TAIL {
-                            tail.drain(..tail.len() - STDERR_TAIL);
+        let err_tail = async {
+            let mut tail = Vec::new();
+            if let Some(s) = stderr.as_mut() {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            tail.extend_from_slice(&buf[..n]);
+                            if tail.len() > STDERR_TAIL {
+                                tail.drain(..tail.len() - STDERR_TAIL);
+                            }
                         }
                     }
                 }
             }
-        }
-        (child.wait().await, tail)
+            tail
+        };
+        let out = async {
+            let mut out = Vec::new();
+            if let Some(s) = stdout.as_mut() {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Err(e) => return Err(format!("its output could not be read: {e}")),
+                        Ok(n) if out.len() + n > max => {
+                            return Err(format!("printed more than {max} bytes"));
+                        }
+                        Ok(n) => out.extend_from_slice(&buf[..n]),
+                    }
+                }
+            }
+            Ok(out)
+        };
+        let (tail, out) = tokio::join!(err_tail, out);
+        (out, tail)
     };
-    let (status, tail) = tokio::time::timeout(COMMAND_TIMEOUT, run)
+    let deadline = tokio::time::Instant::now() + COMMAND_TIMEOUT;
+    let (out, tail) = tokio::time::timeout_at(deadline, run).await.map_err(|_| {
+        fail(format!(
+            "did not finish within {} s and was killed",
+            COMMAND_TIMEOUT.as_secs()
+        ))
+    })?;
+    // Too much output: the command is killed (dropping the child kills it).
+    let out = out.map_err(fail)?;
+    let status = tokio::time::timeout_at(deadline, child.wait())
         .await
         .map_err(|_| {
             fail(format!(
                 "did not finish within {} s and was killed",
                 COMMAND_TIMEOUT.as_secs()
             ))
-        })?;
-    let status = status.map_err(|e| fail(format!("could not be waited for: {e}")))?;
+        })?
+        .map_err(|e| fail(format!("could not be waited for: {e}")))?;
     if status.success() {
-        return Ok(());
+        return Ok(out);
     }
     let text = String::from_utf8_lossy(&tail);
     let text: String = text
@@ -214,7 +284,8 @@ pub struct View {
     mode: SnapshotMode,
     /// What is read.
     path: PathBuf,
-    file: File,
+    /// The file at `path`, or the virtual disk its adapter serves.
+    reader: Reader,
     size: u64,
     /// The handle recorded in the cycle record: empty, `view` or `VG/LV`.
     handle: String,
@@ -251,9 +322,13 @@ fn open_read(label: &str, path: &Path) -> Result<(File, u64), ViewError> {
     Ok((f, size))
 }
 
-/// The size of the disk at `path` (a block device's or an image file's).
-pub fn disk_size(label: &str, path: &Path) -> Result<u64, ViewError> {
-    open_read(label, path).map(|(_, s)| s)
+/// The size of `disk` as it is now (a block device's, an image file's, or a container's
+/// virtual disk's).
+pub async fn disk_size(disk: &DiskConfig) -> Result<u64, ViewError> {
+    let (file, size) = open_read(&disk.label(), &disk.path)?;
+    source::open(disk, &disk.path, file, size)
+        .await
+        .map(|(_, s)| s)
 }
 
 /// The LVM snapshot volume's name for a cycle.
@@ -297,7 +372,11 @@ impl View {
             let _ = release_handle(&label, disk.snapshot, cycle_dir, &handle).await;
             return Err(e);
         }
-        let (file, size) = match open_read(&label, &path) {
+        let opened = match open_read(&label, &path) {
+            Ok((file, size)) => source::open(disk, &path, file, size).await,
+            Err(e) => Err(e),
+        };
+        let (reader, size) = match opened {
             Ok(v) => v,
             Err(e) => {
                 let _ = undo.run().await;
@@ -309,7 +388,7 @@ impl View {
             label,
             mode: disk.snapshot,
             path,
-            file,
+            reader,
             size,
             handle,
             undo,
@@ -378,7 +457,7 @@ impl View {
     /// Reopens the view a cycle recorded (`handle`) to resume it: the live path for `none`,
     /// the clone or the snapshot volume if still there. `None` when it is gone, or for
     /// `quiesce` (the freeze ended with the process that made it: the moment is lost).
-    pub fn reopen(
+    pub async fn reopen(
         disk: &DiskConfig,
         cycle_dir: &Path,
         handle: &str,
@@ -395,11 +474,12 @@ impl View {
             return Ok(None);
         }
         let (file, size) = open_read(&label, &path)?;
+        let (reader, size) = source::open(disk, &path, file, size).await?;
         Ok(Some(View {
             label: label.clone(),
             mode: disk.snapshot,
             path,
-            file,
+            reader,
             size,
             handle: handle.to_string(),
             undo: Undo {
@@ -415,19 +495,9 @@ impl View {
         &self.path
     }
 
-    /// The open view.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    /// A second handle on the view, for the reader thread.
-    pub fn try_clone_file(&self) -> Result<File, ViewError> {
-        self.file.try_clone().map_err(|source| ViewError::Io {
-            disk: self.label.clone(),
-            action: "reopen",
-            path: self.path.clone(),
-            source,
-        })
+    /// What reads the view (shared by clones).
+    pub fn reader(&self) -> Reader {
+        self.reader.clone()
     }
 
     /// The disk's size as the view shows it.
@@ -616,6 +686,7 @@ mod tests {
                 assert_eq!(v.handle(), VIEW_FILE);
                 v.release(&cycle, false).await.unwrap();
                 let again = View::reopen(&d, &cycle, VIEW_FILE, Consistency::Crash)
+                    .await
                     .unwrap()
                     .unwrap();
                 assert_eq!(again.size(), 8192);
@@ -634,6 +705,7 @@ mod tests {
         }
         assert!(
             View::reopen(&d, &cycle, VIEW_FILE, Consistency::Crash)
+                .await
                 .unwrap()
                 .is_none()
         );
@@ -649,6 +721,7 @@ mod tests {
         assert!(e.to_string().contains("is empty"), "{e}");
         std::fs::write(&img, [1u8; 10]).unwrap();
         let v = View::reopen(&d, t.path(), "", Consistency::Crash)
+            .await
             .unwrap()
             .unwrap();
         assert_eq!((v.size(), v.path()), (10, img.as_path()));
@@ -658,6 +731,7 @@ mod tests {
         q.snapshot = SnapshotMode::Quiesce;
         assert!(
             View::reopen(&q, t.path(), "", Consistency::Crash)
+                .await
                 .unwrap()
                 .is_none()
         );

@@ -1039,6 +1039,103 @@ async fn a_cycle_larger_than_the_gateway_takes_stops_the_disk() {
     assert!(shown.contains("max_cycle_bytes"), "{shown}");
 }
 
+/// A disk container replicated by the real agent through its source adapter, with change
+/// lists from the source's change tracking: an ext4 file system in a monolithicSparse VMDK
+/// (`--format vmdk`), changed between cycles with `qemu-io` writes, and a `--changes` command
+/// printing the VMware CBT `DiskChangeInfo` of those writes. Each point restores to the
+/// virtual disk `qemu-img convert` reads from the VMDK at that moment; a delta reads only the
+/// chunks the document lists.
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_replicates_a_vmdk_with_cbt_change_lists() {
+    let tmp = tempfile::tempdir().unwrap();
+    let site = Site::start(tmp.path());
+    let raw = tmp.path().join("os.raw");
+    ferry_e2e::make_ext4(&raw, "64M");
+    let vmdk = tmp.path().join("os.vmdk");
+    let (raw_s, vmdk_s) = (raw.to_str().unwrap(), vmdk.to_str().unwrap());
+    ferry_e2e::qemu_img(&["convert", "-f", "raw", "-O", "vmdk", raw_s, vmdk_s]);
+    let virtual_sha = || {
+        let out = tmp.path().join("virtual.raw");
+        let _ = std::fs::remove_file(&out);
+        ferry_e2e::qemu_img(&[
+            "convert",
+            "-f",
+            "vmdk",
+            "-O",
+            "raw",
+            vmdk_s,
+            out.to_str().unwrap(),
+        ]);
+        sha256_file(&out)
+    };
+    let qemu_io = |cmd: &str| {
+        let o = Command::new("qemu-io")
+            .args(["-f", "vmdk", "-c", cmd, vmdk_s])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "qemu-io {cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    site.ferry_ok(&["item", "create", "web-01", "--disk", "os=64M", "--wait"]);
+    let state = tmp.path().join("agent");
+    site.enroll_with("agent-1", &["web-01"], &state, &[]);
+    let doc = tmp.path().join("cbt.json");
+    let changes = format!("cat {}", doc.display());
+    let o = Command::new(ferry_agent_bin())
+        .args([
+            "disk",
+            "add",
+            "web-01",
+            "os",
+            vmdk_s,
+            "--format",
+            "vmdk",
+            "--changes",
+            &changes,
+        ])
+        .env("FERRY_AGENT_DIR", &state)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("format vmdk"));
+
+    let (kind, p) = sync_committed(&state);
+    assert_eq!(kind, "initial");
+    assert_eq!(point_sha(&site, "web-01", &p).await, virtual_sha());
+
+    // Two writes, both in the document: only their chunks are read (the default chunk size
+    // is 256 KiB: 256 chunks).
+    qemu_io("write -P 0x5a 5M 64k");
+    qemu_io("write -P 0xa5 40M 4k");
+    std::fs::write(
+        &doc,
+        r#"{"startOffset": 0, "length": 67108864, "changedArea": [{"start": 5242880, "length": 65536}, {"start": 41943040, "length": 4096}]}"#,
+    )
+    .unwrap();
+    let (line, err) = sync_json(&state);
+    assert_eq!(line["status"], "committed", "{line}{err}");
+    assert_eq!(line["kind"], "delta");
+    assert_eq!(line["change_list"]["ranges"], 2, "{line}");
+    assert_eq!(line["change_list"]["read_chunks"], 2, "{line}");
+    assert_eq!(line["change_list"]["unlisted_chunks"], 254, "{line}");
+    let p = line["point_id"].as_str().unwrap().to_string();
+    assert_eq!(point_sha(&site, "web-01", &p).await, virtual_sha());
+
+    // A document that does not parse: reported, and the cycle scans instead.
+    qemu_io("write -P 0x11 60M 64k");
+    std::fs::write(&doc, "not json").unwrap();
+    let (line, err) = sync_json(&state);
+    assert_eq!(line["status"], "committed", "{line}{err}");
+    let why = line["change_list"]["error"].as_str().unwrap_or_default();
+    assert!(why.contains("CBT document"), "{line}");
+    assert!(err.contains("event=change_list_failed"), "{err}");
+    let p = line["point_id"].as_str().unwrap().to_string();
+    assert_eq!(point_sha(&site, "web-01", &p).await, virtual_sha());
+}
+
 /// Planned failover with the real agent: writes after the last cycle, `ferry failover
 /// planned`, then the agent's next run sends the final cycle (tagged with the job) and runs
 /// its `[failover] stop_command`; the job fails over from that cycle, so the failed-over disk

@@ -1,0 +1,150 @@
+//! A disk opened by a source adapter, read from blocking threads.
+//!
+//! Why it exists: the callers that read a whole disk (the store's ingest for `ferry vault
+//! import --format`, the agent's planning and sending threads) read with blocking calls from
+//! threads of their own, while an adapter instance lives in an async `Store` that only one
+//! task may drive. So one task owns the [`OpenDisk`] and serves read requests from a bounded
+//! channel; each [`BlockingDisk::read_exact_at`] waits for its reply. Clones share the task;
+//! the task ends when the last clone is dropped.
+//!
+//! Memory: at most `queue` requests wait, each at most one caller's buffer long (the reply
+//! is a buffer of the asked length).
+
+use std::ops::Range;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::adapter::{Extent, ExtentKind, OpenDisk};
+use crate::error::PluginError;
+
+enum Request {
+    Read {
+        offset: u64,
+        len: usize,
+        reply: oneshot::Sender<Result<Vec<u8>, PluginError>>,
+    },
+    Changes {
+        document: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<Extent>, PluginError>>,
+    },
+}
+
+/// A disk opened by a source adapter, served to blocking readers by a task.
+#[derive(Debug, Clone)]
+pub struct BlockingDisk {
+    name: String,
+    size: u64,
+    requests: mpsc::Sender<Request>,
+}
+
+impl OpenDisk {
+    /// Every `data` extent of the disk, adjacent ones merged, asked batch by batch (each
+    /// batch its own call and deadline). `zero` and `unallocated` extents are left out: they
+    /// read as zeros.
+    pub async fn data_ranges(&mut self) -> Result<Vec<Range<u64>>, PluginError> {
+        let size = self.info().virtual_size;
+        let mut data: Vec<Range<u64>> = Vec::new();
+        let mut pos = 0;
+        while pos < size {
+            let batch = self.extents(pos, size - pos).await?;
+            pos = batch.last().map_or(size, |e| e.end());
+            for e in batch.into_iter().filter(|e| e.kind == ExtentKind::Data) {
+                match data.last_mut() {
+                    Some(r) if r.end == e.offset => r.end = e.end(),
+                    _ => data.push(e.offset..e.end()),
+                }
+            }
+        }
+        Ok(data)
+    }
+}
+
+impl BlockingDisk {
+    /// Serves `disk` from a task spawned on the current tokio runtime (panics outside one),
+    /// with at most `queue` (≥ 1) requests waiting. `name` labels errors.
+    pub fn serve(disk: OpenDisk, name: impl Into<String>, queue: usize) -> Self {
+        let size = disk.info().virtual_size;
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        tokio::spawn(serve(disk, rx));
+        Self {
+            name: name.into(),
+            size,
+            requests: tx,
+        }
+    }
+
+    /// What errors call the disk.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The virtual disk's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Fills `buf` from the virtual disk at `offset`; bytes past the end read as zeros.
+    /// Blocks the calling thread: call it from a thread of its own (or `spawn_blocking`),
+    /// never from an async task.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), PluginError> {
+        let stopped = || {
+            PluginError::Host(format!(
+                "reading {} at {offset}: the adapter task has stopped",
+                self.name
+            ))
+        };
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .blocking_send(Request::Read {
+                offset,
+                len: buf.len(),
+                reply,
+            })
+            .map_err(|_| stopped())?;
+        let bytes = rx.blocking_recv().map_err(|_| stopped())??;
+        buf.copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    /// [`OpenDisk::changes`] on the served disk: the change-tracking `document` translated
+    /// into changed extents (ordered, within the disk).
+    pub async fn changes(&self, document: Vec<u8>) -> Result<Vec<Extent>, PluginError> {
+        let stopped = || {
+            PluginError::Host(format!(
+                "translating changes of {}: the adapter task has stopped",
+                self.name
+            ))
+        };
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Changes { document, reply })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+async fn serve(mut disk: OpenDisk, mut rx: mpsc::Receiver<Request>) {
+    let size = disk.info().virtual_size;
+    while let Some(request) = rx.recv().await {
+        match request {
+            Request::Read { offset, len, reply } => {
+                let mut buf = vec![0u8; len];
+                let within = usize::try_from(size.saturating_sub(offset))
+                    .unwrap_or(usize::MAX)
+                    .min(len);
+                let r = if within == 0 {
+                    Ok(buf)
+                } else {
+                    disk.read_into(offset, &mut buf[..within])
+                        .await
+                        .map(|()| buf)
+                };
+                let _ = reply.send(r);
+            }
+            Request::Changes { document, reply } => {
+                let _ = reply.send(disk.changes(&document).await);
+            }
+        }
+    }
+}
