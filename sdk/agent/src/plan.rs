@@ -40,9 +40,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::Bytes;
 use ferry_proto::digests::{DigestsError, Reader as ReplicaDigests};
-use ferry_proto::frame::{self, AgentFrame, Chunk, Consistency, EndOfCycle, Snapshot, Zero};
+use ferry_proto::frame::{self, AgentFrame, Consistency, EndOfCycle, Snapshot, Zero};
 use sha2::{Digest, Sha256};
 
 use crate::source::Reader;
@@ -582,24 +581,23 @@ impl FrameSource for CycleFrames {
         } else {
             match i.plan.get(seq)? {
                 Planned::Chunk(index) => {
+                    // Read straight into the frame: no second buffer, no copy.
                     let (off, len) = i.geo.span(index);
-                    let mut buf = vec![0u8; len];
-                    read_at(&i.view, &i.view_path, &mut buf, off)?;
-                    tracking::write_digest_at(&i.digests, &i.digests_path, index, &digest(&buf))?;
-                    if is_zero(&buf) {
-                        // Allocated but zero (an initial cycle does not read before it sends).
-                        AgentFrame::Zero(Zero {
-                            seq,
-                            first_index: index,
-                            count: 1,
-                        })
-                    } else {
-                        AgentFrame::Chunk(Chunk {
-                            seq,
-                            index,
-                            bytes: Bytes::from(buf),
-                        })
+                    let mut out = vec![0u8; frame::CHUNK_DATA_OFFSET + len];
+                    let data = &mut out[frame::CHUNK_DATA_OFFSET..];
+                    read_at(&i.view, &i.view_path, data, off)?;
+                    tracking::write_digest_at(&i.digests, &i.digests_path, index, &digest(data))?;
+                    if !is_zero(data) {
+                        frame::seal_chunk(&mut out, seq, index)
+                            .map_err(|source| PlanError::Encode { seq, source })?;
+                        return Ok(out);
                     }
+                    // Allocated but zero (an initial cycle does not read before it sends).
+                    AgentFrame::Zero(Zero {
+                        seq,
+                        first_index: index,
+                        count: 1,
+                    })
                 }
                 Planned::Zero { first, count } => AgentFrame::Zero(Zero {
                     seq,

@@ -18,8 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::BytesMut;
 use ferry_proto::frame::{
-    self, Ack, AgentFrame, Busy, Decoded, ErrorFrame, FrameError, GatewayFrame, Hello,
-    PointCommitted, Welcome, error_code,
+    self, Ack, AgentFrame, Busy, ErrorFrame, FrameError, GatewayFrame, Hello, PointCommitted,
+    Welcome, error_code,
 };
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -212,14 +212,13 @@ struct Wire<IO> {
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
     /// The next whole frame already in the buffer, and its bytes as received.
+    /// A `Chunk`'s bytes are a slice of the received bytes (not copied).
     fn try_frame(&mut self) -> Result<Option<(AgentFrame, bytes::Bytes)>, FrameError> {
-        match frame::decode_agent(&self.buf, &self.limits)? {
-            Decoded::Frame(f, n) => Ok(Some((f, self.buf.split_to(n).freeze()))),
-            Decoded::NeedMore(n) => {
-                self.buf.reserve(n.max(READ_BYTES));
-                Ok(None)
-            }
+        let f = frame::take_agent_frame(&mut self.buf, &self.limits)?;
+        if f.is_none() {
+            self.buf.reserve(READ_BYTES);
         }
+        Ok(f)
     }
 
     /// Reads more bytes; `Ok(false)` at the end of the stream.

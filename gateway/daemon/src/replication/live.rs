@@ -13,7 +13,9 @@
 //! the staged data is then garbage in the vault, like any crashed import.
 //!
 //! Memory: [`channel_capacity`] frames between the session and ingest, plus ingest's own
-//! bounded pipeline.
+//! bounded pipeline. A chunk's bytes are a slice of the session's receive buffer (not a
+//! copy), so each frame in the channel keeps at most its frame plus one read (256 KiB) of
+//! that buffer alive.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
