@@ -2025,7 +2025,7 @@ mod tests {
         encode_agent(&c, &mut want).unwrap();
         assert_eq!(framed, want);
         assert!(seal_chunk(&mut framed.clone(), 0, 1).is_err());
-        assert!(seal_chunk(&mut vec![0u8; CHUNK_DATA_OFFSET], 1, 1).is_err());
+        assert!(seal_chunk(&mut [0u8; CHUNK_DATA_OFFSET], 1, 1).is_err());
         assert!(seal_chunk(&mut [0u8; 3], 1, 1).is_err());
 
         let limits = Limits::default();
