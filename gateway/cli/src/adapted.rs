@@ -3,7 +3,7 @@
 //!
 //! The store reads from one thread with blocking calls; a plugin instance lives in an async
 //! `Store` that only one task may drive, so the opened disk is served by a
-//! [`BlockingDisk`] (one task, a bounded request channel). The extents are
+//! [`BlockingDisk`] (a thread of its own, a bounded request channel). The extents are
 //! asked for up front: only `data` extents are read, `zero` and `unallocated` ones become zero
 //! chunks without a read.
 
@@ -55,8 +55,11 @@ pub async fn open(input: Input<'_>, changes: Option<Vec<u8>>) -> Result<Opened> 
     })?;
     let (b, plugin, object, label): (_, _, Arc<dyn SourceObject>, String) = match input {
         Input::File { format, path } => {
+            let known = ferry_builtin_plugins::FORMATS
+                .iter()
+                .any(|(f, _)| *f == format);
             let b = match ferry_builtin_plugins::for_format(format)
-                .map_err(|e| anyhow::anyhow!("--{e}"))?
+                .map_err(|e| anyhow::anyhow!("{}{e}", if known { "" } else { "--" }))?
             {
                 Some(b) => b,
                 None => probe(&host, path).await?,
@@ -94,7 +97,7 @@ pub async fn open(input: Input<'_>, changes: Option<Vec<u8>>) -> Result<Opened> 
         None => None,
     };
     let name = format!("{}:{label}", b.name);
-    let disk = BlockingDisk::serve(disk, name.clone(), 4);
+    let disk = BlockingDisk::serve(disk, name.clone(), 4)?;
     Ok(Opened {
         disk: Arc::new(AdaptedDisk {
             name,

@@ -3,9 +3,12 @@
 //! Why it exists: the callers that read a whole disk (the store's ingest for `ferry vault
 //! import --format`, the agent's planning and sending threads) read with blocking calls from
 //! threads of their own, while an adapter instance lives in an async `Store` that only one
-//! task may drive. So one task owns the [`OpenDisk`] and serves read requests from a bounded
-//! channel; each [`BlockingDisk::read_exact_at`] waits for its reply. Clones share the task;
-//! the task ends when the last clone is dropped.
+//! task may drive. So one thread of its own (with a single-threaded runtime) owns the
+//! [`OpenDisk`] and serves requests from a bounded channel; each
+//! [`BlockingDisk::read_exact_at`] waits for its reply. The adapter's work never runs on the
+//! caller's runtime, so a slow adapter cannot delay the caller's other tasks (the agent's
+//! acknowledgements and timers). Clones share the thread; it ends when the last clone is
+//! dropped.
 //!
 //! Memory: at most `queue` requests wait, each at most one caller's buffer long (the reply
 //! is a buffer of the asked length).
@@ -60,17 +63,32 @@ impl OpenDisk {
 }
 
 impl BlockingDisk {
-    /// Serves `disk` from a task spawned on the current tokio runtime (panics outside one),
-    /// with at most `queue` (≥ 1) requests waiting. `name` labels errors.
-    pub fn serve(disk: OpenDisk, name: impl Into<String>, queue: usize) -> Self {
+    /// Serves `disk` from a thread of its own, with at most `queue` (≥ 1) requests waiting.
+    /// `name` labels errors (and the thread).
+    ///
+    /// # Errors
+    /// The thread or its runtime cannot be started.
+    pub fn serve(
+        disk: OpenDisk,
+        name: impl Into<String>,
+        queue: usize,
+    ) -> Result<Self, PluginError> {
+        let name = name.into();
         let size = disk.info().virtual_size;
         let (tx, rx) = mpsc::channel(queue.max(1));
-        tokio::spawn(serve(disk, rx));
-        Self {
-            name: name.into(),
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| PluginError::Host(format!("serving {name}: a runtime: {e}")))?;
+        std::thread::Builder::new()
+            .name("ferry-adapter".into())
+            .spawn(move || rt.block_on(serve(disk, rx)))
+            .map_err(|e| PluginError::Host(format!("serving {name}: a thread: {e}")))?;
+        Ok(Self {
+            name,
             size,
             requests: tx,
-        }
+        })
     }
 
     /// What errors call the disk.

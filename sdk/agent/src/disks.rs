@@ -99,8 +99,8 @@ pub struct DiskConfig {
     /// The raw block device or image file read, absolute.
     pub path: PathBuf,
     /// How the file is read: `raw` (the default: the bytes are the disk), or a disk container
-    /// read through its built-in source adapter — `vmdk`, `vhdx`, `vhd`, or `auto` to probe
-    /// (`crate::source`).
+    /// read through its built-in source adapter — `vmdk`, `vhdx`, `vhd` (`crate::source`;
+    /// `disk add --format auto` probes once and records the format found).
     #[serde(default = "raw_format", skip_serializing_if = "is_raw")]
     pub format: String,
     /// The command (argv, no shell) that prints the change-tracking document of a delta
@@ -200,6 +200,11 @@ impl DiskConfig {
             ));
         }
         ferry_builtin_plugins::for_format(&self.format).map_err(|e| format!("disk {who}: {e}"))?;
+        if self.format == "auto" {
+            return Err(format!(
+                "disk {who}: format `auto` is resolved when the disk is added (`ferry-agent disk add --format auto`); name the disk's format"
+            ));
+        }
         if self.snapshot == SnapshotMode::Lvm && self.format != "raw" {
             return Err(format!(
                 "disk {who}: snapshot `lvm` reads a logical volume, which is format `raw` (this disk's is `{}`)",
@@ -538,11 +543,8 @@ pub fn render_table(disks: &[DiskConfig]) -> String {
             } else {
                 "-".into()
             };
-            let changes = if d.changes.is_empty() {
-                "-".into()
-            } else {
-                d.changes.join(" ")
-            };
+            // The program only: arguments may carry what should not be on a screen.
+            let changes = d.changes.first().map_or("-".into(), |p| format!("{p} …"));
             [
                 d.item.clone(),
                 d.name.clone(),
@@ -663,6 +665,12 @@ mod tests {
         let e = d.check().unwrap_err();
         assert!(e.contains("`zip`") && e.contains("vmdk"), "{e}");
         d.format = "auto".into();
+        assert!(
+            d.check()
+                .unwrap_err()
+                .contains("resolved when the disk is added")
+        );
+        d.format = "vmdk".into();
         d.changes = vec![String::new()];
         assert!(
             d.check()
@@ -779,9 +787,9 @@ mod tests {
         let t = render_table(&[d, v]);
         assert_eq!(
             t,
-            "ITEM  DISK  PATH          FORMAT  SNAPSHOT  CHANGES      APP PRE\n\
-             web   sda   /dev/sda      raw     lvm       -            freeze\n\
-             db    data  /img/db.vhdx  vhdx    none      rct --since  -\n"
+            "ITEM  DISK  PATH          FORMAT  SNAPSHOT  CHANGES  APP PRE\n\
+             web   sda   /dev/sda      raw     lvm       -        freeze\n\
+             db    data  /img/db.vhdx  vhdx    none      rct …    -\n"
         );
         assert!(render_table(&[]).contains("no disk configured"));
     }

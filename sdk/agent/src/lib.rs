@@ -18,6 +18,8 @@
 //! - [`tracking`] — each disk's replication state: committed and pending chunk digests, the
 //!   cycle in progress, its plan (versioned, `docs/agent-state.md`).
 //! - [`view`] — the point-in-time view: live, reflink clone, LVM snapshot, quiesce commands.
+//! - [`source`] — how a view is read (a raw disk directly, a VMDK/VHDX/VHD through its
+//!   built-in source adapter) and a delta's change list from the disk's `changes` command.
 //! - [`plan`] — which frames a cycle sends, decided once so a resume resends exactly them.
 //! - [`session`] — the data port: TLS, the HTTP upgrade, `Hello`/`Welcome`, the window of
 //!   unacknowledged frames, acks, `Busy`, errors, reconnects.

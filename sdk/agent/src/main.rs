@@ -131,13 +131,14 @@ struct DiskAddCli {
     /// The raw block device or image file, absolute.
     path: std::path::PathBuf,
     /// How the file is read: raw (the bytes are the disk), or a container read through its
-    /// built-in source adapter: vmdk, vhdx, vhd, auto (probe).
+    /// built-in source adapter: vmdk, vhdx, vhd; auto probes now and records what it found.
     #[arg(long, value_name = "FORMAT", default_value = "raw")]
     format: String,
     /// The command that prints a delta's change document (VMware CBT for vmdk, Hyper-V RCT
     /// for vhdx/vhd, a ferry-checksums list for raw); run with FERRY_ITEM, FERRY_DISK,
-    /// FERRY_VIEW, FERRY_CYCLE and FERRY_BASE_CYCLE set. Without it every allocated chunk is
-    /// read and compared.
+    /// FERRY_DISK_PATH, FERRY_VIEW, FERRY_FORMAT, FERRY_CYCLE and FERRY_BASE_CYCLE set.
+    /// Without it every allocated chunk is read and compared. Pass secrets in files or the
+    /// environment, not in the command line (`disk list` shows it).
     #[arg(long, value_name = "CMD", value_parser = argv, allow_hyphen_values = true)]
     changes: Option<Argv>,
     /// How the point-in-time view is taken: none, reflink, lvm, quiesce.
@@ -309,8 +310,16 @@ async fn run(cmd: Command) -> Result<(String, u8), AgentError> {
             Ok((String::new(), 0))
         }
         Command::Disk(DiskCmd::Add(a)) => {
+            let format = if a.format == "auto" {
+                ferry_agent::source::resolve_auto(&a.path)
+                    .await
+                    .map_err(|e| AgentError::Usage(format!("--format auto: {e}")))?
+                    .to_string()
+            } else {
+                a.format
+            };
             let mut d = DiskConfig::new(&a.item, &a.disk, a.path);
-            d.format = a.format;
+            d.format = format;
             d.changes = a.changes.map(|a| a.0).unwrap_or_default();
             d.snapshot = a.snapshot;
             d.lvm_snapshot_size = a.lvm_size;

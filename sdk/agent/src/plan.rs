@@ -8,7 +8,8 @@
 //! per data frame to the cycle's plan file and one digest per chunk to its pending digests
 //! ([`plan`]). The session then reads frames by `seq` from the plan ([`CycleFrames`]),
 //! rereading a `Chunk`'s bytes from the view when it is (re)sent. The sequence is a pure
-//! function of the view and the base digests ([`plan`] run twice gives the same file).
+//! function of the view, the base digests and the change list ([`plan`] run twice gives the
+//! same file; a resume reads the plan, it does not plan again).
 //!
 //! The walk, per chunk (the last one may be short):
 //! - with a base and a change list (`crate::source`), a chunk no changed range touches is not
@@ -257,7 +258,7 @@ impl Geometry {
 }
 
 /// Data extents of the view as the walk advances: found with `SEEK_DATA` / `SEEK_HOLE` in a
-/// file, or the list a source adapter gave.
+/// file, or in the map of a source adapter's extents.
 enum Extents<'a> {
     Seek {
         f: &'a File,
@@ -266,11 +267,8 @@ enum Extents<'a> {
         start: u64,
         end: u64,
     },
-    List {
-        ranges: &'a [Range<u64>],
-        /// The first range not wholly before the walk.
-        at: usize,
-    },
+    /// A source adapter's map of the virtual disk (`None`: not mapped, all data).
+    Map(Option<&'a crate::source::DataMap>),
 }
 
 impl<'a> Extents<'a> {
@@ -282,10 +280,7 @@ impl<'a> Extents<'a> {
                 start: 0,
                 end: 0,
             },
-            Reader::Adapted(a) => Self::List {
-                ranges: a.data(),
-                at: 0,
-            },
+            Reader::Adapted(a) => Self::Map(a.data()),
         }
     }
 
@@ -320,7 +315,7 @@ impl<'a> Extents<'a> {
                 }
                 *start < off + len
             }
-            Self::List { ranges, at } => overlaps(ranges, at, off, len),
+            Self::Map(m) => m.is_none_or(|m| m.any(off, len)),
         }
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! A disk is either read directly — a raw block device or image file (`format = "raw"`, the
 //! default): `pread`, holes found with `SEEK_DATA` / `SEEK_HOLE` — or it is a disk container
-//! (`vmdk`, `vhdx`, `vhd`, or `auto` to probe) read through the built-in source adapter for
-//! its format: the WASM adapters `ferry vault import --format` runs, in the same sandbox
+//! (`vmdk`, `vhdx`, `vhd`; `ferry-agent disk add --format auto` probes once, [`resolve_auto`],
+//! and records what it found) read through the built-in source adapter for its format: the WASM adapters `ferry vault import --format` runs, in the same sandbox
 //! (memory cap, deadlines, no access to anything but the opened file and the related files
 //! its format names). The adapter says which extents hold data and maps virtual offsets to
 //! the container's bytes; the agent replicates the *virtual* disk.
@@ -30,7 +30,9 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use ferry_builtin_plugins::Builtin;
-use ferry_plugin_host::{BlockingDisk, FileSource, HostConfig, PROBE_BYTES, PluginHost};
+use ferry_plugin_host::{
+    BlockingDisk, ExtentKind, FileSource, HostConfig, PROBE_BYTES, PluginHost,
+};
 
 use crate::disks::DiskConfig;
 use crate::view::{self, ViewError};
@@ -54,8 +56,8 @@ pub enum Reader {
 #[derive(Debug)]
 pub struct Adapted {
     disk: BlockingDisk,
-    /// The `data` extents, merged (the rest reads as zeros).
-    data: Vec<Range<u64>>,
+    /// Where the data is, when asked for (the rest reads as zeros).
+    data: Option<DataMap>,
     /// The adapter's name.
     adapter: &'static str,
 }
@@ -66,9 +68,55 @@ impl Adapted {
         self.adapter
     }
 
-    /// The virtual disk's data extents.
-    pub fn data(&self) -> &[Range<u64>] {
-        &self.data
+    /// Where the virtual disk holds data (`None`: not mapped, every block may).
+    pub fn data(&self) -> Option<&DataMap> {
+        self.data.as_ref()
+    }
+}
+
+/// Which [`DataMap::BLOCK`]-sized blocks of a virtual disk hold data: one bit per 64 KiB
+/// (4 MiB for a 2 TiB disk), however fragmented the adapter's extents are. A block that holds
+/// any data counts as data.
+#[derive(Debug)]
+pub struct DataMap {
+    bits: Vec<u64>,
+}
+
+impl DataMap {
+    /// The granule (the smallest chunk size).
+    pub const BLOCK: u64 = 64 << 10;
+
+    fn new(size: u64) -> Self {
+        let blocks = size.div_ceil(Self::BLOCK);
+        Self {
+            bits: vec![0; usize::try_from(blocks.div_ceil(64)).unwrap_or(usize::MAX)],
+        }
+    }
+
+    fn mark(&mut self, r: Range<u64>) {
+        if r.is_empty() {
+            return;
+        }
+        for b in r.start / Self::BLOCK..=(r.end - 1) / Self::BLOCK {
+            if let Some(w) = self
+                .bits
+                .get_mut(usize::try_from(b / 64).unwrap_or(usize::MAX))
+            {
+                *w |= 1 << (b % 64);
+            }
+        }
+    }
+
+    /// Whether any block of `[off, off + len)` holds data.
+    pub fn any(&self, off: u64, len: u64) -> bool {
+        if len == 0 {
+            return false;
+        }
+        (off / Self::BLOCK..=(off + len - 1) / Self::BLOCK).any(|b| {
+            self.bits
+                .get(usize::try_from(b / 64).unwrap_or(usize::MAX))
+                .is_some_and(|w| w & (1 << (b % 64)) != 0)
+        })
     }
 }
 
@@ -89,12 +137,20 @@ fn adapter_error(disk: &DiskConfig, path: &Path, message: String) -> ViewError {
     }
 }
 
-/// The built-in adapter for `disk`'s format; `auto` probes the first bytes of `file`.
-async fn builtin(disk: &DiskConfig, path: &Path, file: &File) -> Result<Builtin, ViewError> {
+/// The built-in adapter for `disk`'s format (`auto` is resolved when the disk is added).
+fn builtin(disk: &DiskConfig, path: &Path) -> Result<Builtin, ViewError> {
     let err = |m: String| adapter_error(disk, path, m);
-    if let Some(b) = ferry_builtin_plugins::for_format(&disk.format).map_err(err)? {
-        return Ok(b);
-    }
+    ferry_builtin_plugins::for_format(&disk.format)
+        .map_err(err)?
+        .ok_or_else(|| err("format `auto` must be resolved when the disk is added".into()))
+}
+
+/// The format of the disk at `path`, found the way `ferry vault import --format auto` finds
+/// it: the first built-in adapter whose probe accepts its first bytes (`raw` when none but
+/// the physical one does). Resolved once, when the disk is added: a disk read as `raw` must
+/// never turn into a container because its owner wrote a container's signature at its start.
+pub async fn resolve_auto(path: &Path) -> Result<&'static str, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let mut header = vec![0u8; PROBE_BYTES];
     let mut got = 0;
     while got < header.len() {
@@ -102,14 +158,19 @@ async fn builtin(disk: &DiskConfig, path: &Path, file: &File) -> Result<Builtin,
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(err(format!("reading its first bytes to probe: {e}"))),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         }
     }
     header.truncate(got);
-    ferry_builtin_plugins::probe(host().map_err(err)?, &header)
+    let found = ferry_builtin_plugins::probe(host()?, &header)
         .await
-        .map_err(|e| err(e.to_string()))?
-        .ok_or_else(|| err("no built-in adapter recognises it".into()))
+        .map_err(|e| e.to_string())?;
+    Ok(match found.map(|b| b.name) {
+        Some("vmware") => "vmdk",
+        Some("hyperv") if header.starts_with(b"vhdxfile") => "vhdx",
+        Some("hyperv") => "vhd",
+        _ => "raw",
+    })
 }
 
 /// Opens `path` with `adapter` (for `changes` on a raw disk, or reading a container).
@@ -130,25 +191,21 @@ async fn open_with(
 }
 
 /// The reader of the view at `path` (`file` open on it, `file_size` its length) and the
-/// virtual disk's size: the file itself for a raw disk, else the disk its adapter serves.
+/// virtual disk's size: the file itself for a raw disk, else the disk its adapter serves. With
+/// `map`, a container's data extents are mapped ([`DataMap`], for planning); without, only
+/// its size and reads are ready (a resume, or the size alone).
 pub async fn open(
     disk: &DiskConfig,
     path: &Path,
     file: File,
     file_size: u64,
+    map: bool,
 ) -> Result<(Reader, u64), ViewError> {
     if disk.format == "raw" {
         return Ok((Reader::File(Arc::new(file)), file_size));
     }
-    let b = builtin(disk, path, &file).await?;
-    if b.name == "physical" {
-        return Ok((Reader::File(Arc::new(file)), file_size));
-    }
+    let b = builtin(disk, path)?;
     let mut opened = open_with(disk, path, b).await?;
-    let data = opened
-        .data_ranges()
-        .await
-        .map_err(|e| adapter_error(disk, path, e.to_string()))?;
     let size = opened.info().virtual_size;
     if size == 0 {
         return Err(ViewError::Empty {
@@ -156,11 +213,29 @@ pub async fn open(
             path: path.to_path_buf(),
         });
     }
+    let data = if map {
+        let mut m = DataMap::new(size);
+        let mut pos = 0;
+        while pos < size {
+            let batch = opened
+                .extents(pos, size - pos)
+                .await
+                .map_err(|e| adapter_error(disk, path, e.to_string()))?;
+            pos = batch.last().map_or(size, |e| e.end());
+            for e in batch.iter().filter(|e| e.kind == ExtentKind::Data) {
+                m.mark(e.offset..e.end());
+            }
+        }
+        Some(m)
+    } else {
+        None
+    };
     let served = BlockingDisk::serve(
         opened,
         format!("{} ({})", path.display(), b.name),
         ADAPTER_QUEUE,
-    );
+    )
+    .map_err(|e| adapter_error(disk, path, e.to_string()))?;
     Ok((
         Reader::Adapted(Arc::new(Adapted {
             disk: served,
@@ -265,4 +340,30 @@ pub async fn change_list(reader: &Reader, c: &ChangesContext<'_>) -> ChangeList 
 
 fn path_string(p: &Path) -> String {
     p.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The map answers per 64 KiB block: a range meeting any block with data is data.
+    #[test]
+    fn a_data_map_answers_by_block() {
+        let b = DataMap::BLOCK;
+        let mut m = DataMap::new(100 * b + 5);
+        m.mark(3 * b + 10..3 * b + 11);
+        m.mark(64 * b..66 * b);
+        m.mark(100 * b..100 * b + 5);
+        m.mark(7 * b..7 * b);
+        assert!(!m.any(0, 3 * b));
+        assert!(m.any(0, 3 * b + 1));
+        assert!(m.any(3 * b + 4000, 1));
+        assert!(!m.any(4 * b, 60 * b));
+        assert!(m.any(65 * b, b));
+        assert!(!m.any(66 * b, b));
+        assert!(!m.any(7 * b, b), "an empty range marks nothing");
+        assert!(m.any(100 * b, 5));
+        assert!(!m.any(5 * b, 0));
+        assert_eq!(m.bits.len(), 2);
+    }
 }

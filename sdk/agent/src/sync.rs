@@ -431,6 +431,10 @@ pub enum CycleOutcome {
     },
 }
 
+/// The tag naming how the disk was read (`raw`, `vmdk`, `vhdx`, `vhd`); a cycle recorded
+/// without it was read `raw`.
+pub const FORMAT_TAG: &str = "ferry.format";
+
 /// The tag of a final cycle before a planned failover (value: the failover's job id); the
 /// gateway's failover job waits for a point carrying it.
 pub const FINAL_CYCLE_TAG: &str = "ferry.final_cycle";
@@ -773,6 +777,16 @@ impl Cycle<'_> {
             self.abandon(&rec, "the plan's chunk size changed").await?;
             return Ok(None);
         }
+        // The plan was made reading the disk one way; a resume must read it the same way.
+        let recorded = rec
+            .tags
+            .iter()
+            .find(|(k, _)| k == FORMAT_TAG)
+            .map_or("raw", |(_, v)| v.as_str());
+        if recorded != self.disk.format {
+            self.abandon(&rec, "the disk's format changed").await?;
+            return Ok(None);
+        }
         let cycle_dir = self.st.cycle_dir();
         let view = match View::reopen(self.disk, &cycle_dir, &rec.view, rec.consistency).await {
             Ok(Some(v)) if v.size() == rec.disk_size => v,
@@ -1026,6 +1040,12 @@ impl Cycle<'_> {
             compared_chunks: summary.compared_chunks,
             sent_chunks: summary.sent_chunks(),
         });
+        // A delta turned resync (its base damaged) planned without the list.
+        let changes = if choice == PlanBase::Committed {
+            changes
+        } else {
+            ChangeList::None
+        };
         let change_list = match changes {
             ChangeList::None => None,
             ChangeList::Ranges(r) => Some(ChangeListUse {
@@ -1048,6 +1068,7 @@ impl Cycle<'_> {
             ),
             ("ferry.host".to_string(), self.ctx.hostname.clone()),
             ("ferry.kind".to_string(), kind.as_str().to_string()),
+            (FORMAT_TAG.to_string(), self.disk.format.clone()),
         ];
         if view.consistency() == ferry_proto::frame::Consistency::App {
             tags.push(("ferry.app_pre".to_string(), self.disk.app_pre[0].clone()));

@@ -142,66 +142,77 @@ async fn run(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| fail(format!("could not be started: {e}")))?;
-    let mut stderr = child.stderr.take();
-    let mut stdout = child.stdout.take();
-    let max = capture.unwrap_or(0);
-    let run = async {
-        let err_tail = async {
+    // Standard error is read on a task of its own, so that the output can be given up at
+    // once (the command killed) when it is too long, without waiting for standard error.
+    let stderr_tail = child.stderr.take().map(|mut s| {
+        tokio::spawn(async move {
             let mut tail = Vec::new();
-            if let Some(s) = stderr.as_mut() {
-                let mut buf = [0u8; 4096];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            tail.extend_from_slice(&buf[..n]);
-                            if tail.len() > STDERR_TAIL {
-                                tail.drain(..tail.len() - STDERR_TAIL);
-                            }
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        tail.extend_from_slice(&buf[..n]);
+                        if tail.len() > STDERR_TAIL {
+                            tail.drain(..tail.len() - STDERR_TAIL);
                         }
                     }
                 }
             }
             tail
-        };
-        let out = async {
-            let mut out = Vec::new();
-            if let Some(s) = stdout.as_mut() {
-                let mut buf = vec![0u8; 64 << 10];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) => break,
-                        Err(e) => return Err(format!("its output could not be read: {e}")),
-                        Ok(n) if out.len() + n > max => {
-                            return Err(format!("printed more than {max} bytes"));
-                        }
-                        Ok(n) => out.extend_from_slice(&buf[..n]),
-                    }
-                }
-            }
-            Ok(out)
-        };
-        let (tail, out) = tokio::join!(err_tail, out);
-        (out, tail)
-    };
+        })
+    });
+    let mut stdout = child.stdout.take();
+    let max = capture.unwrap_or(0);
     let deadline = tokio::time::Instant::now() + COMMAND_TIMEOUT;
-    let (out, tail) = tokio::time::timeout_at(deadline, run).await.map_err(|_| {
+    let timed_out = || {
         fail(format!(
             "did not finish within {} s and was killed",
             COMMAND_TIMEOUT.as_secs()
         ))
-    })?;
-    // Too much output: the command is killed (dropping the child kills it).
-    let out = out.map_err(fail)?;
+    };
+    let read_out = async {
+        let mut out = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => break,
+                    Err(e) => return Err(format!("its output could not be read: {e}")),
+                    Ok(n) if out.len() + n > max => {
+                        return Err(format!("printed more than {max} bytes"));
+                    }
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                }
+            }
+        }
+        Ok(out)
+    };
+    let out = match tokio::time::timeout_at(deadline, read_out).await {
+        Ok(Ok(out)) => out,
+        // Too much output, or too slow: the command is killed now (and reaped by the
+        // runtime once it exits).
+        Ok(Err(reason)) => {
+            let _ = child.start_kill();
+            return Err(fail(reason));
+        }
+        Err(_) => {
+            let _ = child.start_kill();
+            return Err(timed_out());
+        }
+    };
     let status = tokio::time::timeout_at(deadline, child.wait())
         .await
-        .map_err(|_| {
-            fail(format!(
-                "did not finish within {} s and was killed",
-                COMMAND_TIMEOUT.as_secs()
-            ))
-        })?
+        .map_err(|_| timed_out())?
         .map_err(|e| fail(format!("could not be waited for: {e}")))?;
+    let tail = match stderr_tail {
+        Some(t) => tokio::time::timeout_at(deadline, t)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
     if status.success() {
         return Ok(out);
     }
@@ -326,7 +337,7 @@ fn open_read(label: &str, path: &Path) -> Result<(File, u64), ViewError> {
 /// virtual disk's).
 pub async fn disk_size(disk: &DiskConfig) -> Result<u64, ViewError> {
     let (file, size) = open_read(&disk.label(), &disk.path)?;
-    source::open(disk, &disk.path, file, size)
+    source::open(disk, &disk.path, file, size, false)
         .await
         .map(|(_, s)| s)
 }
@@ -373,7 +384,7 @@ impl View {
             return Err(e);
         }
         let opened = match open_read(&label, &path) {
-            Ok((file, size)) => source::open(disk, &path, file, size).await,
+            Ok((file, size)) => source::open(disk, &path, file, size, true).await,
             Err(e) => Err(e),
         };
         let (reader, size) = match opened {
@@ -474,7 +485,8 @@ impl View {
             return Ok(None);
         }
         let (file, size) = open_read(&label, &path)?;
-        let (reader, size) = source::open(disk, &path, file, size).await?;
+        // A resumed cycle is not planned again: its reads need no map.
+        let (reader, size) = source::open(disk, &path, file, size, false).await?;
         Ok(Some(View {
             label: label.clone(),
             mode: disk.snapshot,
@@ -709,6 +721,40 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    /// A command's output is returned; one that prints too much is killed at once and said
+    /// so (not left to the timeout); its environment is set; a failure keeps its stderr.
+    #[tokio::test]
+    async fn command_output_is_capped_and_the_command_killed() {
+        let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let out = command_output(
+            "w/a",
+            "changes",
+            &argv(&["sh", "-c", "printf %s \"$X\""]),
+            &[("X", "hi".into())],
+            16,
+        )
+        .await
+        .unwrap();
+        assert_eq!(out, b"hi");
+        // Killed for its output, not at the timeout (whose message differs).
+        let e = command_output("w/a", "changes", &argv(&["yes"]), &[], 1 << 20)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("printed more than 1048576 bytes"), "{e}");
+        let e = command_output(
+            "w/a",
+            "changes",
+            &argv(&["sh", "-c", "echo nope >&2; exit 3"]),
+            &[],
+            16,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("nope") && e.contains("changes"), "{e}");
     }
 
     #[tokio::test]

@@ -1663,16 +1663,21 @@ pub mod fuzzing {
 
     /// Decodes frames from `data` until it needs more or fails, checking each outcome.
     pub fn stream(mut data: &[u8], limits: &Limits) {
+        // The same bytes as a stream buffer frames are taken out of (in step with `data`).
+        let mut buf = bytes::BytesMut::from(data);
         loop {
             let r = super::decode(data, limits);
             let agent = decode_agent(data, limits);
             let gateway = decode_gateway(data, limits);
-            // Taking a frame out of a stream buffer agrees with decoding it in place.
-            let mut buf = bytes::BytesMut::from(data);
+            // Taking a frame out of a stream buffer agrees with decoding it in place, and a
+            // chunk's bytes are the taken frame's own.
             match (take_agent_frame(&mut buf, limits), &agent) {
                 (Ok(Some((f, raw))), Ok(Decoded::Frame(a, n))) => {
                     assert_eq!((&f, &raw[..]), (a, &data[..*n]));
                     assert_eq!(buf.len(), data.len() - n);
+                    if let AgentFrame::Chunk(c) = &f {
+                        assert_eq!(c.bytes.as_ptr(), raw[CHUNK_DATA_OFFSET..].as_ptr());
+                    }
                 }
                 (Ok(None), Ok(Decoded::NeedMore(_))) => assert_eq!(&buf[..], data),
                 (Err(t), Err(e)) => assert_eq!(&t, e),

@@ -1041,7 +1041,7 @@ async fn a_cycle_larger_than_the_gateway_takes_stops_the_disk() {
 
 /// A disk container replicated by the real agent through its source adapter, with change
 /// lists from the source's change tracking: an ext4 file system in a monolithicSparse VMDK
-/// (`--format vmdk`), changed between cycles with `qemu-io` writes, and a `--changes` command
+/// (`--format auto`, resolved to `vmdk` when the disk is added), changed between cycles with `qemu-io` writes, and a `--changes` command
 /// printing the VMware CBT `DiskChangeInfo` of those writes. Each point restores to the
 /// virtual disk `qemu-img convert` reads from the VMDK at that moment; a delta reads only the
 /// chunks the document lists.
@@ -1092,7 +1092,7 @@ async fn agent_replicates_a_vmdk_with_cbt_change_lists() {
             "os",
             vmdk_s,
             "--format",
-            "vmdk",
+            "auto",
             "--changes",
             &changes,
         ])
@@ -1100,7 +1100,10 @@ async fn agent_replicates_a_vmdk_with_cbt_change_lists() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // `auto` is resolved once, now, and recorded.
     assert!(String::from_utf8_lossy(&o.stdout).contains("format vmdk"));
+    let toml = std::fs::read_to_string(state.join("agent.toml")).unwrap();
+    assert!(toml.contains("format = \"vmdk\""), "{toml}");
 
     let (kind, p) = sync_committed(&state);
     assert_eq!(kind, "initial");

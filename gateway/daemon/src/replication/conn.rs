@@ -41,8 +41,10 @@ const BUSY_RETRY_MS: u32 = 30_000;
 /// Longest wait for a complete cycle's point before the session closes (the agent learns
 /// the point from its next plan or Hello).
 const COMMIT_WAIT: Duration = Duration::from_secs(600);
-/// Bytes asked of the socket at a time.
-const READ_BYTES: usize = 256 << 10;
+/// Bytes asked of the socket at a time (beyond the rest of a frame being received). A
+/// chunk's bytes are a slice of the receive buffer, so each chunk held (unjournaled in the
+/// batch, or queued for the live drain) keeps at most its frame plus this much alive.
+pub(super) const READ_BYTES: usize = 64 << 10;
 
 /// The data port's routes: `GET /api/v1/replication` (upgrade) and nothing else.
 pub fn router(role: ProcessRole) -> Router {
