@@ -2445,19 +2445,18 @@ mod tests {
         d.changes = vec!["cat".into(), doc.to_str().unwrap().into()];
         let d = crate::disks::add(&s.state_dir(), d, false).unwrap();
         let s = &s;
-        let cycle = |d: DiskConfig| async move {
+        let attempt = |d: DiskConfig, max_failures: usize| async move {
             let ctx = s.ctx();
             let plan = ctx.plan(&d).await.unwrap();
             let st = DiskState::open(&s.state_dir(), "web", "sda").unwrap();
             let opts = CycleOptions {
                 commit_timeout: Duration::from_secs(5),
-                max_failures: Some(3),
+                max_failures: Some(max_failures),
                 app: false,
             };
-            run_cycle(&ctx, &d, &plan, &st, &opts, &Stop::never())
-                .await
-                .unwrap()
+            run_cycle(&ctx, &d, &plan, &st, &opts, &Stop::never()).await
         };
+        let cycle = |d: DiskConfig| async move { attempt(d, 3).await.unwrap() };
         let matches = || {
             let _ = std::fs::remove_file(&now);
             qemu(
@@ -2527,6 +2526,34 @@ mod tests {
             used.error.as_deref().is_some_and(|e| e.contains("changes")),
             "{used:?}"
         );
+        matches();
+
+        // A cycle cut off after its first frame is left pending (the agent gives up at
+        // once); read another way since, it is not resumed but abandoned, and a new cycle
+        // of the disk as it is now is sent.
+        qemu(
+            "qemu-io",
+            &["-f", "vhdx", "-c", "write -P 0x66 2M 4k", vhdx_s],
+        );
+        std::fs::write(&doc, br#"[{"ByteOffset": 2097152, "ByteLength": 4096}]"#).unwrap();
+        s.dp.state.lock().unwrap().drop_after = Some(1);
+        let e = attempt(d.clone(), 0).await.unwrap_err();
+        assert!(matches!(e.class(), Class::Transient { .. }), "{e}");
+        let pending = s.dp.state.lock().unwrap().hellos.last().unwrap().cycle;
+        let rec = DiskState::open(&s.state_dir(), "web", "sda")
+            .unwrap()
+            .in_progress()
+            .unwrap()
+            .expect("the cut cycle is pending");
+        assert_eq!(rec.cycle, pending);
+        assert!(
+            rec.tags
+                .contains(&(FORMAT_TAG.to_string(), "vhdx".to_string()))
+        );
+        let mut other = d.clone();
+        other.format = "vhd".into();
+        let r = report(cycle(other).await);
+        assert_eq!((r.status, r.cycle), ("committed", Some(pending + 1)));
         matches();
     }
 
