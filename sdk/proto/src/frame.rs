@@ -1663,9 +1663,14 @@ pub mod fuzzing {
 
     /// Decodes frames from `data` until it needs more or fails, checking each outcome.
     pub fn stream(mut data: &[u8], limits: &Limits) {
-        // The same bytes as a stream buffer frames are taken out of (in step with `data`).
+        // The same bytes as a stream buffer agent frames are taken out of, kept in step with
+        // `data` (copied again only after a frame `take_agent_frame` does not take: a
+        // gateway frame).
         let mut buf = bytes::BytesMut::from(data);
         loop {
+            if buf.len() != data.len() {
+                buf = bytes::BytesMut::from(data);
+            }
             let r = super::decode(data, limits);
             let agent = decode_agent(data, limits);
             let gateway = decode_gateway(data, limits);

@@ -45,6 +45,22 @@ const COMMIT_WAIT: Duration = Duration::from_secs(600);
 /// chunk's bytes are a slice of the receive buffer, so each chunk held (unjournaled in the
 /// batch, or queued for the live drain) keeps at most its frame plus this much alive.
 pub(super) const READ_BYTES: usize = 64 << 10;
+/// Most bytes of received frames a session holds for its live drain until the journal makes
+/// them durable, each chunk counted with the receive buffer it may keep alive. An agent keeps
+/// within its window (16 MiB by default); one that does not is not buffered past this: the
+/// live drain is given up and the ordinary drain reads the cycle from the journal.
+const MAX_HELD_BYTES: usize = 48 << 20;
+
+/// What `batch` keeps alive, as [`MAX_HELD_BYTES`] counts it.
+fn held_bytes(batch: &[(u64, AgentFrame)]) -> usize {
+    batch
+        .iter()
+        .map(|(_, f)| match f {
+            AgentFrame::Chunk(c) => c.bytes.len() + READ_BYTES,
+            _ => 64,
+        })
+        .sum()
+}
 
 /// The data port's routes: `GET /api/v1/replication` (upgrade) and nothing else.
 pub fn router(role: ProcessRole) -> Router {
@@ -678,6 +694,9 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
                     unsynced = true;
                     if live_on {
                         batch.push((seq, f));
+                        if held_bytes(&batch) > MAX_HELD_BYTES {
+                            give_up_live(&stream, hello.cycle, &mut batch, &mut live_on).await;
+                        }
                     }
                 }
                 Err(JournalError::Backpressure {
@@ -809,6 +828,22 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
     }
 }
 
+/// Ends the stream's live drain of `cycle` (the ordinary drain takes the cycle from the
+/// journal) and lets go of what was held for it.
+async fn give_up_live(
+    stream: &super::Stream,
+    cycle: u64,
+    batch: &mut Vec<(u64, AgentFrame)>,
+    live_on: &mut bool,
+) {
+    batch.clear();
+    *live_on = false;
+    let mut live = stream.live.lock().await;
+    if live.as_ref().is_some_and(|l| l.cycle == cycle) {
+        *live = None;
+    }
+}
+
 /// Hands the frames of `batch` up to `durable` to the stream's live drain of `cycle`, and
 /// drops the live drain if it cannot take them (the ordinary drain follows).
 async fn forward_live(
@@ -828,13 +863,8 @@ async fn forward_live(
         _ => false,
     };
     if !ok {
-        batch.clear();
-    }
-    if !ok {
-        if live.as_ref().is_some_and(|l| l.cycle == cycle) {
-            *live = None;
-        }
-        *live_on = false;
+        drop(live);
+        give_up_live(stream, cycle, batch, live_on).await;
     }
 }
 
@@ -907,5 +937,32 @@ async fn wait_commit<IO: AsyncRead + AsyncWrite + Unpin>(
             _ = stop.changed() => return End::Quiet,
             () = tokio::time::sleep_until(deadline) => return End::Quiet,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::frame::{Chunk, MIN_CHUNK_SIZE, Zero};
+
+    /// A held chunk counts with the receive buffer it may keep alive, and an agent that keeps
+    /// to the default window (16 MiB of frames, `docs/agent-protocol.md` §7.5) never reaches
+    /// the cap, even with the smallest chunks (the most receive-buffer slack per byte).
+    #[test]
+    fn held_frames_count_the_receive_buffer_they_keep() {
+        let chunk = AgentFrame::Chunk(Chunk {
+            seq: 1,
+            index: 0,
+            bytes: bytes::Bytes::from(vec![0; 1000]),
+        });
+        let zero = AgentFrame::Zero(Zero {
+            seq: 2,
+            first_index: 1,
+            count: 1,
+        });
+        assert_eq!(held_bytes(&[(1, chunk), (2, zero)]), 1000 + READ_BYTES + 64);
+        let min = MIN_CHUNK_SIZE as usize;
+        let window = 16usize << 20;
+        assert!(window / min * (min + READ_BYTES) <= MAX_HELD_BYTES);
     }
 }
