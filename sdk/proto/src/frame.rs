@@ -884,36 +884,6 @@ pub fn seal_chunk(frame: &mut [u8], seq: u64, index: u64) -> Result<(), FrameErr
     Ok(())
 }
 
-/// [`decode_agent_shared`] of the next frame at the front of `buf`, which is taken out of it
-/// when whole: the frame's bytes as received, and a `Chunk`'s bytes as a slice of them (no
-/// copy). `Ok(None)` when more bytes are needed (`buf` unchanged; it is grown to hold the
-/// frame). On an error the frame may have been taken out; the stream is unusable anyway.
-pub fn take_agent_frame(
-    buf: &mut bytes::BytesMut,
-    limits: &Limits,
-) -> Result<Option<(AgentFrame, Bytes)>, FrameError> {
-    let (total, ty) = match decode_header(buf, limits, Some(Sender::Agent))? {
-        Ok(h) => (h.total, h.ty),
-        Err(need) => {
-            buf.reserve(need);
-            return Ok(None);
-        }
-    };
-    if buf.len() < total {
-        buf.reserve(total - buf.len());
-        return Ok(None);
-    }
-    let raw = buf.split_to(total).freeze();
-    match decode_agent_shared(&raw, limits)? {
-        Decoded::Frame(f, _) => Ok(Some((f, raw))),
-        // Not reached: `raw` is the whole frame its header announced.
-        Decoded::NeedMore(_) => Err(FrameError::Truncated {
-            frame: ty,
-            field: "body",
-        }),
-    }
-}
-
 /// Reserves the header; returns where the frame starts.
 fn begin(out: &mut Vec<u8>) -> usize {
     let start = out.len();
@@ -1663,31 +1633,10 @@ pub mod fuzzing {
 
     /// Decodes frames from `data` until it needs more or fails, checking each outcome.
     pub fn stream(mut data: &[u8], limits: &Limits) {
-        // The same bytes as a stream buffer agent frames are taken out of, kept in step with
-        // `data` (copied again only after a frame `take_agent_frame` does not take: a
-        // gateway frame).
-        let mut buf = bytes::BytesMut::from(data);
         loop {
-            if buf.len() != data.len() {
-                buf = bytes::BytesMut::from(data);
-            }
             let r = super::decode(data, limits);
             let agent = decode_agent(data, limits);
             let gateway = decode_gateway(data, limits);
-            // Taking a frame out of a stream buffer agrees with decoding it in place, and a
-            // chunk's bytes are the taken frame's own.
-            match (take_agent_frame(&mut buf, limits), &agent) {
-                (Ok(Some((f, raw))), Ok(Decoded::Frame(a, n))) => {
-                    assert_eq!((&f, &raw[..]), (a, &data[..*n]));
-                    assert_eq!(buf.len(), data.len() - n);
-                    if let AgentFrame::Chunk(c) = &f {
-                        assert_eq!(c.bytes.as_ptr(), raw[CHUNK_DATA_OFFSET..].as_ptr());
-                    }
-                }
-                (Ok(None), Ok(Decoded::NeedMore(_))) => assert_eq!(&buf[..], data),
-                (Err(t), Err(e)) => assert_eq!(&t, e),
-                (t, a) => panic!("take_agent_frame {t:?} but decode_agent {a:?}"),
-            }
             match r {
                 Ok(Decoded::Frame(frame, n)) => {
                     assert!((HEADER_LEN..=data.len()).contains(&n), "consumed {n}");
@@ -2017,11 +1966,9 @@ mod tests {
         );
     }
 
-    /// A chunk sealed in place is what `encode_agent` makes of it; `take_agent_frame` takes
-    /// whole frames out of a stream buffer without copying chunk bytes, waits for partial
-    /// ones without consuming them, and refuses what `decode_agent` refuses.
+    /// A chunk sealed in place is what `encode_agent` makes of it, and is checked the same way.
     #[test]
-    fn chunks_sealed_in_place_and_taken_from_a_stream() {
+    fn chunks_sealed_in_place() {
         let data = vec![0x5Au8; MIN_CHUNK_SIZE as usize];
         let mut framed = vec![0u8; CHUNK_DATA_OFFSET + data.len()];
         framed[CHUNK_DATA_OFFSET..].copy_from_slice(&data);
@@ -2037,24 +1984,6 @@ mod tests {
         assert!(seal_chunk(&mut framed.clone(), 0, 1).is_err());
         assert!(seal_chunk(&mut [0u8; CHUNK_DATA_OFFSET], 1, 1).is_err());
         assert!(seal_chunk(&mut [0u8; 3], 1, 1).is_err());
-
-        let limits = Limits::default();
-        let mut buf = bytes::BytesMut::new();
-        buf.extend_from_slice(&framed[..100]);
-        assert_eq!(take_agent_frame(&mut buf, &limits).unwrap(), None);
-        assert_eq!(buf.len(), 100);
-        buf.extend_from_slice(&framed[100..]);
-        buf.extend_from_slice(&framed[..10]);
-        let (f, raw) = take_agent_frame(&mut buf, &limits).unwrap().unwrap();
-        assert_eq!(f, c);
-        assert_eq!(&raw[..], &framed[..]);
-        let AgentFrame::Chunk(got) = f else { panic!() };
-        assert_eq!(got.bytes.as_ptr(), raw[CHUNK_DATA_OFFSET..].as_ptr());
-        assert_eq!(buf.len(), 10);
-        let mut bad = bytes::BytesMut::from(&framed[..]);
-        bad[CHUNK_DATA_OFFSET + 5] ^= 1;
-        let e = take_agent_frame(&mut bad, &limits).unwrap_err();
-        assert!(matches!(e, FrameError::BodyCrc { .. }), "{e}");
     }
 
     #[test]

@@ -18,8 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::BytesMut;
 use ferry_proto::frame::{
-    self, Ack, AgentFrame, Busy, ErrorFrame, FrameError, GatewayFrame, Hello, PointCommitted,
-    Welcome, error_code,
+    self, Ack, AgentFrame, Busy, Decoded, ErrorFrame, FrameError, GatewayFrame, Hello,
+    PointCommitted, Welcome, error_code,
 };
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -41,22 +41,21 @@ const BUSY_RETRY_MS: u32 = 30_000;
 /// Longest wait for a complete cycle's point before the session closes (the agent learns
 /// the point from its next plan or Hello).
 const COMMIT_WAIT: Duration = Duration::from_secs(600);
-/// Bytes asked of the socket at a time (beyond the rest of a frame being received). A
-/// chunk's bytes are a slice of the receive buffer, so each chunk held (unjournaled in the
-/// batch, or queued for the live drain) keeps at most its frame plus this much alive.
-pub(super) const READ_BYTES: usize = 64 << 10;
-/// Most bytes of received frames a session holds for its live drain until the journal makes
-/// them durable, each chunk counted with the receive buffer it may keep alive. An agent keeps
-/// within its window (16 MiB by default); one that does not is not buffered past this: the
-/// live drain is given up and the ordinary drain reads the cycle from the journal.
+/// Bytes asked of the socket at a time.
+const READ_BYTES: usize = 256 << 10;
+/// Most bytes of received chunks a session holds for its live drain until the journal makes
+/// them durable. An agent keeps within its window (16 MiB by default); one that does not is
+/// not buffered past this: the live drain is given up and the ordinary drain reads the cycle
+/// from the journal.
 const MAX_HELD_BYTES: usize = 48 << 20;
 
-/// What `batch` keeps alive, as [`MAX_HELD_BYTES`] counts it.
+/// What `batch` holds, as [`MAX_HELD_BYTES`] counts it (a chunk's bytes are a copy of
+/// their own, so that nothing else is kept alive with them).
 fn held_bytes(batch: &[(u64, AgentFrame)]) -> usize {
     batch
         .iter()
         .map(|(_, f)| match f {
-            AgentFrame::Chunk(c) => c.bytes.len() + READ_BYTES,
+            AgentFrame::Chunk(c) => c.bytes.len() + 64,
             _ => 64,
         })
         .sum()
@@ -230,13 +229,14 @@ struct Wire<IO> {
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
     /// The next whole frame already in the buffer, and its bytes as received.
-    /// A `Chunk`'s bytes are a slice of the received bytes (not copied).
     fn try_frame(&mut self) -> Result<Option<(AgentFrame, bytes::Bytes)>, FrameError> {
-        let f = frame::take_agent_frame(&mut self.buf, &self.limits)?;
-        if f.is_none() {
-            self.buf.reserve(READ_BYTES);
+        match frame::decode_agent(&self.buf, &self.limits)? {
+            Decoded::Frame(f, n) => Ok(Some((f, self.buf.split_to(n).freeze()))),
+            Decoded::NeedMore(n) => {
+                self.buf.reserve(n.max(READ_BYTES));
+                Ok(None)
+            }
         }
-        Ok(f)
     }
 
     /// Reads more bytes; `Ok(false)` at the end of the stream.
@@ -945,11 +945,11 @@ mod tests {
     use super::*;
     use ferry_proto::frame::{Chunk, MIN_CHUNK_SIZE, Zero};
 
-    /// A held chunk counts with the receive buffer it may keep alive, and an agent that keeps
-    /// to the default window (16 MiB of frames, `docs/agent-protocol.md` §7.5) never reaches
-    /// the cap, even with the smallest chunks (the most receive-buffer slack per byte).
+    /// A held chunk counts its bytes, and an agent that keeps to the default window (16 MiB
+    /// of frames, `docs/agent-protocol.md` §7.5) never reaches the cap, even with the
+    /// smallest chunks (the most frames per byte).
     #[test]
-    fn held_frames_count_the_receive_buffer_they_keep() {
+    fn held_frames_count_their_bytes() {
         let chunk = AgentFrame::Chunk(Chunk {
             seq: 1,
             index: 0,
@@ -960,9 +960,9 @@ mod tests {
             first_index: 1,
             count: 1,
         });
-        assert_eq!(held_bytes(&[(1, chunk), (2, zero)]), 1000 + READ_BYTES + 64);
+        assert_eq!(held_bytes(&[(1, chunk), (2, zero)]), 1000 + 64 + 64);
         let min = MIN_CHUNK_SIZE as usize;
         let window = 16usize << 20;
-        assert!(window / min * (min + READ_BYTES) <= MAX_HELD_BYTES);
+        assert!(window / min * (min + 64) <= MAX_HELD_BYTES);
     }
 }

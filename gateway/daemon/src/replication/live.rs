@@ -13,9 +13,7 @@
 //! the staged data is then garbage in the vault, like any crashed import.
 //!
 //! Memory: [`channel_capacity`] frames between the session and ingest, plus ingest's own
-//! bounded pipeline. A chunk's bytes are a slice of the session's receive buffer (not a
-//! copy), so each frame in the channel keeps at most its frame plus one read (64 KiB) of
-//! that buffer alive; the capacity counts that.
+//! bounded pipeline.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,11 +33,9 @@ pub(super) const IDLE: Duration = Duration::from_secs(120);
 /// (the journal keeps taking frames; the ordinary drain follows).
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Frames in flight between the session and ingest: about 16 MiB of the receive buffers they
-/// are slices of (each at most its chunk plus [`super::conn::READ_BYTES`]).
+/// Frames in flight between the session and ingest: about 16 MiB.
 fn channel_capacity(chunk_size: u32) -> usize {
-    let per_frame = u64::from(chunk_size) + super::conn::READ_BYTES as u64;
-    usize::try_from((16u64 << 20) / per_frame.max(1))
+    usize::try_from((16u32 << 20) / chunk_size.max(1))
         .unwrap_or(4)
         .max(4)
 }
