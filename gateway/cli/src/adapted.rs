@@ -21,8 +21,6 @@ use ferry_store::source::DiskSource;
 /// A virtual disk served by a source adapter.
 #[derive(Debug)]
 pub struct AdaptedDisk {
-    name: String,
-    size: u64,
     data: Vec<Range<u64>>,
     disk: BlockingDisk,
 }
@@ -55,11 +53,8 @@ pub async fn open(input: Input<'_>, changes: Option<Vec<u8>>) -> Result<Opened> 
     })?;
     let (b, plugin, object, label): (_, _, Arc<dyn SourceObject>, String) = match input {
         Input::File { format, path } => {
-            let known = ferry_builtin_plugins::FORMATS
-                .iter()
-                .any(|(f, _)| *f == format);
             let b = match ferry_builtin_plugins::for_format(format)
-                .map_err(|e| anyhow::anyhow!("{}{e}", if known { "" } else { "--" }))?
+                .map_err(|e| anyhow::anyhow!("--{e}"))?
             {
                 Some(b) => b,
                 None => probe(&host, path).await?,
@@ -87,7 +82,6 @@ pub async fn open(input: Input<'_>, changes: Option<Vec<u8>>) -> Result<Opened> 
         }
     };
     let mut disk = host.open_disk(&plugin, object).await?;
-    let size = disk.info().virtual_size;
     let data = disk.data_ranges().await?;
     let changes = match changes {
         Some(doc) => {
@@ -96,15 +90,9 @@ pub async fn open(input: Input<'_>, changes: Option<Vec<u8>>) -> Result<Opened> 
         }
         None => None,
     };
-    let name = format!("{}:{label}", b.name);
-    let disk = BlockingDisk::serve(disk, name.clone(), 4)?;
+    let disk = BlockingDisk::serve(disk, format!("{}:{label}", b.name), 4)?;
     Ok(Opened {
-        disk: Arc::new(AdaptedDisk {
-            name,
-            size,
-            data,
-            disk,
-        }),
+        disk: Arc::new(AdaptedDisk { data, disk }),
         changes,
         adapter: b.name.to_string(),
     })
@@ -113,12 +101,7 @@ pub async fn open(input: Input<'_>, changes: Option<Vec<u8>>) -> Result<Opened> 
 /// `auto`: the first built-in source adapter whose `probe` accepts the disk's first 64 KiB
 /// (physical, which accepts anything, is tried last).
 pub async fn probe(host: &PluginHost, path: &Path) -> Result<ferry_builtin_plugins::Builtin> {
-    use std::io::Read;
-    let mut header = Vec::new();
-    std::fs::File::open(path)
-        .with_context(|| format!("cannot open --disk `{}`", path.display()))?
-        .take(ferry_plugin_host::PROBE_BYTES as u64)
-        .read_to_end(&mut header)
+    let header = ferry_builtin_plugins::probe_header(path)
         .with_context(|| format!("cannot read --disk `{}`", path.display()))?;
     ferry_builtin_plugins::probe(host, &header)
         .await?
@@ -127,11 +110,11 @@ pub async fn probe(host: &PluginHost, path: &Path) -> Result<ferry_builtin_plugi
 
 impl DiskSource for AdaptedDisk {
     fn name(&self) -> String {
-        self.name.clone()
+        self.disk.name().to_string()
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.disk.size()
     }
 
     fn data_extents(&self) -> ferry_store::Result<Vec<Range<u64>>> {
@@ -142,7 +125,7 @@ impl DiskSource for AdaptedDisk {
         self.disk
             .read_exact_at(buf, offset)
             .map_err(|e| StoreError::SourceRead {
-                disk: self.name.clone(),
+                disk: self.name(),
                 message: e.to_string(),
             })
     }

@@ -7,6 +7,7 @@
 //! exactly what was asked. Any failure other than an error the guest returned on purpose
 //! poisons the disk: a plugin that trapped or lied is never called again.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -336,6 +337,36 @@ impl OpenDisk {
             )));
         }
         Ok(())
+    }
+
+    /// Calls `each` with every `data` extent of the disk, in order, asking the adapter batch
+    /// by batch (each batch its own call and deadline). `zero` and `unallocated` extents are
+    /// left out: they read as zeros.
+    pub async fn each_data_extent(
+        &mut self,
+        mut each: impl FnMut(Range<u64>),
+    ) -> Result<(), PluginError> {
+        let size = self.info.virtual_size;
+        let mut pos = 0;
+        while pos < size {
+            let batch = self.extents(pos, size - pos).await?;
+            pos = batch.last().map_or(size, |e| e.end());
+            for e in batch.into_iter().filter(|e| e.kind == ExtentKind::Data) {
+                each(e.offset..e.end());
+            }
+        }
+        Ok(())
+    }
+
+    /// Every `data` extent of the disk ([`Self::each_data_extent`]), adjacent ones merged.
+    pub async fn data_ranges(&mut self) -> Result<Vec<Range<u64>>, PluginError> {
+        let mut data: Vec<Range<u64>> = Vec::new();
+        self.each_data_extent(|r| match data.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => data.push(r),
+        })
+        .await?;
+        Ok(data)
     }
 
     /// The layout of `[offset, offset + length)`; may end early (ask again from its end).

@@ -13,11 +13,9 @@
 //! Memory: at most `queue` requests wait, each at most one caller's buffer long (the reply
 //! is a buffer of the asked length).
 
-use std::ops::Range;
-
 use tokio::sync::{mpsc, oneshot};
 
-use crate::adapter::{Extent, ExtentKind, OpenDisk};
+use crate::adapter::{Extent, OpenDisk};
 use crate::error::PluginError;
 
 enum Request {
@@ -32,34 +30,12 @@ enum Request {
     },
 }
 
-/// A disk opened by a source adapter, served to blocking readers by a task.
+/// A disk opened by a source adapter, served to blocking readers by a thread of its own.
 #[derive(Debug, Clone)]
 pub struct BlockingDisk {
     name: String,
     size: u64,
     requests: mpsc::Sender<Request>,
-}
-
-impl OpenDisk {
-    /// Every `data` extent of the disk, adjacent ones merged, asked batch by batch (each
-    /// batch its own call and deadline). `zero` and `unallocated` extents are left out: they
-    /// read as zeros.
-    pub async fn data_ranges(&mut self) -> Result<Vec<Range<u64>>, PluginError> {
-        let size = self.info().virtual_size;
-        let mut data: Vec<Range<u64>> = Vec::new();
-        let mut pos = 0;
-        while pos < size {
-            let batch = self.extents(pos, size - pos).await?;
-            pos = batch.last().map_or(size, |e| e.end());
-            for e in batch.into_iter().filter(|e| e.kind == ExtentKind::Data) {
-                match data.last_mut() {
-                    Some(r) if r.end == e.offset => r.end = e.end(),
-                    _ => data.push(e.offset..e.end()),
-                }
-            }
-        }
-        Ok(data)
-    }
 }
 
 impl BlockingDisk {
@@ -91,7 +67,7 @@ impl BlockingDisk {
         })
     }
 
-    /// What errors call the disk.
+    /// What errors call the disk (the name it was served under).
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -105,12 +81,7 @@ impl BlockingDisk {
     /// Blocks the calling thread: call it from a thread of its own (or `spawn_blocking`),
     /// never from an async task.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), PluginError> {
-        let stopped = || {
-            PluginError::Host(format!(
-                "reading {} at {offset}: the adapter task has stopped",
-                self.name
-            ))
-        };
+        let stopped = || self.stopped(&format!("reading at {offset}"));
         let (reply, rx) = oneshot::channel();
         self.requests
             .blocking_send(Request::Read {
@@ -127,18 +98,21 @@ impl BlockingDisk {
     /// [`OpenDisk::changes`] on the served disk: the change-tracking `document` translated
     /// into changed extents (ordered, within the disk).
     pub async fn changes(&self, document: Vec<u8>) -> Result<Vec<Extent>, PluginError> {
-        let stopped = || {
-            PluginError::Host(format!(
-                "translating changes of {}: the adapter task has stopped",
-                self.name
-            ))
-        };
+        let stopped = || self.stopped("translating changes");
         let (reply, rx) = oneshot::channel();
         self.requests
             .send(Request::Changes { document, reply })
             .await
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
+    }
+
+    /// The error of a request the serving thread can no longer answer.
+    fn stopped(&self, what: &str) -> PluginError {
+        PluginError::Host(format!(
+            "{what} of {}: the adapter thread has stopped",
+            self.name
+        ))
     }
 }
 

@@ -12,7 +12,7 @@
 //! PluginHost::new(HostConfig)            engine + epoch ticker + cache
 //!   .load(Manifest, &wasm) -> LoadedPlugin   sha256, world, version, grants, link
 //!     .with_http_signer(SigV4)            the host signs the plugin's HTTP requests
-//!   .adapter_info / .probe / .open_disk -> OpenDisk { extents, data_ranges, read, changes }
+//!   .adapter_info / .probe / .open_disk -> OpenDisk { extents, each_data_extent, data_ranges, read, changes }
 //! BlockingDisk::serve(OpenDisk)          the disk read from blocking threads
 //!   .run_hook(&plugin, &HookContext, &PlanKv) -> HookOutcome
 //!   .load_dir(dir)                        third-party plugins: *.toml manifests

@@ -90,10 +90,8 @@ pub const FORMATS: &[(&str, Option<&str>)] = &[
 /// for an unknown one.
 pub fn for_format(format: &str) -> Result<Option<Builtin>, String> {
     match FORMATS.iter().find(|(f, _)| *f == format) {
-        Some((_, Some(name))) => get(name)
-            .map(Some)
-            .ok_or_else(|| format!("built-in adapter `{name}` is missing")),
-        Some((_, None)) => Ok(None),
+        // Every adapter `FORMATS` names is built in (a test checks it).
+        Some((_, name)) => Ok(name.map(|n| get(n).expect("FORMATS names built-in adapters"))),
         None => {
             let names: Vec<_> = FORMATS.iter().map(|(f, _)| *f).collect();
             Err(format!(
@@ -102,6 +100,20 @@ pub fn for_format(format: &str) -> Result<Option<Builtin>, String> {
             ))
         }
     }
+}
+
+/// The first bytes of the file at `path` that [`probe`] looks at (at most
+/// [`ferry_plugin_host::PROBE_BYTES`]).
+///
+/// # Errors
+/// The file cannot be opened or read.
+pub fn probe_header(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut header = Vec::new();
+    std::fs::File::open(path)?
+        .take(ferry_plugin_host::PROBE_BYTES as u64)
+        .read_to_end(&mut header)?;
+    Ok(header)
 }
 
 /// `auto`: the first built-in source adapter whose `probe` accepts `header` (a disk's first
@@ -143,6 +155,17 @@ impl Builtin {
 mod tests {
     use super::*;
     use ferry_plugin_host::{HostConfig, PluginHost};
+
+    /// Every format names a built-in source adapter (or none, for `auto`).
+    #[test]
+    fn every_format_names_a_builtin_adapter() {
+        for (f, name) in FORMATS {
+            let b = for_format(f).unwrap();
+            assert_eq!(b.map(|b| b.name), *name, "{f}");
+            assert!(b.is_none_or(|b| b.world == World::SourceAdapter), "{f}");
+        }
+        assert!(for_format("zip").unwrap_err().contains("vmdk"));
+    }
 
     /// Every built-in plugin passes the capability gate with its default manifest (an adapter
     /// importing something its manifest does not grant would break `auto` probing).

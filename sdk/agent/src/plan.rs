@@ -387,7 +387,6 @@ pub fn plan(
         ..PlanSummary::default()
     };
     let mut zero_run: Option<(u64, u64)> = None;
-    let changed = changed.filter(|_| base.is_some());
     let mut listed_at = 0;
 
     let flush = |run: &mut Option<(u64, u64)>, plan: &mut PlanWriter, s: &mut PlanSummary| {

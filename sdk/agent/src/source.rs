@@ -3,9 +3,10 @@
 //! A disk is either read directly — a raw block device or image file (`format = "raw"`, the
 //! default): `pread`, holes found with `SEEK_DATA` / `SEEK_HOLE` — or it is a disk container
 //! (`vmdk`, `vhdx`, `vhd`; `ferry-agent disk add --format auto` probes once, [`resolve_auto`],
-//! and records what it found) read through the built-in source adapter for its format: the WASM adapters `ferry vault import --format` runs, in the same sandbox
-//! (memory cap, deadlines, no access to anything but the opened file and the related files
-//! its format names). The adapter says which extents hold data and maps virtual offsets to
+//! and records what it found) read through the built-in source adapter for its format: the
+//! WASM adapters `ferry vault import --format` runs, in the same sandbox (memory cap,
+//! deadlines, no access to anything but the opened file and the related files its format
+//! names). The adapter says which extents hold data and maps virtual offsets to
 //! the container's bytes; the agent replicates the *virtual* disk.
 //!
 //! A disk may also name a `changes` command. For each delta cycle, once the view is taken, it
@@ -30,9 +31,7 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use ferry_builtin_plugins::Builtin;
-use ferry_plugin_host::{
-    BlockingDisk, ExtentKind, FileSource, HostConfig, PROBE_BYTES, PluginHost,
-};
+use ferry_plugin_host::{BlockingDisk, FileSource, HostConfig, PluginHost};
 
 use crate::disks::DiskConfig;
 use crate::view::{self, ViewError};
@@ -58,16 +57,9 @@ pub struct Adapted {
     disk: BlockingDisk,
     /// Where the data is, when asked for (the rest reads as zeros).
     data: Option<DataMap>,
-    /// The adapter's name.
-    adapter: &'static str,
 }
 
 impl Adapted {
-    /// The adapter's name (`vmware`, `hyperv`, …).
-    pub fn adapter(&self) -> &'static str {
-        self.adapter
-    }
-
     /// Where the virtual disk holds data (`None`: not mapped, every block may).
     pub fn data(&self) -> Option<&DataMap> {
         self.data.as_ref()
@@ -150,18 +142,8 @@ fn builtin(disk: &DiskConfig, path: &Path) -> Result<Builtin, ViewError> {
 /// the physical one does). Resolved once, when the disk is added: a disk read as `raw` must
 /// never turn into a container because its owner wrote a container's signature at its start.
 pub async fn resolve_auto(path: &Path) -> Result<&'static str, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let mut header = vec![0u8; PROBE_BYTES];
-    let mut got = 0;
-    while got < header.len() {
-        match file.read_at(&mut header[got..], got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-        }
-    }
-    header.truncate(got);
+    let header = ferry_builtin_plugins::probe_header(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let found = ferry_builtin_plugins::probe(host()?, &header)
         .await
         .map_err(|e| e.to_string())?;
@@ -215,17 +197,10 @@ pub async fn open(
     }
     let data = if map {
         let mut m = DataMap::new(size);
-        let mut pos = 0;
-        while pos < size {
-            let batch = opened
-                .extents(pos, size - pos)
-                .await
-                .map_err(|e| adapter_error(disk, path, e.to_string()))?;
-            pos = batch.last().map_or(size, |e| e.end());
-            for e in batch.iter().filter(|e| e.kind == ExtentKind::Data) {
-                m.mark(e.offset..e.end());
-            }
-        }
+        opened
+            .each_data_extent(|r| m.mark(r))
+            .await
+            .map_err(|e| adapter_error(disk, path, e.to_string()))?;
         Some(m)
     } else {
         None
@@ -237,11 +212,7 @@ pub async fn open(
     )
     .map_err(|e| adapter_error(disk, path, e.to_string()))?;
     Ok((
-        Reader::Adapted(Arc::new(Adapted {
-            disk: served,
-            data,
-            adapter: b.name,
-        })),
+        Reader::Adapted(Arc::new(Adapted { disk: served, data })),
         size,
     ))
 }
@@ -255,14 +226,6 @@ impl Reader {
                 .disk
                 .read_exact_at(buf, offset)
                 .map_err(|e| std::io::Error::other(e.to_string())),
-        }
-    }
-
-    /// The adapter's name, or `None` for a disk read directly.
-    pub fn adapter(&self) -> Option<&'static str> {
-        match self {
-            Self::File(_) => None,
-            Self::Adapted(a) => Some(a.adapter),
         }
     }
 

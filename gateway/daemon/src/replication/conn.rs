@@ -61,6 +61,33 @@ fn held_bytes(batch: &[(u64, AgentFrame)]) -> usize {
         .sum()
 }
 
+/// The frames a session holds for its live drain until the journal makes them durable, and
+/// their [`held_bytes`], kept as they come and go (not summed again for every frame).
+#[derive(Default)]
+struct Held {
+    frames: Vec<(u64, AgentFrame)>,
+    bytes: usize,
+}
+
+impl Held {
+    fn push(&mut self, seq: u64, f: AgentFrame) {
+        self.frames.push((seq, f));
+        self.bytes += held_bytes(&self.frames[self.frames.len() - 1..]);
+    }
+
+    /// Takes out the frames up to `seq`.
+    fn drain_through(&mut self, seq: u64) -> std::vec::Drain<'_, (u64, AgentFrame)> {
+        let n = self.frames.partition_point(|(s, _)| *s <= seq);
+        self.bytes -= held_bytes(&self.frames[..n]);
+        self.frames.drain(..n)
+    }
+
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.bytes = 0;
+    }
+}
+
 /// The data port's routes: `GET /api/v1/replication` (upgrade) and nothing else.
 pub fn router(role: ProcessRole) -> Router {
     Router::new()
@@ -605,7 +632,7 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         live.is_some()
     };
-    let mut batch: Vec<(u64, AgentFrame)> = Vec::new();
+    let mut batch = Held::default();
     stream.update_known(|k| k.geometry = Some((hello.disk_size, hello.chunk_size)));
     if wire
         .send(&GatewayFrame::Welcome(Welcome {
@@ -693,8 +720,8 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
                 Ok(_) => {
                     unsynced = true;
                     if live_on {
-                        batch.push((seq, f));
-                        if held_bytes(&batch) > MAX_HELD_BYTES {
+                        batch.push(seq, f);
+                        if batch.bytes > MAX_HELD_BYTES {
                             give_up_live(&stream, hello.cycle, &mut batch, &mut live_on).await;
                         }
                     }
@@ -830,12 +857,7 @@ async fn session_inner<IO: AsyncRead + AsyncWrite + Unpin + Send>(
 
 /// Ends the stream's live drain of `cycle` (the ordinary drain takes the cycle from the
 /// journal) and lets go of what was held for it.
-async fn give_up_live(
-    stream: &super::Stream,
-    cycle: u64,
-    batch: &mut Vec<(u64, AgentFrame)>,
-    live_on: &mut bool,
-) {
+async fn give_up_live(stream: &super::Stream, cycle: u64, batch: &mut Held, live_on: &mut bool) {
     batch.clear();
     *live_on = false;
     let mut live = stream.live.lock().await;
@@ -850,16 +872,15 @@ async fn forward_live(
     stream: &super::Stream,
     cycle: u64,
     durable: u64,
-    batch: &mut Vec<(u64, AgentFrame)>,
+    batch: &mut Held,
     live_on: &mut bool,
 ) {
-    let n = batch.partition_point(|(seq, _)| *seq <= durable);
-    if n == 0 {
+    if batch.frames.first().is_none_or(|(seq, _)| *seq > durable) {
         return;
     }
     let mut live = stream.live.lock().await;
     let ok = match live.as_mut() {
-        Some(l) if l.cycle == cycle => l.forward(batch.drain(..n)).await,
+        Some(l) if l.cycle == cycle => l.forward(batch.drain_through(durable)).await,
         _ => false,
     };
     if !ok {
